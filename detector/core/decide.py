@@ -1,0 +1,198 @@
+"""The single decision function: rules (policy + lists + counts) and the model, to a Decision.
+
+``decide`` is what the replay path and the Faust range stage both call, so they cannot drift.
+
+Action: the most severe action demanded by any rule hit (block > deflect > allow), escalated by
+the combined risk (noisy-or of the hits' weights) crossing ``risk.deflect_at`` / ``risk.block_at``.
+``silent`` is set only for non-allow decisions where a hit demanding that action is silent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from detector.core.features import denied_prefix, features, geo_mismatch
+from detector.core.lists import ListIndex
+from detector.core.policy import Policy, Rule
+from detector.core.records import (
+    Action,
+    CallbackRequest,
+    Counts,
+    Decision,
+    Enrichment,
+    Hit,
+    ModelResult,
+)
+
+SEVERITY = {Action.ALLOW: 0, Action.DEFLECT: 1, Action.BLOCK: 2}
+
+# (velocity threshold key, counts attribute, reason code)
+VELOCITY_RULES: tuple[tuple[str, str, str], ...] = (
+    ("number_15m", "number_15m", "velocity_number"),
+    ("number_1h", "number_1h", "velocity_number"),
+    ("number_24h", "number_24h", "velocity_number"),
+    ("ip_15m", "ip_15m", "velocity_ip"),
+    ("ip_1h", "ip_1h", "velocity_ip"),
+    ("ip_24h", "ip_24h", "velocity_ip"),
+    ("pair_1h", "pair_1h", "velocity_pair"),
+    ("pair_24h", "pair_24h", "velocity_pair"),
+    ("range_1h", "range_1h", "velocity_range"),
+    ("range_24h", "range_24h", "velocity_range"),
+    ("ip_distinct_numbers_1h", "ip_distinct_numbers_1h", "many_numbers_per_ip"),
+    ("ip_distinct_numbers_24h", "ip_distinct_numbers_24h", "many_numbers_per_ip"),
+    ("number_distinct_ips_1h", "number_distinct_ips_1h", "many_ips_per_number"),
+    ("number_distinct_ips_24h", "number_distinct_ips_24h", "many_ips_per_number"),
+    ("range_distinct_ips_24h", "range_distinct_ips_24h", "range_many_ips"),
+    ("range_distinct_numbers_24h", "range_distinct_numbers_24h", "range_many_numbers"),
+    ("ip_distinct_countries_24h", "ip_distinct_countries_24h", "many_countries_per_ip"),
+)
+
+
+class Scorer(Protocol):
+    """An anomaly model: feature vector in, :class:`ModelResult` out (anomaly higher = riskier)."""
+
+    version: str
+
+    def score(self, x: list[float]) -> ModelResult: ...
+
+
+@dataclass
+class DecisionContext:
+    """Everything ``decide`` needs besides the request: policy, lists, models, hashing key."""
+
+    policy: Policy
+    lists: ListIndex = field(default_factory=ListIndex)
+    model: Scorer | None = None
+    shadow: Scorer | None = None
+    use_rules: bool = True  # evaluation switches: rules only / model only / both
+    use_model: bool = True
+    pii_key: bytes = b"detector-default-key"
+
+
+def _hit(code: str, rule: Rule, authenticated: bool, policy: Policy, weight: float | None = None) -> Hit:
+    wgt = rule.weight if weight is None else weight
+    action = rule.action
+    if authenticated and code in policy.relaxed_codes:
+        wgt *= policy.auth_weight_factor
+        action = Action.ALLOW
+    return Hit(code, wgt, action, rule.silent)
+
+
+def rule_hits(req: CallbackRequest, enr: Enrichment, counts: Counts, ctx: DecisionContext) -> list[Hit]:
+    """Every rule that fires for this request, in evaluation order."""
+    pol = ctx.policy
+    auth = req.authenticated
+    hits: list[Hit] = []
+
+    def add(code: str, rule_code: str | None = None) -> None:
+        hits.append(_hit(code, pol.rules[rule_code or code], auth, pol))
+
+    ph, ip = enr.phone, enr.ip
+    denied, allowed = ctx.lists.match(ph.e164, ph.region, ip.ip, ip.country, ip.asn, now=req.ts)
+    if not ph.valid:
+        add("invalid_number")
+    if not allowed:
+        for kind in denied:
+            add(f"denylist_{kind}", "denylist")
+        if ph.valid and ph.region not in pol.allowed_countries:
+            add("destination_not_allowed")
+        if denied_prefix(ph.e164, pol):
+            add("denied_prefix")
+    if ph.valid:
+        type_rule = pol.number_types.get(ph.number_type)
+        if type_rule is not None:
+            hits.append(_hit(f"number_type_{ph.number_type.lower()}", type_rule, auth, pol))
+    if ip.anonymous_vpn or ip.tor_exit or ip.public_proxy or ip.residential_proxy:
+        add("anonymous_ip")
+    if ip.hosting:
+        add("hosting_ip")
+    if ip.scope != "global":
+        add("ip_not_global")
+    if geo_mismatch(enr):
+        add("geo_mismatch")
+    unauth = pol.rules["unauthenticated"]
+    if not auth and (unauth.weight > 0 or unauth.action != Action.ALLOW):
+        add("unauthenticated")
+    if counts.rng.pending:
+        add("duplicate_pending")
+    c = counts.to_dict()
+    fired: set[str] = set()
+    for key, attr, code in VELOCITY_RULES:
+        if code not in fired and c[attr] > pol.velocity[key]:
+            fired.add(code)
+            add(code)
+    return hits
+
+
+def combine(hits: list[Hit], policy: Policy) -> tuple[Action, bool, float, list[str]]:
+    """(action, silent, risk, reasons) from hits. Reasons: most severe action first, then weight."""
+    keep = 1.0
+    for h in hits:
+        keep *= 1.0 - min(max(h.weight, 0.0), 1.0)
+    risk = round(1.0 - keep, 6)
+    action = Action.ALLOW
+    for h in hits:
+        if SEVERITY[h.action] > SEVERITY[action]:
+            action = h.action
+    ordered = sorted(hits, key=lambda h: (-SEVERITY[h.action], -h.weight, h.code))
+    reasons = list(dict.fromkeys(h.code for h in ordered if h.weight > 0 or h.action != Action.ALLOW))
+    silent = any(h.silent and h.action == action for h in hits) and action != Action.ALLOW
+    if risk >= policy.block_at and action != Action.BLOCK:
+        action, silent = Action.BLOCK, True
+        reasons.insert(0, "combined_risk")
+    elif risk >= policy.deflect_at and action == Action.ALLOW:
+        action, silent = Action.DEFLECT, False
+        reasons.insert(0, "combined_risk")
+    return action, silent, risk, reasons
+
+
+def decide(
+    req: CallbackRequest, enr: Enrichment, counts: Counts, ctx: DecisionContext, *, decided_at: float
+) -> Decision:
+    """Decide one request. Pure: same inputs, same decision (``decided_at`` is passed in)."""
+    from detector.core.state import pii_hash
+
+    hits = rule_hits(req, enr, counts, ctx) if ctx.use_rules else []
+    result: ModelResult | None = None
+    if ctx.model is not None or ctx.shadow is not None:
+        x = features(req, enr, counts, ctx.policy)
+        if ctx.model is not None:
+            result = ctx.model.score(x)
+        if ctx.shadow is not None:
+            shadow = ctx.shadow.score(x)
+            base = result or ModelResult(version="none", anomaly=0.0, is_anomalous=False)
+            result = ModelResult(
+                base.version, base.anomaly, base.is_anomalous, base.top_features,
+                shadow.version, shadow.anomaly,
+            )
+        if ctx.model is not None and ctx.use_model and result is not None and result.is_anomalous:
+            rule = ctx.policy.rules["anomalous_pattern"]
+            hits.append(_hit("anomalous_pattern", rule, req.authenticated, ctx.policy,
+                             weight=rule.weight * result.anomaly))
+    action, silent, risk, reasons = combine(hits, ctx.policy)
+    model_block = None
+    if result is not None:
+        model_block = {
+            "version": result.version if ctx.model is not None else None,
+            "anomaly": round(result.anomaly, 6),
+            "is_anomalous": result.is_anomalous,
+            "top_features": list(result.top_features),
+            "shadow_version": result.shadow_version,
+            "shadow_anomaly": None if result.shadow_anomaly is None else round(result.shadow_anomaly, 6),
+        }
+    return Decision(
+        request_id=req.request_id,
+        action=action,
+        silent=silent,
+        risk=risk,
+        reasons=tuple(reasons),
+        enrichment=enr.to_dict(),
+        counts=counts.to_dict(),
+        policy_version=ctx.policy.version,
+        model_version=ctx.model.version if ctx.model is not None else None,
+        decided_at=decided_at,
+        request_ts=req.ts,
+        ip_hash=pii_hash(req.ip, ctx.pii_key),
+        model=model_block,
+    )

@@ -1,0 +1,120 @@
+"""The one feature function shared by training and scoring (no training/serving skew).
+
+``features(request, enrichment, counts, policy)`` returns a float vector in the order of
+``FEATURE_NAMES``. Counts enter as ``log1p`` so that a flood and a trickle differ without a flood
+dominating the forest's splits. Every feature is "higher = more unusual" or a plain indicator.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+from functools import lru_cache
+from zoneinfo import ZoneInfo
+
+from phonenumbers import timezone as pn_timezone
+
+from detector.core.policy import Policy
+from detector.core.records import CallbackRequest, Counts, Enrichment
+
+COUNT_FEATURES = (
+    "ip_15m", "ip_1h", "ip_24h", "ip_distinct_numbers_1h", "ip_distinct_numbers_24h",
+    "ip_distinct_countries_24h", "number_15m", "number_1h", "number_24h", "pair_1h", "pair_24h",
+    "range_1h", "range_24h", "number_distinct_ips_1h", "number_distinct_ips_24h",
+    "range_distinct_ips_24h", "range_distinct_numbers_24h",
+)
+FEATURE_NAMES: tuple[str, ...] = (
+    *(f"log_{c}" for c in COUNT_FEATURES),
+    "range_ips_per_request",  # distinct IPs / requests on the range (pumping from many IPs -> 1)
+    "range_numbers_per_request",  # distinct numbers / requests on the range (rotation -> high)
+    "pair_share_of_number",  # pair count / number count over 24 h
+    "number_valid",
+    "number_mobile_or_fixed",
+    "number_risky_type",  # premium, shared cost, UAN, personal, pager, VoIP, unknown
+    "destination_allowed",
+    "destination_denied_prefix",
+    "ip_anonymous",
+    "ip_hosting",
+    "ip_not_global",
+    "ip_country_unknown",
+    "geo_mismatch",
+    "authenticated",
+    "local_hour_sin",  # local time at the destination, on the unit circle
+    "local_hour_cos",
+    "night_at_destination",  # 00:00-06:00 local
+    "pending",
+)
+RISKY_TYPES = frozenset({"PREMIUM_RATE", "SHARED_COST", "UAN", "PERSONAL_NUMBER", "PAGER", "VOIP", "UNKNOWN"})
+
+
+@lru_cache(maxsize=4096)
+def _zone_for(range_key: str | None, region: str | None) -> ZoneInfo | None:
+    if not range_key:
+        return None
+    import phonenumbers
+
+    try:
+        num = phonenumbers.parse(range_key + "000", None)
+    except phonenumbers.NumberParseException:
+        return None
+    zones = [z for z in pn_timezone.time_zones_for_number(num) if z != "Etc/Unknown"]
+    if not zones:
+        return None
+    try:
+        return ZoneInfo(zones[0])
+    except (KeyError, ValueError):
+        return None
+
+
+def local_hour(ts: float, enr: Enrichment) -> float | None:
+    """Fractional local hour at the destination, or None when its time zone is unknown."""
+    zone = _zone_for(enr.phone.range_key, enr.phone.region)
+    if zone is None:
+        return None
+    dt = datetime.fromtimestamp(ts, tz=UTC).astimezone(zone)
+    return dt.hour + dt.minute / 60.0
+
+
+def denied_prefix(e164: str | None, policy: Policy) -> str | None:
+    """The longest denied prefix of ``e164``, if any."""
+    if not e164:
+        return None
+    best = None
+    for p in policy.denied_prefixes:
+        if e164.startswith(p) and (best is None or len(p) > len(best)):
+            best = p
+    return best
+
+
+def geo_mismatch(enr: Enrichment) -> bool:
+    return bool(enr.ip.country and enr.phone.region and enr.ip.country != enr.phone.region)
+
+
+def features(req: CallbackRequest, enr: Enrichment, counts: Counts, policy: Policy) -> list[float]:
+    """Feature vector in ``FEATURE_NAMES`` order."""
+    c = counts.to_dict()
+    out = [math.log1p(c[name]) for name in COUNT_FEATURES]
+    r24 = max(c["range_24h"], 1)
+    out.append(c["range_distinct_ips_24h"] / r24)
+    out.append(c["range_distinct_numbers_24h"] / r24)
+    out.append(c["pair_24h"] / max(c["number_24h"], 1))
+    ph, ip = enr.phone, enr.ip
+    out.append(1.0 if ph.valid else 0.0)
+    out.append(1.0 if ph.number_type in ("MOBILE", "FIXED_LINE", "FIXED_LINE_OR_MOBILE") else 0.0)
+    out.append(1.0 if ph.number_type in RISKY_TYPES else 0.0)
+    out.append(1.0 if ph.region in policy.allowed_countries else 0.0)
+    out.append(1.0 if denied_prefix(ph.e164, policy) else 0.0)
+    out.append(1.0 if (ip.anonymous_vpn or ip.tor_exit or ip.public_proxy or ip.residential_proxy) else 0.0)
+    out.append(1.0 if ip.hosting else 0.0)
+    out.append(0.0 if ip.scope == "global" else 1.0)
+    out.append(0.0 if ip.country else 1.0)
+    out.append(1.0 if geo_mismatch(enr) else 0.0)
+    out.append(1.0 if req.authenticated else 0.0)
+    hour = local_hour(req.ts, enr)
+    if hour is None:
+        out.extend([0.0, 0.0, 0.0])
+    else:
+        angle = 2 * math.pi * hour / 24.0
+        out.extend([math.sin(angle), math.cos(angle), 1.0 if hour < 6.0 else 0.0])
+    out.append(1.0 if counts.rng.pending else 0.0)
+    return out

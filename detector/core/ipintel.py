@@ -1,0 +1,196 @@
+"""IP enrichment: scope, country, ASN and anonymity, from optional MaxMind-format databases and lists.
+
+Every source is optional. A missing source disables its signals; :meth:`IpIntel.describe` lists what
+is active so the worker can say so once at start-up. Supported layouts:
+
+* country: MaxMind GeoIP2/GeoLite2 (``country.iso_code``, falling back to
+  ``registered_country.iso_code``) or ip-location-db (``country_code``);
+* ASN: GeoLite2-ASN / ip-location-db (``autonomous_system_number``, ``autonomous_system_organization``);
+* anonymity: MaxMind Anonymous-IP (``is_anonymous_vpn``, ``is_tor_exit_node``, ``is_hosting_provider``,
+  ``is_public_proxy``, ``is_residential_proxy``; an unflagged network is ``{}``);
+* CIDR list files (one address or CIDR per line, ``#`` comments) tagged ``tor``, ``vpn``, ``proxy``
+  or ``hosting``; a file of hosting ASNs (``AS16509`` or ``16509`` per line).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import maxminddb
+import netaddr
+
+from detector.core.errors import ConfigError
+from detector.core.records import IpInfo
+
+log = logging.getLogger(__name__)
+
+LIST_KINDS = ("tor", "vpn", "proxy", "hosting")
+_KIND_FLAG = {"tor": "tor_exit", "vpn": "anonymous_vpn", "proxy": "public_proxy", "hosting": "hosting"}
+
+
+def scope_of(ip: str) -> tuple[int, str]:
+    """(version, scope) of an address; scope is global/private/loopback/reserved/malformed.
+
+    >>> scope_of("10.1.2.3"), scope_of("8.8.8.8"), scope_of("::1"), scope_of("nope")
+    ((4, 'private'), (4, 'global'), (6, 'loopback'), (0, 'malformed'))
+    """
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return 0, "malformed"
+    if addr.is_loopback:
+        return addr.version, "loopback"
+    if addr.is_private and not addr.is_reserved and not addr.is_unspecified:
+        # Documentation ranges (TEST-NET) count as private in ipaddress; keep them "private".
+        return addr.version, "private"
+    if addr.is_reserved or addr.is_multicast or addr.is_unspecified or addr.is_link_local:
+        return addr.version, "reserved"
+    if not addr.is_global:
+        return addr.version, "private"
+    return addr.version, "global"
+
+
+def _open(path: Path | None, what: str) -> Any:
+    if path is None:
+        return None
+    if not path.is_file():
+        raise ConfigError(f"{what} database {str(path)!r} does not exist")
+    try:
+        reader = maxminddb.open_database(str(path))
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"{what} database {str(path)!r} is not a MaxMind DB file: {exc}") from exc
+    return reader
+
+
+def read_cidr_file(path: Path) -> list[str]:
+    """Addresses/CIDRs from a list file; raises ConfigError naming the bad line."""
+    out: list[str] = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        try:
+            out.append(str(ipaddress.ip_network(text, strict=False)))
+        except ValueError:
+            raise ConfigError(f"{path}:{n}: expected an IP address or CIDR, got {text!r}") from None
+    return out
+
+
+def read_asn_file(path: Path) -> set[int]:
+    out: set[int] = set()
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        text = line.split("#", 1)[0].strip().upper().removeprefix("AS")
+        if not text:
+            continue
+        if not text.isdigit():
+            raise ConfigError(f"{path}:{n}: expected an AS number like AS16509, got {line.strip()!r}")
+        out.add(int(text))
+    return out
+
+
+@dataclass
+class IpIntel:
+    """Looks up one IP in every configured source. Results are cached (bounded)."""
+
+    country_db: Path | None = None
+    asn_db: Path | None = None
+    anonymous_db: Path | None = None
+    cidr_lists: Mapping[str, Iterable[str]] = field(default_factory=dict)  # kind -> CIDRs
+    hosting_asns: set[int] = field(default_factory=set)
+    cache_size: int = 200_000
+
+    def __post_init__(self) -> None:
+        self._country = _open(self.country_db, "country")
+        self._asn = _open(self.asn_db, "ASN")
+        self._anon = _open(self.anonymous_db, "anonymous-IP")
+        unknown = set(self.cidr_lists) - set(LIST_KINDS)
+        if unknown:
+            raise ConfigError(f"unknown IP list kind(s) {sorted(unknown)}; expected one of {LIST_KINDS}")
+        self._sets = {k: netaddr.IPSet(list(v)) for k, v in self.cidr_lists.items()}
+        self._cache: dict[str, IpInfo] = {}
+
+    @classmethod
+    def from_paths(
+        cls,
+        country_db: Path | None = None,
+        asn_db: Path | None = None,
+        anonymous_db: Path | None = None,
+        list_files: Mapping[str, Path] | None = None,
+        hosting_asn_file: Path | None = None,
+    ) -> IpIntel:
+        lists = {kind: read_cidr_file(p) for kind, p in (list_files or {}).items()}
+        asns = read_asn_file(hosting_asn_file) if hosting_asn_file else set()
+        return cls(country_db, asn_db, anonymous_db, lists, asns)
+
+    def describe(self) -> list[str]:
+        """One line per signal source: active (with its path) or DISABLED."""
+        lines = []
+        for name, reader, path in (
+            ("country", self._country, self.country_db),
+            ("asn", self._asn, self.asn_db),
+            ("anonymous-ip", self._anon, self.anonymous_db),
+        ):
+            if reader is None:
+                lines.append(f"{name}: DISABLED (no database configured; its signals are off)")
+            else:
+                ext = "C extension" if "extension" in type(reader).__module__ else "PURE PYTHON (slow)"
+                lines.append(f"{name}: {path} [{ext}]")
+        for kind in LIST_KINDS:
+            n = len(self._sets[kind].iter_cidrs()) if kind in self._sets else 0
+            lines.append(f"list {kind}: {n} networks" if n else f"list {kind}: none")
+        lines.append(f"hosting ASNs: {len(self.hosting_asns)}")
+        return lines
+
+    def close(self) -> None:
+        for reader in (self._country, self._asn, self._anon):
+            if reader is not None:
+                reader.close()
+
+    def lookup(self, ip: str) -> IpInfo:
+        hit = self._cache.get(ip)
+        if hit is not None:
+            return hit
+        info = self._lookup(ip)
+        if len(self._cache) >= self.cache_size:
+            self._cache.clear()
+        self._cache[ip] = info
+        return info
+
+    def _lookup(self, ip: str) -> IpInfo:
+        version, scope = scope_of(ip)
+        info = IpInfo(ip=ip, version=version, scope=scope)
+        if scope == "malformed":
+            return info
+        updates: dict[str, Any] = {}
+        if self._country is not None:
+            rec = self._country.get(ip) or {}
+            cc = (
+                (rec.get("country") or {}).get("iso_code")
+                or rec.get("country_code")
+                or (rec.get("registered_country") or {}).get("iso_code")
+            )
+            if cc:
+                updates["country"] = str(cc).upper()
+        if self._asn is not None:
+            rec = self._asn.get(ip) or {}
+            if rec.get("autonomous_system_number") is not None:
+                updates["asn"] = int(rec["autonomous_system_number"])
+                updates["as_org"] = rec.get("autonomous_system_organization")
+        if self._anon is not None:
+            rec = self._anon.get(ip) or {}
+            updates["anonymous_vpn"] = bool(rec.get("is_anonymous_vpn"))
+            updates["tor_exit"] = bool(rec.get("is_tor_exit_node"))
+            updates["public_proxy"] = bool(rec.get("is_public_proxy"))
+            updates["residential_proxy"] = bool(rec.get("is_residential_proxy"))
+            updates["hosting"] = bool(rec.get("is_hosting_provider"))
+        for kind, ipset in self._sets.items():
+            if ip in ipset:
+                updates[_KIND_FLAG[kind]] = True
+        if updates.get("asn") in self.hosting_asns:
+            updates["hosting"] = True
+        return replace(info, **updates) if updates else info

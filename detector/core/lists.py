@@ -1,0 +1,225 @@
+"""Deny and allow lists (IPs, CIDRs, ASNs, numbers, prefixes, countries), with optional expiry.
+
+Entries come from the policy file (static) and from the SOC (``detector lists add`` publishes them
+to the compacted ``detector-lists`` topic; learned entries come from dialer outcomes). Allow
+entries override deny entries.
+
+>>> idx = ListIndex()
+>>> idx.add(make_entry("deny", "prefix", "+44 7700", reason="soc ticket 42"))
+>>> idx.match("+447700900123", "GB", "203.0.113.9", "GB", None, now=0.0)
+(['prefix'], False)
+>>> idx.add(make_entry("allow", "number", "+447700900123"))
+>>> idx.match("+447700900123", "GB", "203.0.113.9", "GB", None, now=0.0)  # decide() lets allow win
+(['prefix'], True)
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from detector.core.errors import InvalidField
+
+KINDS = ("ip", "cidr", "asn", "number", "prefix", "country")
+ACTIONS = ("deny", "allow")
+
+
+@dataclass(frozen=True, slots=True)
+class ListEntry:
+    action: str  # deny | allow
+    kind: str  # ip | cidr | asn | number | prefix | country
+    value: str  # normalized
+    reason: str = ""
+    expires_at: float | None = None  # epoch seconds; None = never
+    added_at: float = 0.0
+    source: str = "soc"  # soc | policy | learned
+
+    @property
+    def key(self) -> str:
+        """Stable identity (the compacted topic's key): ``action:kind:value``."""
+        return f"{self.action}:{self.kind}:{self.value}"
+
+    def active(self, now: float) -> bool:
+        return self.expires_at is None or now < self.expires_at
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def normalize(kind: str, value: str) -> str:
+    """Canonical form of a list value; raises InvalidField explaining the expected form."""
+    v = str(value).strip()
+    if kind == "ip":
+        try:
+            return str(ipaddress.ip_address(v))
+        except ValueError:
+            raise InvalidField("value", "an IPv4 or IPv6 address", value) from None
+    if kind == "cidr":
+        try:
+            return str(ipaddress.ip_network(v, strict=False))
+        except ValueError:
+            raise InvalidField("value", "a CIDR like 198.51.100.0/24", value) from None
+    if kind == "asn":
+        digits = v.upper().removeprefix("AS")
+        if not digits.isdigit():
+            raise InvalidField("value", "an AS number like AS64500", value)
+        return str(int(digits))
+    if kind in ("number", "prefix"):
+        digits = "".join(ch for ch in v if ch.isdigit())
+        if not v.startswith(("+", "00")) or not digits:
+            raise InvalidField("value", f"an international {kind} starting with + (E.164)", value)
+        if v.startswith("00"):
+            digits = digits[2:]
+        return "+" + digits
+    if kind == "country":
+        if len(v) != 2 or not v.isalpha():
+            raise InvalidField("value", "an ISO 3166 alpha-2 country code", value)
+        return v.upper()
+    raise InvalidField("kind", f"one of {', '.join(KINDS)}", kind)
+
+
+def make_entry(
+    action: str,
+    kind: str,
+    value: str,
+    *,
+    reason: str = "",
+    expires_at: float | None = None,
+    added_at: float = 0.0,
+    source: str = "soc",
+) -> ListEntry:
+    if action not in ACTIONS:
+        raise InvalidField("action", "deny or allow", action)
+    if kind not in KINDS:
+        raise InvalidField("kind", f"one of {', '.join(KINDS)}", kind)
+    return ListEntry(action, kind, normalize(kind, value), reason, expires_at, added_at, source)
+
+
+def entry_from_dict(d: dict[str, Any]) -> ListEntry:
+    """Parse a list entry message (the ``detector-lists`` topic value)."""
+    for name in ("action", "kind", "value"):
+        if not isinstance(d.get(name), str):
+            raise InvalidField(name, "a string", d.get(name))
+    exp = d.get("expires_at")
+    if exp is not None and (isinstance(exp, bool) or not isinstance(exp, int | float)):
+        raise InvalidField("expires_at", "epoch seconds or null", exp)
+    return make_entry(
+        d["action"],
+        d["kind"],
+        d["value"],
+        reason=str(d.get("reason") or ""),
+        expires_at=float(exp) if exp is not None else None,
+        added_at=float(d.get("added_at") or 0.0),
+        source=str(d.get("source") or "soc"),
+    )
+
+
+class ListIndex:
+    """Index of list entries answering "is this request denied / allowed?" in O(prefix length)."""
+
+    def __init__(self, entries: Iterable[ListEntry] = ()) -> None:
+        self._by_key: dict[str, ListEntry] = {}
+        self._exact: dict[tuple[str, str, str], ListEntry] = {}  # (action, kind, value)
+        self._nets: dict[tuple[str, int, int], dict[int, ListEntry]] = {}  # (action, ver, plen)
+        self._prefix_lens: dict[str, set[int]] = {"deny": set(), "allow": set()}
+        for e in entries:
+            self.add(e)
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+    def entries(self) -> list[ListEntry]:
+        return sorted(self._by_key.values(), key=lambda e: e.key)
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        """Number of entries per (action, kind)."""
+        out: dict[tuple[str, str], int] = {}
+        for e in self._by_key.values():
+            out[(e.action, e.kind)] = out.get((e.action, e.kind), 0) + 1
+        return out
+
+    def add(self, e: ListEntry) -> None:
+        self.remove(e.key)
+        self._by_key[e.key] = e
+        if e.kind == "cidr":
+            net = ipaddress.ip_network(e.value)
+            self._nets.setdefault((e.action, net.version, net.prefixlen), {})[int(net.network_address)] = e
+        else:
+            self._exact[(e.action, e.kind, e.value)] = e
+            if e.kind == "prefix":
+                self._prefix_lens[e.action].add(len(e.value))
+
+    def remove(self, key: str) -> None:
+        e = self._by_key.pop(key, None)
+        if e is None:
+            return
+        if e.kind == "cidr":
+            net = ipaddress.ip_network(e.value)
+            self._nets.get((e.action, net.version, net.prefixlen), {}).pop(int(net.network_address), None)
+        else:
+            self._exact.pop((e.action, e.kind, e.value), None)
+
+    def _hits(
+        self, action: str, e164: str | None, number_cc: str | None, ip: str, ip_cc: str | None,
+        asn: int | None, now: float,
+    ) -> list[str]:
+        found: list[str] = []
+
+        def check(kind: str, value: str) -> None:
+            e = self._exact.get((action, kind, value))
+            if e is not None and e.active(now) and kind not in found:
+                found.append(kind)
+
+        if e164:
+            check("number", e164)
+            for n in sorted(self._prefix_lens[action], reverse=True):
+                if n <= len(e164):
+                    check("prefix", e164[:n])
+        check("ip", ip)
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            addr = None
+        if addr is not None:
+            as_int = int(addr)
+            bits = 32 if addr.version == 4 else 128
+            for (act, ver, plen), nets in self._nets.items():
+                if act != action or ver != addr.version or not nets:
+                    continue
+                e = nets.get(as_int >> (bits - plen) << (bits - plen))
+                if e is not None and e.active(now) and "cidr" not in found:
+                    found.append("cidr")
+        if asn is not None:
+            check("asn", str(asn))
+        for cc in (number_cc, ip_cc):
+            if cc:
+                check("country", cc)
+        return found
+
+    def match(
+        self,
+        e164: str | None,
+        number_cc: str | None,
+        ip: str,
+        ip_cc: str | None,
+        asn: int | None,
+        *,
+        now: float,
+    ) -> tuple[list[str], bool]:
+        """(kinds of active deny entries that match, whether an active allow entry matches)."""
+        denied = self._hits("deny", e164, number_cc, ip, ip_cc, asn, now)
+        allowed = bool(self._hits("allow", e164, number_cc, ip, ip_cc, asn, now))
+        return denied, allowed
+
+    @classmethod
+    def from_policy(cls, deny: dict[str, tuple[str, ...]], allow: dict[str, tuple[str, ...]]) -> ListIndex:
+        plural = {"ips": "ip", "cidrs": "cidr", "asns": "asn", "numbers": "number",
+                  "prefixes": "prefix", "countries": "country"}
+        idx = cls()
+        for action, table in (("deny", deny), ("allow", allow)):
+            for field_name, values in table.items():
+                for v in values:
+                    idx.add(make_entry(action, plural[field_name], v, reason="policy", source="policy"))
+        return idx

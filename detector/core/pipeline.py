@@ -1,0 +1,127 @@
+"""The embedded (replay) path: both stages, the decision and its commit, on in-memory stores.
+
+The Faust adapters call the same functions stage by stage (``enrich``, ``ip_stage``,
+``range_stage``, ``decide``, ``range_commit``); :class:`Detector` calls them in one go.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from detector.core import state
+from detector.core.decide import DecisionContext, decide
+from detector.core.errors import InvalidField, MissingField
+from detector.core.ipintel import IpIntel
+from detector.core.lists import ListEntry, make_entry
+from detector.core.phone import enrich_phone, routing_key
+from detector.core.policy import Policy
+from detector.core.records import (
+    OUTCOMES,
+    Action,
+    CallbackRequest,
+    Counts,
+    Decision,
+    Enrichment,
+    IpCounts,
+    Outcome,
+)
+
+
+def enrich(req: CallbackRequest, intel: IpIntel, policy: Policy) -> Enrichment:
+    """Phone and IP enrichment of one request."""
+    return Enrichment(
+        phone=enrich_phone(req.phone_number, req.country_hint, policy.range_digits),
+        ip=intel.lookup(req.ip),
+    )
+
+
+def range_routing_key(req: CallbackRequest, enr: Enrichment) -> str:
+    """The key of the range stage (co-partitions number, pair and range)."""
+    return routing_key(enr.phone, req.phone_number)
+
+
+def parse_outcome(obj: dict[str, Any]) -> Outcome:
+    """Validate a dialer outcome message."""
+    for name in ("request_id", "phone_number", "outcome"):
+        if obj.get(name) is None:
+            raise MissingField(name)
+        if not isinstance(obj[name], str):
+            raise InvalidField(name, "a string", obj[name])
+    if obj["outcome"] not in OUTCOMES:
+        raise InvalidField("outcome", f"one of {', '.join(OUTCOMES)}", obj["outcome"])
+    from detector.core.parse import parse_ts
+
+    ts = parse_ts(obj["ts"]) if obj.get("ts") is not None else time.time()
+    dur = obj.get("duration_s", 0.0) or 0.0
+    if isinstance(dur, bool) or not isinstance(dur, int | float) or dur < 0:
+        raise InvalidField("duration_s", "a non-negative number of seconds", dur)
+    return Outcome(obj["request_id"], obj["phone_number"], obj["outcome"], ts, float(dur))
+
+
+def learn_from_outcome(stores: state.RangeStores, outcome: Outcome, nkey: str, policy: Policy) -> ListEntry | None:
+    """Clear the number's outstanding callback; return a deny entry learned from the floor, if any."""
+    state.clear_pending(stores, nkey, outcome.request_id)
+    if nkey.startswith("?"):
+        return None
+    if outcome.outcome == "agent_marked_spam":
+        return make_entry("deny", "number", nkey, reason="agent_marked_spam",
+                          expires_at=outcome.ts + policy.spam_deny_seconds, added_at=outcome.ts,
+                          source="learned")
+    if outcome.outcome == "machine":
+        n = state.record_machine(stores, nkey, outcome.ts)
+        if n >= policy.machine_threshold:
+            return make_entry("deny", "number", nkey, reason=f"machine_answers_{n}_in_24h",
+                              expires_at=outcome.ts + policy.machine_deny_seconds, added_at=outcome.ts,
+                              source="learned")
+    return None
+
+
+@dataclass
+class Detector:
+    """In-memory detector: feed it requests in timestamp order, get one decision each."""
+
+    ctx: DecisionContext
+    intel: IpIntel = field(default_factory=IpIntel)
+    ip_stores: state.IpStores = field(default_factory=state.IpStores)
+    range_stores: state.RangeStores = field(default_factory=state.RangeStores)
+    seen: dict[str, float] = field(default_factory=dict)
+    _last_sweep: float = 0.0
+
+    def process(self, req: CallbackRequest, *, decided_at: float | None = None) -> Decision:
+        enr = enrich(req, self.intel, self.ctx.policy)
+        ip_counts: IpCounts = state.ip_stage(self.ip_stores, req, enr)
+        upd = state.range_stage(self.range_stores, req, enr, range_routing_key(req, enr))
+        decision = decide(req, enr, Counts(ip_counts, upd.counts), self.ctx,
+                          decided_at=req.ts if decided_at is None else decided_at)
+        state.range_commit(self.range_stores, upd, req, allowed=decision.action == Action.ALLOW,
+                           pending_ttl=self.ctx.policy.pending_ttl)
+        if req.ts - self._last_sweep > 3600:
+            self.sweep(req.ts)
+        return decision
+
+    def apply_outcome(self, outcome: Outcome) -> ListEntry | None:
+        enr_phone = enrich_phone(outcome.phone_number, None, self.ctx.policy.range_digits)
+        nkey = enr_phone.e164 or "?" + "".join(c for c in outcome.phone_number if c.isdigit())
+        entry = learn_from_outcome(self.range_stores, outcome, nkey, self.ctx.policy)
+        if entry is not None:
+            self.ctx.lists.add(entry)
+        return entry
+
+    def sweep(self, now: float) -> int:
+        """Drop state that can no longer count (bounded memory)."""
+        self._last_sweep = now
+        return sum(
+            state.sweep(s, now)
+            for s in (self.ip_stores.ip, self.range_stores.number, self.range_stores.pair,
+                      self.range_stores.range)
+        )
+
+    def state_sizes(self) -> dict[str, int]:
+        return {
+            "ip": len(self.ip_stores.ip),
+            "number": len(self.range_stores.number),
+            "pair": len(self.range_stores.pair),
+            "range": len(self.range_stores.range),
+        }

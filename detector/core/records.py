@@ -1,0 +1,228 @@
+"""Typed, immutable records of the core.
+
+Directions are stated where they matter: ``risk`` and ``anomaly`` are in [0, 1], higher = riskier.
+Wire formats (JSON) are produced by ``to_dict`` / ``*_from_dict`` so that the Faust adapters and the
+replay path serialize identically.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Any
+
+
+class Action(StrEnum):
+    """What the web tier and the dialer do with a request."""
+
+    ALLOW = "allow"  # dial the number
+    DEFLECT = "deflect"  # do not dial; offer chat / call-in instead
+    BLOCK = "block"  # do not dial
+
+
+@dataclass(frozen=True, slots=True)
+class CallbackRequest:
+    """One click-to-call form submission, as validated by :func:`detector.core.parse.parse_request`."""
+
+    request_id: str
+    ts: float  # epoch seconds (event time)
+    phone_number: str  # as typed by the visitor
+    ip: str  # normalized textual form
+    country_hint: str | None = None
+    user_id: str | None = None
+    authenticated: bool = False
+    session_id: str | None = None
+    user_agent: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class PhoneInfo:
+    """What ``phonenumbers`` says of the typed number."""
+
+    e164: str | None  # None when the input cannot be parsed at all
+    parsed: bool
+    possible: bool
+    valid: bool
+    region: str | None  # ISO 3166 alpha-2, "001" for non-geographic entities
+    country_code: int | None  # calling code, e.g. 44
+    number_type: str  # MOBILE, FIXED_LINE, VOIP, PREMIUM_RATE, ..., UNKNOWN
+    range_key: str | None  # E.164 minus its last N digits: the leased block IRSF sellers rotate in
+    error: str | None = None  # why parsing failed, when it did
+
+
+@dataclass(frozen=True, slots=True)
+class IpInfo:
+    """What the IP databases and lists say of the requester's address."""
+
+    ip: str
+    version: int  # 4 or 6, 0 when malformed
+    scope: str  # "global", "private", "loopback", "reserved", "malformed"
+    country: str | None = None
+    asn: int | None = None
+    as_org: str | None = None
+    anonymous_vpn: bool = False
+    tor_exit: bool = False
+    public_proxy: bool = False
+    residential_proxy: bool = False
+    hosting: bool = False
+
+    @property
+    def anonymous(self) -> bool:
+        """True when any anonymity signal is set (VPN, Tor, proxy, hosting)."""
+        return (
+            self.anonymous_vpn
+            or self.tor_exit
+            or self.public_proxy
+            or self.residential_proxy
+            or self.hosting
+        )
+
+    def flags(self) -> list[str]:
+        """Names of the anonymity flags that are set, in a fixed order."""
+        names = ("anonymous_vpn", "tor_exit", "public_proxy", "residential_proxy", "hosting")
+        return [n for n in names if getattr(self, n)]
+
+
+@dataclass(frozen=True, slots=True)
+class Enrichment:
+    phone: PhoneInfo
+    ip: IpInfo
+
+    def to_dict(self) -> dict[str, Any]:
+        """The enrichment block of a decision (no raw IP: the decision carries its hash only)."""
+        return {
+            "e164": self.phone.e164,
+            "number_valid": self.phone.valid,
+            "number_country": self.phone.region,
+            "number_type": self.phone.number_type,
+            "range_key": self.phone.range_key,
+            "ip_country": self.ip.country,
+            "ip_scope": self.ip.scope,
+            "asn": self.ip.asn,
+            "anonymity": self.ip.flags(),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class IpCounts:
+    """Counts owned by the IP stage (partitioned by IP). Include the current request."""
+
+    ip_15m: int = 0
+    ip_1h: int = 0
+    ip_24h: int = 0
+    ip_distinct_numbers_1h: int = 0
+    ip_distinct_numbers_24h: int = 0
+    ip_distinct_countries_24h: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RangeCounts:
+    """Counts owned by the range stage (partitioned by number range). Include the current request."""
+
+    number_15m: int = 0
+    number_1h: int = 0
+    number_24h: int = 0
+    pair_1h: int = 0
+    pair_24h: int = 0
+    range_1h: int = 0
+    range_24h: int = 0
+    number_distinct_ips_1h: int = 0
+    number_distinct_ips_24h: int = 0
+    range_distinct_ips_24h: int = 0
+    range_distinct_numbers_24h: int = 0
+    pending: bool = False  # a callback to this number is still outstanding
+
+
+@dataclass(frozen=True, slots=True)
+class Counts:
+    ip: IpCounts = field(default_factory=IpCounts)
+    rng: RangeCounts = field(default_factory=RangeCounts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self.ip), **asdict(self.rng)}
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    """One rule or model finding. ``weight`` in [0, 1]: higher = riskier."""
+
+    code: str
+    weight: float
+    action: Action
+    silent: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ModelResult:
+    """Isolation-forest output. ``anomaly`` in [0, 1], higher = more unlike normal traffic."""
+
+    version: str
+    anomaly: float
+    is_anomalous: bool
+    top_features: tuple[str, ...] = ()
+    shadow_version: str | None = None
+    shadow_anomaly: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The detector's verdict for one request (the ``callback-decisions`` message)."""
+
+    request_id: str
+    action: Action
+    silent: bool  # True: tell the requester it worked although nothing will be dialled
+    risk: float  # [0, 1], higher = riskier
+    reasons: tuple[str, ...]  # stable reason codes, most important first
+    enrichment: dict[str, Any]
+    counts: dict[str, Any]
+    policy_version: str
+    model_version: str | None
+    decided_at: float
+    request_ts: float
+    ip_hash: str
+    model: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["action"] = str(self.action)
+        d["reasons"] = list(self.reasons)
+        return d
+
+
+def decision_from_dict(d: dict[str, Any]) -> Decision:
+    """Inverse of :meth:`Decision.to_dict`."""
+    return Decision(
+        request_id=d["request_id"],
+        action=Action(d["action"]),
+        silent=bool(d["silent"]),
+        risk=float(d["risk"]),
+        reasons=tuple(d["reasons"]),
+        enrichment=dict(d["enrichment"]),
+        counts=dict(d["counts"]),
+        policy_version=d["policy_version"],
+        model_version=d.get("model_version"),
+        decided_at=float(d["decided_at"]),
+        request_ts=float(d["request_ts"]),
+        ip_hash=d["ip_hash"],
+        model=d.get("model"),
+    )
+
+
+OUTCOMES = ("completed", "no_answer", "busy", "failed", "machine", "agent_marked_spam", "cancelled")
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What the dialer reports after acting on an allowed request (``callback-outcomes``)."""
+
+    request_id: str
+    phone_number: str  # E.164 as dialled
+    outcome: str  # one of OUTCOMES
+    ts: float
+    duration_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

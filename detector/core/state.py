@@ -1,0 +1,176 @@
+"""Per-key state of the two processing stages, over any ``MutableMapping`` (dict or Faust table).
+
+The stream is processed in two stages so that every table is fed by a stream keyed by its key:
+
+* **IP stage** (partitioned by IP): table ``ip`` -> ``{"c": counts, "n": distinct numbers,
+  "k": distinct number countries}``.
+* **Range stage** (partitioned by the number's range key, which also co-partitions the number and
+  every IP x number pair on it): tables ``number`` -> ``{"c": counts, "i": distinct IPs,
+  "p": pending callback, "m": machine answers}``, ``pair`` -> counts, ``range`` ->
+  ``{"c": counts, "i": distinct IPs, "n": distinct numbers}``.
+
+Each update reads a value, changes it and writes it back with ``store[key] = value`` (a Faust table
+logs that write to its changelog). The replay path calls both stages in turn on plain dicts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from detector.core import windows as w
+from detector.core.records import CallbackRequest, Enrichment, IpCounts, RangeCounts
+
+Store = MutableMapping[str, Any]
+
+
+def short_hash(text: str) -> str:
+    """Stable 16-hex-digit hash used for distinct-set members and for PII-free identifiers.
+
+    >>> short_hash("203.0.113.9")
+    '5e9e93acab482f42'
+    """
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=8).hexdigest()
+
+
+def pii_hash(text: str, key: bytes) -> str:
+    """Keyed hash for logs, decisions and dashboards: not reversible without ``key`` (an IPv4
+    address space is small enough to brute-force an unkeyed hash)."""
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=8, key=key[:64]).hexdigest()
+
+
+def number_key(enr: Enrichment, raw: str) -> str:
+    """Key of the per-number tables: E.164, or ``?<digits>`` for unparseable input."""
+    if enr.phone.e164:
+        return enr.phone.e164
+    return "?" + "".join(ch for ch in raw if ch.isdigit())
+
+
+def pair_key(ip: str, num_key: str) -> str:
+    return f"{ip}|{num_key}"
+
+
+@dataclass
+class IpStores:
+    ip: Store = field(default_factory=dict)
+
+
+@dataclass
+class RangeStores:
+    number: Store = field(default_factory=dict)
+    pair: Store = field(default_factory=dict)
+    range: Store = field(default_factory=dict)
+
+
+def ip_stage(stores: IpStores, req: CallbackRequest, enr: Enrichment) -> IpCounts:
+    """Count ``req`` in the IP tables and return the IP-side counts (including ``req``)."""
+    ts = req.ts
+    value = stores.ip.get(req.ip) or {}
+    value = dict(value)
+    value["c"] = w.count_add(value.get("c"), ts)
+    value["n"] = w.distinct_add(value.get("n"), short_hash(number_key(enr, req.phone_number)), ts)
+    if enr.phone.region:
+        value["k"] = w.distinct_add(value.get("k"), enr.phone.region, ts)
+    stores.ip[req.ip] = value
+    c15, c1h, c24 = w.count_read(value["c"], ts)
+    n1h, n24 = w.distinct_read(value["n"], ts)
+    _, k24 = w.distinct_read(value.get("k"), ts)
+    return IpCounts(c15, c1h, c24, n1h, n24, k24)
+
+
+@dataclass
+class RangeUpdate:
+    """Range-stage counts plus the per-number value still to be written by :func:`range_commit`."""
+
+    counts: RangeCounts
+    number_key: str
+    number_value: dict[str, Any]
+
+
+def range_stage(stores: RangeStores, req: CallbackRequest, enr: Enrichment, range_key: str) -> RangeUpdate:
+    """Count ``req`` per number, pair and range; the number's value is written by :func:`range_commit`."""
+    ts = req.ts
+    nkey = number_key(enr, req.phone_number)
+    ip_member = short_hash(req.ip)
+
+    num = dict(stores.number.get(nkey) or {})
+    num["c"] = w.count_add(num.get("c"), ts)
+    num["i"] = w.distinct_add(num.get("i"), ip_member, ts)
+    pend = num.get("p")
+    pending = bool(pend) and float(pend["until"]) > ts and pend.get("rid") != req.request_id
+
+    pkey = pair_key(req.ip, nkey)
+    pair = w.count_add(stores.pair.get(pkey), ts)
+    stores.pair[pkey] = pair
+
+    rng = dict(stores.range.get(range_key) or {})
+    rng["c"] = w.count_add(rng.get("c"), ts)
+    rng["i"] = w.distinct_add(rng.get("i"), ip_member, ts)
+    rng["n"] = w.distinct_add(rng.get("n"), short_hash(nkey), ts)
+    stores.range[range_key] = rng
+
+    n15, n1h, n24 = w.count_read(num["c"], ts)
+    _, p1h, p24 = w.count_read(pair, ts)
+    _, r1h, r24 = w.count_read(rng["c"], ts)
+    ni1h, ni24 = w.distinct_read(num["i"], ts)
+    _, ri24 = w.distinct_read(rng["i"], ts)
+    _, rn24 = w.distinct_read(rng["n"], ts)
+    counts = RangeCounts(n15, n1h, n24, p1h, p24, r1h, r24, ni1h, ni24, ri24, rn24, pending)
+    return RangeUpdate(counts, nkey, num)
+
+
+def range_commit(
+    stores: RangeStores, update: RangeUpdate, req: CallbackRequest, *, allowed: bool, pending_ttl: float
+) -> None:
+    """Write the number's value; an allowed request marks a callback outstanding for ``pending_ttl``."""
+    if allowed:
+        update.number_value["p"] = {"until": req.ts + pending_ttl, "rid": req.request_id}
+    stores.number[update.number_key] = update.number_value
+
+
+def clear_pending(stores: RangeStores, nkey: str, request_id: str | None) -> bool:
+    """The dialer finished a callback: clear the outstanding mark (if it is that request's)."""
+    value = stores.number.get(nkey)
+    if not value or not value.get("p"):
+        return False
+    if request_id is not None and value["p"].get("rid") not in (None, request_id):
+        return False
+    value = dict(value)
+    value.pop("p", None)
+    stores.number[nkey] = value
+    return True
+
+
+def record_machine(stores: RangeStores, nkey: str, ts: float) -> int:
+    """Count an answering-machine outcome for a number; returns machine answers in the last 24 h."""
+    value = dict(stores.number.get(nkey) or {})
+    value["m"] = w.count_add(value.get("m"), ts)
+    stores.number[nkey] = value
+    return w.count_read(value["m"], ts)[2]
+
+
+def sweep(store: Store, now: float) -> int:
+    """Delete keys whose state can no longer count at ``now`` (event time). Returns keys deleted."""
+    dead = [k for k, v in list(store.items()) if _dead(v, now)]
+    for k in dead:
+        del store[k]
+    return len(dead)
+
+
+def _dead(value: Any, now: float) -> bool:
+    if isinstance(value, dict) and "m" in value and "h" in value and isinstance(value["m"], list):
+        return w.count_expired(value, now)  # a bare count value (pair table)
+    if not isinstance(value, dict):
+        return True
+    for part, v in value.items():
+        if part == "p":
+            if float(v["until"]) > now:
+                return False
+        elif part in ("c", "m"):
+            if not w.count_expired(v, now):
+                return False
+        elif not w.distinct_expired(v, now):
+            return False
+    return True
