@@ -1,0 +1,112 @@
+"""Settings: the only module that reads the environment. Every CLI flag has an env var here.
+
+Fails fast: :func:`load_settings` validates everything and raises :class:`ConfigError` naming the
+variable and what was wrong.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from detector.core.errors import ConfigError
+
+ENV_PREFIX = "DETECTOR_"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    # Kafka / Faust
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    app_id: str = "callback-fraud-detector"
+    topic_requests: str = "callback-requests"
+    topic_decisions: str = "callback-decisions"
+    topic_outcomes: str = "callback-outcomes"
+    topic_lists: str = "detector-lists"
+    topic_dead_letter: str = "callback-requests-dlq"
+    partitions: int = 4
+    replication: int = 1
+    web_port: int = 6066
+    data_dir: Path = Path("var/worker")
+    # Policy, lists, IP data
+    policy: Path | None = None
+    lists_file: Path | None = None
+    geoip_country_db: Path | None = None
+    geoip_asn_db: Path | None = None
+    anonymous_ip_db: Path | None = None
+    ip_list_files: Mapping[str, Path] = field(default_factory=dict)  # kind -> path
+    hosting_asn_file: Path | None = None
+    # Model
+    models_dir: Path = Path("models")
+    model_name: str = "default"
+    shadow_model: str | None = None
+    model_reload_s: float = 10.0
+    # Privacy
+    pii_hash_key: str = "change-me-in-production"
+    # Logging
+    log_level: str = "INFO"
+
+
+_PATHS = {"policy", "lists_file", "geoip_country_db", "geoip_asn_db", "anonymous_ip_db",
+          "hosting_asn_file", "models_dir", "data_dir"}
+_INTS = {"partitions", "replication", "web_port"}
+_FLOATS = {"model_reload_s"}
+
+
+def _env_name(name: str) -> str:
+    aliases = {"geoip_country_db": "GEOIP_COUNTRY_DB", "geoip_asn_db": "GEOIP_ASN_DB",
+               "anonymous_ip_db": "ANONYMOUS_IP_DB", "kafka_bootstrap": "KAFKA_BOOTSTRAP"}
+    return ENV_PREFIX + aliases.get(name, name.upper())
+
+
+def _parse_list_files(var: str, text: str) -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        kind, sep, path = part.partition("=")
+        if not sep or kind not in ("tor", "vpn", "proxy", "hosting"):
+            raise ConfigError(f"{var}: expected kind=path[,kind=path] with kind in tor|vpn|proxy|hosting, got {part!r}")
+        out[kind] = Path(path)
+    return out
+
+
+def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Settings from ``env`` (default: ``os.environ``) with explicit ``overrides`` (CLI flags) on top."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    for name in Settings.__slots__:  # type: ignore[attr-defined]
+        if name == "ip_list_files":
+            var = ENV_PREFIX + "IP_LISTS"
+            if env.get(var):
+                values[name] = _parse_list_files(var, env[var])
+            continue
+        var = _env_name(name)
+        raw = env.get(var)
+        if raw is None or raw == "":
+            continue
+        try:
+            if name in _INTS:
+                values[name] = int(raw)
+            elif name in _FLOATS:
+                values[name] = float(raw)
+            elif name in _PATHS:
+                values[name] = Path(raw)
+            else:
+                values[name] = raw
+        except ValueError:
+            raise ConfigError(f"{var}: expected a number, got {raw!r}") from None
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    s = replace(Settings(), **values)
+    if s.partitions < 1:
+        raise ConfigError(f"{_env_name('partitions')}: expected >= 1, got {s.partitions}")
+    for name in ("policy", "lists_file", "geoip_country_db", "geoip_asn_db", "anonymous_ip_db",
+                 "hosting_asn_file"):
+        p = getattr(s, name)
+        if p is not None and not Path(p).is_file():
+            raise ConfigError(f"{_env_name(name)}: file {str(p)!r} does not exist")
+    for kind, p in s.ip_list_files.items():
+        if not p.is_file():
+            raise ConfigError(f"{ENV_PREFIX}IP_LISTS: {kind} list {str(p)!r} does not exist")
+    return s
