@@ -45,12 +45,10 @@ def scope_of(ip: str) -> tuple[int, str]:
         return 0, "malformed"
     if addr.is_loopback:
         return addr.version, "loopback"
-    if addr.is_private and not addr.is_reserved and not addr.is_unspecified:
-        # Documentation ranges (TEST-NET) count as private in ipaddress; keep them "private".
-        return addr.version, "private"
     if addr.is_reserved or addr.is_multicast or addr.is_unspecified or addr.is_link_local:
         return addr.version, "reserved"
-    if not addr.is_global:
+    if addr.is_private or not addr.is_global:
+        # RFC 1918, ULA, CGNAT and documentation ranges: not routable on the internet.
         return addr.version, "private"
     return addr.version, "global"
 
@@ -62,7 +60,7 @@ def _open(path: Path | None, what: str) -> Any:
         raise ConfigError(f"{what} database {str(path)!r} does not exist")
     try:
         reader = maxminddb.open_database(str(path))
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, maxminddb.InvalidDatabaseError) as exc:
         raise ConfigError(f"{what} database {str(path)!r} is not a MaxMind DB file: {exc}") from exc
     return reader
 

@@ -1,0 +1,119 @@
+"""The embedded path: JSONL requests in, one decision per valid request out, rejects explained.
+
+Requests are processed in timestamp order (a stable sort, so equal timestamps keep file order)
+through :class:`detector.core.pipeline.Detector`, i.e. the same ``decide`` as the stream path.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import IO
+
+from detector.core.errors import InputError
+from detector.core.parse import parse_request
+from detector.core.pipeline import Detector
+from detector.core.records import CallbackRequest, Decision
+
+
+@dataclass
+class Reject:
+    line: int
+    kind: str
+    error: str
+
+    def to_dict(self) -> dict[str, object]:
+        return {"line": self.line, "error_kind": self.kind, "error": self.error}
+
+
+@dataclass
+class ReplaySummary:
+    requests: int = 0
+    decisions: int = 0
+    rejects: int = 0
+    duplicates: int = 0
+    seconds: float = 0.0
+    by_action: Counter[str] = field(default_factory=Counter)
+    by_reason: Counter[str] = field(default_factory=Counter)
+    reject_kinds: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def rate(self) -> float:
+        return self.decisions / self.seconds if self.seconds > 0 else 0.0
+
+    def render(self) -> str:
+        lines = [
+            f"lines read: {self.requests + self.rejects}  decisions: {self.decisions}  "
+            f"rejected: {self.rejects}  duplicate ids: {self.duplicates}",
+            f"throughput: {self.rate:,.0f} decisions/s ({self.seconds:.2f} s)",
+            "by action: " + ", ".join(f"{a}={n}" for a, n in sorted(self.by_action.items())),
+        ]
+        if self.by_reason:
+            lines.append("top reasons: " + ", ".join(f"{r}={n}" for r, n in self.by_reason.most_common(10)))
+        if self.reject_kinds:
+            lines.append("rejects: " + ", ".join(f"{k}={n}" for k, n in self.reject_kinds.most_common()))
+        return "\n".join(lines)
+
+
+def parse_lines(lines: Iterable[str | bytes]) -> tuple[list[tuple[int, CallbackRequest]], list[Reject]]:
+    """Parse every non-blank line; bad ones become :class:`Reject` with line number and reason."""
+    good: list[tuple[int, CallbackRequest]] = []
+    bad: list[Reject] = []
+    for n, line in enumerate(lines, 1):
+        if not (line.strip() if isinstance(line, str) else line.strip()):
+            continue
+        try:
+            good.append((n, parse_request(line)))
+        except InputError as exc:
+            bad.append(Reject(n, exc.kind, str(exc)))
+    return good, bad
+
+
+def replay(
+    lines: Iterable[str | bytes],
+    detector: Detector,
+    *,
+    out: IO[str] | None = None,
+    rejects: IO[str] | None = None,
+    on_decision: Callable[[CallbackRequest, Decision], None] | None = None,
+    progress: bool = False,
+) -> ReplaySummary:
+    """Decide every valid request in ``lines`` (JSONL); write decisions and rejects as JSONL."""
+    summary = ReplaySummary()
+    t0 = time.perf_counter()
+    good, bad = parse_lines(lines)
+    for r in bad:
+        summary.rejects += 1
+        summary.reject_kinds[r.kind] += 1
+        if rejects is not None:
+            rejects.write(json.dumps(r.to_dict()) + "\n")
+    good.sort(key=lambda item: item[1].ts)
+    seen: set[str] = set()
+    items: Iterable[tuple[int, CallbackRequest]] = good
+    if progress:
+        from tqdm import tqdm
+
+        items = tqdm(good, unit="req", desc="replay")
+    for n, req in items:
+        summary.requests += 1
+        if req.request_id in seen:
+            # A repeated request id is a redelivery: it already has its one decision.
+            summary.duplicates += 1
+            if rejects is not None:
+                rejects.write(json.dumps(Reject(n, "duplicate_request_id",
+                                                f"request_id {req.request_id!r} already decided").to_dict()) + "\n")
+            continue
+        seen.add(req.request_id)
+        decision = detector.process(req)
+        summary.decisions += 1
+        summary.by_action[str(decision.action)] += 1
+        summary.by_reason.update(decision.reasons)
+        if out is not None:
+            out.write(json.dumps(decision.to_dict(), separators=(",", ":")) + "\n")
+        if on_decision is not None:
+            on_decision(req, decision)
+    summary.seconds = time.perf_counter() - t0
+    return summary

@@ -1,0 +1,76 @@
+"""Builds the core's runtime objects (policy, lists, IP intel, model) from :class:`Settings`.
+
+Shared by the CLI (replay, demo, evaluate) and the Faust worker so both start the same way, and
+both say once, loudly, which signals are disabled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from detector.config import Settings
+from detector.core.decide import DecisionContext
+from detector.core.errors import ConfigError, InputError
+from detector.core.ipintel import IpIntel
+from detector.core.lists import ListIndex, entry_from_dict
+from detector.core.policy import Policy, load_policy
+
+log = logging.getLogger("detector")
+
+
+def load_lists_file(path: Path, index: ListIndex) -> int:
+    """Add entries from a JSONL lists file (the ``detector-lists`` message format)."""
+    n = 0
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            index.add(entry_from_dict(json.loads(line)))
+        except (json.JSONDecodeError, InputError) as exc:
+            raise ConfigError(f"{path}:{lineno}: invalid list entry: {exc}") from exc
+        n += 1
+    return n
+
+
+def build_intel(settings: Settings) -> IpIntel:
+    intel = IpIntel.from_paths(
+        country_db=settings.geoip_country_db,
+        asn_db=settings.geoip_asn_db,
+        anonymous_db=settings.anonymous_ip_db,
+        list_files=settings.ip_list_files,
+        hosting_asn_file=settings.hosting_asn_file,
+    )
+    for line in intel.describe():
+        (log.warning if "DISABLED" in line or "PURE PYTHON" in line else log.info)("ip data: %s", line)
+    return intel
+
+
+def build_policy(settings: Settings) -> Policy:
+    policy = load_policy(settings.policy)
+    log.info("policy %s loaded from %s", policy.version, settings.policy or "packaged default")
+    return policy
+
+
+def build_context(settings: Settings, policy: Policy | None = None) -> DecisionContext:
+    policy = policy or build_policy(settings)
+    lists = ListIndex.from_policy(dict(policy.deny), dict(policy.allow))
+    if settings.lists_file is not None:
+        n = load_lists_file(settings.lists_file, lists)
+        log.info("lists: %d entries from %s", n, settings.lists_file)
+    return DecisionContext(policy=policy, lists=lists, pii_key=settings.pii_hash_key.encode("utf-8"))
+
+
+def build_model_watcher(settings: Settings):  # type: ignore[no-untyped-def]
+    """A hot-reloading model watcher, or None when no model artefact exists (said loudly)."""
+    try:
+        from detector.core.model import ModelWatcher
+    except ImportError:  # pragma: no cover - model module absent
+        log.warning("model: DISABLED (detector.core.model not available)")
+        return None
+    card = settings.models_dir / f"{settings.model_name}.json"
+    if not card.is_file():
+        log.warning("model: DISABLED (no artefact %s; run `detector train`)", card)
+    return ModelWatcher(settings.models_dir, settings.model_name, settings.shadow_model,
+                        settings.model_reload_s)

@@ -1,0 +1,83 @@
+import json
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from detector.core import windows as w
+
+
+def brute_counts(times, t):
+    """Reference semantics: bucket-aligned windows (see detector.core.windows)."""
+    m, h = int(t) // 60, int(t) // 3600
+    c15 = sum(1 for x in times if m - 14 <= int(x) // 60 <= m)
+    c1h = sum(1 for x in times if m - 59 <= int(x) // 60 <= m)
+    c24 = sum(1 for x in times if h - 23 <= int(x) // 3600 <= h)
+    return c15, c1h, c24
+
+
+@settings(max_examples=200)
+@given(st.lists(st.floats(min_value=0, max_value=3 * 86400), min_size=1, max_size=120))
+def test_counts_match_brute_force_in_order(times):
+    times = sorted(times)
+    v = None
+    for i, t in enumerate(times):
+        v = w.count_add(v, t)
+        # Events seen so far that are not in the future of t.
+        assert w.count_read(v, t) == brute_counts(times[: i + 1], t)
+
+
+@given(st.lists(st.floats(min_value=0, max_value=7200), min_size=1, max_size=60))
+def test_out_of_order_events_are_still_counted_exactly(times):
+    v = None
+    for t in times:
+        v = w.count_add(v, t)
+    t_end = max(times)
+    assert w.count_read(v, t_end) == brute_counts(times, t_end)
+
+
+@given(st.lists(st.floats(min_value=0, max_value=30 * 86400), min_size=1, max_size=300))
+def test_memory_stays_bounded(times):
+    v = None
+    for t in sorted(times):
+        v = w.count_add(v, t)
+    assert len(v["m"]) <= w.MINUTE_BUCKETS_KEPT
+    assert len(v["h"]) <= w.HOUR_BUCKETS_KEPT
+
+
+def test_values_survive_a_json_round_trip():
+    v = None
+    for t in (10, 70, 4000):
+        v = w.count_add(v, t)
+    again = json.loads(json.dumps(v))
+    assert w.count_read(again, 4000) == w.count_read(v, 4000)
+    w.count_add(again, 4001)
+    assert w.count_read(again, 4001)[2] == 4
+
+
+@given(st.lists(st.tuples(st.sampled_from("abcdefgh"), st.floats(min_value=0, max_value=3 * 86400)),
+                min_size=1, max_size=80))
+def test_distinct_matches_brute_force(events):
+    events = sorted(events, key=lambda e: e[1])
+    d = None
+    for i, (member, t) in enumerate(events):
+        d = w.distinct_add(d, member, t)
+        seen = events[: i + 1]
+        short = {m for m, x in seen if t - 3600 < x <= t}
+        long = {m for m, x in seen if t - 86400 < x <= t}
+        assert w.distinct_read(d, t) == (len(short), len(long))
+
+
+def test_distinct_saturates_at_cap():
+    d = None
+    for i in range(50):
+        d = w.distinct_add(d, f"m{i}", float(i), cap=10)
+    assert len(d) == 10
+    assert w.distinct_read(d, 49.0)[1] == 10
+    assert "m49" in d and "m0" not in d
+
+
+def test_expiry():
+    v = w.count_add(None, 0)
+    assert not w.count_expired(v, 3600 * 23)
+    assert w.count_expired(v, 3600 * 24)
+    assert w.distinct_expired(w.distinct_add(None, "a", 0.0), 86400.0)
