@@ -6,7 +6,6 @@ Subcommands: demo, replay, simulate, train, evaluate, worker, produce, tail, lis
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -20,9 +19,21 @@ log = logging.getLogger("detector")
 
 def _settings(args: argparse.Namespace) -> Settings:
     over: dict[str, Any] = {}
-    for name in ("policy", "lists_file", "geoip_country_db", "geoip_asn_db", "anonymous_ip_db",
-                 "hosting_asn_file", "models_dir", "model_name", "kafka_bootstrap", "web_port",
-                 "data_dir", "partitions", "shadow_model"):
+    for name in (
+        "policy",
+        "lists_file",
+        "geoip_country_db",
+        "geoip_asn_db",
+        "anonymous_ip_db",
+        "hosting_asn_file",
+        "models_dir",
+        "model_name",
+        "kafka_bootstrap",
+        "web_port",
+        "data_dir",
+        "partitions",
+        "shadow_model",
+    ):
         value = getattr(args, name, None)
         if value is not None:
             over[name] = value
@@ -32,17 +43,45 @@ def _settings(args: argparse.Namespace) -> Settings:
 def _add_core_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("policy and data (env DETECTOR_POLICY, DETECTOR_LISTS_FILE, ...)")
     g.add_argument("--policy", type=Path, help="policy TOML (env DETECTOR_POLICY)")
-    g.add_argument("--lists-file", dest="lists_file", type=Path,
-                   help="JSONL deny/allow entries (env DETECTOR_LISTS_FILE)")
-    g.add_argument("--geoip-country-db", dest="geoip_country_db", type=Path,
-                   help="country mmdb (env DETECTOR_GEOIP_COUNTRY_DB)")
-    g.add_argument("--geoip-asn-db", dest="geoip_asn_db", type=Path, help="ASN mmdb (env DETECTOR_GEOIP_ASN_DB)")
-    g.add_argument("--anonymous-ip-db", dest="anonymous_ip_db", type=Path,
-                   help="Anonymous-IP mmdb (env DETECTOR_ANONYMOUS_IP_DB)")
-    g.add_argument("--hosting-asn-file", dest="hosting_asn_file", type=Path,
-                   help="hosting ASNs, one per line (env DETECTOR_HOSTING_ASN_FILE)")
-    g.add_argument("--models-dir", dest="models_dir", type=Path, help="model artefacts (env DETECTOR_MODELS_DIR)")
-    g.add_argument("--model-name", dest="model_name", help="artefact name (env DETECTOR_MODEL_NAME)")
+    g.add_argument(
+        "--lists-file",
+        dest="lists_file",
+        type=Path,
+        help="JSONL deny/allow entries (env DETECTOR_LISTS_FILE)",
+    )
+    g.add_argument(
+        "--geoip-country-db",
+        dest="geoip_country_db",
+        type=Path,
+        help="country mmdb (env DETECTOR_GEOIP_COUNTRY_DB)",
+    )
+    g.add_argument(
+        "--geoip-asn-db",
+        dest="geoip_asn_db",
+        type=Path,
+        help="ASN mmdb (env DETECTOR_GEOIP_ASN_DB)",
+    )
+    g.add_argument(
+        "--anonymous-ip-db",
+        dest="anonymous_ip_db",
+        type=Path,
+        help="Anonymous-IP mmdb (env DETECTOR_ANONYMOUS_IP_DB)",
+    )
+    g.add_argument(
+        "--hosting-asn-file",
+        dest="hosting_asn_file",
+        type=Path,
+        help="hosting ASNs, one per line (env DETECTOR_HOSTING_ASN_FILE)",
+    )
+    g.add_argument(
+        "--models-dir",
+        dest="models_dir",
+        type=Path,
+        help="model artefacts (env DETECTOR_MODELS_DIR)",
+    )
+    g.add_argument(
+        "--model-name", dest="model_name", help="artefact name (env DETECTOR_MODEL_NAME)"
+    )
     g.add_argument("--no-model", action="store_true", help="rules only")
 
 
@@ -71,8 +110,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
     out = sys.stdout if args.output in (None, "-") else open(args.output, "w", encoding="utf-8")  # noqa: SIM115
     rej = sys.stderr if args.rejects is None else open(args.rejects, "w", encoding="utf-8")  # noqa: SIM115
     try:
-        summary = replay(src, det, out=out, rejects=rej,
-                         progress=sys.stderr.isatty() and out is not sys.stdout)
+        summary = replay(
+            src, det, out=out, rejects=rej, progress=sys.stderr.isatty() and out is not sys.stdout
+        )
     finally:
         for fh in (src, out, rej):
             if fh not in (sys.stdin, sys.stdout, sys.stderr):
@@ -87,8 +127,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     settings = _settings(args)
     ctx = _context(settings, args)
     note = f"(policy {ctx.policy.version}, model {ctx.model.version if ctx.model else 'off'})"
-    result = run_demo(ctx, seed=args.seed, legit_per_day=args.legit, attack_scale=args.attack_scale,
-                      model_note=note)
+    result = run_demo(
+        ctx,
+        seed=args.seed,
+        legit_per_day=args.legit,
+        attack_scale=args.attack_scale,
+        model_note=note,
+    )
     print(result.text)
     return 0
 
@@ -96,8 +141,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from detector.sim import SimConfig, simulate, write_jsonl
 
-    items = simulate(SimConfig(seed=args.seed, legit_per_day=args.legit, duration_s=args.duration,
-                               attack_scale=args.attack_scale))
+    items = simulate(
+        SimConfig(
+            seed=args.seed,
+            legit_per_day=args.legit,
+            duration_s=args.duration,
+            attack_scale=args.attack_scale,
+        )
+    )
     labels = args.labels or Path(str(args.out).removesuffix(".jsonl") + ".labels.jsonl")
     write_jsonl(items, args.out, labels)
     print(f"wrote {len(items):,} requests to {args.out} and labels to {labels}", file=sys.stderr)
@@ -108,8 +159,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from detector import train
 
     settings = _settings(args)
-    path = train.train_from_jsonl(args.data, args.labels, settings.models_dir, args.name or settings.model_name,
-                                  seed=args.seed, target_fpr=args.target_fpr)
+    path = train.train_from_jsonl(
+        args.data,
+        args.labels,
+        settings.models_dir,
+        args.name or settings.model_name,
+        seed=args.seed,
+        target_fpr=args.target_fpr,
+    )
     print(f"wrote model {path}", file=sys.stderr)
     return 0
 
@@ -124,11 +181,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="detector", description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (env DETECTOR_LOG_LEVEL)")
+    p = argparse.ArgumentParser(
+        prog="detector", description=__doc__.splitlines()[0] if __doc__ else None
+    )
+    p.add_argument(
+        "--log-level", default=None, help="DEBUG, INFO, WARNING (env DETECTOR_LOG_LEVEL)"
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("demo", help="simulate a mixed day and run it through the detector (no services)")
+    d = sub.add_parser(
+        "demo", help="simulate a mixed day and run it through the detector (no services)"
+    )
     d.add_argument("--seed", type=int, default=7)
     d.add_argument("--legit", type=int, default=20_000, help="legitimate requests per day")
     d.add_argument("--attack-scale", dest="attack_scale", type=float, default=1.0)
@@ -142,7 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_core_flags(r)
     r.set_defaults(func=cmd_replay)
 
-    s = sub.add_parser("simulate", help="write labelled simulated traffic (JSONL + labels side file)")
+    s = sub.add_parser(
+        "simulate", help="write labelled simulated traffic (JSONL + labels side file)"
+    )
     s.add_argument("--seed", type=int, default=1)
     s.add_argument("--out", type=Path, default=Path("requests.jsonl"))
     s.add_argument("--labels", type=Path, default=None)
@@ -151,9 +216,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--attack-scale", dest="attack_scale", type=float, default=1.0)
     s.set_defaults(func=cmd_simulate)
 
-    t = sub.add_parser("train", help="train the isolation forest and write models/<name>.{npz,json}")
-    t.add_argument("data", type=Path, help="requests JSONL (presumed normal unless --labels is given)")
-    t.add_argument("--labels", type=Path, default=None, help="labels side file: train on legit rows only")
+    t = sub.add_parser(
+        "train", help="train the isolation forest and write models/<name>.{npz,json}"
+    )
+    t.add_argument(
+        "data", type=Path, help="requests JSONL (presumed normal unless --labels is given)"
+    )
+    t.add_argument(
+        "--labels", type=Path, default=None, help="labels side file: train on legit rows only"
+    )
     t.add_argument("--name", default=None)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--target-fpr", dest="target_fpr", type=float, default=0.005)
@@ -161,7 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="per-scenario stop rates: rules only, model only, combined")
-    e.add_argument("data", type=Path, nargs="?", help="requests JSONL (default: simulator held-out seeds)")
+    e.add_argument(
+        "data", type=Path, nargs="?", help="requests JSONL (default: simulator held-out seeds)"
+    )
     e.add_argument("--labels", type=Path, default=None)
     e.add_argument("--seeds", default="201,202", help="simulator seeds when no data is given")
     _add_core_flags(e)
@@ -177,8 +250,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     level = args.log_level or load_settings().log_level
-    logging.basicConfig(level=getattr(logging, str(level).upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=getattr(logging, str(level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from detector.runtime import tune_gc
+
+    tune_gc()
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:

@@ -50,15 +50,27 @@ class Settings:
     log_level: str = "INFO"
 
 
-_PATHS = {"policy", "lists_file", "geoip_country_db", "geoip_asn_db", "anonymous_ip_db",
-          "hosting_asn_file", "models_dir", "data_dir"}
+_PATHS = {
+    "policy",
+    "lists_file",
+    "geoip_country_db",
+    "geoip_asn_db",
+    "anonymous_ip_db",
+    "hosting_asn_file",
+    "models_dir",
+    "data_dir",
+}
 _INTS = {"partitions", "replication", "web_port"}
 _FLOATS = {"model_reload_s"}
 
 
 def _env_name(name: str) -> str:
-    aliases = {"geoip_country_db": "GEOIP_COUNTRY_DB", "geoip_asn_db": "GEOIP_ASN_DB",
-               "anonymous_ip_db": "ANONYMOUS_IP_DB", "kafka_bootstrap": "KAFKA_BOOTSTRAP"}
+    aliases = {
+        "geoip_country_db": "GEOIP_COUNTRY_DB",
+        "geoip_asn_db": "GEOIP_ASN_DB",
+        "anonymous_ip_db": "ANONYMOUS_IP_DB",
+        "kafka_bootstrap": "KAFKA_BOOTSTRAP",
+    }
     return ENV_PREFIX + aliases.get(name, name.upper())
 
 
@@ -67,7 +79,9 @@ def _parse_list_files(var: str, text: str) -> dict[str, Path]:
     for part in filter(None, (p.strip() for p in text.split(","))):
         kind, sep, path = part.partition("=")
         if not sep or kind not in ("tor", "vpn", "proxy", "hosting"):
-            raise ConfigError(f"{var}: expected kind=path[,kind=path] with kind in tor|vpn|proxy|hosting, got {part!r}")
+            raise ConfigError(
+                f"{var}: expected kind=path[,kind=path] with kind in tor|vpn|proxy|hosting, got {part!r}"
+            )
         out[kind] = Path(path)
     return out
 
@@ -101,8 +115,14 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Set
     s = replace(Settings(), **values)
     if s.partitions < 1:
         raise ConfigError(f"{_env_name('partitions')}: expected >= 1, got {s.partitions}")
-    for name in ("policy", "lists_file", "geoip_country_db", "geoip_asn_db", "anonymous_ip_db",
-                 "hosting_asn_file"):
+    for name in (
+        "policy",
+        "lists_file",
+        "geoip_country_db",
+        "geoip_asn_db",
+        "anonymous_ip_db",
+        "hosting_asn_file",
+    ):
         p = getattr(s, name)
         if p is not None and not Path(p).is_file():
             raise ConfigError(f"{_env_name(name)}: file {str(p)!r} does not exist")

@@ -24,7 +24,7 @@ def mask_range(range_key: str | None) -> str:
     >>> mask_range("+252901234")
     '+2529••234xxx'
     """
-    if not range_key:
+    if not range_key or range_key.startswith("?"):
         return "(unparseable)"
     head, tail = range_key[:5], range_key[-3:] if len(range_key) > 8 else ""
     middle = "•" * max(len(range_key) - len(head) - len(tail), 0)
@@ -53,7 +53,9 @@ def run_demo(
     with tempfile.TemporaryDirectory(prefix="detector-demo-") as tmp:
         dbs = build_ip_databases(Path(tmp))
         intel = IpIntel.from_paths(
-            country_db=dbs["country"], asn_db=dbs["asn"], anonymous_db=dbs["anonymous"],
+            country_db=dbs["country"],
+            asn_db=dbs["asn"],
+            anonymous_db=dbs["anonymous"],
             hosting_asn_file=dbs.get("hosting_asns"),
         )
         det = Detector(ctx, intel)
@@ -71,7 +73,9 @@ def run_demo(
     return summarize(decisions, label, model_note=model_note)
 
 
-def summarize(decisions: list[Decision], label: dict[str, str], *, model_note: str = "") -> DemoResult:
+def summarize(
+    decisions: list[Decision], label: dict[str, str], *, model_note: str = ""
+) -> DemoResult:
     by_action = Counter(str(d.action) for d in decisions)
     silent = sum(1 for d in decisions if d.silent)
     reasons: Counter[str] = Counter()
@@ -82,7 +86,7 @@ def summarize(decisions: list[Decision], label: dict[str, str], *, model_note: s
         reasons.update(d.reasons)
         per_scn[label.get(d.request_id, "?")][str(d.action)] += 1
         if d.action != "allow":
-            rk = d.enrichment.get("range_key")
+            rk = str(d.enrichment.get("range_key") or "")
             ranges[rk] += 1
             range_cc[rk] = d.enrichment.get("number_country") or "??"
     total = len(decisions)
@@ -98,7 +102,10 @@ def summarize(decisions: list[Decision], label: dict[str, str], *, model_note: s
     out += ["", "Top reasons:"]
     for r, n in reasons.most_common(15):
         out.append(f"  {r:<28} {n:>7,}")
-    out += ["", f"{'scenario':<18} {'requests':>8} {'allowed':>8} {'deflected':>9} {'blocked':>8} {'stopped':>8}"]
+    out += [
+        "",
+        f"{'scenario':<18} {'requests':>8} {'allowed':>8} {'deflected':>9} {'blocked':>8} {'stopped':>8}",
+    ]
     stop: dict[str, float] = {}
     legit_n = legit_allowed = 0
     for scn in sorted(per_scn, key=lambda s: (not s.startswith("legit"), s)):
@@ -109,12 +116,16 @@ def summarize(decisions: list[Decision], label: dict[str, str], *, model_note: s
         if scn.startswith("legit"):
             legit_n += n
             legit_allowed += c["allow"]
-        out.append(f"{scn:<18} {n:>8,} {c['allow']:>8,} {c['deflect']:>9,} {c['block']:>8,} "
-                   f"{100 * stop[scn]:>7.1f}%")
+        out.append(
+            f"{scn:<18} {n:>8,} {c['allow']:>8,} {c['deflect']:>9,} {c['block']:>8,} "
+            f"{100 * stop[scn]:>7.1f}%"
+        )
     legit_allow = legit_allowed / legit_n if legit_n else 0.0
-    out += ["", f"Legitimate customers allowed: {100 * legit_allow:.2f}% ({legit_allowed:,} of {legit_n:,})"]
+    out += [
+        "",
+        f"Legitimate customers allowed: {100 * legit_allow:.2f}% ({legit_allowed:,} of {legit_n:,})",
+    ]
     out += ["", "Top offending number ranges (masked):"]
     for rk, n in ranges.most_common(8):
         out.append(f"  {mask_range(rk):<22} {range_cc.get(rk, '??'):<3} {n:>6,} stopped")
     return DemoResult("\n".join(out), stop, legit_allow, total)
-

@@ -18,55 +18,117 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 STAGE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 UNIT_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 
-REQUESTS = Counter(f"{NS}_requests_total", "Callback requests received (valid or not).",
-                   registry=REGISTRY)
-DECISIONS = Counter(f"{NS}_decisions_total", "Decisions produced, by action and silent flag.",
-                    ["action", "silent"], registry=REGISTRY)
-DECISION_REASONS = Counter(f"{NS}_decision_reasons_total",
-                           "Reason codes attached to decisions (one request may add several).",
-                           ["reason", "action"], registry=REGISTRY)
-DECISIONS_BY_DEST = Counter(f"{NS}_decisions_by_destination_total",
-                            "Decisions by destination country and number type (bounded sets).",
-                            ["country", "number_type", "action"], registry=REGISTRY)
-DEAD_LETTERS = Counter(f"{NS}_dead_letters_total", "Messages sent to the dead-letter topic.",
-                       ["topic", "kind"], registry=REGISTRY)
-DUPLICATES = Counter(f"{NS}_duplicates_total",
-                     "Redelivered requests recognised by request id (not decided twice).",
-                     ["stage"], registry=REGISTRY)
-RISK = Histogram(f"{NS}_risk", "Combined risk of decisions (0..1, higher = riskier).",
-                 buckets=UNIT_BUCKETS, registry=REGISTRY)
-MODEL_SCORE = Histogram(f"{NS}_model_anomaly", "Isolation-forest anomaly (0..1, higher = riskier).",
-                        ["model"], buckets=UNIT_BUCKETS, registry=REGISTRY)
-DECISION_LATENCY = Histogram(f"{NS}_decision_latency_seconds",
-                             "Request time (Kafka timestamp) to decision produced.",
-                             buckets=LATENCY_BUCKETS, registry=REGISTRY)
-STAGE_SECONDS = Histogram(f"{NS}_stage_seconds", "Processing time per event per stage.",
-                          ["stage"], buckets=STAGE_BUCKETS, registry=REGISTRY)
-TABLE_KEYS = Gauge(f"{NS}_table_keys", "Live keys per table on this worker.", ["table"],
-                   registry=REGISTRY)
-LIST_ENTRIES = Gauge(f"{NS}_list_entries", "Active deny/allow list entries by kind.",
-                     ["action", "kind"], registry=REGISTRY)
-LIST_CHANGES = Counter(f"{NS}_list_changes_total", "List entries added or removed, by source.",
-                       ["op", "source"], registry=REGISTRY)
-OUTSTANDING = Gauge(f"{NS}_outstanding_callbacks", "Numbers with a callback still outstanding.",
-                    registry=REGISTRY)
-OUTCOMES = Counter(f"{NS}_outcomes_total", "Dialer outcomes received, by outcome.", ["outcome"],
-                   registry=REGISTRY)
-CONSUMER_LAG = Gauge(f"{NS}_consumer_lag_messages", "Messages not yet consumed, per topic.",
-                     ["topic"], registry=REGISTRY)
-LAST_DECISION = Gauge(f"{NS}_last_decision_timestamp_seconds",
-                      "Wall-clock time of the last decision produced.", registry=REGISTRY)
+REQUESTS = Counter(
+    f"{NS}_requests_total", "Callback requests received (valid or not).", registry=REGISTRY
+)
+DECISIONS = Counter(
+    f"{NS}_decisions_total",
+    "Decisions produced, by action and silent flag.",
+    ["action", "silent"],
+    registry=REGISTRY,
+)
+DECISION_REASONS = Counter(
+    f"{NS}_decision_reasons_total",
+    "Reason codes attached to decisions (one request may add several).",
+    ["reason", "action"],
+    registry=REGISTRY,
+)
+DECISIONS_BY_DEST = Counter(
+    f"{NS}_decisions_by_destination_total",
+    "Decisions by destination country and number type (bounded sets).",
+    ["country", "number_type", "action"],
+    registry=REGISTRY,
+)
+DEAD_LETTERS = Counter(
+    f"{NS}_dead_letters_total",
+    "Messages sent to the dead-letter topic.",
+    ["topic", "kind"],
+    registry=REGISTRY,
+)
+DUPLICATES = Counter(
+    f"{NS}_duplicates_total",
+    "Redelivered requests recognised by request id (not decided twice).",
+    ["stage"],
+    registry=REGISTRY,
+)
+RISK = Histogram(
+    f"{NS}_risk",
+    "Combined risk of decisions (0..1, higher = riskier).",
+    buckets=UNIT_BUCKETS,
+    registry=REGISTRY,
+)
+MODEL_SCORE = Histogram(
+    f"{NS}_model_anomaly",
+    "Isolation-forest anomaly (0..1, higher = riskier).",
+    ["model"],
+    buckets=UNIT_BUCKETS,
+    registry=REGISTRY,
+)
+DECISION_LATENCY = Histogram(
+    f"{NS}_decision_latency_seconds",
+    "Request time (Kafka timestamp) to decision produced.",
+    buckets=LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+STAGE_SECONDS = Histogram(
+    f"{NS}_stage_seconds",
+    "Processing time per event per stage.",
+    ["stage"],
+    buckets=STAGE_BUCKETS,
+    registry=REGISTRY,
+)
+TABLE_KEYS = Gauge(
+    f"{NS}_table_keys", "Live keys per table on this worker.", ["table"], registry=REGISTRY
+)
+LIST_ENTRIES = Gauge(
+    f"{NS}_list_entries",
+    "Active deny/allow list entries by kind.",
+    ["action", "kind"],
+    registry=REGISTRY,
+)
+LIST_CHANGES = Counter(
+    f"{NS}_list_changes_total",
+    "List entries added or removed, by source.",
+    ["op", "source"],
+    registry=REGISTRY,
+)
+OUTSTANDING = Gauge(
+    f"{NS}_outstanding_callbacks", "Numbers with a callback still outstanding.", registry=REGISTRY
+)
+OUTCOMES = Counter(
+    f"{NS}_outcomes_total", "Dialer outcomes received, by outcome.", ["outcome"], registry=REGISTRY
+)
+CONSUMER_LAG = Gauge(
+    f"{NS}_consumer_lag_messages",
+    "Messages not yet consumed, per topic.",
+    ["topic"],
+    registry=REGISTRY,
+)
+LAST_DECISION = Gauge(
+    f"{NS}_last_decision_timestamp_seconds",
+    "Wall-clock time of the last decision produced.",
+    registry=REGISTRY,
+)
 MODEL_INFO = Info(f"{NS}_model", "Active model artefact.", registry=REGISTRY)
-MODEL_LOADED = Gauge(f"{NS}_model_loaded", "1 when a model is loaded and scoring.",
-                     registry=REGISTRY)
-MODEL_AGE = Gauge(f"{NS}_model_trained_timestamp_seconds", "When the active model was trained.",
-                  registry=REGISTRY)
-MODEL_TRAIN_SCORE_MEAN = Gauge(f"{NS}_model_training_anomaly_mean",
-                               "Mean anomaly on the model's training data (drift baseline).",
-                               registry=REGISTRY)
+MODEL_LOADED = Gauge(
+    f"{NS}_model_loaded", "1 when a model is loaded and scoring.", registry=REGISTRY
+)
+MODEL_AGE = Gauge(
+    f"{NS}_model_trained_timestamp_seconds", "When the active model was trained.", registry=REGISTRY
+)
+MODEL_TRAIN_SCORE_MEAN = Gauge(
+    f"{NS}_model_training_anomaly_mean",
+    "Mean anomaly on the model's training data (drift baseline).",
+    registry=REGISTRY,
+)
 POLICY_INFO = Info(f"{NS}_policy", "Active policy file.", registry=REGISTRY)
-IP_SIGNALS = Gauge(f"{NS}_ip_signal_enabled", "1 when an IP data source is configured.",
-                   ["source"], registry=REGISTRY)
+IP_SIGNALS = Gauge(
+    f"{NS}_ip_signal_enabled",
+    "1 when an IP data source is configured.",
+    ["source"],
+    registry=REGISTRY,
+)
+
 
 # Country labels: ISO alpha-2 or "unknown"; anything else is coerced so cardinality stays bounded.
 def country_label(cc: str | None) -> str:
@@ -82,8 +144,9 @@ def observe_decision(d: dict, latency_s: float | None = None) -> None:
     for reason in d["reasons"]:
         DECISION_REASONS.labels(reason, action).inc()
     enr = d.get("enrichment") or {}
-    DECISIONS_BY_DEST.labels(country_label(enr.get("number_country")),
-                             str(enr.get("number_type") or "UNKNOWN"), action).inc()
+    DECISIONS_BY_DEST.labels(
+        country_label(enr.get("number_country")), str(enr.get("number_type") or "UNKNOWN"), action
+    ).inc()
     RISK.observe(d["risk"])
     model = d.get("model") or {}
     if model.get("version") and model.get("anomaly") is not None:

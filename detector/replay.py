@@ -52,13 +52,19 @@ class ReplaySummary:
             "by action: " + ", ".join(f"{a}={n}" for a, n in sorted(self.by_action.items())),
         ]
         if self.by_reason:
-            lines.append("top reasons: " + ", ".join(f"{r}={n}" for r, n in self.by_reason.most_common(10)))
+            lines.append(
+                "top reasons: " + ", ".join(f"{r}={n}" for r, n in self.by_reason.most_common(10))
+            )
         if self.reject_kinds:
-            lines.append("rejects: " + ", ".join(f"{k}={n}" for k, n in self.reject_kinds.most_common()))
+            lines.append(
+                "rejects: " + ", ".join(f"{k}={n}" for k, n in self.reject_kinds.most_common())
+            )
         return "\n".join(lines)
 
 
-def parse_lines(lines: Iterable[str | bytes]) -> tuple[list[tuple[int, CallbackRequest]], list[Reject]]:
+def parse_lines(
+    lines: Iterable[str | bytes],
+) -> tuple[list[tuple[int, CallbackRequest]], list[Reject]]:
     """Parse every non-blank line; bad ones become :class:`Reject` with line number and reason."""
     good: list[tuple[int, CallbackRequest]] = []
     bad: list[Reject] = []
@@ -103,8 +109,16 @@ def replay(
             # A repeated request id is a redelivery: it already has its one decision.
             summary.duplicates += 1
             if rejects is not None:
-                rejects.write(json.dumps(Reject(n, "duplicate_request_id",
-                                                f"request_id {req.request_id!r} already decided").to_dict()) + "\n")
+                rejects.write(
+                    json.dumps(
+                        Reject(
+                            n,
+                            "duplicate_request_id",
+                            f"request_id {req.request_id!r} already decided",
+                        ).to_dict()
+                    )
+                    + "\n"
+                )
             continue
         seen.add(req.request_id)
         decision = detector.process(req)

@@ -10,7 +10,7 @@ the combined risk (noisy-or of the hits' weights) crossing ``risk.deflect_at`` /
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from detector.core.features import denied_prefix, features, geo_mismatch
 from detector.core.lists import ListIndex
@@ -24,6 +24,7 @@ from detector.core.records import (
     Hit,
     ModelResult,
 )
+from detector.core.state import pii_hash
 
 SEVERITY = {Action.ALLOW: 0, Action.DEFLECT: 1, Action.BLOCK: 2}
 
@@ -70,7 +71,9 @@ class DecisionContext:
     pii_key: bytes = b"detector-default-key"
 
 
-def _hit(code: str, rule: Rule, authenticated: bool, policy: Policy, weight: float | None = None) -> Hit:
+def _hit(
+    code: str, rule: Rule, authenticated: bool, policy: Policy, weight: float | None = None
+) -> Hit:
     wgt = rule.weight if weight is None else weight
     action = rule.action
     if authenticated and code in policy.relaxed_codes:
@@ -79,7 +82,13 @@ def _hit(code: str, rule: Rule, authenticated: bool, policy: Policy, weight: flo
     return Hit(code, wgt, action, rule.silent)
 
 
-def rule_hits(req: CallbackRequest, enr: Enrichment, counts: Counts, ctx: DecisionContext) -> list[Hit]:
+def rule_hits(
+    req: CallbackRequest,
+    enr: Enrichment,
+    counts: Counts,
+    ctx: DecisionContext,
+    count_map: dict[str, Any] | None = None,
+) -> list[Hit]:
     """Every rule that fires for this request, in evaluation order."""
     pol = ctx.policy
     auth = req.authenticated
@@ -116,7 +125,7 @@ def rule_hits(req: CallbackRequest, enr: Enrichment, counts: Counts, ctx: Decisi
         add("unauthenticated")
     if counts.rng.pending:
         add("duplicate_pending")
-    c = counts.to_dict()
+    c = count_map if count_map is not None else counts.to_dict()
     fired: set[str] = set()
     for key, attr, code in VELOCITY_RULES:
         if code not in fired and c[attr] > pol.velocity[key]:
@@ -136,7 +145,9 @@ def combine(hits: list[Hit], policy: Policy) -> tuple[Action, bool, float, list[
         if SEVERITY[h.action] > SEVERITY[action]:
             action = h.action
     ordered = sorted(hits, key=lambda h: (-SEVERITY[h.action], -h.weight, h.code))
-    reasons = list(dict.fromkeys(h.code for h in ordered if h.weight > 0 or h.action != Action.ALLOW))
+    reasons = list(
+        dict.fromkeys(h.code for h in ordered if h.weight > 0 or h.action != Action.ALLOW)
+    )
     silent = any(h.silent and h.action == action for h in hits) and action != Action.ALLOW
     if risk >= policy.block_at and action != Action.BLOCK:
         action, silent = Action.BLOCK, True
@@ -148,12 +159,16 @@ def combine(hits: list[Hit], policy: Policy) -> tuple[Action, bool, float, list[
 
 
 def decide(
-    req: CallbackRequest, enr: Enrichment, counts: Counts, ctx: DecisionContext, *, decided_at: float
+    req: CallbackRequest,
+    enr: Enrichment,
+    counts: Counts,
+    ctx: DecisionContext,
+    *,
+    decided_at: float,
 ) -> Decision:
     """Decide one request. Pure: same inputs, same decision (``decided_at`` is passed in)."""
-    from detector.core.state import pii_hash
-
-    hits = rule_hits(req, enr, counts, ctx) if ctx.use_rules else []
+    count_map = counts.to_dict()
+    hits = rule_hits(req, enr, counts, ctx, count_map) if ctx.use_rules else []
     result: ModelResult | None = None
     if ctx.model is not None or ctx.shadow is not None:
         x = features(req, enr, counts, ctx.policy)
@@ -163,13 +178,24 @@ def decide(
             shadow = ctx.shadow.score(x)
             base = result or ModelResult(version="none", anomaly=0.0, is_anomalous=False)
             result = ModelResult(
-                base.version, base.anomaly, base.is_anomalous, base.top_features,
-                shadow.version, shadow.anomaly,
+                base.version,
+                base.anomaly,
+                base.is_anomalous,
+                base.top_features,
+                shadow.version,
+                shadow.anomaly,
             )
         if ctx.model is not None and ctx.use_model and result is not None and result.is_anomalous:
             rule = ctx.policy.rules["anomalous_pattern"]
-            hits.append(_hit("anomalous_pattern", rule, req.authenticated, ctx.policy,
-                             weight=rule.weight * result.anomaly))
+            hits.append(
+                _hit(
+                    "anomalous_pattern",
+                    rule,
+                    req.authenticated,
+                    ctx.policy,
+                    weight=rule.weight * result.anomaly,
+                )
+            )
     action, silent, risk, reasons = combine(hits, ctx.policy)
     model_block = None
     if result is not None:
@@ -179,7 +205,9 @@ def decide(
             "is_anomalous": result.is_anomalous,
             "top_features": list(result.top_features),
             "shadow_version": result.shadow_version,
-            "shadow_anomaly": None if result.shadow_anomaly is None else round(result.shadow_anomaly, 6),
+            "shadow_anomaly": None
+            if result.shadow_anomaly is None
+            else round(result.shadow_anomaly, 6),
         }
     return Decision(
         request_id=req.request_id,
@@ -188,7 +216,7 @@ def decide(
         risk=risk,
         reasons=tuple(reasons),
         enrichment=enr.to_dict(),
-        counts=counts.to_dict(),
+        counts=count_map,
         policy_version=ctx.policy.version,
         model_version=ctx.model.version if ctx.model is not None else None,
         decided_at=decided_at,

@@ -18,10 +18,23 @@ from detector.core.policy import Policy
 from detector.core.records import CallbackRequest, Counts, Enrichment
 
 COUNT_FEATURES = (
-    "ip_15m", "ip_1h", "ip_24h", "ip_distinct_numbers_1h", "ip_distinct_numbers_24h",
-    "ip_distinct_countries_24h", "number_15m", "number_1h", "number_24h", "pair_1h", "pair_24h",
-    "range_1h", "range_24h", "number_distinct_ips_1h", "number_distinct_ips_24h",
-    "range_distinct_ips_24h", "range_distinct_numbers_24h",
+    "ip_15m",
+    "ip_1h",
+    "ip_24h",
+    "ip_distinct_numbers_1h",
+    "ip_distinct_numbers_24h",
+    "ip_distinct_countries_24h",
+    "number_15m",
+    "number_1h",
+    "number_24h",
+    "pair_1h",
+    "pair_24h",
+    "range_1h",
+    "range_24h",
+    "number_distinct_ips_1h",
+    "number_distinct_ips_24h",
+    "range_distinct_ips_24h",
+    "range_distinct_numbers_24h",
 )
 FEATURE_NAMES: tuple[str, ...] = (
     *(f"log_{c}" for c in COUNT_FEATURES),
@@ -44,7 +57,9 @@ FEATURE_NAMES: tuple[str, ...] = (
     "night_at_destination",  # 00:00-06:00 local
     "pending",
 )
-RISKY_TYPES = frozenset({"PREMIUM_RATE", "SHARED_COST", "UAN", "PERSONAL_NUMBER", "PAGER", "VOIP", "UNKNOWN"})
+RISKY_TYPES = frozenset(
+    {"PREMIUM_RATE", "SHARED_COST", "UAN", "PERSONAL_NUMBER", "PAGER", "VOIP", "UNKNOWN"}
+)
 
 
 @lru_cache(maxsize=4096)
@@ -75,15 +90,25 @@ def local_hour(ts: float, enr: Enrichment) -> float | None:
     return dt.hour + dt.minute / 60.0
 
 
+@lru_cache(maxsize=16)
+def _prefix_index(prefixes: tuple[str, ...]) -> tuple[frozenset[str], tuple[int, ...]]:
+    return frozenset(prefixes), tuple(sorted({len(p) for p in prefixes}, reverse=True))
+
+
 def denied_prefix(e164: str | None, policy: Policy) -> str | None:
-    """The longest denied prefix of ``e164``, if any."""
+    """The longest denied prefix of ``e164``, if any.
+
+    >>> from detector.core.policy import load_policy
+    >>> denied_prefix("+252901234567", load_policy()), denied_prefix("+447400123456", load_policy())
+    ('+252', None)
+    """
     if not e164:
         return None
-    best = None
-    for p in policy.denied_prefixes:
-        if e164.startswith(p) and (best is None or len(p) > len(best)):
-            best = p
-    return best
+    table, lengths = _prefix_index(policy.denied_prefixes)
+    for n in lengths:
+        if e164[:n] in table:
+            return e164[:n]
+    return None
 
 
 def geo_mismatch(enr: Enrichment) -> bool:
@@ -104,7 +129,9 @@ def features(req: CallbackRequest, enr: Enrichment, counts: Counts, policy: Poli
     out.append(1.0 if ph.number_type in RISKY_TYPES else 0.0)
     out.append(1.0 if ph.region in policy.allowed_countries else 0.0)
     out.append(1.0 if denied_prefix(ph.e164, policy) else 0.0)
-    out.append(1.0 if (ip.anonymous_vpn or ip.tor_exit or ip.public_proxy or ip.residential_proxy) else 0.0)
+    out.append(
+        1.0 if (ip.anonymous_vpn or ip.tor_exit or ip.public_proxy or ip.residential_proxy) else 0.0
+    )
     out.append(1.0 if ip.hosting else 0.0)
     out.append(0.0 if ip.scope == "global" else 1.0)
     out.append(0.0 if ip.country else 1.0)

@@ -30,7 +30,12 @@ from detector.core.records import IpInfo
 log = logging.getLogger(__name__)
 
 LIST_KINDS = ("tor", "vpn", "proxy", "hosting")
-_KIND_FLAG = {"tor": "tor_exit", "vpn": "anonymous_vpn", "proxy": "public_proxy", "hosting": "hosting"}
+_KIND_FLAG = {
+    "tor": "tor_exit",
+    "vpn": "anonymous_vpn",
+    "proxy": "public_proxy",
+    "hosting": "hosting",
+}
 
 
 def scope_of(ip: str) -> tuple[int, str]:
@@ -86,7 +91,9 @@ def read_asn_file(path: Path) -> set[int]:
         if not text:
             continue
         if not text.isdigit():
-            raise ConfigError(f"{path}:{n}: expected an AS number like AS16509, got {line.strip()!r}")
+            raise ConfigError(
+                f"{path}:{n}: expected an AS number like AS16509, got {line.strip()!r}"
+            )
         out.add(int(text))
     return out
 
@@ -108,7 +115,9 @@ class IpIntel:
         self._anon = _open(self.anonymous_db, "anonymous-IP")
         unknown = set(self.cidr_lists) - set(LIST_KINDS)
         if unknown:
-            raise ConfigError(f"unknown IP list kind(s) {sorted(unknown)}; expected one of {LIST_KINDS}")
+            raise ConfigError(
+                f"unknown IP list kind(s) {sorted(unknown)}; expected one of {LIST_KINDS}"
+            )
         self._sets = {k: netaddr.IPSet(list(v)) for k, v in self.cidr_lists.items()}
         self._cache: dict[str, IpInfo] = {}
 
@@ -136,7 +145,11 @@ class IpIntel:
             if reader is None:
                 lines.append(f"{name}: DISABLED (no database configured; its signals are off)")
             else:
-                ext = "C extension" if "extension" in type(reader).__module__ else "PURE PYTHON (slow)"
+                ext = (
+                    "C extension"
+                    if "extension" in type(reader).__module__
+                    else "PURE PYTHON (slow)"
+                )
                 lines.append(f"{name}: {path} [{ext}]")
         for kind in LIST_KINDS:
             n = len(self._sets[kind].iter_cidrs()) if kind in self._sets else 0

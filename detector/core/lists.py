@@ -145,7 +145,9 @@ class ListIndex:
         self._by_key[e.key] = e
         if e.kind == "cidr":
             net = ipaddress.ip_network(e.value)
-            self._nets.setdefault((e.action, net.version, net.prefixlen), {})[int(net.network_address)] = e
+            self._nets.setdefault((e.action, net.version, net.prefixlen), {})[
+                int(net.network_address)
+            ] = e
         else:
             self._exact[(e.action, e.kind, e.value)] = e
             if e.kind == "prefix":
@@ -157,13 +159,21 @@ class ListIndex:
             return
         if e.kind == "cidr":
             net = ipaddress.ip_network(e.value)
-            self._nets.get((e.action, net.version, net.prefixlen), {}).pop(int(net.network_address), None)
+            self._nets.get((e.action, net.version, net.prefixlen), {}).pop(
+                int(net.network_address), None
+            )
         else:
             self._exact.pop((e.action, e.kind, e.value), None)
 
     def _hits(
-        self, action: str, e164: str | None, number_cc: str | None, ip: str, ip_cc: str | None,
-        asn: int | None, now: float,
+        self,
+        action: str,
+        e164: str | None,
+        number_cc: str | None,
+        ip: str,
+        ip_cc: str | None,
+        asn: int | None,
+        now: float,
     ) -> list[str]:
         found: list[str] = []
 
@@ -178,10 +188,12 @@ class ListIndex:
                 if n <= len(e164):
                     check("prefix", e164[:n])
         check("ip", ip)
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
-            addr = None
+        addr = None
+        if self._nets:
+            try:
+                addr = ipaddress.ip_address(ip)
+            except ValueError:
+                addr = None
         if addr is not None:
             as_int = int(addr)
             bits = 32 if addr.version == 4 else 128
@@ -214,12 +226,22 @@ class ListIndex:
         return denied, allowed
 
     @classmethod
-    def from_policy(cls, deny: dict[str, tuple[str, ...]], allow: dict[str, tuple[str, ...]]) -> ListIndex:
-        plural = {"ips": "ip", "cidrs": "cidr", "asns": "asn", "numbers": "number",
-                  "prefixes": "prefix", "countries": "country"}
+    def from_policy(
+        cls, deny: dict[str, tuple[str, ...]], allow: dict[str, tuple[str, ...]]
+    ) -> ListIndex:
+        plural = {
+            "ips": "ip",
+            "cidrs": "cidr",
+            "asns": "asn",
+            "numbers": "number",
+            "prefixes": "prefix",
+            "countries": "country",
+        }
         idx = cls()
         for action, table in (("deny", deny), ("allow", allow)):
             for field_name, values in table.items():
                 for v in values:
-                    idx.add(make_entry(action, plural[field_name], v, reason="policy", source="policy"))
+                    idx.add(
+                        make_entry(action, plural[field_name], v, reason="policy", source="policy")
+                    )
         return idx

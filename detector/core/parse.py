@@ -34,7 +34,9 @@ def decode_json(raw: bytes | str) -> dict[str, Any]:
         try:
             text = bytes(raw).decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise MalformedMessage(f"message is not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
+            raise MalformedMessage(
+                f"message is not valid UTF-8 ({exc.reason} at byte {exc.start})"
+            ) from exc
     else:
         text = raw
     if not text.strip():
@@ -42,7 +44,9 @@ def decode_json(raw: bytes | str) -> dict[str, Any]:
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise MalformedMessage(f"message is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
+        raise MalformedMessage(
+            f"message is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        ) from exc
     if not isinstance(obj, dict):
         raise MalformedMessage(f"expected a JSON object, got a JSON {type(obj).__name__}")
     return obj
@@ -71,13 +75,17 @@ def parse_ts(value: Any) -> float:
     if isinstance(value, int | float):
         ts = float(value)
         if not math.isfinite(ts) or not MIN_TS <= ts <= MAX_TS:
-            raise InvalidField("ts", "epoch seconds between 2000 and 2100 (not milliseconds)", value)
+            raise InvalidField(
+                "ts", "epoch seconds between 2000 and 2100 (not milliseconds)", value
+            )
         return ts
     if isinstance(value, str):
         try:
             dt = datetime.fromisoformat(value.strip())
         except ValueError:
-            raise InvalidField("ts", "an RFC 3339 timestamp like 2026-11-22T10:00:00Z", value) from None
+            raise InvalidField(
+                "ts", "an RFC 3339 timestamp like 2026-11-22T10:00:00Z", value
+            ) from None
         if dt.tzinfo is None:
             raise InvalidField("ts", "an RFC 3339 timestamp with a time zone (Z or +hh:mm)", value)
         return parse_ts(dt.timestamp())
@@ -111,7 +119,9 @@ def parse_request(raw: bytes | str | dict[str, Any]) -> CallbackRequest:
     hint = _text(obj, "country_hint", required=False, max_len=2)
     if hint is not None:
         if len(hint) != 2 or not hint.isalpha() or not hint.isascii():
-            raise InvalidField("country_hint", "an ISO 3166 alpha-2 code like 'GB'", obj["country_hint"])
+            raise InvalidField(
+                "country_hint", "an ISO 3166 alpha-2 code like 'GB'", obj["country_hint"]
+            )
         hint = hint.upper()
     authenticated = obj.get("authenticated", False)
     if authenticated is None:

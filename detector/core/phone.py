@@ -46,7 +46,9 @@ def _clean(raw: str) -> str:
 
 
 @lru_cache(maxsize=200_000)
-def enrich_phone(raw: str, country_hint: str | None, range_digits: int = DEFAULT_RANGE_DIGITS) -> PhoneInfo:
+def enrich_phone(
+    raw: str, country_hint: str | None, range_digits: int = DEFAULT_RANGE_DIGITS
+) -> PhoneInfo:
     """Parse and classify a number as typed. Never raises: failures are in ``error``.
 
     Numbers in national format need ``country_hint``; E.164 (``+...`` or ``00...``) does not.
@@ -60,9 +62,12 @@ def enrich_phone(raw: str, country_hint: str | None, range_digits: int = DEFAULT
     except NumberParseException as exc:
         return _unparsed(f"not a phone number: {exc._msg}")
     e164 = phonenumbers.format_number(num, phonenumbers.PhoneNumberFormat.E164)
-    valid = phonenumbers.is_valid_number(num)
     region = phonenumbers.region_code_for_number(num)
-    number_type = TYPE_NAMES.get(phonenumbers.number_type(num), "UNKNOWN") if valid else "INVALID"
+    # is_valid_number() is "region known and number_type() != UNKNOWN"; computing the type once
+    # halves the cost (~30 us) on the many numbers seen only once.
+    ntype = phonenumbers.number_type(num) if region is not None else PhoneNumberType.UNKNOWN
+    valid = ntype != PhoneNumberType.UNKNOWN
+    number_type = TYPE_NAMES.get(ntype, "UNKNOWN") if valid else "INVALID"
     return PhoneInfo(
         e164=e164,
         parsed=True,

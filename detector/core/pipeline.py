@@ -60,21 +60,35 @@ def parse_outcome(obj: dict[str, Any]) -> Outcome:
     return Outcome(obj["request_id"], obj["phone_number"], obj["outcome"], ts, float(dur))
 
 
-def learn_from_outcome(stores: state.RangeStores, outcome: Outcome, nkey: str, policy: Policy) -> ListEntry | None:
+def learn_from_outcome(
+    stores: state.RangeStores, outcome: Outcome, nkey: str, policy: Policy
+) -> ListEntry | None:
     """Clear the number's outstanding callback; return a deny entry learned from the floor, if any."""
     state.clear_pending(stores, nkey, outcome.request_id)
     if nkey.startswith("?"):
         return None
     if outcome.outcome == "agent_marked_spam":
-        return make_entry("deny", "number", nkey, reason="agent_marked_spam",
-                          expires_at=outcome.ts + policy.spam_deny_seconds, added_at=outcome.ts,
-                          source="learned")
+        return make_entry(
+            "deny",
+            "number",
+            nkey,
+            reason="agent_marked_spam",
+            expires_at=outcome.ts + policy.spam_deny_seconds,
+            added_at=outcome.ts,
+            source="learned",
+        )
     if outcome.outcome == "machine":
         n = state.record_machine(stores, nkey, outcome.ts)
         if n >= policy.machine_threshold:
-            return make_entry("deny", "number", nkey, reason=f"machine_answers_{n}_in_24h",
-                              expires_at=outcome.ts + policy.machine_deny_seconds, added_at=outcome.ts,
-                              source="learned")
+            return make_entry(
+                "deny",
+                "number",
+                nkey,
+                reason=f"machine_answers_{n}_in_24h",
+                expires_at=outcome.ts + policy.machine_deny_seconds,
+                added_at=outcome.ts,
+                source="learned",
+            )
     return None
 
 
@@ -87,17 +101,28 @@ class Detector:
     ip_stores: state.IpStores = field(default_factory=state.IpStores)
     range_stores: state.RangeStores = field(default_factory=state.RangeStores)
     seen: dict[str, float] = field(default_factory=dict)
+    sweep_every_s: float = 6 * 3600.0  # event time between sweeps of dead keys
     _last_sweep: float = 0.0
 
     def process(self, req: CallbackRequest, *, decided_at: float | None = None) -> Decision:
         enr = enrich(req, self.intel, self.ctx.policy)
         ip_counts: IpCounts = state.ip_stage(self.ip_stores, req, enr)
         upd = state.range_stage(self.range_stores, req, enr, range_routing_key(req, enr))
-        decision = decide(req, enr, Counts(ip_counts, upd.counts), self.ctx,
-                          decided_at=req.ts if decided_at is None else decided_at)
-        state.range_commit(self.range_stores, upd, req, allowed=decision.action == Action.ALLOW,
-                           pending_ttl=self.ctx.policy.pending_ttl)
-        if req.ts - self._last_sweep > 3600:
+        decision = decide(
+            req,
+            enr,
+            Counts(ip_counts, upd.counts),
+            self.ctx,
+            decided_at=req.ts if decided_at is None else decided_at,
+        )
+        state.range_commit(
+            self.range_stores,
+            upd,
+            req,
+            allowed=decision.action == Action.ALLOW,
+            pending_ttl=self.ctx.policy.pending_ttl,
+        )
+        if req.ts - self._last_sweep > self.sweep_every_s:
             self.sweep(req.ts)
         return decision
 
@@ -114,8 +139,12 @@ class Detector:
         self._last_sweep = now
         return sum(
             state.sweep(s, now)
-            for s in (self.ip_stores.ip, self.range_stores.number, self.range_stores.pair,
-                      self.range_stores.range)
+            for s in (
+                self.ip_stores.ip,
+                self.range_stores.number,
+                self.range_stores.pair,
+                self.range_stores.range,
+            )
         )
 
     def state_sizes(self) -> dict[str, int]:

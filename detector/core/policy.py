@@ -6,7 +6,7 @@
 >>> parse_policy({"rules": {"geo_mismatch": {"action": "maybe"}}})
 Traceback (most recent call last):
 ...
-detector.core.errors.PolicyError: rules.geo_mismatch.action: expected one of allow, deflect, block, got 'maybe'
+detector.core.errors.PolicyError: rules.geo_mismatch.action: expected one of allow, deflect, block, ...
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ from typing import Any
 from detector.core.errors import PolicyError
 from detector.core.records import Action
 
-DEFAULT_POLICY_TEXT = resources.files("detector.core").joinpath("default_policy.toml").read_text("utf-8")
+DEFAULT_POLICY_TEXT = (
+    resources.files("detector.core").joinpath("default_policy.toml").read_text("utf-8")
+)
 LIST_FIELDS = ("ips", "cidrs", "asns", "numbers", "prefixes", "countries")
 
 
@@ -79,7 +81,9 @@ def _rule(where: str, raw: Any) -> Rule:
         raise PolicyError(f"{where}: expected a table {{action, silent, weight}}, got {raw!r}")
     unknown = set(raw) - {"action", "silent", "weight"}
     if unknown:
-        raise PolicyError(f"{where}: unknown key(s) {sorted(unknown)}; expected action, silent, weight")
+        raise PolicyError(
+            f"{where}: unknown key(s) {sorted(unknown)}; expected action, silent, weight"
+        )
     try:
         action = Action(raw.get("action", "allow"))
     except ValueError:
@@ -104,7 +108,9 @@ def parse_policy(overrides: Mapping[str, Any]) -> Policy:
     known_top = set(base)
     unknown = set(overrides) - known_top
     if unknown:
-        raise PolicyError(f"unknown section(s) {sorted(unknown)}; expected some of {sorted(known_top)}")
+        raise PolicyError(
+            f"unknown section(s) {sorted(unknown)}; expected some of {sorted(known_top)}"
+        )
     for sec in ("rules", "velocity"):
         extra = set(overrides.get(sec, {})) - set(base[sec])
         if extra:
@@ -120,7 +126,9 @@ def parse_policy(overrides: Mapping[str, Any]) -> Policy:
     countries = _strings("destinations.allowed_countries", raw["destinations"]["allowed_countries"])
     for c in countries:
         if len(c) != 2 or not c.isalpha():
-            raise PolicyError(f"destinations.allowed_countries: expected ISO alpha-2 codes, got {c!r}")
+            raise PolicyError(
+                f"destinations.allowed_countries: expected ISO alpha-2 codes, got {c!r}"
+            )
     prefixes = _strings("destinations.denied_prefixes", raw["destinations"]["denied_prefixes"])
     for p in prefixes:
         if not p.startswith("+") or not p[1:].isdigit():
@@ -138,7 +146,9 @@ def parse_policy(overrides: Mapping[str, Any]) -> Policy:
     for sec in ("deny", "allow"):
         extra = set(raw[sec]) - set(LIST_FIELDS)
         if extra:
-            raise PolicyError(f"{sec}: unknown key(s) {sorted(extra)}; expected {list(LIST_FIELDS)}")
+            raise PolicyError(
+                f"{sec}: unknown key(s) {sorted(extra)}; expected {list(LIST_FIELDS)}"
+            )
         lists[sec] = {k: _strings(f"{sec}.{k}", raw[sec].get(k, [])) for k in LIST_FIELDS}
     return Policy(
         version=version,
@@ -146,15 +156,21 @@ def parse_policy(overrides: Mapping[str, Any]) -> Policy:
         block_at=block_at,
         allowed_countries=frozenset(c.upper() for c in countries),
         denied_prefixes=prefixes,
-        number_types={k.upper(): _rule(f"number_types.{k}", v) for k, v in raw["number_types"].items()},
+        number_types={
+            k.upper(): _rule(f"number_types.{k}", v) for k, v in raw["number_types"].items()
+        },
         rules={k: _rule(f"rules.{k}", v) for k, v in raw["rules"].items()},
         velocity=velocity,
         pending_ttl=ttl,
         relaxed_codes=frozenset(_strings("auth.relaxed_codes", raw["auth"]["relaxed_codes"])),
         auth_weight_factor=_num("auth.weight_factor", raw["auth"]["weight_factor"], 0.0, 1.0),
         range_digits=digits,
-        spam_deny_seconds=_num("learning.spam_deny_seconds", raw["learning"]["spam_deny_seconds"], 0, 1e9),
-        machine_threshold=int(_num("learning.machine_threshold", raw["learning"]["machine_threshold"], 1, 1e6)),
+        spam_deny_seconds=_num(
+            "learning.spam_deny_seconds", raw["learning"]["spam_deny_seconds"], 0, 1e9
+        ),
+        machine_threshold=int(
+            _num("learning.machine_threshold", raw["learning"]["machine_threshold"], 1, 1e6)
+        ),
         machine_deny_seconds=_num(
             "learning.machine_deny_seconds", raw["learning"]["machine_deny_seconds"], 0, 1e9
         ),

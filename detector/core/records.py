@@ -142,7 +142,10 @@ class Counts:
     rng: RangeCounts = field(default_factory=RangeCounts)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self.ip), **asdict(self.rng)}
+        ip, rng = self.ip, self.rng
+        out = {name: getattr(ip, name) for name in IpCounts.__slots__}
+        out.update({name: getattr(rng, name) for name in RangeCounts.__slots__})
+        return out
 
 
 @dataclass(frozen=True, slots=True)

@@ -89,7 +89,9 @@ class RangeUpdate:
     number_value: dict[str, Any]
 
 
-def range_stage(stores: RangeStores, req: CallbackRequest, enr: Enrichment, range_key: str) -> RangeUpdate:
+def range_stage(
+    stores: RangeStores, req: CallbackRequest, enr: Enrichment, range_key: str
+) -> RangeUpdate:
     """Count ``req`` per number, pair and range; the number's value is written by :func:`range_commit`."""
     ts = req.ts
     nkey = number_key(enr, req.phone_number)
@@ -99,7 +101,7 @@ def range_stage(stores: RangeStores, req: CallbackRequest, enr: Enrichment, rang
     num["c"] = w.count_add(num.get("c"), ts)
     num["i"] = w.distinct_add(num.get("i"), ip_member, ts)
     pend = num.get("p")
-    pending = bool(pend) and float(pend["until"]) > ts and pend.get("rid") != req.request_id
+    pending = pend is not None and float(pend["until"]) > ts and pend.get("rid") != req.request_id
 
     pkey = pair_key(req.ip, nkey)
     pair = w.count_add(stores.pair.get(pkey), ts)
@@ -122,7 +124,12 @@ def range_stage(stores: RangeStores, req: CallbackRequest, enr: Enrichment, rang
 
 
 def range_commit(
-    stores: RangeStores, update: RangeUpdate, req: CallbackRequest, *, allowed: bool, pending_ttl: float
+    stores: RangeStores,
+    update: RangeUpdate,
+    req: CallbackRequest,
+    *,
+    allowed: bool,
+    pending_ttl: float,
 ) -> None:
     """Write the number's value; an allowed request marks a callback outstanding for ``pending_ttl``."""
     if allowed:

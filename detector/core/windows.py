@@ -102,7 +102,12 @@ def count_expired(value: CountValue | None, now: float) -> bool:
 
 
 def distinct_add(
-    value: DistinctValue | None, member: str, ts: float, *, horizon: float = DAY, cap: int = DISTINCT_CAP
+    value: DistinctValue | None,
+    member: str,
+    ts: float,
+    *,
+    horizon: float = DAY,
+    cap: int = DISTINCT_CAP,
 ) -> DistinctValue:
     """Record ``member`` seen at ``ts``; drop members older than ``horizon``; keep at most ``cap``."""
     if value is None:
@@ -121,7 +126,9 @@ def distinct_add(
     return value
 
 
-def distinct_read(value: DistinctValue | None, ts: float, short: float = HOUR, long: float = DAY) -> tuple[int, int]:
+def distinct_read(
+    value: DistinctValue | None, ts: float, short: float = HOUR, long: float = DAY
+) -> tuple[int, int]:
     """(distinct over ``short``, distinct over ``long``) at ``ts``; counts members seen up to ``ts``."""
     if not value:
         return 0, 0

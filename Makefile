@@ -1,0 +1,45 @@
+# Two commands on a fresh machine:
+#   make demo   set everything up and run the detector on a simulated day (no services)
+#   make test   set everything up (Python deps, Java + Kafka jars, Prometheus) and run every check
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test setup setup-services lint unit integration bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/detector demo
+
+setup-services:
+	bash tools/kafka/kafka.sh install
+	bash tools/prometheus/install.sh
+
+lint: setup
+	$(BIN)/ruff check detector tests bench
+	$(BIN)/mypy
+
+test: setup setup-services lint
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+unit: setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit tests/stream
+
+integration: setup setup-services
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m integration
+
+bench: setup setup-services
+	$(BIN)/python bench/bench_replay.py
+	$(BIN)/python bench/bench_scoring.py
+	$(BIN)/python bench/bench_stream.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

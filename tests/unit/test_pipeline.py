@@ -1,0 +1,111 @@
+import io
+import json
+
+import jsonschema
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from detector.core.decide import DecisionContext
+from detector.core.ipintel import IpIntel
+from detector.core.parse import parse_request
+from detector.core.pipeline import Detector, parse_outcome
+from detector.core.policy import load_policy
+from detector.core.records import Action
+from detector.replay import replay
+
+POLICY = load_policy()
+T0 = 1795341600.0
+NUMBERS = ["+447400123456", "+447400123457", "+33612345678", "+449098790879", "+252901234567", "+44 1", "abc"]
+IPS = ["81.2.69.142", "81.2.69.143", "185.220.101.5", "10.0.0.1", "2a02:c7f::1"]
+
+
+def detector(ip_dbs=None):
+    intel = IpIntel.from_paths(ip_dbs["country"], ip_dbs["asn"], ip_dbs["anonymous"]) if ip_dbs else IpIntel()
+    return Detector(DecisionContext(POLICY), intel)
+
+
+def req(i, number, ip, dt=0.0, **kw):
+    return parse_request({"request_id": f"r{i}", "ts": T0 + dt, "phone_number": number, "ip": ip, **kw})
+
+
+requests_strategy = st.lists(
+    st.tuples(st.sampled_from(NUMBERS), st.sampled_from(IPS), st.floats(0, 3 * 86400), st.booleans()),
+    min_size=1, max_size=60,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(requests_strategy)
+def test_invariants_one_decision_risk_bounds_silent_only_when_stopped(items):
+    lines = [json.dumps({"request_id": f"r{i}", "ts": T0 + dt, "phone_number": n, "ip": ip,
+                         "authenticated": auth}) for i, (n, ip, dt, auth) in enumerate(items)]
+    lines.insert(len(lines) // 2, "{broken")
+    out, rej = io.StringIO(), io.StringIO()
+    summary = replay(lines, detector(), out=out, rejects=rej)
+    decisions = [json.loads(x) for x in out.getvalue().splitlines()]
+    assert [d["request_id"] for d in decisions].count("r0") == 1
+    assert sorted(d["request_id"] for d in decisions) == sorted(f"r{i}" for i in range(len(items)))
+    assert summary.decisions == len(items) and summary.rejects == 1
+    assert json.loads(rej.getvalue())["line"] == len(items) // 2 + 1
+    for d in decisions:
+        assert 0.0 <= d["risk"] <= 1.0
+        assert not (d["silent"] and d["action"] == "allow")
+        assert d["reasons"] == list(dict.fromkeys(d["reasons"]))
+
+
+def test_decisions_follow_the_schema(ip_dbs):
+    schema = json.loads(open("detector/schemas/decision.schema.json").read())
+    det = detector(ip_dbs)
+    for i, (n, ip) in enumerate(zip(NUMBERS, IPS * 2, strict=False)):
+        jsonschema.validate(det.process(req(i, n, ip, dt=i)).to_dict(), schema)
+
+
+def test_one_outstanding_callback_per_number_and_ttl():
+    det = detector()
+    first = det.process(req(1, "+447400123456", "81.2.69.142"))
+    second = det.process(req(2, "+447400123456", "81.2.69.143", dt=60))
+    assert first.action is Action.ALLOW
+    assert (second.action, second.silent, second.reasons[0]) == (Action.BLOCK, True, "duplicate_pending")
+    later = det.process(req(3, "+447400123456", "81.2.69.142", dt=POLICY.pending_ttl + 1))
+    assert later.action is Action.ALLOW
+
+
+def test_dialer_outcome_clears_pending_and_spam_is_learned():
+    det = detector()
+    det.process(req(1, "+447400123456", "81.2.69.142"))
+    assert det.apply_outcome(parse_outcome({"request_id": "r1", "phone_number": "+447400123456",
+                                            "outcome": "completed", "ts": T0 + 30})) is None
+    assert det.process(req(2, "+447400123456", "81.2.69.142", dt=60)).action is Action.ALLOW
+    entry = det.apply_outcome(parse_outcome({"request_id": "r2", "phone_number": "+447400123456",
+                                             "outcome": "agent_marked_spam", "ts": T0 + 90}))
+    assert entry is not None and entry.source == "learned" and entry.expires_at == T0 + 90 + 7 * 86400
+    d = det.process(req(3, "+447400123456", "81.2.69.142", dt=120))
+    assert (d.action, d.reasons[0]) == (Action.BLOCK, "denylist_number")
+
+
+def test_repeated_machine_answers_deny_the_number():
+    det = detector()
+    entries = [det.apply_outcome(parse_outcome({"request_id": f"x{i}", "phone_number": "+447400123456",
+                                                "outcome": "machine", "ts": T0 + i})) for i in range(3)]
+    assert entries[:2] == [None, None] and entries[2].reason == "machine_answers_3_in_24h"
+
+
+def test_counts_by_ip_number_pair_and_range(ip_dbs):
+    det = detector(ip_dbs)
+    d = None
+    for i in range(5):
+        d = det.process(req(i, f"+44740012345{i}", "81.2.69.142", dt=i * 10))
+    c = d.counts
+    assert (c["ip_15m"], c["ip_distinct_numbers_1h"], c["range_1h"], c["range_distinct_numbers_24h"]) == (5, 5, 5, 5)
+    assert (c["number_15m"], c["pair_1h"]) == (1, 1)
+    assert "many_numbers_per_ip" in d.reasons
+
+
+def test_state_is_swept_and_memory_bounded():
+    det = detector()
+    for i in range(200):
+        det.process(req(i, f"+4474001{i:05d}", f"81.2.{i % 250}.1", dt=i))
+    assert det.state_sizes()["pair"] == 200
+    det.process(req(999, "+447400199999", "81.2.69.1", dt=3 * 86400))
+    det.sweep(T0 + 3 * 86400)
+    assert det.state_sizes() == {"ip": 1, "number": 1, "pair": 1, "range": 1}
