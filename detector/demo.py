@@ -36,6 +36,7 @@ class DemoResult:
     text: str
     scenario_stop: dict[str, float]
     legit_allow: float
+    legit_served: float
     decisions: int
 
 
@@ -79,12 +80,15 @@ def summarize(
     by_action = Counter(str(d.action) for d in decisions)
     silent = sum(1 for d in decisions if d.silent)
     reasons: Counter[str] = Counter()
+    dup_pending: Counter[str] = Counter()  # silent blocks whose only reason is an outstanding callback
     per_scn: dict[str, Counter[str]] = defaultdict(Counter)
     ranges: Counter[str] = Counter()
     range_cc: dict[str, str] = {}
     for d in decisions:
         reasons.update(d.reasons)
         per_scn[label.get(d.request_id, "?")][str(d.action)] += 1
+        if d.reasons == ("duplicate_pending",):
+            dup_pending[label.get(d.request_id, "?")] += 1
         if d.action != "allow":
             rk = str(d.enrichment.get("range_key") or "")
             ranges[rk] += 1
@@ -107,7 +111,7 @@ def summarize(
         f"{'scenario':<18} {'requests':>8} {'allowed':>8} {'deflected':>9} {'blocked':>8} {'stopped':>8}",
     ]
     stop: dict[str, float] = {}
-    legit_n = legit_allowed = 0
+    legit_n = legit_allowed = legit_dup = 0
     for scn in sorted(per_scn, key=lambda s: (not s.startswith("legit"), s)):
         c = per_scn[scn]
         n = sum(c.values())
@@ -116,16 +120,20 @@ def summarize(
         if scn.startswith("legit"):
             legit_n += n
             legit_allowed += c["allow"]
+            legit_dup += dup_pending[scn]
         out.append(
             f"{scn:<18} {n:>8,} {c['allow']:>8,} {c['deflect']:>9,} {c['block']:>8,} "
             f"{100 * stop[scn]:>7.1f}%"
         )
     legit_allow = legit_allowed / legit_n if legit_n else 0.0
+    served = (legit_allowed + legit_dup) / legit_n if legit_n else 0.0
     out += [
         "",
-        f"Legitimate customers allowed: {100 * legit_allow:.2f}% ({legit_allowed:,} of {legit_n:,})",
+        f"Legitimate requests allowed: {100 * legit_allow:.2f}% ({legit_allowed:,} of {legit_n:,})",
+        f"Legitimate requests served:  {100 * served:.2f}% (allowed, or a silent duplicate of a callback "
+        f"already on its way: {legit_dup:,})",
     ]
     out += ["", "Top offending number ranges (masked):"]
     for rk, n in ranges.most_common(8):
         out.append(f"  {mask_range(rk):<22} {range_cc.get(rk, '??'):<3} {n:>6,} stopped")
-    return DemoResult("\n".join(out), stop, legit_allow, total)
+    return DemoResult("\n".join(out), stop, legit_allow, served, total)

@@ -119,7 +119,11 @@ def rule_hits(
     if ip.scope != "global":
         add("ip_not_global")
     if geo_mismatch(enr):
-        add("geo_mismatch")
+        hit = _hit("geo_mismatch", pol.rules["geo_mismatch"], auth, pol)
+        if ip.country in pol.allowed_countries:
+            # Cross-border customers and travellers inside the served area: weight, not action.
+            hit = Hit(hit.code, hit.weight, Action.ALLOW, hit.silent)
+        hits.append(hit)
     unauth = pol.rules["unauthenticated"]
     if not auth and (unauth.weight > 0 or unauth.action != Action.ALLOW):
         add("unauthenticated")
