@@ -1,0 +1,30 @@
+# Detector worker image (also used by the simulator service of docker-compose.yml).
+#   docker build -t callback-fraud-detector .
+#   docker run --rm -e DETECTOR_KAFKA_BOOTSTRAP=kafka:9092 -p 6066:6066 callback-fraud-detector
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /app
+
+# Dependencies first (cached while only the code changes): the pinned set from pyproject.toml.
+COPY pyproject.toml README.md ./
+RUN python -c "import tomllib; print('\\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+      > /tmp/requirements.txt \
+ && pip install -r /tmp/requirements.txt
+COPY detector ./detector
+RUN pip install --no-deps . \
+ && useradd --system --uid 10001 --home-dir /var/lib/detector --create-home detector
+COPY models ./models
+
+ENV DETECTOR_MODELS_DIR=/app/models \
+    DETECTOR_DATA_DIR=/var/lib/detector \
+    DETECTOR_WEB_PORT=6066
+
+USER detector
+EXPOSE 6066
+ENTRYPOINT ["detector"]
+CMD ["worker"]
