@@ -157,6 +157,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from detector import train
+    from detector.runtime import build_intel, build_policy
 
     settings = _settings(args)
     path = train.train_from_jsonl(
@@ -166,6 +167,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         args.name or settings.model_name,
         seed=args.seed,
         target_fpr=args.target_fpr,
+        policy=build_policy(settings),
+        intel=build_intel(settings),
     )
     print(f"wrote model {path}", file=sys.stderr)
     return 0

@@ -112,8 +112,11 @@ def rule_hits(
         type_rule = pol.number_types.get(ph.number_type)
         if type_rule is not None:
             hits.append(_hit(f"number_type_{ph.number_type.lower()}", type_rule, auth, pol))
-    if ip.anonymous_vpn or ip.tor_exit or ip.public_proxy or ip.residential_proxy:
+    if ip.tor_exit or ip.public_proxy or ip.residential_proxy:
         add("anonymous_ip")
+    elif ip.anonymous_vpn:
+        # Consumer VPNs are common among real customers; alone they weigh, with others they act.
+        add("vpn_ip")
     if ip.hosting:
         add("hosting_ip")
     if ip.scope != "global":
