@@ -1,11 +1,156 @@
-"""Stream subcommands of ``detector`` (worker, produce, tail, lists); wired to detector.stream."""
+"""Stream subcommands of ``detector``: worker, produce, tail, lists, topics (thin, over detector.stream)."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+from detector.config import Settings, load_settings
+from detector.core.errors import ConfigError
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from ``90``, ``90s``, ``15m``, ``12h``, ``7d``.
+
+    >>> parse_duration("7d"), parse_duration("15m"), parse_duration("90")
+    (604800.0, 900.0, 90.0)
+    """
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    t = text.strip().lower()
+    mult = units.get(t[-1:], None)
+    number = t[:-1] if mult else t
+    try:
+        value = float(number) * (mult or 1)
+    except ValueError:
+        raise ConfigError(f"--ttl: expected a duration like 90s, 15m, 12h or 7d, got {text!r}") from None
+    if value <= 0:
+        raise ConfigError(f"--ttl: expected a positive duration, got {text!r}")
+    return value
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    over: dict[str, Any] = {}
+    for name in ("kafka_bootstrap", "web_port", "data_dir", "partitions", "policy", "lists_file",
+                 "geoip_country_db", "geoip_asn_db", "anonymous_ip_db", "hosting_asn_file",
+                 "models_dir", "model_name", "shadow_model", "app_id"):
+        value = getattr(args, name, None)
+        if value is not None:
+            over[name] = value
+    return load_settings(**over)
+
+
+def _kafka_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bootstrap", dest="kafka_bootstrap", help="Kafka bootstrap (env DETECTOR_KAFKA_BOOTSTRAP)")
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from detector.stream.worker import run_worker
+
+    run_worker(_settings(args))
+    return 0
+
+
+def cmd_produce(args: argparse.Namespace) -> int:
+    from detector.stream import io
+
+    settings = _settings(args)
+    t0 = time.perf_counter()
+    n = io.produce(settings, args.file, rate=args.rate)
+    dt = time.perf_counter() - t0
+    print(f"produced {n:,} messages to {settings.topic_requests} in {dt:.1f} s", file=sys.stderr)
+    return 0
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    from detector.stream import io
+
+    settings = _settings(args)
+    for d in io.tail(settings, args.n, follow=not args.no_follow, from_beginning=args.from_beginning):
+        if args.full:
+            print(json.dumps(d), flush=True)
+        else:
+            enr = d.get("enrichment") or {}
+            print(f"{d['request_id']:<24} {d['action']:<8} {'silent' if d['silent'] else '':<6} "
+                  f"risk={d['risk']:.2f} {enr.get('number_country') or '??'} {enr.get('number_type')} "
+                  f"{','.join(d['reasons'])}", flush=True)
+    return 0
+
+
+def cmd_lists(args: argparse.Namespace) -> int:
+    from detector.stream import io
+
+    settings = _settings(args)
+    if args.lists_command == "add":
+        ttl = parse_duration(args.ttl) if args.ttl else None
+        e = io.lists_add(settings, args.action, args.kind, args.value, reason=args.reason, ttl_s=ttl)
+        print(f"published {e.key}" + (f" (expires {time.strftime('%Y-%m-%d %H:%M', time.gmtime(e.expires_at))}Z)"
+                                      if e.expires_at else ""))
+    elif args.lists_command == "remove":
+        print(f"removed {io.lists_remove(settings, args.action, args.kind, args.value)}")
+    else:
+        now = time.time()
+        for e in io.lists_show(settings):
+            if e.active(now) or args.all:
+                exp = time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime(e.expires_at)) if e.expires_at else "never"
+                state = "" if e.active(now) else " (expired)"
+                print(f"{e.action:<5} {e.kind:<7} {e.value:<28} {e.source:<8} expires {exp}{state}  {e.reason}")
+    return 0
+
+
+def cmd_topics(args: argparse.Namespace) -> int:
+    from detector.stream import io
+
+    settings = _settings(args)
+    created = io.create_topics(settings)
+    print("created: " + (", ".join(created) if created else "nothing (all exist)"))
+    return 0
 
 
 def add_commands(sub: Any, add_core_flags: Callable[[argparse.ArgumentParser], None]) -> None:
-    """Filled in once detector.stream lands."""
+    w = sub.add_parser("worker", help="run a Faust worker (Kafka in, decisions out)")
+    _kafka_flags(w)
+    w.add_argument("--web-port", dest="web_port", type=int, help="/metrics and /healthz (env DETECTOR_WEB_PORT)")
+    w.add_argument("--data-dir", dest="data_dir", type=Path, help="worker state dir (env DETECTOR_DATA_DIR)")
+    w.add_argument("--partitions", type=int, help="partitions of topics it creates (env DETECTOR_PARTITIONS)")
+    add_core_flags(w)
+    w.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("produce", help="web-tier stand-in: send JSONL requests (Kafka timestamp = ts)")
+    p.add_argument("file", type=Path)
+    p.add_argument("--rate", type=float, default=None, help="requests per second (default: as fast as possible)")
+    _kafka_flags(p)
+    p.set_defaults(func=cmd_produce)
+
+    t = sub.add_parser("tail", help="dialer stand-in: print decisions")
+    t.add_argument("-n", type=int, default=None, help="stop after n decisions")
+    t.add_argument("--no-follow", action="store_true", help="read to the current end and stop")
+    t.add_argument("--from-beginning", action="store_true")
+    t.add_argument("--full", action="store_true", help="print whole decision JSON")
+    _kafka_flags(t)
+    t.set_defaults(func=cmd_tail)
+
+    lists = sub.add_parser("lists", help="deny/allow lists on the compacted detector-lists topic")
+    lsub = lists.add_subparsers(dest="lists_command", required=True)
+    add = lsub.add_parser("add", help="publish an entry")
+    rem = lsub.add_parser("remove", help="publish a removal")
+    for q in (add, rem):
+        q.add_argument("action", choices=("deny", "allow"))
+        q.add_argument("kind", choices=("ip", "cidr", "asn", "number", "prefix", "country"))
+        q.add_argument("value")
+        _kafka_flags(q)
+    add.add_argument("--reason", default="")
+    add.add_argument("--ttl", default=None, help="expiry: 90s, 15m, 12h, 7d (default: never)")
+    show = lsub.add_parser("show", help="print active entries")
+    show.add_argument("--all", action="store_true", help="include expired entries")
+    _kafka_flags(show)
+    lists.set_defaults(func=cmd_lists)
+
+    tp = sub.add_parser("topics", help="create the detector's topics (idempotent)")
+    _kafka_flags(tp)
+    tp.add_argument("--partitions", type=int)
+    tp.set_defaults(func=cmd_topics)
