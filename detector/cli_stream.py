@@ -35,9 +35,22 @@ def parse_duration(text: str) -> float:
 
 def _settings(args: argparse.Namespace) -> Settings:
     over: dict[str, Any] = {}
-    for name in ("kafka_bootstrap", "web_port", "data_dir", "partitions", "policy", "lists_file",
-                 "geoip_country_db", "geoip_asn_db", "anonymous_ip_db", "hosting_asn_file",
-                 "models_dir", "model_name", "shadow_model", "app_id"):
+    for name in (
+        "kafka_bootstrap",
+        "web_port",
+        "data_dir",
+        "partitions",
+        "policy",
+        "lists_file",
+        "geoip_country_db",
+        "geoip_asn_db",
+        "anonymous_ip_db",
+        "hosting_asn_file",
+        "models_dir",
+        "model_name",
+        "shadow_model",
+        "app_id",
+    ):
         value = getattr(args, name, None)
         if value is not None:
             over[name] = value
@@ -45,7 +58,9 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _kafka_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bootstrap", dest="kafka_bootstrap", help="Kafka bootstrap (env DETECTOR_KAFKA_BOOTSTRAP)")
+    p.add_argument(
+        "--bootstrap", dest="kafka_bootstrap", help="Kafka bootstrap (env DETECTOR_KAFKA_BOOTSTRAP)"
+    )
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -75,9 +90,12 @@ def cmd_tail(args: argparse.Namespace) -> int:
             print(json.dumps(d), flush=True)
         else:
             enr = d.get("enrichment") or {}
-            print(f"{d['request_id']:<24} {d['action']:<8} {'silent' if d['silent'] else '':<6} "
-                  f"risk={d['risk']:.2f} {enr.get('number_country') or '??'} {enr.get('number_type')} "
-                  f"{','.join(d['reasons'])}", flush=True)
+            print(
+                f"{d['request_id']:<24} {d['action']:<8} {'silent' if d['silent'] else '':<6} "
+                f"risk={d['risk']:.2f} {enr.get('number_country') or '??'} {enr.get('number_type')} "
+                f"{','.join(d['reasons'])}",
+                flush=True,
+            )
     return 0
 
 
@@ -88,8 +106,14 @@ def cmd_lists(args: argparse.Namespace) -> int:
     if args.lists_command == "add":
         ttl = parse_duration(args.ttl) if args.ttl else None
         e = io.lists_add(settings, args.action, args.kind, args.value, reason=args.reason, ttl_s=ttl)
-        print(f"published {e.key}" + (f" (expires {time.strftime('%Y-%m-%d %H:%M', time.gmtime(e.expires_at))}Z)"
-                                      if e.expires_at else ""))
+        print(
+            f"published {e.key}"
+            + (
+                f" (expires {time.strftime('%Y-%m-%d %H:%M', time.gmtime(e.expires_at))}Z)"
+                if e.expires_at
+                else ""
+            )
+        )
     elif args.lists_command == "remove":
         print(f"removed {io.lists_remove(settings, args.action, args.kind, args.value)}")
     else:
@@ -98,7 +122,9 @@ def cmd_lists(args: argparse.Namespace) -> int:
             if e.active(now) or args.all:
                 exp = time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime(e.expires_at)) if e.expires_at else "never"
                 state = "" if e.active(now) else " (expired)"
-                print(f"{e.action:<5} {e.kind:<7} {e.value:<28} {e.source:<8} expires {exp}{state}  {e.reason}")
+                print(
+                    f"{e.action:<5} {e.kind:<7} {e.value:<28} {e.source:<8} expires {exp}{state}  {e.reason}"
+                )
     return 0
 
 
@@ -114,7 +140,9 @@ def cmd_topics(args: argparse.Namespace) -> int:
 def add_commands(sub: Any, add_core_flags: Callable[[argparse.ArgumentParser], None]) -> None:
     w = sub.add_parser("worker", help="run a Faust worker (Kafka in, decisions out)")
     _kafka_flags(w)
-    w.add_argument("--web-port", dest="web_port", type=int, help="/metrics and /healthz (env DETECTOR_WEB_PORT)")
+    w.add_argument(
+        "--web-port", dest="web_port", type=int, help="/metrics and /healthz (env DETECTOR_WEB_PORT)"
+    )
     w.add_argument("--data-dir", dest="data_dir", type=Path, help="worker state dir (env DETECTOR_DATA_DIR)")
     w.add_argument("--partitions", type=int, help="partitions of topics it creates (env DETECTOR_PARTITIONS)")
     add_core_flags(w)
@@ -122,7 +150,9 @@ def add_commands(sub: Any, add_core_flags: Callable[[argparse.ArgumentParser], N
 
     p = sub.add_parser("produce", help="web-tier stand-in: send JSONL requests (Kafka timestamp = ts)")
     p.add_argument("file", type=Path)
-    p.add_argument("--rate", type=float, default=None, help="requests per second (default: as fast as possible)")
+    p.add_argument(
+        "--rate", type=float, default=None, help="requests per second (default: as fast as possible)"
+    )
     _kafka_flags(p)
     p.set_defaults(func=cmd_produce)
 
