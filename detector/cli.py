@@ -79,9 +79,7 @@ def _add_core_flags(p: argparse.ArgumentParser) -> None:
         type=Path,
         help="model artefacts (env DETECTOR_MODELS_DIR)",
     )
-    g.add_argument(
-        "--model-name", dest="model_name", help="artefact name (env DETECTOR_MODEL_NAME)"
-    )
+    g.add_argument("--model-name", dest="model_name", help="artefact name (env DETECTOR_MODEL_NAME)")
     g.add_argument("--no-model", action="store_true", help="rules only")
 
 
@@ -155,6 +153,22 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sim_ipdb(args: argparse.Namespace) -> int:
+    from detector.sim import build_ip_databases
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    paths = build_ip_databases(args.out)
+    env = {
+        "country": "DETECTOR_GEOIP_COUNTRY_DB",
+        "asn": "DETECTOR_GEOIP_ASN_DB",
+        "anonymous": "DETECTOR_ANONYMOUS_IP_DB",
+        "hosting_asns": "DETECTOR_HOSTING_ASN_FILE",
+    }
+    for kind, path in paths.items():
+        print(f"export {env[kind]}={path}")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from detector import train
     from detector.runtime import build_intel, build_policy
@@ -184,17 +198,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="detector", description=__doc__.splitlines()[0] if __doc__ else None
-    )
-    p.add_argument(
-        "--log-level", default=None, help="DEBUG, INFO, WARNING (env DETECTOR_LOG_LEVEL)"
-    )
+    p = argparse.ArgumentParser(prog="detector", description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (env DETECTOR_LOG_LEVEL)")
     sub = p.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser(
-        "demo", help="simulate a mixed day and run it through the detector (no services)"
-    )
+    d = sub.add_parser("demo", help="simulate a mixed day and run it through the detector (no services)")
     d.add_argument("--seed", type=int, default=7)
     d.add_argument("--legit", type=int, default=20_000, help="legitimate requests per day")
     d.add_argument("--attack-scale", dest="attack_scale", type=float, default=1.0)
@@ -208,9 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_core_flags(r)
     r.set_defaults(func=cmd_replay)
 
-    s = sub.add_parser(
-        "simulate", help="write labelled simulated traffic (JSONL + labels side file)"
-    )
+    s = sub.add_parser("simulate", help="write labelled simulated traffic (JSONL + labels side file)")
     s.add_argument("--seed", type=int, default=1)
     s.add_argument("--out", type=Path, default=Path("requests.jsonl"))
     s.add_argument("--labels", type=Path, default=None)
@@ -219,15 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--attack-scale", dest="attack_scale", type=float, default=1.0)
     s.set_defaults(func=cmd_simulate)
 
-    t = sub.add_parser(
-        "train", help="train the isolation forest and write models/<name>.{npz,json}"
-    )
-    t.add_argument(
-        "data", type=Path, help="requests JSONL (presumed normal unless --labels is given)"
-    )
-    t.add_argument(
-        "--labels", type=Path, default=None, help="labels side file: train on legit rows only"
-    )
+    ipdb = sub.add_parser("sim-ipdb", help="write the simulator's synthetic IP databases (for trying it out)")
+    ipdb.add_argument("out", type=Path, help="directory")
+    ipdb.set_defaults(func=cmd_sim_ipdb)
+
+    t = sub.add_parser("train", help="train the isolation forest and write models/<name>.{npz,json}")
+    t.add_argument("data", type=Path, help="requests JSONL (presumed normal unless --labels is given)")
+    t.add_argument("--labels", type=Path, default=None, help="labels side file: train on legit rows only")
     t.add_argument("--name", default=None)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--target-fpr", dest="target_fpr", type=float, default=0.005)
@@ -235,9 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="per-scenario stop rates: rules only, model only, combined")
-    e.add_argument(
-        "data", type=Path, nargs="?", help="requests JSONL (default: simulator held-out seeds)"
-    )
+    e.add_argument("data", type=Path, nargs="?", help="requests JSONL (default: simulator held-out seeds)")
     e.add_argument("--labels", type=Path, default=None)
     e.add_argument("--seeds", default="201,202", help="simulator seeds when no data is given")
     _add_core_flags(e)
