@@ -86,7 +86,9 @@ def _parse_list_files(var: str, text: str) -> dict[str, Path]:
     return out
 
 
-def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+def load_settings(
+    env: Mapping[str, str] | None = None, *, check_files: bool = True, **overrides: Any
+) -> Settings:
     """Settings from ``env`` (default: ``os.environ``) with explicit ``overrides`` (CLI flags) on top."""
     env = os.environ if env is None else env
     values: dict[str, Any] = {}
@@ -115,6 +117,8 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Set
     s = replace(Settings(), **values)
     if s.partitions < 1:
         raise ConfigError(f"{_env_name('partitions')}: expected >= 1, got {s.partitions}")
+    if not check_files:
+        return s
     for name in (
         "policy",
         "lists_file",
