@@ -1,0 +1,931 @@
+"""The Faust app: topics, tables, agents, timers and web views around the pure core.
+
+Topology (an enrichment chain; every table is fed by a stream keyed by the table's key, because
+a Faust table's shard is the partition of the current event)::
+
+    callback-requests ──ingest──> <app>-by-ip ──ip──> <app>-by-range ──range──> callback-decisions
+      (key: any)         │        (key: IP)   table ip  (key: range)  tables number, pair,
+                         └─> callback-requests-dlq                     range, seen
+    callback-outcomes ──outcome──> <app>-by-range (same topic, kind "out") ──range──> detector-lists
+    detector-lists (compacted) ──lists reader (every worker, no group)──> ListIndex in memory
+
+Delivery: at-least-once with idempotent stages, so a redelivered message changes nothing twice
+and a request never gets two different decisions:
+
+* every table value carries ``"_": {"p": partition, ...}`` plus a watermark: the ``ip`` table the
+  highest ``callback-requests`` offset per source partition it counted (``"s"``), the range-stage
+  tables the highest ``by-range`` offset (``"o"``). A message at or below the watermark is not
+  counted again. The watermark and the counts are one changelog message, so they cannot diverge.
+* ``seen`` (range stage, key = request id) stores each decision. The range stage works in small
+  batches (:class:`RangeBatcher`): a batch's table writes and stored decisions are acknowledged
+  by Kafka before its decisions are sent, and its input offsets are acked only after that. So a
+  decision on the wire always has its stored twin, and a redelivered request gets the stored
+  decision, never a new one.
+* Re-sending: a worker that is assigned partitions first loads the request ids already on the
+  decisions topic (message keys of the last SENT_LOOKBACK_S), and re-sends a stored decision
+  only when its id is not among them. Measured with SIGKILL mid-stream: every request exactly one
+  decision message. (Kafka transactions, Faust's ``exactly_once``, do not work for this topology
+  in faust-streaming 0.15.3: the transactional producer is chosen by the *destination*
+  partition, so re-keying to a partition owned by another worker fails with "No transaction
+  producer found".)
+
+Windows are the core's tumbling minute/hour sub-windows in plain table values (event time,
+exact); a timer deletes dead keys with :func:`detector.core.state.sweep` (tombstones to the
+changelog), a slice of keys per tick (:class:`Sweeper`), keeping memory bounded.
+
+Table writes bypass ``table[key] = value``: :class:`EventView` writes the store and sends the
+changelog message itself, with the partition explicit (so sweeps and batches work outside the
+current event) and a delivery future to wait on. The changelog format is Faust's (JSON key and
+value), so Faust's recovery restores the tables on start or rebalance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import faust
+from faust.transport.drivers import aiokafka as faust_aiokafka
+
+from detector import metrics
+from detector.config import Settings
+from detector.core import state
+from detector.core.decide import DecisionContext, decide
+from detector.core.errors import InputError
+from detector.core.ipintel import IpIntel
+from detector.core.lists import ListEntry
+from detector.core.parse import parse_request
+from detector.core.phone import enrich_phone
+from detector.core.pipeline import enrich, learn_from_outcome, parse_outcome, range_routing_key
+from detector.core.policy import Policy
+from detector.core.records import Action, Counts, Decision
+from detector.stream import codec
+from detector.stream.io import stop_consumer, topic_partitions
+
+log = logging.getLogger("detector.stream")
+
+SEEN_TTL_S = 3600.0  # event-time seconds a decision is kept for redelivery dedup
+SENT_LOOKBACK_S = 900.0  # on assignment: request ids decided in the last 15 min are "sent"
+SWEEP_INTERVAL_S = 30.0  # a full sweep pass starts at most this often ...
+SWEEP_TICK_S = 0.5  # ... and proceeds SWEEP_SLICE keys per tick
+SWEEP_SLICE = 2000
+GAUGE_INTERVAL_S = 5.0
+FETCH_MAX_WAIT_MS = 10  # Faust hard-codes 1500 ms: an idle partition would add that per hop
+RANGE_BATCH = 500  # range stage: events per batch (one Kafka round trip per batch)
+RANGE_BATCH_WITHIN_S = 0.005
+META = "_"  # table-value key of the adapter's metadata (partition, watermark)
+
+Publish = Callable[..., Awaitable[Any]]
+
+
+# --------------------------------------------------------------------------- transport
+
+
+class _LowLatencyConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+    def _create_worker_consumer(self, transport: Any) -> Any:
+        consumer = super()._create_worker_consumer(transport)
+        consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS  # read by the fetcher created in start()
+        return consumer
+
+
+class _LowLatencyConsumer(faust_aiokafka.Consumer):
+    def _new_consumer_thread(self) -> Any:
+        return _LowLatencyConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+
+class _LowLatencyTransport(faust_aiokafka.Transport):
+    Consumer = _LowLatencyConsumer
+
+
+class DetectorApp(faust.App):
+    """A faust.App whose Kafka consumer waits at most FETCH_MAX_WAIT_MS for an empty fetch."""
+
+    rt: StreamRuntime
+
+    def _new_transport(self) -> Any:
+        return _LowLatencyTransport(self.conf.broker_consumer, self)
+
+
+# --------------------------------------------------------------------------- table views
+
+
+@dataclass
+class Write:
+    table: Any
+    key: str
+    value: Any  # None = tombstone
+    partition: int
+    raw: bytes | None = None  # the value already serialized (must equal codec.dumps(value))
+
+
+class EventView(MutableMapping[str, Any]):
+    """One event's view of a table: idempotent writes, explicit partition, deferred changelog.
+
+    ``applied(value)`` says whether the stored value already includes this event (a redelivery);
+    such a value is handed to the core as a deep copy and the core's write to it is dropped.
+    ``stamp(value)`` adds the watermark. Writes go to the in-memory store at once and are queued in
+    ``writes`` for the changelog (one message per key and flush: the latest value wins).
+    """
+
+    def __init__(self, table: Any, partition: int, applied: Callable[[dict[str, Any]], bool],
+                 stamp: Callable[[dict[str, Any]], None], writes: dict[tuple[str, str], Write]) -> None:
+        self._table = table
+        self._data = table.data
+        self._partition = partition
+        self._applied = applied
+        self._stamp = stamp
+        self._writes = writes
+        self._written: set[str] = set()
+        self._frozen: set[str] = set()
+        self.redelivered = False  # some value already included this event
+
+    def __getitem__(self, key: str) -> Any:
+        value = self.get(key)
+        if value is None:
+            raise KeyError(key)
+        return value
+
+    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+        value = self._data.get(key)
+        if value is None:
+            return default
+        if key not in self._written and key not in self._frozen and self._applied(value):
+            self._frozen.add(key)
+            self.redelivered = True
+        if key in self._frozen:
+            return copy.deepcopy(value)
+        return value
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if key in self._frozen:
+            return
+        self._stamp(value)
+        value[META]["p"] = self._partition
+        self._data[key] = value
+        self._written.add(key)
+        self._writes[(self._table.name, key)] = Write(self._table, key, value, self._partition)
+
+    def __delitem__(self, key: str) -> None:
+        self._data.pop(key, None)
+        self._writes[(self._table.name, key)] = Write(self._table, key, None, self._partition)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._data.keys()))
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+def _meta(value: dict[str, Any]) -> dict[str, Any]:
+    meta = value.get(META)
+    if meta is None:
+        meta = value[META] = {}
+    return cast(dict[str, Any], meta)
+
+
+class SweepView(MutableMapping[str, Any]):
+    """What :func:`state.sweep` sees: this worker's live keys, metadata stripped; deletes tombstone."""
+
+    def __init__(self, table: Any, partitions: set[int], writes: list[Write],
+                 keys: list[str] | None = None) -> None:
+        self._table = table
+        self._data = table.data
+        self._partitions = partitions
+        self._writes = writes
+        self._keys = keys  # None: every key
+
+    def _mine(self, value: Any) -> bool:
+        return isinstance(value, dict) and value.get(META, {}).get("p") in self._partitions
+
+    def items(self) -> Iterator[tuple[str, Any]]:  # type: ignore[override]
+        keys = list(self._data.keys()) if self._keys is None else self._keys
+        get = self._data.get
+        for key in keys:
+            value = get(key)
+            if value is None:
+                continue
+            if not self._mine(value):
+                self._data.pop(key, None)  # a partition this worker no longer owns (rebalance)
+                continue
+            yield key, {k: v for k, v in value.items() if k != META}
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:  # pragma: no cover - sweep never sets
+        raise NotImplementedError
+
+    def __delitem__(self, key: str) -> None:
+        value = self._data.pop(key, None)
+        if isinstance(value, dict):
+            self._writes.append(Write(self._table, key, None, value[META]["p"]))
+
+    def __iter__(self) -> Iterator[str]:
+        return (k for k, _ in self.items())
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self.items())
+
+
+# --------------------------------------------------------------------------- runtime
+
+
+@dataclass
+class StreamRuntime:
+    """Everything the agents share: settings, policy, lists, IP data, model, topics, tables."""
+
+    settings: Settings
+    ctx: DecisionContext
+    intel: IpIntel
+    model_watcher: Any = None
+    publish: Publish | None = None  # set by make_app; tests replace it to capture sends
+    max_ts: float = 0.0  # highest event time seen (drives the sweep)
+    lists_ready: asyncio.Event = field(default_factory=asyncio.Event)
+    sent: dict[str, float] = field(default_factory=dict)  # request id -> wall time it was sent
+    sent_generation: int | None = None  # consumer generation for which recent ids were loaded
+    batcher: Any = None  # the range stage's RangeBatcher
+    topics: dict[str, Any] = field(default_factory=dict)
+    tables: dict[str, Any] = field(default_factory=dict)
+    active: dict[str, set[int]] = field(default_factory=dict)  # topic -> assigned partitions
+
+    @property
+    def policy(self) -> Policy:
+        return self.ctx.policy
+
+    def context(self) -> DecisionContext:
+        """The decision context with the current model (hot-reloaded by the watcher)."""
+        if self.model_watcher is None:
+            return self.ctx
+        self.ctx.model = self.model_watcher.current()
+        self.ctx.shadow = self.model_watcher.shadow()
+        return self.ctx
+
+    async def send(self, topic: str, key: bytes | None, value: bytes | None,
+                   partition: int | None = None) -> Any:
+        assert self.publish is not None
+        return await self.publish(self.topics[topic], key, value, partition)
+
+    async def flush_writes(self, writes: list[Write]) -> list[Any]:
+        """Send queued table writes to their changelogs; returns the delivery futures."""
+        futs = []
+        for w in writes:
+            futs.append(await self.publish_changelog(w))
+        return futs
+
+    async def publish_changelog(self, w: Write) -> Any:
+        return await self.publish_raw_changelog(w, None if w.value is None else codec.dumps(w.value))
+
+    async def publish_raw_changelog(self, w: Write, value: bytes | None) -> Any:
+        assert self.publish is not None
+        return await self.publish(w.table.changelog_topic, codec.dumps(w.key), value, w.partition)
+
+    def apply_list_message(self, key: bytes | None, value: bytes | None, source: str) -> None:
+        """Apply one ``detector-lists`` message (entry or tombstone) to the in-memory index."""
+        if value is None:
+            if key:
+                self.ctx.lists.remove(key.decode("utf-8", "replace"))
+                metrics.LIST_CHANGES.labels("remove", source).inc()
+            return
+        try:
+            entry = codec.list_entry_from_wire(value)
+        except (InputError, ValueError, KeyError, TypeError) as exc:
+            log.warning("lists: ignoring invalid entry at key %r: %s", key, exc)
+            return
+        self.ctx.lists.add(entry)
+        metrics.LIST_CHANGES.labels("add", entry.source or source).inc()
+
+    def update_list_gauges(self) -> None:
+        metrics.LIST_ENTRIES.clear()
+        for (action, kind), n in self.ctx.lists.counts().items():
+            metrics.LIST_ENTRIES.labels(action, kind).set(n)
+
+
+def _stamp_offset(offset: int) -> Callable[[dict[str, Any]], None]:
+    def stamp(value: dict[str, Any]) -> None:
+        _meta(value)["o"] = offset
+    return stamp
+
+
+def _applied_offset(offset: int) -> Callable[[dict[str, Any]], bool]:
+    def applied(value: dict[str, Any]) -> bool:
+        meta = value.get(META) or {}
+        return int(meta.get("o", -1)) >= offset
+    return applied
+
+
+def _stamp_source(src_partition: int, src_offset: int) -> Callable[[dict[str, Any]], None]:
+    def stamp(value: dict[str, Any]) -> None:
+        marks = _meta(value).setdefault("s", {})
+        marks[str(src_partition)] = max(int(marks.get(str(src_partition), -1)), src_offset)
+    return stamp
+
+
+def _applied_source(src_partition: int, src_offset: int) -> Callable[[dict[str, Any]], bool]:
+    def applied(value: dict[str, Any]) -> bool:
+        meta = value.get(META) or {}
+        return int(meta.get("s", {}).get(str(src_partition), -1)) >= src_offset
+    return applied
+
+
+# --------------------------------------------------------------------------- stage logic
+
+
+async def ingest_one(rt: StreamRuntime, key: bytes | None, value: bytes | None, *, partition: int,
+                     offset: int, timestamp: float | None) -> None:
+    """Stage 0: validate one raw request; dead-letter it or forward it keyed by IP."""
+    t0 = time.perf_counter()
+    metrics.REQUESTS.inc()
+    s = rt.settings
+    try:
+        if value is None:
+            raise InputError("message has no value (tombstone); expected a JSON request")
+        req = parse_request(value)
+    except InputError as exc:
+        await _dead_letter(rt, exc.kind, str(exc), s.topic_requests, partition, offset, value, key,
+                           timestamp)
+        return
+    except Exception as exc:  # never let one message stop the worker
+        log.exception("ingest: unexpected error at %s[%d]@%d", s.topic_requests, partition, offset)
+        await _dead_letter(rt, "internal_error", f"{type(exc).__name__}: {exc}", s.topic_requests,
+                           partition, offset, value, key, timestamp)
+        return
+    env = {"r": codec.request_to_wire(req), "src": [partition, offset], "kts": timestamp}
+    await rt.send("by_ip", req.ip.encode("utf-8"), codec.dumps(env))
+    metrics.STAGE_SECONDS.labels("ingest").observe(time.perf_counter() - t0)
+
+
+async def _dead_letter(rt: StreamRuntime, kind: str, error: str, topic: str, partition: int,
+                       offset: int, value: bytes | None, key: bytes | None,
+                       timestamp: float | None) -> None:
+    record = codec.dead_letter(kind=kind, error=error, topic=topic, partition=partition,
+                               offset=offset, original=value, key=key, timestamp=timestamp)
+    await rt.send("dlq", key, codec.dumps(record))
+    metrics.DEAD_LETTERS.labels(topic, kind).inc()
+
+
+async def ip_one(rt: StreamRuntime, value: bytes, *, partition: int) -> None:
+    """Stage 1: count the request per IP (exactly once per source message), forward by range."""
+    t0 = time.perf_counter()
+    env = codec.loads(value)
+    req = codec.request_from_wire(env["r"])
+    src_p, src_o = int(env["src"][0]), int(env["src"][1])
+    rt.max_ts = max(rt.max_ts, req.ts)
+    enr = enrich(req, rt.intel, rt.policy)
+    writes: dict[tuple[str, str], Write] = {}
+    view = EventView(rt.tables["ip"], partition, _applied_source(src_p, src_o),
+                     _stamp_source(src_p, src_o), writes)
+    counts = state.ip_stage(state.IpStores(ip=view), req, enr)
+    if view.redelivered:
+        metrics.DUPLICATES.labels("ip").inc()
+        # The copy was counted once more than the stored value: undo that in what we forward.
+        counts = type(counts)(max(counts.ip_15m - 1, 1), max(counts.ip_1h - 1, 1),
+                              max(counts.ip_24h - 1, 1), counts.ip_distinct_numbers_1h,
+                              counts.ip_distinct_numbers_24h, counts.ip_distinct_countries_24h)
+    await rt.flush_writes(list(writes.values()))
+    out = {"k": "req", "r": env["r"], "ipc": codec.ip_counts_to_wire(counts), "kts": env.get("kts")}
+    await rt.send("by_range", range_routing_key(req, enr).encode("utf-8"), codec.dumps(out))
+    metrics.STAGE_SECONDS.labels("ip").observe(time.perf_counter() - t0)
+
+
+@dataclass
+class RangeResult:
+    """What one range-stage event produced: a decision to send and/or a list entry to publish."""
+
+    decision: dict[str, Any] | None = None
+    kts: float | None = None
+    resend: bool = False
+    entry: ListEntry | None = None
+    raw: bytes | None = None  # the decision serialized
+
+
+def range_one(rt: StreamRuntime, env: dict[str, Any], *, partition: int, offset: int,
+              writes: dict[tuple[str, str], Write]) -> RangeResult:
+    """Stage 2 (synchronous core part): count per number/pair/range, decide, store the decision."""
+    t = rt.tables
+    applied, stamp = _applied_offset(offset), _stamp_offset(offset)
+    number = EventView(t["number"], partition, applied, stamp, writes)
+    stores = state.RangeStores(number=number, pair=EventView(t["pair"], partition, applied, stamp, writes),
+                               range=EventView(t["range"], partition, applied, stamp, writes))
+    if env.get("k") == "out":
+        return RangeResult(entry=_outcome(rt, env, stores))
+    req = codec.request_from_wire(env["r"])
+    rt.max_ts = max(rt.max_ts, req.ts)
+    seen = t["seen"].data.get(req.request_id)
+    if seen is not None and int(seen[META]["o"]) != offset:
+        # The same request arrived again in another message (an upstream stage was redelivered):
+        # its state was counted when its first message was processed. Re-send the stored decision.
+        metrics.DUPLICATES.labels("range").inc()
+        return RangeResult(decision=seen["d"], kts=env.get("kts"), resend=True)
+    enr = enrich(req, rt.intel, rt.policy)
+    upd = state.range_stage(stores, req, enr, range_routing_key(req, enr))
+    if seen is not None:  # this very message again (offset not committed before a crash)
+        metrics.DUPLICATES.labels("range").inc()
+        d = seen["d"]
+        state.range_commit(stores, upd, req, allowed=d["action"] == Action.ALLOW,
+                           pending_ttl=rt.policy.pending_ttl)
+        return RangeResult(decision=d, kts=env.get("kts"), resend=True)
+    counts = Counts(codec.ip_counts_from_wire(env["ipc"]), upd.counts)
+    decision: Decision = decide(req, enr, counts, rt.context(), decided_at=time.time())
+    state.range_commit(stores, upd, req, allowed=decision.action == Action.ALLOW,
+                       pending_ttl=rt.policy.pending_ttl)
+    d = codec.decision_to_wire(decision)
+    raw = codec.dumps(d)
+    seen_value = {"d": d, "t": req.ts, META: {"o": offset, "p": partition}}
+    t["seen"].data[req.request_id] = seen_value
+    # The stored copy is the decision's bytes inside an envelope: serialized once, identical.
+    seen_raw = b'{"d":%s,"t":%s,"_":%s}' % (raw, codec.dumps(req.ts), codec.dumps(seen_value[META]))
+    writes[("seen", req.request_id)] = Write(t["seen"], req.request_id, seen_value, partition,
+                                             seen_raw)
+    return RangeResult(decision=d, kts=env.get("kts"), raw=raw)
+
+
+def _outcome(rt: StreamRuntime, env: dict[str, Any], stores: state.RangeStores) -> ListEntry | None:
+    outcome = codec.outcome_from_wire(env["o"])
+    nkey = number_key_of(outcome.phone_number, rt.policy)
+    metrics.OUTCOMES.labels(outcome.outcome).inc()
+    entry = learn_from_outcome(stores, outcome, nkey, rt.policy)
+    if entry is not None:
+        rt.ctx.lists.add(entry)
+        metrics.LIST_CHANGES.labels("add", "learned").inc()
+    return entry
+
+
+def number_key_of(phone_number: str, policy: Policy) -> str:
+    """The ``number`` table key of a dialled number (as :meth:`Detector.apply_outcome` computes it)."""
+    info = enrich_phone(phone_number, None, policy.range_digits)
+    return info.e164 or "?" + "".join(c for c in phone_number if c.isdigit())
+
+
+def outcome_routing_key(phone_number: str, policy: Policy) -> str:
+    from detector.core.phone import routing_key
+
+    return routing_key(enrich_phone(phone_number, None, policy.range_digits), phone_number)
+
+
+class RangeBatcher:
+    """Stage 2's batching: events are processed one by one as they arrive (state and decision at
+    once), and every few milliseconds :meth:`flush` makes the batch's table writes durable, then
+    sends its decisions, then acks its events (so offsets are committed only after that)."""
+
+    def __init__(self, rt: StreamRuntime) -> None:
+        self.rt = rt
+        self.writes: dict[tuple[str, str], Write] = {}
+        self.results: list[RangeResult] = []
+        self.acks: list[Callable[[], Any]] = []
+        self.lock = asyncio.Lock()
+
+    def __len__(self) -> int:
+        return len(self.acks)
+
+    def add(self, value: bytes | None, partition: int, offset: int, ack: Callable[[], Any]) -> None:
+        t0 = time.perf_counter()
+        try:
+            env = codec.loads(value or b"")
+            self.results.append(range_one(self.rt, env, partition=partition, offset=offset,
+                                          writes=self.writes))
+        except Exception:  # a bug must not stop the worker; the request was validated upstream
+            log.exception("range: failed to process by-range[%d]@%d", partition, offset)
+        self.acks.append(ack)
+        metrics.STAGE_SECONDS.labels("range").observe(time.perf_counter() - t0)
+
+    async def flush(self) -> int:
+        """Make pending writes durable, send pending decisions, ack. Returns decisions sent."""
+        async with self.lock:
+            if not self.acks:
+                return 0
+            writes, results, acks = self.writes, self.results, self.acks
+            self.writes, self.results, self.acks = {}, [], []
+            rt = self.rt
+            # Serialize now: events processed while we wait below must not leak into this batch.
+            frozen = [(w, w.raw if w.raw is not None or w.value is None else codec.dumps(w.value))
+                      for w in writes.values()]
+            futs = [await rt.publish_raw_changelog(w, raw) for w, raw in frozen]
+            if futs:
+                await asyncio.gather(*futs)  # state and stored decisions durable before any send
+            sent = 0
+            now = time.time()
+            for res in results:
+                if res.entry is not None:
+                    await rt.send("lists", res.entry.key.encode("utf-8"),
+                                  codec.list_entry_to_wire(res.entry))
+                d = res.decision
+                if d is None:
+                    continue
+                rid = d["request_id"]
+                if res.resend and rid in rt.sent:
+                    continue  # already on the decisions topic
+                await rt.send("decisions", rid.encode("utf-8"),
+                              res.raw if res.raw is not None else codec.dumps(d))
+                rt.sent[rid] = now
+                sent += 1
+                if not res.resend:
+                    metrics.observe_decision(d, None if res.kts is None else now - float(res.kts))
+            for ack in acks:
+                ack()
+            return sent
+
+
+async def outcome_one(rt: StreamRuntime, key: bytes | None, value: bytes | None, *, partition: int,
+                      offset: int, timestamp: float | None) -> None:
+    """Outcome ingest: validate a dialer outcome; forward it keyed by the number's range."""
+    s = rt.settings
+    try:
+        if value is None:
+            raise InputError("message has no value; expected a JSON outcome")
+        obj = codec.loads(value)
+        if not isinstance(obj, dict):
+            raise InputError(f"expected a JSON object, got a JSON {type(obj).__name__}")
+        outcome = parse_outcome(obj)
+    except (InputError, ValueError) as exc:
+        kind = exc.kind if isinstance(exc, InputError) else "malformed_json"
+        await _dead_letter(rt, kind, str(exc), s.topic_outcomes, partition, offset, value, key,
+                           timestamp)
+        return
+    env = {"k": "out", "o": codec.outcome_to_wire(outcome)}
+    await rt.send("by_range", outcome_routing_key(outcome.phone_number, rt.policy).encode("utf-8"),
+                  codec.dumps(env))
+
+
+CORE_TABLES = ("ip", "number", "pair", "range")
+
+
+def sweep_tables(rt: StreamRuntime, now: float,
+                 only: dict[str, list[str]] | None = None) -> list[Write]:
+    """Delete dead keys of this worker's partitions (core tables via state.sweep; ``seen`` after
+    SEEN_TTL_S) and keys of partitions it no longer owns; ``only`` limits it to some keys."""
+    writes: list[Write] = []
+    by_range = rt.active.get("by_range", set())
+    parts = {"ip": rt.active.get("by_ip", set()), "number": by_range, "pair": by_range,
+             "range": by_range}
+    for name in CORE_TABLES:
+        keys = None if only is None else only.get(name, [])
+        state.sweep(SweepView(rt.tables[name], parts[name], writes, keys), now)
+    seen = rt.tables["seen"]
+    keys = list(seen.data.keys()) if only is None else only.get("seen", [])
+    for key in keys:
+        value = seen.data.get(key)
+        if value is None:
+            continue
+        if value[META]["p"] not in by_range:
+            seen.data.pop(key, None)
+        elif float(value["t"]) < now - SEEN_TTL_S:
+            seen.data.pop(key, None)
+            writes.append(Write(seen, key, None, value[META]["p"]))
+    return writes
+
+
+class Sweeper:
+    """Sweeps a slice of keys per tick, so a table of millions of keys never stalls the loop;
+    a full pass starts at most every SWEEP_INTERVAL_S."""
+
+    def __init__(self, rt: StreamRuntime, slice_size: int = SWEEP_SLICE) -> None:
+        self.rt = rt
+        self.slice_size = slice_size
+        self.queue: list[tuple[str, str]] = []
+        self.pass_started = float("-inf")
+        self.pending = 0  # numbers with an outstanding callback seen in the current pass
+
+    def tick(self, now: float) -> list[Write]:
+        wall = time.monotonic()
+        if not self.queue:
+            if wall - self.pass_started < SWEEP_INTERVAL_S:
+                return []
+            self.pass_started = wall
+            metrics.OUTSTANDING.set(self.pending)
+            self.pending = 0
+            self.queue = [(name, key) for name in (*CORE_TABLES, "seen")
+                          for key in list(self.rt.tables[name].data.keys())]
+            cutoff = time.time() - SENT_LOOKBACK_S
+            for rid, at in list(self.rt.sent.items()):
+                if at < cutoff:
+                    del self.rt.sent[rid]
+        batch, self.queue = self.queue[-self.slice_size:], self.queue[:-self.slice_size]
+        only: dict[str, list[str]] = {}
+        numbers = self.rt.tables["number"].data
+        for name, key in batch:
+            only.setdefault(name, []).append(key)
+            if name == "number":
+                p = (numbers.get(key) or {}).get("p")
+                if p and float(p["until"]) > now:
+                    self.pending += 1
+        return sweep_tables(self.rt, now, only)
+
+
+# --------------------------------------------------------------------------- the app
+
+
+def make_app(settings: Settings, *, rt: StreamRuntime | None = None, web: bool = True,
+             prometheus: bool = True) -> DetectorApp:
+    """Build the worker's Faust app. ``rt`` defaults to one built from ``settings``."""
+    from detector.runtime import build_context, build_intel, build_model_watcher
+
+    if rt is None:
+        ctx = build_context(settings)
+        rt = StreamRuntime(settings, ctx, build_intel(settings), build_model_watcher(settings))
+    s = settings
+    app = DetectorApp(
+        s.app_id,
+        broker=[f"kafka://{h.strip()}" for h in s.kafka_bootstrap.split(",") if h.strip()],
+        store="memory://",
+        datadir=str(s.data_dir),
+        autodiscover=False,
+        topic_partitions=s.partitions,
+        topic_replication_factor=s.replication,
+        table_standby_replicas=0,
+        web_enabled=web,
+        web_port=s.web_port,
+        web_bind="0.0.0.0",  # noqa: S104 - the metrics endpoint is meant to be scraped
+        web_host="127.0.0.1",
+        consumer_auto_offset_reset="earliest",
+        producer_linger=0.005,  # fewer, larger produce requests (each costs a socket write)
+        broker_commit_interval=1.0,
+        broker_session_timeout=10.0,  # a killed worker's partitions move on within 10 s
+        broker_heartbeat_interval=2.0,
+        stream_buffer_maxsize=8192,
+        stream_wait_empty=False,
+        logging_config=None,
+    )
+    app.rt = rt
+    raw: dict[str, Any] = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw",
+           "value_serializer": "raw"}
+    rt.topics = {
+        "requests": app.topic(s.topic_requests, **raw),
+        "outcomes": app.topic(s.topic_outcomes, **raw),
+        "decisions": app.topic(s.topic_decisions, **raw),
+        "dlq": app.topic(s.topic_dead_letter, **raw),
+        "lists": app.topic(s.topic_lists, **raw),
+        "by_ip": app.topic(f"{s.app_id}-by-ip", partitions=s.partitions, internal=True, **raw),
+        "by_range": app.topic(f"{s.app_id}-by-range", partitions=s.partitions, internal=True,
+                              **raw),
+    }
+    rt.tables = {
+        name: app.Table(name, partitions=s.partitions, help=doc)
+        for name, doc in (
+            ("ip", "per IP: counts, distinct numbers and countries (by-ip stage)"),
+            ("number", "per number: counts, distinct IPs, pending callback, machine answers"),
+            ("pair", "per IP x number: counts"),
+            ("range", "per number range: counts, distinct IPs and numbers"),
+            ("seen", "per request id: the decision sent (redelivery dedup)"),
+        )
+    }
+
+    names: dict[int, str] = {}
+
+    async def publish(channel: Any, key: bytes | None, value: bytes | None,
+                      partition: int | None = None) -> Any:
+        # Straight to the transport's producer: Topic.send() builds a FutureMessage, a
+        # PendingMessage and runs the codecs for each message, which costs more than the rest of
+        # a stage. Keys and values are bytes already. Returns the delivery future.
+        name = names.get(id(channel))
+        if name is None:
+            name = names[id(channel)] = channel.get_topic_name()
+        return await app.producer.send(name, key, value, partition, None, None)
+
+    rt.publish = publish
+
+    @app.agent(rt.topics["requests"], name="ingest")
+    async def ingest(stream: Any) -> None:
+        async for event in stream.events():
+            m = event.message
+            await ingest_one(rt, m.key, m.value, partition=m.partition, offset=m.offset,
+                             timestamp=m.timestamp)
+
+    @app.agent(rt.topics["by_ip"], name="ip")
+    async def ip_agent(stream: Any) -> None:
+        async for event in stream.events():
+            m = event.message
+            try:
+                await ip_one(rt, m.value, partition=m.partition)
+            except Exception:
+                log.exception("ip: failed to process by-ip[%d]@%d", m.partition, m.offset)
+
+    batcher = rt.batcher = RangeBatcher(rt)
+
+    @app.agent(rt.topics["by_range"], name="range")
+    async def range_agent(stream: Any) -> None:
+        async for event in stream.noack().events():
+            if not rt.lists_ready.is_set():
+                try:
+                    await asyncio.wait_for(rt.lists_ready.wait(), timeout=30.0)
+                except TimeoutError:
+                    log.warning("lists: not caught up after 30 s; deciding without them")
+                    rt.lists_ready.set()
+            if rt.sent_generation != app.consumer_generation_id:
+                # New assignment: partitions may come with uncommitted offsets whose decisions
+                # are already on the topic (the previous owner crashed after sending them).
+                await batcher.flush()
+                rt.sent_generation = app.consumer_generation_id
+                _update_assignment(app, rt)
+                await load_sent(rt)
+            m = event.message
+            batcher.add(m.value, m.partition, m.offset, event.ack)
+            if len(batcher) >= RANGE_BATCH:
+                await batcher.flush()
+
+    @app.task
+    async def range_flusher() -> None:
+        while not app.should_stop:
+            await asyncio.sleep(RANGE_BATCH_WITHIN_S)
+            try:
+                await batcher.flush()
+            except Exception:
+                log.exception("range: flush failed; its events stay unacked and are redelivered")
+
+    @app.agent(rt.topics["outcomes"], name="outcome")
+    async def outcome_agent(stream: Any) -> None:
+        async for event in stream.events():
+            m = event.message
+            await outcome_one(rt, m.key, m.value, partition=m.partition, offset=m.offset,
+                              timestamp=m.timestamp)
+
+    app.ingest_agent = ingest  # type: ignore[attr-defined]
+    app.ip_agent = ip_agent  # type: ignore[attr-defined]
+    app.range_agent = range_agent  # type: ignore[attr-defined]
+    app.outcome_agent = outcome_agent  # type: ignore[attr-defined]
+
+    @app.task
+    async def lists_reader() -> None:
+        await read_lists_forever(app, rt)
+
+    sweeper = Sweeper(rt)
+
+    @app.timer(SWEEP_TICK_S)
+    async def sweep() -> None:
+        if not rt.active:
+            _update_assignment(app, rt)
+        for w in sweeper.tick(rt.max_ts):
+            await rt.publish_changelog(w)
+
+    @app.timer(GAUGE_INTERVAL_S)
+    async def gauges() -> None:
+        _update_assignment(app, rt)
+        update_gauges(app, rt)
+
+    @app.page("/healthz")
+    async def healthz(self: Any, request: Any) -> Any:
+        _update_assignment(app, rt)
+        return self.json(health(app, rt))
+
+    if prometheus:
+        from faust.sensors.prometheus import setup_prometheus_sensors
+
+        setup_prometheus_sensors(app, pattern="/metrics", registry=metrics.REGISTRY)
+    _static_gauges(rt)
+    return app
+
+
+def _update_assignment(app: faust.App, rt: StreamRuntime) -> None:
+    try:
+        assigned = app.consumer.assignment()
+    except Exception:
+        return
+    names = {rt.topics[k].get_topic_name(): k for k in ("by_ip", "by_range")}
+    active: dict[str, set[int]] = {"by_ip": set(), "by_range": set()}
+    for tp in assigned:
+        if tp.topic in names:
+            active[names[tp.topic]].add(tp.partition)
+    rt.active = active
+
+
+def health(app: faust.App, rt: StreamRuntime) -> dict[str, Any]:
+    return {
+        "status": "ok",
+        "app": rt.settings.app_id,
+        "lists_ready": rt.lists_ready.is_set(),
+        "lists": len(rt.ctx.lists),
+        "partitions": {k: sorted(v) for k, v in rt.active.items()},
+        "model": getattr(rt.ctx.model, "version", None),
+        "policy": rt.policy.version,
+        "max_event_ts": rt.max_ts,
+    }
+
+
+def _static_gauges(rt: StreamRuntime) -> None:
+    metrics.POLICY_INFO.info({"version": rt.policy.version,
+                              "path": str(rt.settings.policy or "packaged default")})
+    rt.update_list_gauges()
+    _model_gauges(rt)
+
+
+def _model_gauges(rt: StreamRuntime) -> None:
+    model = rt.model_watcher.current() if rt.model_watcher is not None else None
+    metrics.MODEL_LOADED.set(1 if model is not None else 0)
+    if model is None:
+        return
+    card = getattr(model, "card", None)
+    raw = dict(getattr(card, "raw", {}) or {})
+    metrics.MODEL_INFO.info({"version": str(model.version), "name": str(getattr(card, "name", "")),
+                             "created": str(getattr(card, "created", ""))})
+    created = getattr(card, "created", None)
+    if created:
+        from datetime import datetime
+
+        try:
+            metrics.MODEL_AGE.set(datetime.fromisoformat(str(created)).timestamp())
+        except ValueError:
+            pass
+    mean = (raw.get("training") or {}).get("anomaly_mean") if isinstance(raw.get("training"), dict) else None
+    if isinstance(mean, int | float):
+        metrics.MODEL_TRAIN_SCORE_MEAN.set(mean)
+
+
+def update_gauges(app: faust.App, rt: StreamRuntime) -> None:
+    for name, table in rt.tables.items():
+        metrics.TABLE_KEYS.labels(name).set(len(table.data))
+    rt.update_list_gauges()
+    _model_gauges(rt)
+    try:
+        consumer: Any = app.consumer
+        lag: dict[str, int] = {}
+        read = consumer._read_offset  # Faust's last offset handed to a stream, per partition
+        for tp in consumer.assignment():
+            hw = consumer.highwater(tp)
+            if hw is None:
+                continue
+            pos = read.get(tp)
+            lag[tp.topic] = lag.get(tp.topic, 0) + max(int(hw) - (int(pos) + 1 if pos is not None else 0), 0)
+        for topic, n in lag.items():
+            metrics.CONSUMER_LAG.labels(topic).set(n)
+    except Exception as exc:  # the consumer may be rebalancing
+        log.debug("consumer lag unavailable: %r", exc)
+
+
+async def load_sent(rt: StreamRuntime, lookback_s: float = SENT_LOOKBACK_S) -> int:
+    """Add the request ids of recent decisions on the decisions topic to ``rt.sent`` (message keys
+    only, nothing parsed), so a redelivered request whose decision is already out is not re-sent."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    s = rt.settings
+    consumer = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, group_id=None,
+                                enable_auto_commit=False, fetch_max_wait_ms=50)
+    n = 0
+    t0 = time.monotonic()
+    try:
+        await consumer.start()
+        parts = await topic_partitions(consumer, s.topic_decisions)
+        tps = [TopicPartition(s.topic_decisions, p) for p in sorted(parts)]
+        if tps:
+            consumer.assign(tps)
+            since = int((time.time() - lookback_s) * 1000)
+            starts = await consumer.offsets_for_times({tp: since for tp in tps})
+            end = await consumer.end_offsets(tps)
+            for tp in tps:
+                start = starts.get(tp)
+                consumer.seek(tp, start.offset if start is not None else end[tp])
+            now = time.time()
+            while not all([await consumer.position(tp) >= end[tp] for tp in tps]):
+                for recs in (await consumer.getmany(timeout_ms=200, max_records=10000)).values():
+                    for rec in recs:
+                        if rec.key is not None:
+                            rt.sent[rec.key.decode("utf-8", "replace")] = now
+                            n += 1
+        log.info("decisions: %d recent request ids loaded in %.2f s", n, time.monotonic() - t0)
+    except Exception as exc:
+        log.warning("decisions: could not load recent ids (%r); may re-send some", exc)
+    finally:
+        await stop_consumer(consumer)
+    return n
+
+
+async def read_lists_forever(app: faust.App, rt: StreamRuntime) -> None:
+    """Read the compacted lists topic from the beginning, then follow it (every worker, no group)."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    s = rt.settings
+    consumer = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, group_id=None,
+                                enable_auto_commit=False, auto_offset_reset="earliest",
+                                fetch_max_wait_ms=100)
+    await consumer.start()
+    try:
+        parts = await topic_partitions(consumer, s.topic_lists, timeout=20.0)
+        if not parts:
+            log.warning("lists: topic %s not found; list entries come from policy/file only",
+                        s.topic_lists)
+            rt.lists_ready.set()
+            return
+        tps = [TopicPartition(s.topic_lists, p) for p in sorted(parts)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        end = await consumer.end_offsets(tps)
+        n = 0
+        while not app.should_stop:
+            batch = await consumer.getmany(timeout_ms=200, max_records=5000)
+            for msgs in batch.values():
+                for m in msgs:
+                    rt.apply_list_message(m.key, m.value, "topic")
+                    n += 1
+            if batch:
+                rt.update_list_gauges()
+            if not rt.lists_ready.is_set() and all(
+                [await consumer.position(tp) >= end[tp] for tp in tps]
+            ):
+                log.info("lists: caught up (%d messages, %d entries)", n, len(rt.ctx.lists))
+                rt.update_list_gauges()
+                rt.lists_ready.set()
+    finally:
+        await stop_consumer(consumer)

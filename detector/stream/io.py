@@ -1,0 +1,267 @@
+"""Plain aiokafka tools behind the CLI: create topics, produce requests, tail decisions, edit lists.
+
+Every function takes :class:`Settings` (bootstrap servers and topic names) and is synchronous;
+the ``a``-prefixed coroutines are the same for callers that already run an event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from detector.config import Settings
+from detector.core.errors import InputError
+from detector.core.lists import ListEntry, make_entry
+from detector.core.parse import parse_ts
+from detector.stream import codec
+
+log = logging.getLogger("detector.stream.io")
+
+TOPIC_ALREADY_EXISTS = 36
+
+
+async def stop_consumer(consumer: Any) -> None:
+    """``consumer.stop()`` without the CancelledError aiokafka 0.14 leaks from its own
+    coordinator task (a group-less consumer); a real cancellation of the caller still propagates."""
+    try:
+        await consumer.stop()
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+
+
+async def topic_partitions(consumer: Any, topic: str, timeout: float = 10.0) -> set[int]:
+    """Partitions of ``topic`` (a group-less consumer has no metadata for it until asked)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        metadata = await consumer._client.fetch_all_metadata()
+        parts = metadata.partitions_for_topic(topic)
+        if parts or time.monotonic() > deadline:
+            return set(parts or ())
+        await asyncio.sleep(0.2)
+
+
+def topic_specs(settings: Settings) -> dict[str, tuple[int, dict[str, str]]]:
+    """Every topic the detector uses: name -> (partitions, config)."""
+    s = settings
+    n = s.partitions
+    return {
+        s.topic_requests: (n, {}),
+        s.topic_decisions: (n, {}),
+        s.topic_outcomes: (n, {}),
+        s.topic_dead_letter: (n, {}),
+        s.topic_lists: (1, {"cleanup.policy": "compact"}),
+        f"{s.app_id}-by-ip": (n, {}),
+        f"{s.app_id}-by-range": (n, {}),
+    }
+
+
+async def acreate_topics(settings: Settings, timeout: float = 30.0) -> list[str]:
+    """Create the detector's topics that do not exist yet; returns the names created."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap,
+                                request_timeout_ms=int(timeout * 1000))
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        new = [
+            NewTopic(name, parts, settings.replication, topic_configs=cfg)
+            for name, (parts, cfg) in topic_specs(settings).items()
+            if name not in existing
+        ]
+        created: list[str] = []
+        if new:
+            resp = await admin.create_topics(new, timeout_ms=int(timeout * 1000))
+            for err in resp.to_object().get("topic_errors", []):
+                code = err.get("error_code", 0)
+                if code == 0:
+                    created.append(err["topic"])
+                elif code != TOPIC_ALREADY_EXISTS:
+                    raise RuntimeError(f"cannot create topic {err.get('topic')}: error {code} "
+                                       f"{err.get('error_message') or ''}")
+        return created
+    finally:
+        await admin.close()
+
+
+def create_topics(settings: Settings) -> list[str]:
+    return asyncio.run(acreate_topics(settings))
+
+
+def _request_ts_ms(line: bytes) -> int | None:
+    """Kafka timestamp (ms) of a request line: its ``ts``; None when it has none we can read."""
+    try:
+        obj = json.loads(line)
+        return int(parse_ts(obj["ts"]) * 1000) if isinstance(obj, dict) and "ts" in obj else None
+    except (ValueError, KeyError, TypeError, InputError):
+        return None
+
+
+async def aproduce(settings: Settings, jsonl_path: Path | str, rate: float | None = None) -> int:
+    """Send every non-blank line of ``jsonl_path`` to the requests topic as is (bad lines too:
+    the worker dead-letters them). Kafka timestamp = the request's ``ts``. ``rate``: messages/s."""
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, linger_ms=5,
+                                acks="all", enable_idempotence=True)
+    await producer.start()
+    n = 0
+    t0 = time.monotonic()
+    try:
+        with Path(jsonl_path).open("rb") as fh:
+            for line in fh:
+                line = line.rstrip(b"\r\n")
+                if not line.strip():
+                    continue
+                if rate:
+                    ahead = n / rate - (time.monotonic() - t0)
+                    if ahead > 0:
+                        await asyncio.sleep(ahead)
+                await producer.send(settings.topic_requests, value=line,
+                                    timestamp_ms=_request_ts_ms(line))
+                n += 1
+        await producer.flush()
+    finally:
+        await producer.stop()
+    return n
+
+
+def produce(settings: Settings, jsonl_path: Path | str, rate: float | None = None) -> int:
+    """Synchronous :func:`aproduce`; returns the number of messages sent."""
+    return asyncio.run(aproduce(settings, jsonl_path, rate))
+
+
+async def _read_topic(settings: Settings, topic: str, *, follow: bool, from_beginning: bool,
+                      idle_s: float = 1.0) -> AsyncIterator[Any]:
+    """Yield aiokafka records of every partition of ``topic`` (no consumer group)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None,
+                                enable_auto_commit=False, fetch_max_wait_ms=100,
+                                auto_offset_reset="earliest" if from_beginning else "latest")
+    await consumer.start()
+    try:
+        parts = await topic_partitions(consumer, topic)
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        if not tps:
+            return
+        consumer.assign(tps)
+        if from_beginning:
+            await consumer.seek_to_beginning(*tps)
+        else:
+            await consumer.seek_to_end(*tps)
+        end = await consumer.end_offsets(tps)
+        while True:
+            batch = await consumer.getmany(timeout_ms=int(idle_s * 1000), max_records=5000)
+            for records in batch.values():
+                for rec in records:
+                    yield rec
+            if not follow and all([await consumer.position(tp) >= end[tp] for tp in tps]):
+                return
+    finally:
+        await stop_consumer(consumer)
+
+
+async def atail(settings: Settings, n: int | None = None, follow: bool = True, *,
+                from_beginning: bool | None = None,
+                dedup: bool = True) -> AsyncGenerator[dict[str, Any], None]:
+    """Decisions from the decisions topic (first copy per ``request_id`` when ``dedup``)."""
+    seen: set[str] = set()
+    got = 0
+    if n is not None and n <= 0:
+        return
+    start = (not follow) if from_beginning is None else from_beginning
+    async for rec in _read_topic(settings, settings.topic_decisions, follow=follow,
+                                 from_beginning=start):
+        try:
+            d = json.loads(rec.value)
+        except (TypeError, ValueError):
+            continue
+        rid = d.get("request_id") if isinstance(d, dict) else None
+        if dedup and rid is not None:
+            if rid in seen:
+                continue
+            seen.add(rid)
+        yield d
+        got += 1
+        if n is not None and got >= n:
+            return
+
+
+def tail(settings: Settings, n: int | None = None, follow: bool = True, *,
+         from_beginning: bool | None = None, dedup: bool = True) -> Iterator[dict[str, Any]]:
+    """Synchronous :func:`atail`. Without ``follow`` it reads the topic from the beginning to its
+    current end; with ``follow`` it starts at the end (or the beginning if ``from_beginning``)."""
+    loop = asyncio.new_event_loop()
+    agen = atail(settings, n, follow, from_beginning=from_beginning, dedup=dedup)
+    try:
+        while True:
+            try:
+                yield loop.run_until_complete(agen.__anext__())
+            except StopAsyncIteration:
+                return
+    finally:
+        loop.run_until_complete(agen.aclose())
+        loop.close()
+
+
+async def _send_list(settings: Settings, key: str, value: bytes | None) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all",
+                                enable_idempotence=True)
+    await producer.start()
+    try:
+        await producer.send_and_wait(settings.topic_lists, key=key.encode("utf-8"), value=value)
+    finally:
+        await producer.stop()
+
+
+async def alists_add(settings: Settings, action: str, kind: str, value: str, *, reason: str = "",
+                     ttl_s: float | None = None) -> ListEntry:
+    entry = make_entry(action, kind, value, reason=reason, added_at=time.time(), source="soc",
+                       expires_at=None if ttl_s is None else time.time() + ttl_s)
+    await _send_list(settings, entry.key, codec.list_entry_to_wire(entry))
+    return entry
+
+
+def lists_add(settings: Settings, action: str, kind: str, value: str, *, reason: str = "",
+              ttl_s: float | None = None) -> ListEntry:
+    """Publish a deny/allow entry (raises InvalidField for a bad action/kind/value)."""
+    return asyncio.run(alists_add(settings, action, kind, value, reason=reason, ttl_s=ttl_s))
+
+
+async def alists_remove(settings: Settings, action: str, kind: str, value: str) -> str:
+    key = make_entry(action, kind, value).key
+    await _send_list(settings, key, None)
+    return key
+
+
+def lists_remove(settings: Settings, action: str, kind: str, value: str) -> str:
+    """Publish a tombstone for the entry; returns its key (``action:kind:value``)."""
+    return asyncio.run(alists_remove(settings, action, kind, value))
+
+
+async def alists_show(settings: Settings) -> list[ListEntry]:
+    entries: dict[str, ListEntry] = {}
+    async for rec in _read_topic(settings, settings.topic_lists, follow=False, from_beginning=True,
+                                 idle_s=0.5):
+        key = rec.key.decode("utf-8", "replace") if rec.key else None
+        if rec.value is None:
+            if key:
+                entries.pop(key, None)
+            continue
+        try:
+            e = codec.list_entry_from_wire(rec.value)
+        except (InputError, ValueError, KeyError, TypeError):
+            continue
+        entries[e.key] = e
+    return sorted(entries.values(), key=lambda e: e.key)
+
+
+def lists_show(settings: Settings) -> list[ListEntry]:
+    """Entries currently on the lists topic (latest per key, tombstoned ones removed), expired ones
+    included (check ``entry.active(now)``)."""
+    return asyncio.run(alists_show(settings))

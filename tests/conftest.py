@@ -1,0 +1,8 @@
+"""Root test configuration.
+
+hypothesis is imported up front: its pytest plugin otherwise imports it at the terminal summary,
+after Faust/mode have raised the recursion limit, which trips CPython 3.11's "AST constructor
+recursion depth mismatch" while compiling it (the run then fails after every test passed).
+"""
+
+import hypothesis  # noqa: F401

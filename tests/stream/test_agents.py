@@ -1,0 +1,359 @@
+"""The Faust agents with ``agent.test_context()`` (no broker): every send is captured in memory.
+
+A small harness chains the stages by hand: what ``ingest`` sends to ``by-ip`` is put into the
+``ip`` agent on the partition Kafka would pick, and so on, so the tests see the whole path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import uuid
+import zlib
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from detector.config import load_settings
+from detector.core.ipintel import IpIntel
+from detector.core.pipeline import Detector
+from detector.core.records import decision_from_dict
+from detector.runtime import build_context
+from detector.stream import codec
+from detector.stream.app import META, StreamRuntime, Sweeper, make_app, sweep_tables
+
+pytestmark = pytest.mark.asyncio
+
+T0 = 1795341600.0  # 2026-11-22T10:00:00Z
+PARTITIONS = 4
+
+
+def request(rid: str, ts: float, phone: str = "+442079460018", ip: str = "81.2.69.160",
+            **extra: Any) -> bytes:
+    return json.dumps({"request_id": rid, "ts": ts, "phone_number": phone, "ip": ip, **extra}).encode()
+
+
+def partition_of(key: bytes | None) -> int:
+    return zlib.crc32(key or b"") % PARTITIONS
+
+
+@dataclass
+class Sent:
+    key: bytes | None
+    value: bytes | None
+    partition: int | None
+
+    def json(self) -> Any:
+        return None if self.value is None else json.loads(self.value)
+
+
+@dataclass
+class Harness:
+    rt: StreamRuntime
+    app: Any
+    sent: dict[str, list[Sent]] = field(default_factory=lambda: defaultdict(list))
+    agents: dict[str, Any] = field(default_factory=dict)
+
+    def topic(self, name: str) -> str:
+        return self.rt.topics[name].get_topic_name()
+
+    def changelog(self, table: str) -> list[Sent]:
+        return self.sent[self.rt.tables[table].changelog_topic.get_topic_name()]
+
+    async def wait(self, pred: Callable[[], bool], timeout: float = 3.0) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not pred():
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError("timed out waiting for the agents")
+            await asyncio.sleep(0.002)
+
+    async def put(self, agent: str, key: bytes | None, value: bytes | None, partition: int,
+                  timestamp: float | None = None) -> None:
+        await self.agents[agent].put(value, key=key, partition=partition, timestamp=timestamp)
+
+    async def through(self, topic: str, agent: str, since: int) -> list[Sent]:
+        """Feed what was sent to ``topic`` after index ``since`` into ``agent``."""
+        out = self.sent[self.topic(topic)][since:]
+        for s in out:
+            await self.put(agent, s.key, s.value, partition_of(s.key))
+        return out
+
+    async def decide(self, raw: bytes, timestamp: float | None = None,
+                     partition: int = 0) -> dict[str, Any] | None:
+        """One raw request through ingest -> ip -> range; the decision sent, if any."""
+        n_ip, n_rng = len(self.sent[self.topic("by_ip")]), len(self.sent[self.topic("by_range")])
+        n_dec, n_dlq = len(self.sent[self.topic("decisions")]), len(self.sent[self.topic("dlq")])
+        await self.put("ingest", None, raw, partition, timestamp)
+        await self.wait(lambda: len(self.sent[self.topic("by_ip")]) > n_ip
+                        or len(self.sent[self.topic("dlq")]) > n_dlq)
+        if len(self.sent[self.topic("dlq")]) > n_dlq:
+            return None
+        await self.through("by_ip", "ip", n_ip)
+        await self.wait(lambda: len(self.sent[self.topic("by_range")]) > n_rng)
+        await self.through("by_range", "range", n_rng)
+        await self.wait(lambda: len(self.sent[self.topic("decisions")]) > n_dec)
+        return self.sent[self.topic("decisions")][-1].json()
+
+    async def outcome(self, rid: str, phone: str, outcome: str, ts: float) -> None:
+        n_rng = len(self.sent[self.topic("by_range")])
+        n_cl = len(self.changelog("number"))
+        raw = json.dumps({"request_id": rid, "phone_number": phone, "outcome": outcome,
+                          "ts": ts}).encode()
+        await self.put("outcome", None, raw, 0)
+        await self.wait(lambda: len(self.sent[self.topic("by_range")]) > n_rng)
+        await self.through("by_range", "range", n_rng)
+        await self.wait(lambda: len(self.changelog("number")) > n_cl
+                        and not self.rt.batcher.lock.locked() and len(self.rt.batcher) == 0)
+
+
+def make_harness(policy_ctx: Any = None) -> Harness:
+    settings = load_settings(env={}, app_id=f"t-{uuid.uuid4().hex[:8]}", partitions=PARTITIONS)
+    ctx = policy_ctx or build_context(settings)
+    rt = StreamRuntime(settings, ctx, IpIntel(), None)
+    app = make_app(settings, rt=rt, web=False, prometheus=False)
+    app.conf.store = "memory://"
+    h = Harness(rt, app)
+
+    async def publish(channel: Any, key: bytes | None, value: bytes | None,
+                      partition: int | None = None) -> Any:
+        h.sent[channel.get_topic_name()].append(Sent(key, value, partition))
+        fut = asyncio.get_running_loop().create_future()
+        fut.set_result(None)
+        return fut
+
+    rt.publish = publish
+    rt.lists_ready.set()
+    rt.sent_generation = app.consumer_generation_id
+    return h
+
+
+@asynccontextmanager
+async def running(h: Harness) -> AsyncIterator[Harness]:
+    async def flusher() -> None:  # the app's range_flusher task (app tasks do not run in tests)
+        while True:
+            await asyncio.sleep(0.002)
+            await h.rt.batcher.flush()
+
+    async with AsyncExitStack() as stack:
+        h.app.flow_control.resume()
+        for name in ("ingest", "ip", "range", "outcome"):
+            agent = getattr(h.app, f"{name}_agent")
+            h.agents[name] = await stack.enter_async_context(agent.test_context())
+        task = asyncio.create_task(flusher())
+        try:
+            yield h
+        finally:
+            task.cancel()
+
+
+async def test_valid_request_is_forwarded_keyed_by_ip_with_its_source() -> None:
+    async with running(make_harness()) as h:
+        await h.put("ingest", b"any", request("r1", T0, ip="::ffff:81.2.69.160"), 2, T0)
+        await h.wait(lambda: bool(h.sent[h.topic("by_ip")]))
+        sent = h.sent[h.topic("by_ip")][0]
+        env = sent.json()
+        assert sent.key == b"81.2.69.160"  # normalized by parse_request
+        assert env["r"]["request_id"] == "r1" and env["src"] == [2, 0] and env["kts"] == T0
+
+
+@pytest.mark.parametrize(
+    ("raw", "kind", "needle"),
+    [
+        (b"not json", "malformed_json", "not JSON"),
+        (b"\xff\xfe", "malformed_json", "UTF-8"),
+        (b"[1, 2]", "malformed_json", "JSON object"),
+        (json.dumps({"request_id": "x", "ts": T0, "ip": "1.2.3.4"}).encode(), "missing_field",
+         "phone_number"),
+        (json.dumps({"request_id": "x", "ts": T0 * 1000, "phone_number": "1", "ip": "1.2.3.4"})
+         .encode(), "invalid_field", "not milliseconds"),
+        (None, "invalid_input", "no value"),
+    ],
+)
+async def test_bad_messages_are_dead_lettered_and_the_next_one_still_decided(
+    raw: bytes | None, kind: str, needle: str
+) -> None:
+    async with running(make_harness()) as h:
+        await h.put("ingest", b"k", raw, 1)
+        await h.wait(lambda: bool(h.sent[h.topic("dlq")]))
+        assert not h.sent[h.topic("by_ip")]
+        dl = h.sent[h.topic("dlq")][0].json()
+        assert dl["error_kind"] == kind and needle in dl["error"], dl
+        assert dl["topic"] == h.rt.settings.topic_requests and dl["partition"] == 1
+        assert base64.b64decode(dl["original_b64"]) == (raw or b"")
+        d = await h.decide(request("ok", T0))
+        assert d is not None and d["request_id"] == "ok"
+
+
+async def test_counts_accumulate_per_ip_number_and_pair_across_partitions() -> None:
+    async with running(make_harness()) as h:
+        for i in range(4):
+            d = await h.decide(request(f"a{i}", T0 + i), partition=i % PARTITIONS)
+            assert d is not None
+        c = d["counts"]
+        assert (c["ip_1h"], c["number_1h"], c["pair_1h"], c["range_1h"]) == (4, 4, 4, 4)
+        d = await h.decide(request("b", T0 + 10, ip="81.2.69.161"))
+        assert d is not None
+        c = d["counts"]
+        assert (c["ip_1h"], c["number_1h"], c["pair_1h"], c["number_distinct_ips_1h"]) == (1, 5, 1, 2)
+
+
+async def test_table_writes_carry_partition_and_watermark_in_one_changelog_message() -> None:
+    async with running(make_harness()) as h:
+        await h.decide(request("r1", T0), partition=3)
+        ip_log = h.changelog("ip")
+        assert len(ip_log) == 1
+        value = ip_log[0].json()
+        ip_partition = partition_of(b"81.2.69.160")
+        assert ip_log[0].partition == ip_partition and ip_log[0].key == b'"81.2.69.160"'
+        assert value[META] == {"s": {"3": 0}, "p": ip_partition}
+        for table in ("number", "pair", "range", "seen"):
+            (msg,) = h.changelog(table)
+            assert msg.json()[META]["p"] == msg.partition == partition_of(b"+442079460")
+
+
+async def test_redelivered_source_message_is_not_counted_twice_at_the_ip_stage() -> None:
+    async with running(make_harness()) as h:
+        await h.decide(request("r1", T0))
+        env = h.sent[h.topic("by_ip")][0]
+        n = len(h.sent[h.topic("by_range")])
+        await h.put("ip", env.key, env.value, partition_of(env.key))  # the same source message
+        await h.wait(lambda: len(h.sent[h.topic("by_range")]) > n)
+        first, again = (s.json() for s in h.sent[h.topic("by_range")][n - 1:])
+        assert again["ipc"] == first["ipc"] == [1, 1, 1, 1, 1, 1]
+        assert h.rt.tables["ip"].data["81.2.69.160"]["c"]["m"][0][1] == 1
+        assert len(h.changelog("ip")) == 1  # nothing written for the redelivery
+
+
+async def test_request_seen_again_gets_the_identical_stored_decision_and_no_recount() -> None:
+    async with running(make_harness()) as h:
+        first = await h.decide(request("r1", T0))
+        assert first is not None
+        # The same request in a new by-range message (an upstream stage was redelivered) and after
+        # this process forgot what it sent (as after a restart): the stored decision goes out again.
+        h.rt.sent.clear()
+        n = len(h.sent[h.topic("decisions")])
+        env = h.sent[h.topic("by_range")][-1]
+        await h.put("range", env.key, env.value, partition_of(env.key))
+        await h.wait(lambda: len(h.sent[h.topic("decisions")]) > n)
+        assert h.sent[h.topic("decisions")][-1].json() == first
+        # ... and no second decision while this process knows the first was delivered.
+        await h.put("range", env.key, env.value, partition_of(env.key))
+        await asyncio.sleep(0.05)
+        assert len(h.sent[h.topic("decisions")]) == n + 1
+        nxt = await h.decide(request("r2", T0 + 1))
+        assert nxt is not None and nxt["counts"]["pair_1h"] == 2  # r1 counted once
+
+
+async def test_allowed_request_marks_pending_and_outcome_clears_it() -> None:
+    async with running(make_harness()) as h:
+        d1 = await h.decide(request("r1", T0))
+        assert d1 is not None and d1["action"] == "allow"
+        d2 = await h.decide(request("r2", T0 + 5, ip="81.2.69.170"))
+        assert d2 is not None and "duplicate_pending" in d2["reasons"]
+        await h.outcome("r1", "+442079460018", "completed", T0 + 60)
+        d3 = await h.decide(request("r3", T0 + 70, ip="81.2.69.171"))
+        assert d3 is not None and "duplicate_pending" not in d3["reasons"]
+
+
+async def test_agent_marked_spam_publishes_a_learned_deny_entry_and_blocks_the_number() -> None:
+    async with running(make_harness()) as h:
+        d1 = await h.decide(request("r1", T0))
+        assert d1 is not None and d1["action"] == "allow"
+        await h.outcome("r1", "+442079460018", "agent_marked_spam", T0 + 30)
+        (msg,) = h.sent[h.topic("lists")]
+        entry = codec.list_entry_from_wire(msg.value or b"")
+        assert msg.key == b"deny:number:+442079460018" and entry.source == "learned"
+        assert entry.expires_at == T0 + 30 + h.rt.policy.spam_deny_seconds
+        d2 = await h.decide(request("r2", T0 + 100, ip="81.2.69.172"))
+        assert d2 is not None and d2["action"] == "block" and "denylist_number" in d2["reasons"]
+
+
+async def test_bad_outcome_is_dead_lettered() -> None:
+    async with running(make_harness()) as h:
+        await h.put("outcome", None, b'{"request_id": "r", "phone_number": "+44", "outcome": "x"}', 0)
+        await h.wait(lambda: bool(h.sent[h.topic("dlq")]))
+        dl = h.sent[h.topic("dlq")][0].json()
+        assert dl["error_kind"] == "invalid_field" and "outcome" in dl["error"]
+
+
+async def test_list_messages_and_tombstones_update_the_index() -> None:
+    h = make_harness()
+    entry = {"action": "deny", "kind": "number", "value": "+442079460018", "reason": "soc"}
+    h.rt.apply_list_message(b"deny:number:+442079460018", json.dumps(entry).encode(), "topic")
+    assert h.rt.ctx.lists.match("+442079460018", "GB", "1.2.3.4", None, None, now=T0)[0] == ["number"]
+    h.rt.apply_list_message(b"deny:number:+442079460018", b"not json", "topic")  # ignored
+    h.rt.apply_list_message(b"deny:number:+442079460018", None, "topic")
+    assert len(h.rt.ctx.lists) == 0
+
+
+async def test_sweep_deletes_dead_keys_with_tombstones_in_their_own_partition() -> None:
+    async with running(make_harness()) as h:
+        await h.decide(request("r1", T0), partition=1)
+        h.rt.active = {"by_ip": set(range(PARTITIONS)), "by_range": set(range(PARTITIONS))}
+        assert sweep_tables(h.rt, T0 + 600) == []  # nothing is dead yet
+        writes = sweep_tables(h.rt, T0 + 3 * 86400)
+        assert {(w.table.name, w.key, w.value) for w in writes} == {
+            ("ip", "81.2.69.160", None), ("number", "+442079460018", None),
+            ("pair", "81.2.69.160|+442079460018", None), ("range", "+442079460", None),
+            ("seen", "r1", None),
+        }
+        assert {w.partition for w in writes if w.table.name != "ip"} == {partition_of(b"+442079460")}
+        assert all(len(t.data) == 0 for t in h.rt.tables.values())
+
+
+async def test_sweeper_works_through_the_tables_a_slice_per_tick() -> None:
+    async with running(make_harness()) as h:
+        for i in range(3):
+            await h.decide(request(f"r{i}", T0 + i, phone=f"+4420794600{10 + i}", ip=f"81.2.69.{i}"))
+        h.rt.active = {"by_ip": set(range(PARTITIONS)), "by_range": set(range(PARTITIONS))}
+        sweeper = Sweeper(h.rt, slice_size=2)
+        deleted = []
+        for _ in range(20):
+            deleted += sweeper.tick(T0 + 3 * 86400)
+        assert len(deleted) == 3 + 3 + 3 + 1 + 3  # ip, number, pair, range, seen
+        assert all(len(t.data) == 0 for t in h.rt.tables.values())
+
+
+def _labelled_mix() -> list[bytes]:
+    rows = []
+    numbers = ["+442079460018", "+442079460019", "+33142685300", "+2529055512", "+447700900123"]
+    ips = ["81.2.69.160", "81.2.69.161", "10.0.0.1", "203.0.113.9"]
+    for i in range(80):
+        rows.append(request(f"m{i}", T0 + i * 7.0, numbers[(i * 7) % 5], ips[(i * 3) % 4],
+                            authenticated=i % 5 == 0))
+    return rows
+
+
+async def test_stream_decisions_equal_the_replay_path() -> None:
+    settings = load_settings(env={})
+    replay = Detector(ctx=build_context(settings))
+    expected = [replay.process(codec.request_from_wire(json.loads(r))).to_dict() for r in _labelled_mix()]
+    async with running(make_harness(build_context(settings))) as h:
+        got = [await h.decide(r) for r in _labelled_mix()]
+    assert len(got) == len(expected) == 80
+    for g, e in zip(got, expected, strict=True):
+        assert g is not None
+        assert decision_from_dict({**g, "decided_at": 0.0}) == decision_from_dict({**e, "decided_at": 0.0})
+    assert {d["action"] for d in expected} >= {"allow", "block"}
+
+
+async def test_fast_decision_encoding_equals_to_dict() -> None:
+    settings = load_settings(env={})
+    replay = Detector(ctx=build_context(settings))
+    for raw in _labelled_mix()[:20]:
+        d = replay.process(codec.request_from_wire(json.loads(raw)))
+        assert codec.decision_to_wire(d) == d.to_dict()
+        assert json.loads(codec.dumps(codec.decision_to_wire(d))) == json.loads(json.dumps(d.to_dict()))
+
+
+async def test_stored_decision_bytes_decode_to_the_stored_value() -> None:
+    async with running(make_harness()) as h:
+        await h.decide(request("r1", T0))
+        (msg,) = h.changelog("seen")
+        assert msg.json() == h.rt.tables["seen"].data["r1"]
+        assert msg.json()["d"] == h.sent[h.topic("decisions")][0].json()
