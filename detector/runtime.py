@@ -54,6 +54,18 @@ def build_intel(settings: Settings) -> IpIntel:
         (log.warning if "DISABLED" in line or "PURE PYTHON" in line else log.info)(
             "ip data: %s", line
         )
+    from detector import metrics
+
+    sources: dict[str, Path | None] = {
+        "country_db": settings.geoip_country_db,
+        "asn_db": settings.geoip_asn_db,
+        "anonymous_db": settings.anonymous_ip_db,
+        "hosting_asns": settings.hosting_asn_file,
+    }
+    for kind in ("tor", "vpn", "proxy", "hosting"):
+        sources[f"list_{kind}"] = settings.ip_list_files.get(kind)
+    for source, path in sources.items():
+        metrics.IP_SIGNALS.labels(source).set(0 if path is None else 1)
     return intel
 
 
