@@ -98,6 +98,9 @@ OUTSTANDING = Gauge(
 OUTCOMES = Counter(
     f"{NS}_outcomes_total", "Dialer outcomes received, by outcome.", ["outcome"], registry=REGISTRY
 )
+MESSAGES_SENT = Counter(f"{NS}_messages_sent_total",
+                        "Messages the worker produced, per topic (decisions, internal, DLQ, lists).",
+                        ["topic"], registry=REGISTRY)
 CONSUMER_LAG = Gauge(
     f"{NS}_consumer_lag_messages",
     "Messages not yet consumed, per topic.",
