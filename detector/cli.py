@@ -9,35 +9,15 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Any
 
-from detector.config import Settings, load_settings
+from detector.config import Settings, load_settings, settings_from_args
 from detector.core.errors import ConfigError, DetectorError
 
 log = logging.getLogger("detector")
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    over: dict[str, Any] = {}
-    for name in (
-        "policy",
-        "lists_file",
-        "geoip_country_db",
-        "geoip_asn_db",
-        "anonymous_ip_db",
-        "hosting_asn_file",
-        "models_dir",
-        "model_name",
-        "kafka_bootstrap",
-        "web_port",
-        "data_dir",
-        "partitions",
-        "shadow_model",
-    ):
-        value = getattr(args, name, None)
-        if value is not None:
-            over[name] = value
-    return load_settings(**over)
+    return settings_from_args(args)
 
 
 def _add_core_flags(p: argparse.ArgumentParser) -> None:

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from detector.config import Settings, load_settings
+from detector.config import Settings, settings_from_args
 from detector.core.errors import ConfigError
 
 
@@ -34,27 +34,7 @@ def parse_duration(text: str) -> float:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    over: dict[str, Any] = {}
-    for name in (
-        "kafka_bootstrap",
-        "web_port",
-        "data_dir",
-        "partitions",
-        "policy",
-        "lists_file",
-        "geoip_country_db",
-        "geoip_asn_db",
-        "anonymous_ip_db",
-        "hosting_asn_file",
-        "models_dir",
-        "model_name",
-        "shadow_model",
-        "app_id",
-    ):
-        value = getattr(args, name, None)
-        if value is not None:
-            over[name] = value
-    return load_settings(**over)
+    return settings_from_args(args)
 
 
 def _kafka_flags(p: argparse.ArgumentParser) -> None:

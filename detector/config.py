@@ -134,3 +134,9 @@ def load_settings(
         if not p.is_file():
             raise ConfigError(f"{ENV_PREFIX}IP_LISTS: {kind} list {str(p)!r} does not exist")
     return s
+
+
+def settings_from_args(args: Any) -> Settings:
+    """Settings from the environment with every CLI flag named like a Settings field on top."""
+    over = {n: getattr(args, n) for n in Settings.__slots__ if getattr(args, n, None) is not None}  # type: ignore[attr-defined]
+    return load_settings(**over)
