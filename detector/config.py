@@ -50,16 +50,8 @@ class Settings:
     log_level: str = "INFO"
 
 
-_PATHS = {
-    "policy",
-    "lists_file",
-    "geoip_country_db",
-    "geoip_asn_db",
-    "anonymous_ip_db",
-    "hosting_asn_file",
-    "models_dir",
-    "data_dir",
-}
+_FILES = ("policy", "lists_file", "geoip_country_db", "geoip_asn_db", "anonymous_ip_db", "hosting_asn_file")
+_PATHS = {*_FILES, "models_dir", "data_dir"}
 _INTS = {"partitions", "replication", "web_port"}
 _FLOATS = {"model_reload_s"}
 
@@ -119,14 +111,7 @@ def load_settings(
         raise ConfigError(f"{_env_name('partitions')}: expected >= 1, got {s.partitions}")
     if not check_files:
         return s
-    for name in (
-        "policy",
-        "lists_file",
-        "geoip_country_db",
-        "geoip_asn_db",
-        "anonymous_ip_db",
-        "hosting_asn_file",
-    ):
+    for name in _FILES:
         p = getattr(s, name)
         if p is not None and not Path(p).is_file():
             raise ConfigError(f"{_env_name(name)}: file {str(p)!r} does not exist")

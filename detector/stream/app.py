@@ -323,7 +323,11 @@ class StreamRuntime:
         try:
             entry = codec.list_entry_from_wire(value)
         except (InputError, ValueError, KeyError, TypeError) as exc:
-            log.warning("lists: ignoring invalid entry at key %r: %s", key, exc)
+            # The key and the error text carry the entry's value (an IP or a number): log neither.
+            prefix = ":".join((key or b"").decode("utf-8", "replace").split(":")[:2])
+            kind = exc.kind if isinstance(exc, InputError) else type(exc).__name__
+            log.warning("lists: ignoring an invalid %s entry (%s)", prefix or "unkeyed", kind)
+            metrics.DEAD_LETTERS.labels(self.settings.topic_lists, kind).inc()
             return
         self.ctx.lists.add(entry)
         metrics.LIST_CHANGES.labels("add", entry.source or source).inc()

@@ -357,3 +357,13 @@ async def test_stored_decision_bytes_decode_to_the_stored_value() -> None:
         (msg,) = h.changelog("seen")
         assert msg.json() == h.rt.tables["seen"].data["r1"]
         assert msg.json()["d"] == h.sent[h.topic("decisions")][0].json()
+
+
+async def test_invalid_list_entry_is_ignored_without_logging_its_value(caplog: pytest.LogCaptureFixture) -> None:
+    h = make_harness()
+    bad = {"action": "deny", "kind": "ip", "value": "203.0.113.999"}
+    with caplog.at_level("WARNING", logger="detector.stream"):
+        h.rt.apply_list_message(b"deny:ip:203.0.113.999", json.dumps(bad).encode(), "topic")
+    assert len(h.rt.ctx.lists) == 0
+    assert "deny:ip" in caplog.text and "invalid_field" in caplog.text
+    assert "203.0.113" not in caplog.text
