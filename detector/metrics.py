@@ -101,6 +101,12 @@ OUTCOMES = Counter(
 MESSAGES_SENT = Counter(f"{NS}_messages_sent_total",
                         "Messages the worker produced, per topic (decisions, internal, DLQ, lists).",
                         ["topic"], registry=REGISTRY)
+REREADS = Counter(
+    f"{NS}_stream_rereads_total",
+    "Times a stage saw a later offset than the one it expected and read the skipped ones again.",
+    ["stage"],
+    registry=REGISTRY,
+)
 CONSUMER_LAG = Gauge(
     f"{NS}_consumer_lag_messages",
     "Messages not yet consumed, per topic.",

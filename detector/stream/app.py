@@ -29,12 +29,11 @@ and a request never gets two different decisions:
   partition, so re-keying to a partition owned by another worker fails with "No transaction
   producer found".)
 
-Known problem (faust-streaming 0.15.3): after a SIGKILL restart with a backlog, Faust's recovery
-sometimes delivers a later offset before earlier ones and then commits over the jump, or acks
-messages it skipped while recovering; those requests never reach the range stage (seen in about
-1 restart in 4 in tests/integration, 50-1,200 messages). ``_LowLatencyConsumer._add_gap`` re-reads
-a skipped range instead of committing over it, which recovers part of it; the skip-and-ack path
-inside Faust's stream iterator is not covered.
+Ordering: every stage passes its events through an :class:`~detector.stream.delivery.OffsetGate`
+(per partition, the next offset to process, reset at each assignment from the group's committed
+offset), and the consumer commits only acked offsets that follow the committed one. Faust's own
+drain loop could skip records after a seek during recovery and commit over them (requests lost
+after a SIGKILL restart); see :mod:`detector.stream.delivery`.
 
 Windows are the core's tumbling minute/hour sub-windows in plain table values (event time,
 exact); a timer deletes dead keys with :func:`detector.core.state.sweep` (tombstones to the
@@ -57,7 +56,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import faust
-from faust.transport.drivers import aiokafka as faust_aiokafka
+from faust.types import TP
 
 from detector import metrics
 from detector.config import Settings
@@ -72,6 +71,7 @@ from detector.core.pipeline import enrich, learn_from_outcome, parse_outcome, ra
 from detector.core.policy import Policy
 from detector.core.records import Action, Counts, Decision
 from detector.stream import codec
+from detector.stream.delivery import Admit, DeliveryTransport, OffsetGate, start_offsets
 from detector.stream.io import stop_consumer, topic_partitions
 
 log = logging.getLogger("detector.stream")
@@ -82,10 +82,11 @@ SWEEP_INTERVAL_S = 30.0  # a full sweep pass starts at most this often ...
 SWEEP_TICK_S = 0.5  # ... and proceeds SWEEP_SLICE keys per tick
 SWEEP_SLICE = 2000
 GAUGE_INTERVAL_S = 5.0
-FETCH_MAX_WAIT_MS = 10  # Faust hard-codes 1500 ms: an idle partition would add that per hop
 RANGE_BATCH = 500  # range stage: events per batch (one Kafka round trip per batch)
 RANGE_BATCH_WITHIN_S = 0.005
 META = "_"  # table-value key of the adapter's metadata (partition, watermark)
+STAGE_INPUTS = {"requests": "ingest", "outcomes": "outcome", "by_ip": "ip", "by_range": "range"}
+#               ^ the topics the agents consume -> the stage (agent) consuming it
 
 Publish = Callable[..., Awaitable[Any]]
 
@@ -93,51 +94,14 @@ Publish = Callable[..., Awaitable[Any]]
 # --------------------------------------------------------------------------- transport
 
 
-class _LowLatencyConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
-    def _create_worker_consumer(self, transport: Any) -> Any:
-        consumer = super()._create_worker_consumer(transport)
-        consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS  # read by the fetcher created in start()
-        return consumer
-
-
-class _LowLatencyConsumer(faust_aiokafka.Consumer):
-    def _new_consumer_thread(self) -> Any:
-        return _LowLatencyConsumerThread(self, loop=self.loop, beacon=self.beacon)
-
-    async def _add_gap(self, tp: Any, offset_from: int, offset_to: int) -> None:
-        # Faust treats a jump in delivered offsets as processed (meant for transaction markers
-        # and compaction) and commits over it. After a SIGKILL restart, Faust's recovery can
-        # deliver a later offset first (measured: offsets 1172-1764 of by-range skipped, then
-        # committed: ~1,200 requests never decided). Our topics have contiguous offsets, so
-        # a jump is a delivery fault: read the skipped range again (the stages are idempotent)
-        # instead of committing over it. The same jump twice in a row is a real hole in the log.
-        seen = self.__dict__.setdefault("_detector_gaps", {})
-        if seen.get(tp) == (offset_from, offset_to):
-            del seen[tp]
-            await super()._add_gap(tp, offset_from, offset_to)
-            return
-        seen[tp] = (offset_from, offset_to)
-        log.warning("consumer: offsets %d-%d of %s were skipped by the fetcher; reading them again",
-                    offset_from, offset_to, tp)
-
-        async def seek_back() -> None:
-            await asyncio.sleep(0)  # after the drain loop has recorded the current message
-            await self.seek(tp, offset_from)
-
-        asyncio.ensure_future(seek_back())
-
-
-class _LowLatencyTransport(faust_aiokafka.Transport):
-    Consumer = _LowLatencyConsumer
-
-
 class DetectorApp(faust.App):
-    """A faust.App whose Kafka consumer waits at most FETCH_MAX_WAIT_MS for an empty fetch."""
+    """A faust.App whose consumer is :class:`DeliveryConsumer` (short fetch waits, every record
+    delivered, commits never past an unacked offset)."""
 
     rt: StreamRuntime
 
     def _new_transport(self) -> Any:
-        return _LowLatencyTransport(self.conf.broker_consumer, self)
+        return DeliveryTransport(self.conf.broker_consumer, self)
 
 
 # --------------------------------------------------------------------------- table views
@@ -276,7 +240,10 @@ class StreamRuntime:
     max_ts: float = 0.0  # highest event time seen (drives the sweep)
     lists_ready: asyncio.Event = field(default_factory=asyncio.Event)
     sent: dict[str, float] = field(default_factory=dict)  # request id -> wall time it was sent
-    sent_generation: int | None = None  # consumer generation for which recent ids were loaded
+    generation: int | None = None  # consumer generation the stages are prepared for
+    gate_offsets: bool = True  # order each stage's input (off in test_context: its offsets
+    #                            count per agent, not per partition)
+    gates: dict[str, OffsetGate] = field(default_factory=dict)  # stage input -> its gate
     batcher: Any = None  # the range stage's RangeBatcher
     topics: dict[str, Any] = field(default_factory=dict)
     tables: dict[str, Any] = field(default_factory=dict)
@@ -722,57 +689,101 @@ def make_app(settings: Settings, *, rt: StreamRuntime | None = None, web: bool =
 
     rt.publish = publish
 
+    batcher = rt.batcher = RangeBatcher(rt)
+    gates = rt.gates = {key: OffsetGate(rt.topics[key].get_topic_name()) for key in STAGE_INPUTS}
+    prepare_lock = asyncio.Lock()
+
+    async def prepare(generation: int) -> None:
+        """Before processing in a new generation: lists caught up, the range batch flushed, each
+        stage's gate set to the group's committed offsets, recent decision ids loaded."""
+        async with prepare_lock:
+            if rt.generation == generation:
+                return
+            if not rt.lists_ready.is_set():
+                try:
+                    await asyncio.wait_for(rt.lists_ready.wait(), timeout=30.0)
+                except TimeoutError:
+                    log.warning("lists: not caught up after 30 s; deciding without them")
+                    rt.lists_ready.set()
+            await batcher.flush()
+            _update_assignment(app, rt)
+            if rt.gate_offsets:
+                assigned = {gates[k].topic: rt.active.get(k, set()) for k in STAGE_INPUTS}
+                try:
+                    starts = await start_offsets(s.kafka_bootstrap, app.conf.id, list(assigned),
+                                                 assigned)
+                except Exception as exc:
+                    log.warning("offsets: could not read the committed offsets (%r); each stage "
+                                "starts where the consumer delivers", exc)
+                    starts = {}
+                for gate in gates.values():
+                    gate.reset(starts.get(gate.topic, {}))
+            # Partitions may come with uncommitted offsets whose decisions are already on the topic
+            # (the previous owner crashed after sending them).
+            await load_sent(rt)
+            rt.generation = generation
+
+    @app.on_partitions_assigned.connect  # type: ignore[arg-type]
+    async def on_assigned(sender: Any, *args: Any, **kwargs: Any) -> None:
+        # Faust awaits this during the rebalance, before the streams resume.
+        await prepare(app.consumer_generation_id)
+
+    async def admitted(event: Any, key: str, ack: Callable[[Any], None]) -> bool:
+        """Whether the stage processes this event now (see :class:`OffsetGate`)."""
+        if rt.generation != app.consumer_generation_id:
+            await prepare(app.consumer_generation_id)
+        if not rt.gate_offsets:
+            return True
+        m = event.message
+        gate = gates[key]
+        verdict = gate.admit(m.partition, m.offset)
+        if verdict is Admit.PROCESS:
+            return True
+        if verdict is Admit.SKIP:
+            metrics.DUPLICATES.labels(STAGE_INPUTS[key]).inc()
+            ack(event)
+        elif verdict is Admit.SEEK:
+            expected = gate.expected(m.partition)
+            assert expected is not None
+            log.warning("%s[%d]: got offset %d, expected %d: reading %d-%d again",
+                        gate.topic, m.partition, m.offset, expected, expected, m.offset - 1)
+            metrics.REREADS.labels(STAGE_INPUTS[key]).inc()
+            await app.consumer.seek_wait({TP(m.topic, m.partition): expected})
+        return False
+
+    def ack_now(event: Any) -> None:
+        event.ack()
+
+    def ack_after_flush(event: Any) -> None:  # the range stage acks a batch once it is durable
+        batcher.acks.append(event.ack)
+
     @app.agent(rt.topics["requests"], name="ingest")
     async def ingest(stream: Any) -> None:
-        async for event in stream.events():
-            m = event.message
-            await ingest_one(rt, m.key, m.value, partition=m.partition, offset=m.offset,
-                             timestamp=m.timestamp)
+        async for event in stream.noack().events():
+            if await admitted(event, "requests", ack_now):
+                m = event.message
+                await ingest_one(rt, m.key, m.value, partition=m.partition, offset=m.offset,
+                                 timestamp=m.timestamp)
+                event.ack()
 
     @app.agent(rt.topics["by_ip"], name="ip")
     async def ip_agent(stream: Any) -> None:
-        async for event in stream.events():
+        async for event in stream.noack().events():
+            if not await admitted(event, "by_ip", ack_now):
+                continue
             m = event.message
             try:
                 await ip_one(rt, m.value, partition=m.partition)
             except Exception:
                 log.exception("ip: failed to process by-ip[%d]@%d", m.partition, m.offset)
-
-    batcher = rt.batcher = RangeBatcher(rt)
-    first_seen: dict[int, int] = {}  # partition -> first offset received in this generation
-
-    async def prepare_range(generation: int) -> None:
-        """Before deciding in a new generation: lists caught up, recent decision ids loaded."""
-        if not rt.lists_ready.is_set():
-            try:
-                await asyncio.wait_for(rt.lists_ready.wait(), timeout=30.0)
-            except TimeoutError:
-                log.warning("lists: not caught up after 30 s; deciding without them")
-                rt.lists_ready.set()
-        await batcher.flush()
-        _update_assignment(app, rt)
-        # Partitions may come with uncommitted offsets whose decisions are already on the topic
-        # (the previous owner crashed after sending them).
-        await load_sent(rt)
-        rt.sent_generation = generation
-
-    @app.on_partitions_assigned.connect  # type: ignore[arg-type]
-    async def on_assigned(sender: Any, *args: Any, **kwargs: Any) -> None:
-        # Faust awaits this during the rebalance, before the streams resume: the range agent
-        # never waits with a growing backlog (which is when Faust dropped messages, see README).
-        await prepare_range(app.consumer_generation_id)
+            event.ack()
 
     @app.agent(rt.topics["by_range"], name="range")
     async def range_agent(stream: Any) -> None:
         async for event in stream.noack().events():
-            if rt.sent_generation != app.consumer_generation_id:
-                await prepare_range(app.consumer_generation_id)
-                first_seen.clear()
+            if not await admitted(event, "by_range", ack_after_flush):
+                continue
             m = event.message
-            if m.partition not in first_seen:
-                first_seen[m.partition] = m.offset
-                log.info("range: generation %s first offset of partition %d: %d",
-                         app.consumer_generation_id, m.partition, m.offset)
             batcher.add(m.value, m.partition, m.offset, event.ack)
             if len(batcher) >= RANGE_BATCH:
                 await batcher.flush()
@@ -788,10 +799,12 @@ def make_app(settings: Settings, *, rt: StreamRuntime | None = None, web: bool =
 
     @app.agent(rt.topics["outcomes"], name="outcome")
     async def outcome_agent(stream: Any) -> None:
-        async for event in stream.events():
-            m = event.message
-            await outcome_one(rt, m.key, m.value, partition=m.partition, offset=m.offset,
-                              timestamp=m.timestamp)
+        async for event in stream.noack().events():
+            if await admitted(event, "outcomes", ack_now):
+                m = event.message
+                await outcome_one(rt, m.key, m.value, partition=m.partition, offset=m.offset,
+                                  timestamp=m.timestamp)
+                event.ack()
 
     app.ingest_agent = ingest  # type: ignore[attr-defined]
     app.ip_agent = ip_agent  # type: ignore[attr-defined]
@@ -825,6 +838,8 @@ def make_app(settings: Settings, *, rt: StreamRuntime | None = None, web: bool =
         from faust.sensors.prometheus import setup_prometheus_sensors
 
         setup_prometheus_sensors(app, pattern="/metrics", registry=metrics.REGISTRY)
+    for stage in STAGE_INPUTS.values():  # every series exists from the start, at 0
+        metrics.REREADS.labels(stage)
     _static_gauges(rt)
     return app
 
@@ -834,8 +849,8 @@ def _update_assignment(app: faust.App, rt: StreamRuntime) -> None:
         assigned = app.consumer.assignment()
     except Exception:
         return
-    names = {rt.topics[k].get_topic_name(): k for k in ("by_ip", "by_range")}
-    active: dict[str, set[int]] = {"by_ip": set(), "by_range": set()}
+    names = {rt.topics[k].get_topic_name(): k for k in STAGE_INPUTS}
+    active: dict[str, set[int]] = {k: set() for k in STAGE_INPUTS}
     for tp in assigned:
         if tp.topic in names:
             active[names[tp.topic]].add(tp.partition)
@@ -892,13 +907,11 @@ def update_gauges(app: faust.App, rt: StreamRuntime) -> None:
     try:
         consumer: Any = app.consumer
         lag: dict[str, int] = {}
-        read = consumer._read_offset  # Faust's last offset handed to a stream, per partition
-        for tp in consumer.assignment():
-            hw = consumer.highwater(tp)
-            if hw is None:
-                continue
-            pos = read.get(tp)
-            lag[tp.topic] = lag.get(tp.topic, 0) + max(int(hw) - (int(pos) + 1 if pos is not None else 0), 0)
+        for key, gate in rt.gates.items():  # the gate knows the next offset its stage processes
+            for p in rt.active.get(key, ()):
+                hw, nxt = consumer.highwater(TP(gate.topic, p)), gate.expected(p)
+                if hw is not None and nxt is not None:
+                    lag[gate.topic] = lag.get(gate.topic, 0) + max(int(hw) - nxt, 0)
         for topic, n in lag.items():
             metrics.CONSUMER_LAG.labels(topic).set(n)
     except Exception as exc:  # the consumer may be rebalancing

@@ -128,7 +128,8 @@ def make_harness(policy_ctx: Any = None) -> Harness:
 
     rt.publish = publish
     rt.lists_ready.set()
-    rt.sent_generation = app.consumer_generation_id
+    rt.generation = app.consumer_generation_id
+    rt.gate_offsets = False  # test_context numbers offsets per agent, not per partition
     return h
 
 
