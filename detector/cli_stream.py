@@ -55,7 +55,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     t0 = time.perf_counter()
-    n = io.produce(settings, args.file, rate=args.rate)
+    n = io.produce(settings, args.file, rate=args.rate, key_by_ip=not args.no_ip_key)
     dt = time.perf_counter() - t0
     print(f"produced {n:,} messages to {settings.topic_requests} in {dt:.1f} s", file=sys.stderr)
     return 0
@@ -128,8 +128,10 @@ def add_commands(sub: Any, add_core_flags: Callable[[argparse.ArgumentParser], N
     add_core_flags(w)
     w.set_defaults(func=cmd_worker)
 
-    p = sub.add_parser("produce", help="web-tier stand-in: send JSONL requests (Kafka timestamp = ts)")
+    p = sub.add_parser("produce", help="web-tier stand-in: send JSONL requests (key IP, timestamp ts)")
     p.add_argument("file", type=Path)
+    p.add_argument("--no-ip-key", action="store_true",
+                   help="send without a key (the worker then re-keys every request by IP: one more hop)")
     p.add_argument(
         "--rate", type=float, default=None, help="requests per second (default: as fast as possible)"
     )

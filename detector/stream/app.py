@@ -56,6 +56,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import faust
+from aiokafka.partitioner import murmur2
 from faust.types import TP
 
 from detector import metrics
@@ -69,7 +70,7 @@ from detector.core.parse import parse_request
 from detector.core.phone import enrich_phone
 from detector.core.pipeline import enrich, learn_from_outcome, parse_outcome, range_routing_key
 from detector.core.policy import Policy
-from detector.core.records import Action, Counts, Decision
+from detector.core.records import Action, CallbackRequest, Counts, Decision
 from detector.stream import codec
 from detector.stream.delivery import Admit, DeliveryTransport, OffsetGate, start_offsets
 from detector.stream.io import stop_consumer, topic_partitions
@@ -249,9 +250,17 @@ class StreamRuntime:
     tables: dict[str, Any] = field(default_factory=dict)
     active: dict[str, set[int]] = field(default_factory=dict)  # topic -> assigned partitions
 
+    ip_partitions: int = 0  # partitions of by-ip when callback-requests has as many, else 0
+
     @property
     def policy(self) -> Policy:
         return self.ctx.policy
+
+    def ip_partition(self, ip_key: bytes) -> int:
+        """The by-ip partition of a key (the producer's murmur2 partitioner); -1 when requests
+        and by-ip are not co-partitioned (different partition counts)."""
+        n = self.ip_partitions
+        return (murmur2(ip_key) & 0x7FFFFFFF) % n if n else -1
 
     def context(self) -> DecisionContext:
         """The decision context with the current model (hot-reloaded by the watcher)."""
@@ -318,17 +327,17 @@ def _applied_offset(offset: int) -> Callable[[dict[str, Any]], bool]:
     return applied
 
 
-def _stamp_source(src_partition: int, src_offset: int) -> Callable[[dict[str, Any]], None]:
+def _stamp_source(src: str, src_offset: int) -> Callable[[dict[str, Any]], None]:
     def stamp(value: dict[str, Any]) -> None:
         marks = _meta(value).setdefault("s", {})
-        marks[str(src_partition)] = max(int(marks.get(str(src_partition), -1)), src_offset)
+        marks[src] = max(int(marks.get(src, -1)), src_offset)
     return stamp
 
 
-def _applied_source(src_partition: int, src_offset: int) -> Callable[[dict[str, Any]], bool]:
+def _applied_source(src: str, src_offset: int) -> Callable[[dict[str, Any]], bool]:
     def applied(value: dict[str, Any]) -> bool:
         meta = value.get(META) or {}
-        return int(meta.get("s", {}).get(str(src_partition), -1)) >= src_offset
+        return int(meta.get("s", {}).get(src, -1)) >= src_offset
     return applied
 
 
@@ -354,8 +363,16 @@ async def ingest_one(rt: StreamRuntime, key: bytes | None, value: bytes | None, 
         await _dead_letter(rt, "internal_error", f"{type(exc).__name__}: {exc}", s.topic_requests,
                            partition, offset, value, key, timestamp)
         return
+    ip_key = req.ip.encode("utf-8")
+    if key == ip_key and partition == rt.ip_partition(ip_key):
+        # Keyed by IP by the web tier and on the partition the by-ip hop would pick: this worker
+        # owns that partition of the ip table too (co-partitioned), so count here, no hop.
+        await ip_stage(rt, req, None, src=f"d{partition}", src_offset=offset, kts=timestamp,
+                       partition=partition)
+        metrics.STAGE_SECONDS.labels("ingest_ip").observe(time.perf_counter() - t0)
+        return
     env = {"r": codec.request_to_wire(req), "src": [partition, offset], "kts": timestamp}
-    await rt.send("by_ip", req.ip.encode("utf-8"), codec.dumps(env))
+    await rt.send("by_ip", ip_key, codec.dumps(env))
     metrics.STAGE_SECONDS.labels("ingest").observe(time.perf_counter() - t0)
 
 
@@ -369,16 +386,26 @@ async def _dead_letter(rt: StreamRuntime, kind: str, error: str, topic: str, par
 
 
 async def ip_one(rt: StreamRuntime, value: bytes, *, partition: int) -> None:
-    """Stage 1: count the request per IP (exactly once per source message), forward by range."""
+    """Stage 1 (by-ip hop): decode a forwarded request and run :func:`ip_stage` on it."""
     t0 = time.perf_counter()
     env = codec.loads(value)
     req = codec.request_from_wire(env["r"])
-    src_p, src_o = int(env["src"][0]), int(env["src"][1])
+    await ip_stage(rt, req, env["r"], src=str(int(env["src"][0])), src_offset=int(env["src"][1]),
+                   kts=env.get("kts"), partition=partition)
+    metrics.STAGE_SECONDS.labels("ip").observe(time.perf_counter() - t0)
+
+
+async def ip_stage(rt: StreamRuntime, req: CallbackRequest, wire: dict[str, Any] | None, *, src: str,
+                   src_offset: int, kts: float | None, partition: int) -> None:
+    """Count the request per IP (exactly once per source message), forward it keyed by range.
+
+    ``src`` names the source: the callback-requests partition, ``"d<p>"`` when counted in the
+    ingest agent itself (a separate watermark: the two paths are ordered separately)."""
     rt.max_ts = max(rt.max_ts, req.ts)
     enr = enrich(req, rt.intel, rt.policy)
     writes: dict[tuple[str, str], Write] = {}
-    view = EventView(rt.tables["ip"], partition, _applied_source(src_p, src_o),
-                     _stamp_source(src_p, src_o), writes)
+    view = EventView(rt.tables["ip"], partition, _applied_source(src, src_offset),
+                     _stamp_source(src, src_offset), writes)
     counts = state.ip_stage(state.IpStores(ip=view), req, enr)
     if view.redelivered:
         metrics.DUPLICATES.labels("ip").inc()
@@ -387,9 +414,9 @@ async def ip_one(rt: StreamRuntime, value: bytes, *, partition: int) -> None:
                               max(counts.ip_24h - 1, 1), counts.ip_distinct_numbers_1h,
                               counts.ip_distinct_numbers_24h, counts.ip_distinct_countries_24h)
     await rt.flush_writes(list(writes.values()))
-    out = {"k": "req", "r": env["r"], "ipc": codec.ip_counts_to_wire(counts), "kts": env.get("kts")}
+    out = {"k": "req", "r": wire if wire is not None else codec.request_to_wire(req),
+           "ipc": codec.ip_counts_to_wire(counts), "kts": kts}
     await rt.send("by_range", range_routing_key(req, enr).encode("utf-8"), codec.dumps(out))
-    metrics.STAGE_SECONDS.labels("ip").observe(time.perf_counter() - t0)
 
 
 @dataclass
@@ -707,6 +734,9 @@ def make_app(settings: Settings, *, rt: StreamRuntime | None = None, web: bool =
                     rt.lists_ready.set()
             await batcher.flush()
             _update_assignment(app, rt)
+            n_req = app.consumer.topic_partitions(gates["requests"].topic)
+            n_ip = app.consumer.topic_partitions(gates["by_ip"].topic)
+            rt.ip_partitions = n_ip if n_ip and n_req == n_ip else 0
             if rt.gate_offsets:
                 assigned = {gates[k].topic: rt.active.get(k, set()) for k in STAGE_INPUTS}
                 try:

@@ -20,7 +20,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from detector.config import Settings
 from detector.core.errors import InputError
 from detector.core.lists import ListEntry, make_entry
-from detector.core.parse import parse_ts
+from detector.core.parse import parse_request, parse_ts
 from detector.stream import codec
 
 log = logging.getLogger("detector.stream.io")
@@ -105,9 +105,21 @@ def _request_ts_ms(line: bytes) -> int | None:
         return None
 
 
-async def aproduce(settings: Settings, jsonl_path: Path | str, rate: float | None = None) -> int:
+def request_key(line: bytes) -> bytes | None:
+    """The message key the web tier should set: the request's IP as the detector normalizes it
+    (``::ffff:81.2.69.160`` -> ``81.2.69.160``). With it, the worker counts per IP where it
+    consumes the request (no by-ip hop); None for a line that does not parse."""
+    try:
+        return parse_request(line).ip.encode("utf-8")
+    except InputError:
+        return None
+
+
+async def aproduce(settings: Settings, jsonl_path: Path | str, rate: float | None = None,
+                   *, key_by_ip: bool = True) -> int:
     """Send every non-blank line of ``jsonl_path`` to the requests topic as is (bad lines too:
-    the worker dead-letters them). Kafka timestamp = the request's ``ts``. ``rate``: messages/s."""
+    the worker dead-letters them), keyed by :func:`request_key` unless ``key_by_ip`` is false.
+    Kafka timestamp = the request's ``ts``. ``rate``: messages/s."""
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, linger_ms=5,
                                 acks="all", enable_idempotence=True)
     await producer.start()
@@ -124,6 +136,7 @@ async def aproduce(settings: Settings, jsonl_path: Path | str, rate: float | Non
                     if ahead > 0:
                         await asyncio.sleep(ahead)
                 await producer.send(settings.topic_requests, value=line,
+                                    key=request_key(line) if key_by_ip else None,
                                     timestamp_ms=_request_ts_ms(line))
                 n += 1
         await producer.flush()
@@ -132,9 +145,10 @@ async def aproduce(settings: Settings, jsonl_path: Path | str, rate: float | Non
     return n
 
 
-def produce(settings: Settings, jsonl_path: Path | str, rate: float | None = None) -> int:
+def produce(settings: Settings, jsonl_path: Path | str, rate: float | None = None,
+            *, key_by_ip: bool = True) -> int:
     """Synchronous :func:`aproduce`; returns the number of messages sent."""
-    return asyncio.run(aproduce(settings, jsonl_path, rate))
+    return asyncio.run(aproduce(settings, jsonl_path, rate, key_by_ip=key_by_ip))
 
 
 async def _read_topic(settings: Settings, topic: str, *, follow: bool, from_beginning: bool,

@@ -236,8 +236,9 @@ def send_outcome(settings: Settings, rid: str, phone: str, outcome: str, ts: flo
     asyncio.run(_send(settings, settings.topic_outcomes, [(None, json.dumps(body).encode())]))
 
 
-def produce(settings: Settings, tmp: Path, rows: list[dict[str, Any] | bytes], name: str) -> int:
-    return io.produce(settings, write_jsonl(tmp / f"{name}.jsonl", rows))
+def produce(settings: Settings, tmp: Path, rows: list[dict[str, Any] | bytes], name: str,
+            key_by_ip: bool = True) -> int:
+    return io.produce(settings, write_jsonl(tmp / f"{name}.jsonl", rows), key_by_ip=key_by_ip)
 
 
 def produce_by_ip(settings: Settings, rows: list[dict[str, Any]]) -> None:
@@ -276,7 +277,8 @@ def test_labelled_mix_dead_letters_and_conformance_with_replay(
     for k, b in enumerate(bad):  # spread through the stream
         rows.insert((k + 1) * len(rows) // (len(bad) + 1), b)
     with workers(env, tmp_path, n=1, partitions=1):
-        assert produce(settings, tmp_path, rows, "mix") == len(rows)
+        # Keyless, as a web tier that sets no key: every request takes the by-ip hop.
+        assert produce(settings, tmp_path, rows, "mix", key_by_ip=False) == len(rows)
         valid = [parse_request(i.request) for i in items]
         all_copies = decisions_for(settings, {r.request_id for r in valid}, linger=2.0)
         assert all(len(ds) == 1 for ds in all_copies.values())

@@ -230,6 +230,36 @@ async def test_redelivered_source_message_is_not_counted_twice_at_the_ip_stage()
         assert len(h.changelog("ip")) == 1  # nothing written for the redelivery
 
 
+async def test_request_keyed_by_ip_on_its_by_ip_partition_is_counted_without_the_hop() -> None:
+    async with running(make_harness()) as h:
+        h.rt.ip_partitions = PARTITIONS  # requests and by-ip co-partitioned (set at assignment)
+        ip = b"81.2.69.160"
+        p = h.rt.ip_partition(ip)
+        await h.put("ingest", ip, request("d1", T0), p, T0)
+        await h.wait(lambda: bool(h.sent[h.topic("by_range")]))
+        assert not h.sent[h.topic("by_ip")]  # no hop
+        (log,) = h.changelog("ip")
+        assert log.partition == p and log.json()[META] == {"s": {f"d{p}": 0}, "p": p}
+        assert h.sent[h.topic("by_range")][0].json()["ipc"][:3] == [1, 1, 1]
+        h.agents["ingest"].sent_offset = 0  # test_context numbers puts: offset 0 once more
+        await h.put("ingest", ip, request("d1", T0), p, T0)  # the same message redelivered ...
+        await h.wait(lambda: len(h.sent[h.topic("by_range")]) == 2)
+        assert h.sent[h.topic("by_range")][1].json()["ipc"][:3] == [1, 1, 1]  # ... counted once
+        # The same IP on another partition or with another key takes the hop and is counted too
+        # (its source has its own watermark).
+        other = (p + 1) % PARTITIONS
+        d = await h.decide(request("h1", T0 + 1), partition=other)
+        assert d is not None and d["counts"]["ip_1h"] == 2
+        assert h.sent[h.topic("by_ip")][0].json()["src"][0] == other
+
+
+async def test_without_co_partitioned_requests_every_request_takes_the_by_ip_hop() -> None:
+    async with running(make_harness()) as h:
+        assert h.rt.ip_partitions == 0 and h.rt.ip_partition(b"81.2.69.160") == -1
+        d = await h.decide(request("k1", T0), partition=0)
+        assert d is not None and len(h.sent[h.topic("by_ip")]) == 1
+
+
 async def test_request_seen_again_gets_the_identical_stored_decision_and_no_recount() -> None:
     async with running(make_harness()) as h:
         first = await h.decide(request("r1", T0))
