@@ -39,7 +39,9 @@ sys.path.insert(0, str(REPO))
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition  # noqa: E402
 
 from detector.config import load_settings  # noqa: E402
-from detector.stream.io import stop_consumer, topic_partitions  # noqa: E402
+from detector.stream.io import request_key, stop_consumer, topic_partitions  # noqa: E402
+
+KEY_BY_IP = True  # requests keyed by IP as the README asks of the web tier (--no-ip-key: keyless)
 
 
 def free_port() -> int:
@@ -104,7 +106,8 @@ async def produce(bootstrap: str, topic: str, rows: list[bytes], rate: float | N
                 obj = json.loads(row)
                 obj["ts"] = now
                 row = json.dumps(obj).encode()
-            await producer.send(topic, value=row, timestamp_ms=int(now * 1000))
+            await producer.send(topic, value=row, timestamp_ms=int(now * 1000),
+                                key=request_key(row) if KEY_BY_IP else None)
         await producer.flush()
     finally:
         await producer.stop()
@@ -261,7 +264,11 @@ def main() -> None:
     ap.add_argument("--rates", default="500,1000")
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--skip-ceiling", action="store_true")
+    ap.add_argument("--no-ip-key", action="store_true",
+                    help="produce requests without a key (every request takes the by-ip hop)")
     args = ap.parse_args()
+    global KEY_BY_IP
+    KEY_BY_IP = not args.no_ip_key
     from kafka_broker import KafkaBroker
 
     broker = None

@@ -9,6 +9,9 @@ apps; the worker serves it on ``/metrics`` next to Faust's own sensors.
 
 from __future__ import annotations
 
+from functools import lru_cache
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -144,22 +147,28 @@ def country_label(cc: str | None) -> str:
     return cc if cc and len(cc) == 2 and cc.isalpha() and cc.isupper() else "unknown"
 
 
+@lru_cache(maxsize=8192)
+def child(metric: Any, *labels: str) -> Any:
+    """``metric.labels(*labels)``, memoized: the hot path calls it several times per request and
+    ``labels()`` validates and locks each time. Not for metrics that are ever ``clear()``-ed."""
+    return metric.labels(*labels)
+
+
 def observe_decision(d: dict, latency_s: float | None = None) -> None:
     """Record one decision (a ``Decision.to_dict()``) in the decision metrics."""
     import time
 
     action = d["action"]
-    DECISIONS.labels(action, "true" if d["silent"] else "false").inc()
+    child(DECISIONS, action, "true" if d["silent"] else "false").inc()
     for reason in d["reasons"]:
-        DECISION_REASONS.labels(reason, action).inc()
+        child(DECISION_REASONS, reason, action).inc()
     enr = d.get("enrichment") or {}
-    DECISIONS_BY_DEST.labels(
-        country_label(enr.get("number_country")), str(enr.get("number_type") or "UNKNOWN"), action
-    ).inc()
+    child(DECISIONS_BY_DEST, country_label(enr.get("number_country")),
+          str(enr.get("number_type") or "UNKNOWN"), action).inc()
     RISK.observe(d["risk"])
     model = d.get("model") or {}
     if model.get("version") and model.get("anomaly") is not None:
-        MODEL_SCORE.labels("active").observe(model["anomaly"])
+        child(MODEL_SCORE, "active").observe(model["anomaly"])
     if model.get("shadow_version") and model.get("shadow_anomaly") is not None:
         MODEL_SCORE.labels("shadow").observe(model["shadow_anomaly"])
     if latency_s is not None:
