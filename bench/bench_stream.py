@@ -1,9 +1,11 @@
 """End-to-end stream benchmark through a real Kafka broker (not a test).
 
     .venv/bin/python bench/bench_stream.py [--bootstrap HOST:PORT] [--requests 30000]
-        [--rates 500,1000] [--seconds 20]
+        [--rates 500,1000] [--seconds 20] [--no-model] [--no-ip-key] [--skip-ceiling]
 
-Measures, in one run, against one worker (``python -m detector.stream.worker``, all tables on):
+Measures, in one run, against one worker (``python -m detector.stream.worker``, all tables on,
+the shipped model in models/ unless --no-model; requests keyed by IP as the README asks of the
+web tier unless --no-ip-key):
 
 1. ceiling: a bare Faust pass-through agent (topic -> topic, no tables) draining a backlog;
 2. throughput: the detector draining a backlog of simulated requests (decisions/s between the
@@ -42,6 +44,7 @@ from detector.config import load_settings  # noqa: E402
 from detector.stream.io import request_key, stop_consumer, topic_partitions  # noqa: E402
 
 KEY_BY_IP = True  # requests keyed by IP as the README asks of the web tier (--no-ip-key: keyless)
+NO_MODEL = False  # --no-model: rules only
 
 
 def free_port() -> int:
@@ -195,7 +198,8 @@ def env_for(bootstrap: str, prefix: str, tmp: Path) -> dict[str, str]:
         "DETECTOR_TOPIC_REQUESTS": f"{prefix}-requests", "DETECTOR_TOPIC_DECISIONS": f"{prefix}-decisions",
         "DETECTOR_TOPIC_OUTCOMES": f"{prefix}-outcomes", "DETECTOR_TOPIC_LISTS": f"{prefix}-lists",
         "DETECTOR_TOPIC_DEAD_LETTER": f"{prefix}-dlq", "DETECTOR_PARTITIONS": "4",
-        "DETECTOR_MODELS_DIR": os.environ.get("BENCH_MODELS_DIR", str(tmp / "models")),
+        # The shipped model (models/) unless --no-model: then an empty directory, rules only.
+        "DETECTOR_MODELS_DIR": str(tmp / "models") if NO_MODEL else str(REPO / "models"),
     }
 
 
@@ -264,11 +268,12 @@ def main() -> None:
     ap.add_argument("--rates", default="500,1000")
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--skip-ceiling", action="store_true")
+    ap.add_argument("--no-model", action="store_true", help="rules only (no isolation forest)")
     ap.add_argument("--no-ip-key", action="store_true",
                     help="produce requests without a key (every request takes the by-ip hop)")
     args = ap.parse_args()
-    global KEY_BY_IP
-    KEY_BY_IP = not args.no_ip_key
+    global KEY_BY_IP, NO_MODEL
+    KEY_BY_IP, NO_MODEL = not args.no_ip_key, args.no_model
     from kafka_broker import KafkaBroker
 
     broker = None
@@ -277,7 +282,8 @@ def main() -> None:
         broker = KafkaBroker()
         bootstrap = broker.start()
     tmp = Path(tempfile.mkdtemp(prefix="bench-stream-"))
-    results: dict[str, Any] = {"bootstrap": bootstrap, "cpus": os.cpu_count()}
+    results: dict[str, Any] = {"bootstrap": bootstrap, "cpus": os.cpu_count(), "model": not NO_MODEL,
+                               "requests_keyed_by_ip": KEY_BY_IP}
     try:
         if not args.skip_ceiling:
             results["ceiling_passthrough_per_s"] = run_ceiling(bootstrap, args.requests, tmp)

@@ -21,9 +21,10 @@ True
 from __future__ import annotations
 
 import base64
-import json
 from dataclasses import astuple
 from typing import Any
+
+import orjson
 
 from detector.core.lists import ListEntry, entry_from_dict
 from detector.core.records import CallbackRequest, Decision, IpCounts, Outcome
@@ -32,12 +33,14 @@ MAX_DLQ_ORIGINAL = 64 * 1024  # bytes of the original message kept in a dead let
 
 
 def dumps(obj: Any) -> bytes:
-    """Compact UTF-8 JSON."""
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    """Compact UTF-8 JSON (orjson: about ten times the speed of ``json``; non-string dict keys
+    become strings, as ``json`` does)."""
+    return orjson.dumps(obj, option=orjson.OPT_NON_STR_KEYS)
 
 
 def loads(raw: bytes | str) -> Any:
-    return json.loads(raw)
+    """Parse JSON; a malformed document raises ``ValueError`` (``orjson.JSONDecodeError``)."""
+    return orjson.loads(raw)
 
 
 def key_bytes(key: str | None) -> bytes | None:
