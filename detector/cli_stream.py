@@ -125,6 +125,8 @@ def add_commands(sub: Any, add_core_flags: Callable[[argparse.ArgumentParser], N
     )
     w.add_argument("--data-dir", dest="data_dir", type=Path, help="worker state dir (env DETECTOR_DATA_DIR)")
     w.add_argument("--partitions", type=int, help="partitions of topics it creates (env DETECTOR_PARTITIONS)")
+    w.add_argument("--batch-ms", dest="batch_ms", type=int,
+                   help="ms a stage may wait to gather work (env DETECTOR_BATCH_MS, default 30)")
     add_core_flags(w)
     w.set_defaults(func=cmd_worker)
 

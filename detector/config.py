@@ -30,6 +30,7 @@ class Settings:
     partitions: int = 4
     replication: int = 1
     web_port: int = 6066
+    batch_ms: int = 30  # time a stage may wait to gather work (fetch wait, flush, 2x linger)
     data_dir: Path = Path("var/worker")
     # Policy, lists, IP data
     policy: Path | None = None
@@ -52,7 +53,7 @@ class Settings:
 
 _FILES = ("policy", "lists_file", "geoip_country_db", "geoip_asn_db", "anonymous_ip_db", "hosting_asn_file")
 _PATHS = {*_FILES, "models_dir", "data_dir"}
-_INTS = {"partitions", "replication", "web_port"}
+_INTS = {"partitions", "replication", "web_port", "batch_ms"}
 _FLOATS = {"model_reload_s"}
 
 
@@ -109,6 +110,8 @@ def load_settings(
     s = replace(Settings(), **values)
     if s.partitions < 1:
         raise ConfigError(f"{_env_name('partitions')}: expected >= 1, got {s.partitions}")
+    if not 1 <= s.batch_ms <= 1000:
+        raise ConfigError(f"{_env_name('batch_ms')}: expected 1 to 1000 (milliseconds), got {s.batch_ms}")
     if not check_files:
         return s
     for name in _FILES:

@@ -84,7 +84,6 @@ SWEEP_TICK_S = 0.5  # ... and proceeds SWEEP_SLICE keys per tick
 SWEEP_SLICE = 2000
 GAUGE_INTERVAL_S = 5.0
 RANGE_BATCH = 500  # range stage: events per batch (one Kafka round trip per batch)
-RANGE_BATCH_WITHIN_S = 0.005
 META = "_"  # table-value key of the adapter's metadata (partition, watermark)
 STAGE_INPUTS = {"requests": "ingest", "outcomes": "outcome", "by_ip": "ip", "by_range": "range"}
 #               ^ the topics the agents consume -> the stage (agent) consuming it
@@ -669,7 +668,7 @@ def make_app(settings: Settings, *, rt: StreamRuntime | None = None, web: bool =
         web_bind="0.0.0.0",  # noqa: S104 - the metrics endpoint is meant to be scraped
         web_host="127.0.0.1",
         consumer_auto_offset_reset="earliest",
-        producer_linger=0.005,  # fewer, larger produce requests (each costs a socket write)
+        producer_linger=s.batch_ms / 2000.0,  # fewer, larger produce requests
         broker_commit_interval=1.0,
         broker_session_timeout=10.0,  # a killed worker's partitions move on within 10 s
         broker_heartbeat_interval=2.0,
@@ -821,7 +820,7 @@ def make_app(settings: Settings, *, rt: StreamRuntime | None = None, web: bool =
     @app.task
     async def range_flusher() -> None:
         while not app.should_stop:
-            await asyncio.sleep(RANGE_BATCH_WITHIN_S)
+            await asyncio.sleep(s.batch_ms / 1000.0)
             try:
                 await batcher.flush()
             except Exception:

@@ -33,7 +33,9 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 
 log = logging.getLogger("detector.stream")
 
-FETCH_MAX_WAIT_MS = 10  # Faust hard-codes 1500 ms: an idle partition would add that per hop
+FETCH_MAX_WAIT_MS = 30  # default; Faust hard-codes 1500 ms: an idle partition would add that per hop
+FETCH_MIN_BYTES = 1 << 20  # a fetch returns at once when this much is ready (a backlog), else
+#                            after the max wait: work arrives in batches at moderate load
 
 
 class _DeliverAll(dict):  # type: ignore[type-arg]
@@ -47,7 +49,12 @@ class _DeliverAll(dict):  # type: ignore[type-arg]
 class _LowLatencyConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
     def _create_worker_consumer(self, transport: Any) -> Any:
         consumer = super()._create_worker_consumer(transport)
-        consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS  # read by the fetcher created in start()
+        rt = getattr(transport.app, "rt", None)  # DetectorApp's runtime: the worker's settings
+        # Read by the fetcher created in start(). Batching matters on small VMs: the same request
+        # costs ~3x the CPU when the worker sleeps between single events (cold caches, CPU
+        # frequency); measured 3.0 ms/request at 300 req/s unbatched, 2.1 ms with 50 ms fetches.
+        consumer._fetch_max_wait_ms = rt.settings.batch_ms if rt is not None else FETCH_MAX_WAIT_MS
+        consumer._fetch_min_bytes = FETCH_MIN_BYTES
         return consumer
 
 

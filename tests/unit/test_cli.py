@@ -51,6 +51,9 @@ def test_settings_from_env_and_errors():
         load_settings({"DETECTOR_PARTITIONS": "many"})
     with pytest.raises(ConfigError, match="DETECTOR_IP_LISTS: expected kind=path"):
         load_settings({"DETECTOR_IP_LISTS": "tor"})
+    assert load_settings({"DETECTOR_BATCH_MS": "5"}).batch_ms == 5
+    with pytest.raises(ConfigError, match=r"DETECTOR_BATCH_MS: expected 1 to 1000 \(milliseconds\), got 0"):
+        load_settings({"DETECTOR_BATCH_MS": "0"})
 
 
 def test_simulate_then_replay_round_trip(tmp_path):
