@@ -9,6 +9,7 @@ the combined risk (noisy-or of the hits' weights) crossing ``risk.deflect_at`` /
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -174,35 +175,69 @@ def decide(
     decided_at: float,
 ) -> Decision:
     """Decide one request. Pure: same inputs, same decision (``decided_at`` is passed in)."""
+    return decide_many([(req, enr, counts)], ctx, decided_at=decided_at)[0]
+
+
+def decide_many(
+    items: Sequence[tuple[CallbackRequest, Enrichment, Counts]],
+    ctx: DecisionContext,
+    *,
+    decided_at: float,
+) -> list[Decision]:
+    """Decide several requests with one model call; each gets exactly the decision :func:`decide`
+    gives it alone (the packed forest scores a row identically in any batch). The requests must
+    be independent: none of their counts may depend on another's decision (the stream batches
+    requests for different numbers, since only a number's outstanding-callback mark does)."""
+    n = len(items)
+    results: list[ModelResult | None] = [None] * n
+    shadows: list[ModelResult | None] = [None] * n
+    if n and (ctx.model is not None or ctx.shadow is not None):
+        xs = [features(req, enr, counts, ctx.policy) for req, enr, counts in items]
+        if ctx.model is not None:
+            results = list(_score_all(ctx.model, xs))
+        if ctx.shadow is not None:
+            shadows = list(_score_all(ctx.shadow, xs))
+    return [_decide_one(req, enr, counts, ctx, decided_at, results[i], shadows[i])
+            for i, (req, enr, counts) in enumerate(items)]
+
+
+def _score_all(model: Scorer, xs: list[list[float]]) -> Sequence[ModelResult]:
+    batch = getattr(model, "score_batch", None)  # ForestScorer has one; a plain Scorer may not
+    return batch(xs) if batch is not None else [model.score(x) for x in xs]
+
+
+def _decide_one(
+    req: CallbackRequest,
+    enr: Enrichment,
+    counts: Counts,
+    ctx: DecisionContext,
+    decided_at: float,
+    result: ModelResult | None,
+    shadow: ModelResult | None,
+) -> Decision:
     count_map = counts.to_dict()
     hits = rule_hits(req, enr, counts, ctx, count_map) if ctx.use_rules else []
-    result: ModelResult | None = None
-    if ctx.model is not None or ctx.shadow is not None:
-        x = features(req, enr, counts, ctx.policy)
-        if ctx.model is not None:
-            result = ctx.model.score(x)
-        if ctx.shadow is not None:
-            shadow = ctx.shadow.score(x)
-            base = result or ModelResult(version="none", anomaly=0.0, is_anomalous=False)
-            result = ModelResult(
-                base.version,
-                base.anomaly,
-                base.is_anomalous,
-                base.top_features,
-                shadow.version,
-                shadow.anomaly,
+    if shadow is not None:
+        base = result or ModelResult(version="none", anomaly=0.0, is_anomalous=False)
+        result = ModelResult(
+            base.version,
+            base.anomaly,
+            base.is_anomalous,
+            base.top_features,
+            shadow.version,
+            shadow.anomaly,
+        )
+    if ctx.model is not None and ctx.use_model and result is not None and result.is_anomalous:
+        rule = ctx.policy.rules["anomalous_pattern"]
+        hits.append(
+            _hit(
+                "anomalous_pattern",
+                rule,
+                req.authenticated,
+                ctx.policy,
+                weight=rule.weight * result.anomaly,
             )
-        if ctx.model is not None and ctx.use_model and result is not None and result.is_anomalous:
-            rule = ctx.policy.rules["anomalous_pattern"]
-            hits.append(
-                _hit(
-                    "anomalous_pattern",
-                    rule,
-                    req.authenticated,
-                    ctx.policy,
-                    weight=rule.weight * result.anomaly,
-                )
-            )
+        )
     action, silent, risk, reasons = combine(hits, ctx.policy)
     model_block = None
     if result is not None:

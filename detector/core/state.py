@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from detector.core import windows as w
-from detector.core.records import CallbackRequest, Enrichment, IpCounts, RangeCounts
+from detector.core.records import CallbackRequest, Enrichment, IpCounts, PhoneInfo, RangeCounts
 
 Store = MutableMapping[str, Any]
 
@@ -43,8 +43,13 @@ def pii_hash(text: str, key: bytes) -> str:
 
 def number_key(enr: Enrichment, raw: str) -> str:
     """Key of the per-number tables: E.164, or ``?<digits>`` for unparseable input."""
-    if enr.phone.e164:
-        return enr.phone.e164
+    return phone_key(enr.phone, raw)
+
+
+def phone_key(phone: PhoneInfo, raw: str) -> str:
+    """:func:`number_key` from the phone enrichment alone."""
+    if phone.e164:
+        return phone.e164
     return "?" + "".join(ch for ch in raw if ch.isdigit())
 
 

@@ -62,7 +62,7 @@ from faust.types import TP
 from detector import metrics
 from detector.config import Settings
 from detector.core import state
-from detector.core.decide import DecisionContext, decide
+from detector.core.decide import DecisionContext, decide_many
 from detector.core.errors import InputError
 from detector.core.ipintel import IpIntel
 from detector.core.lists import ListEntry
@@ -70,7 +70,7 @@ from detector.core.parse import parse_request
 from detector.core.phone import enrich_phone
 from detector.core.pipeline import enrich, learn_from_outcome, parse_outcome, range_routing_key
 from detector.core.policy import Policy
-from detector.core.records import Action, CallbackRequest, Counts, Decision
+from detector.core.records import Action, CallbackRequest, Counts
 from detector.stream import codec
 from detector.stream.delivery import Admit, DeliveryTransport, OffsetGate, start_offsets
 from detector.stream.io import stop_consumer, topic_partitions
@@ -429,9 +429,26 @@ class RangeResult:
     raw: bytes | None = None  # the decision serialized
 
 
+@dataclass
+class Undecided:
+    """A request counted by the range stage whose decision is still to be made (in a batch)."""
+
+    req: CallbackRequest
+    enr: Any
+    update: state.RangeUpdate
+    counts: Counts
+    stores: state.RangeStores
+    partition: int
+    offset: int
+    result: RangeResult  # filled in by :func:`decide_pending`
+
+
 def range_one(rt: StreamRuntime, env: dict[str, Any], *, partition: int, offset: int,
-              writes: dict[tuple[str, str], Write]) -> RangeResult:
-    """Stage 2 (synchronous core part): count per number/pair/range, decide, store the decision."""
+              writes: dict[tuple[str, str], Write], undecided: list[Undecided]) -> RangeResult:
+    """Stage 2 (synchronous core part): count per number/pair/range; a new request is appended
+    to ``undecided`` (decided, committed and stored by :func:`decide_pending`), a known one gets
+    its stored decision. The caller decides pending requests first when this event depends on
+    one of them (:meth:`RangeBatcher.depends`)."""
     t = rt.tables
     applied, stamp = _applied_offset(offset), _stamp_offset(offset)
     number = EventView(t["number"], partition, applied, stamp, writes)
@@ -455,19 +472,34 @@ def range_one(rt: StreamRuntime, env: dict[str, Any], *, partition: int, offset:
         state.range_commit(stores, upd, req, allowed=d["action"] == Action.ALLOW,
                            pending_ttl=rt.policy.pending_ttl)
         return RangeResult(decision=d, kts=env.get("kts"), resend=True)
-    counts = Counts(codec.ip_counts_from_wire(env["ipc"]), upd.counts)
-    decision: Decision = decide(req, enr, counts, rt.context(), decided_at=time.time())
-    state.range_commit(stores, upd, req, allowed=decision.action == Action.ALLOW,
-                       pending_ttl=rt.policy.pending_ttl)
-    d = codec.decision_to_wire(decision)
-    raw = codec.dumps(d)
-    seen_value = {"d": d, "t": req.ts, META: {"o": offset, "p": partition}}
-    t["seen"].data[req.request_id] = seen_value
-    # The stored copy is the decision's bytes inside an envelope: serialized once, identical.
-    seen_raw = b'{"d":%s,"t":%s,"_":%s}' % (raw, codec.dumps(req.ts), codec.dumps(seen_value[META]))
-    writes[("seen", req.request_id)] = Write(t["seen"], req.request_id, seen_value, partition,
-                                             seen_raw)
-    return RangeResult(decision=d, kts=env.get("kts"), raw=raw)
+    result = RangeResult(kts=env.get("kts"))
+    undecided.append(Undecided(req, enr, upd, Counts(codec.ip_counts_from_wire(env["ipc"]), upd.counts),
+                               stores, partition, offset, result))
+    return result
+
+
+def decide_pending(rt: StreamRuntime, undecided: list[Undecided],
+                   writes: dict[tuple[str, str], Write]) -> None:
+    """Decide the counted requests with one model call, then commit each (the outstanding-
+    callback mark) and store its decision in ``seen``, in arrival order."""
+    if not undecided:
+        return
+    decisions = decide_many([(u.req, u.enr, u.counts) for u in undecided], rt.context(),
+                            decided_at=time.time())
+    seen = rt.tables["seen"]
+    for u, decision in zip(undecided, decisions, strict=True):
+        req = u.req
+        state.range_commit(u.stores, u.update, req, allowed=decision.action == Action.ALLOW,
+                           pending_ttl=rt.policy.pending_ttl)
+        d = codec.decision_to_wire(decision)
+        raw = codec.dumps(d)
+        seen_value = {"d": d, "t": req.ts, META: {"o": u.offset, "p": u.partition}}
+        seen.data[req.request_id] = seen_value
+        # The stored copy is the decision's bytes inside an envelope: serialized once, identical.
+        seen_raw = b'{"d":%s,"t":%s,"_":%s}' % (raw, codec.dumps(req.ts), codec.dumps(seen_value[META]))
+        writes[("seen", req.request_id)] = Write(seen, req.request_id, seen_value, u.partition, seen_raw)
+        u.result.decision, u.result.raw = d, raw
+    undecided.clear()
 
 
 def _outcome(rt: StreamRuntime, env: dict[str, Any], stores: state.RangeStores) -> ListEntry | None:
@@ -494,36 +526,70 @@ def outcome_routing_key(phone_number: str, policy: Policy) -> str:
 
 
 class RangeBatcher:
-    """Stage 2's batching: events are processed one by one as they arrive (state and decision at
-    once), and every few milliseconds :meth:`flush` makes the batch's table writes durable, then
-    sends its decisions, then acks its events (so offsets are committed only after that)."""
+    """Stage 2's batching: events are counted one by one as they arrive; their decisions are made
+    together (one model call) when the batch is flushed, or earlier when a new event depends on
+    one of them (same number or request id, or an outcome). Every RANGE flush interval
+    :meth:`flush` decides, makes the batch's table writes durable, then sends its decisions, then
+    acks its events (so offsets are committed only after that)."""
 
     def __init__(self, rt: StreamRuntime) -> None:
         self.rt = rt
         self.writes: dict[tuple[str, str], Write] = {}
         self.results: list[RangeResult] = []
         self.acks: list[Callable[[], Any]] = []
+        self.undecided: list[Undecided] = []
+        self.pending_keys: set[str] = set()  # number keys and request ids of ``undecided``
         self.lock = asyncio.Lock()
 
     def __len__(self) -> int:
         return len(self.acks)
 
+    def depends(self, env: dict[str, Any]) -> bool:
+        """Whether this event must see the decisions of the undecided requests first."""
+        if not self.undecided:
+            return False
+        if env.get("k") == "out":
+            return True  # an outcome edits a number's state
+        req = env["r"]
+        if req["request_id"] in self.pending_keys:
+            return True
+        phone = enrich_phone(req["phone_number"], req.get("country_hint"), self.rt.policy.range_digits)
+        return state.phone_key(phone, req["phone_number"]) in self.pending_keys
+
+    def decide(self) -> None:
+        decide_pending(self.rt, self.undecided, self.writes)
+        self.pending_keys.clear()
+
     def add(self, value: bytes | None, partition: int, offset: int, ack: Callable[[], Any]) -> None:
         t0 = time.perf_counter()
         try:
             env = codec.loads(value or b"")
+            if self.depends(env):
+                self.decide()
+            n = len(self.undecided)
             self.results.append(range_one(self.rt, env, partition=partition, offset=offset,
-                                          writes=self.writes))
+                                          writes=self.writes, undecided=self.undecided))
+            if len(self.undecided) > n:
+                u = self.undecided[-1]
+                self.pending_keys.update((u.update.number_key, u.req.request_id))
         except Exception:  # a bug must not stop the worker; the request was validated upstream
             log.exception("range: failed to process by-range[%d]@%d", partition, offset)
         self.acks.append(ack)
         metrics.child(metrics.STAGE_SECONDS, "range").observe(time.perf_counter() - t0)
 
     async def flush(self) -> int:
-        """Make pending writes durable, send pending decisions, ack. Returns decisions sent."""
+        """Decide, make pending writes durable, send pending decisions, ack. Returns decisions sent."""
         async with self.lock:
             if not self.acks:
                 return 0
+            t0 = time.perf_counter()
+            try:
+                self.decide()
+            except Exception:  # as in add(): never stop the worker; these stay undecided
+                log.exception("range: failed to decide a batch of %d", len(self.undecided))
+                self.undecided.clear()
+                self.pending_keys.clear()
+            metrics.child(metrics.STAGE_SECONDS, "range_decide").observe(time.perf_counter() - t0)
             writes, results, acks = self.writes, self.results, self.acks
             self.writes, self.results, self.acks = {}, [], []
             rt = self.rt

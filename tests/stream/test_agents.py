@@ -15,6 +15,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,7 +24,7 @@ from detector.config import load_settings
 from detector.core.ipintel import IpIntel
 from detector.core.pipeline import Detector
 from detector.core.records import decision_from_dict
-from detector.runtime import build_context
+from detector.runtime import build_context, build_model_watcher
 from detector.stream import codec
 from detector.stream.app import META, StreamRuntime, Sweeper, make_app, sweep_tables
 
@@ -371,6 +372,48 @@ async def test_stream_decisions_equal_the_replay_path() -> None:
         assert g is not None
         assert decision_from_dict({**g, "decided_at": 0.0}) == decision_from_dict({**e, "decided_at": 0.0})
     assert {d["action"] for d in expected} >= {"allow", "block"}
+
+
+async def test_a_batch_decided_in_one_model_call_equals_the_replay_path() -> None:
+    """The range stage counts a burst of requests, then decides them together (one model call);
+    requests on the same number as an undecided one force the decision first. The result must
+    be the replay path's, request by request, with the shipped model scoring."""
+    models = Path(__file__).resolve().parents[2] / "models"
+    settings = load_settings(env={"DETECTOR_MODELS_DIR": str(models)})
+
+    def ctx_with_model() -> Any:
+        ctx = build_context(settings)
+        watcher = build_model_watcher(settings)
+        assert watcher is not None and watcher.current() is not None
+        ctx.model = watcher.current()
+        return ctx
+
+    replay = Detector(ctx=ctx_with_model())
+    rows = _labelled_mix()
+    expected = [replay.process(codec.request_from_wire(json.loads(r))).to_dict() for r in rows]
+    async with running(make_harness(ctx_with_model())) as h:
+        for i, raw in enumerate(rows):  # ingest and ip stages, one by one
+            n_ip, n_rng = len(h.sent[h.topic("by_ip")]), len(h.sent[h.topic("by_range")])
+            await h.put("ingest", None, raw, i % PARTITIONS, T0)
+            await h.wait(lambda: len(h.sent[h.topic("by_ip")]) > n_ip)  # noqa: B023
+            await h.through("by_ip", "ip", n_ip)
+            await h.wait(lambda: len(h.sent[h.topic("by_range")]) > n_rng)  # noqa: B023
+        batcher, offsets = h.rt.batcher, defaultdict(int)
+        largest = 0
+        for env in h.sent[h.topic("by_range")]:  # the range stage's burst: no await in between
+            p = partition_of(env.key)
+            batcher.add(env.value, p, offsets[p], lambda: None)
+            offsets[p] += 1
+            largest = max(largest, len(batcher.undecided))
+        await batcher.flush()
+        got = [s.json() for s in h.sent[h.topic("decisions")]]
+    assert largest >= 3  # the mix has 5 numbers: bursts of different numbers were batched
+    assert len(got) == len(expected) == 80
+    by_id = {g["request_id"]: g for g in got}
+    for e in expected:
+        g = by_id[e["request_id"]]
+        assert g["model"]["anomaly"] == e["model"]["anomaly"]
+        assert decision_from_dict({**g, "decided_at": 0.0}) == decision_from_dict({**e, "decided_at": 0.0})
 
 
 async def test_fast_decision_encoding_equals_to_dict() -> None:

@@ -2,7 +2,7 @@ from dataclasses import replace
 
 import pytest
 
-from detector.core.decide import DecisionContext, combine, decide
+from detector.core.decide import DecisionContext, combine, decide, decide_many
 from detector.core.lists import ListIndex, make_entry
 from detector.core.policy import load_policy, parse_policy
 from detector.core.records import (
@@ -120,6 +120,34 @@ def test_shadow_model_never_acts():
     ctx = DecisionContext(POLICY, shadow=FixedScorer(0.99, "cand"))
     d = decide(REQ, Enrichment(GB_MOBILE, GB_IP), Counts(), ctx, decided_at=0)
     assert d.action is Action.ALLOW and d.model["shadow_anomaly"] == 0.99 and d.model_version is None
+
+
+class CountingScorer(FixedScorer):
+    """Answers by the first feature, counts calls; scores batches like ForestScorer."""
+
+    def __init__(self):
+        super().__init__(0.0)
+        self.calls = 0
+
+    def score_batch(self, xs):
+        self.calls += 1
+        return [ModelResult(self.version, min(1.0, x[0] / 10.0), x[0] >= 6.0, ()) for x in xs]
+
+    def score(self, x):
+        return self.score_batch([x])[0]
+
+
+def test_decide_many_is_decide_for_each_with_one_model_call():
+    items = [(replace(REQ, request_id=f"r{i}", authenticated=i % 2 == 0), Enrichment(GB_MOBILE, GB_IP),
+              Counts(IpCounts(i, i, i, 1, 1, 1))) for i in range(1, 12)]
+    batch_ctx = DecisionContext(POLICY, model=CountingScorer(), shadow=FixedScorer(0.3, "cand"))
+    one_ctx = DecisionContext(POLICY, model=CountingScorer(), shadow=FixedScorer(0.3, "cand"))
+    many = decide_many(items, batch_ctx, decided_at=5.0)
+    assert batch_ctx.model.calls == 1
+    assert many == [decide(r, e, c, one_ctx, decided_at=5.0) for r, e, c in items]
+    assert one_ctx.model.calls == len(items)
+    assert {d.action for d in many} >= {Action.ALLOW, Action.DEFLECT}  # the scores mattered
+    assert decide_many([], batch_ctx, decided_at=0.0) == []
 
 
 def test_combine_orders_reasons_and_bounds_risk():
