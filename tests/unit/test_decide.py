@@ -155,3 +155,11 @@ def test_combine_orders_reasons_and_bounds_risk():
     action, silent, risk, reasons = combine(hits, POLICY)
     assert (action, silent, reasons) == (Action.BLOCK, True, ["a", "b"])
     assert risk == pytest.approx(1 - 0.7 * 0.1)
+
+
+def test_request_to_dict_is_asdict():
+    from dataclasses import asdict
+
+    full = replace(REQ, country_hint="GB", user_id="u1", authenticated=True, session_id="s", user_agent="ua")
+    for r in (REQ, full):
+        assert r.to_dict() == asdict(r) and list(r.to_dict()) == list(asdict(r))
