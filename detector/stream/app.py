@@ -4,21 +4,29 @@ Topology (an enrichment chain; every table is fed by a stream keyed by the table
 a Faust table's shard is the partition of the current event)::
 
     callback-requests ──ingest──> <app>-by-ip ──ip──> <app>-by-range ──range──> callback-decisions
-      (key: any)         │        (key: IP)   table ip  (key: range)  tables number, pair,
-                         └─> callback-requests-dlq                     range, seen
+      (key: IP, or any)  │        (key: IP)   table ip  (key: range)  tables number, pair,
+                         ├─(key = IP on its by-ip partition: table ip   range, seen
+                         │  counted in ingest, no by-ip hop)──────────> <app>-by-range
+                         └─> callback-requests-dlq
     callback-outcomes ──outcome──> <app>-by-range (same topic, kind "out") ──range──> detector-lists
     detector-lists (compacted) ──lists reader (every worker, no group)──> ListIndex in memory
+
+Faust assigns partition p of every topic with the same partition count to the same worker, so a
+request keyed by its IP that sits on the partition the by-ip hop would choose is counted where it
+is consumed (one Kafka hop instead of two); any other key takes the hop.
 
 Delivery: at-least-once with idempotent stages, so a redelivered message changes nothing twice
 and a request never gets two different decisions:
 
 * every table value carries ``"_": {"p": partition, ...}`` plus a watermark: the ``ip`` table the
-  highest ``callback-requests`` offset per source partition it counted (``"s"``), the range-stage
+  highest ``callback-requests`` offset per source partition it counted (``"s"``; ``"d<p>"`` for
+  requests counted in ingest, a separate ordering), the range-stage
   tables the highest ``by-range`` offset (``"o"``). A message at or below the watermark is not
   counted again. The watermark and the counts are one changelog message, so they cannot diverge.
 * ``seen`` (range stage, key = request id) stores each decision. The range stage works in small
-  batches (:class:`RangeBatcher`): a batch's table writes and stored decisions are acknowledged
-  by Kafka before its decisions are sent, and its input offsets are acked only after that. So a
+  batches (:class:`RangeBatcher`): it decides a batch with one model call (``decide_many``), the
+  batch's table writes and stored decisions are acknowledged by Kafka before its decisions are
+  sent, and its input offsets are acked only after that. So a
   decision on the wire always has its stored twin, and a redelivered request gets the stored
   decision, never a new one.
 * Re-sending: a worker that is assigned partitions first loads the request ids already on the
