@@ -49,3 +49,29 @@ def test_faust_drain_loop_never_sees_a_read_offset() -> None:
     offsets["tp"] = 41  # Faust still records what it delivered ...
     assert offsets["tp"] is None  # ... but its drain loop never drops or gap-tracks by it
     assert offsets.get("tp") == 41
+
+
+@pytest.mark.parametrize(
+    ("committed", "acked", "expected"),
+    [
+        (10, [11, 12], None),  # offset 10 (the committed position) is not acked: no commit
+        (10, [10, 11, 12], 13),
+        (10, [12, 10, 11, 15], 13),  # up to the first gap
+        (None, [3, 4], 5),  # nothing committed yet: the gate started the stage at the log start
+    ],
+)
+def test_commits_only_acked_offsets_that_follow_the_committed_one(
+    committed: int | None, acked: list[int], expected: int | None
+) -> None:
+    from collections import defaultdict
+
+    from intervaltree import IntervalTree
+
+    from detector.stream.delivery import DeliveryConsumer
+
+    consumer = DeliveryConsumer.__new__(DeliveryConsumer)  # only the offset bookkeeping
+    consumer._acked = defaultdict(list, {"tp": list(acked)})
+    consumer._acked_index = defaultdict(set, {"tp": set(acked)})
+    consumer._gap = defaultdict(IntervalTree)
+    consumer._committed_offset = defaultdict(lambda: None, {"tp": committed})
+    assert consumer._new_offset("tp") == expected
