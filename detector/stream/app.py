@@ -851,7 +851,11 @@ def make_app(settings: Settings, *, rt: StreamRuntime | None = None, web: bool =
             log.warning("%s[%d]: got offset %d, expected %d: reading %d-%d again",
                         gate.topic, m.partition, m.offset, expected, expected, m.offset - 1)
             metrics.REREADS.labels(STAGE_INPUTS[key]).inc()
-            await app.consumer.seek_wait({TP(m.topic, m.partition): expected})
+            try:
+                await app.consumer.seek_wait({TP(m.topic, m.partition): expected})
+            except Exception as exc:  # e.g. revoked meanwhile: the next assignment resets the gate
+                log.warning("%s[%d]: seek to %d failed: %r", gate.topic, m.partition, expected, exc)
+                gate.forget_hole(m.partition)  # the next event past the hole seeks again
         return False
 
     def ack_now(event: Any) -> None:

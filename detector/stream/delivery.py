@@ -113,6 +113,10 @@ class OffsetGate:
         self.next = dict(starts)
         self._hole.clear()
 
+    def forget_hole(self, partition: int) -> None:
+        """The seek back over a hole did not happen: treat the next later offset as a new hole."""
+        self._hole.pop(partition, None)
+
     def expected(self, partition: int) -> int | None:
         return self.next.get(partition)
 

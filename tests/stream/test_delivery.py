@@ -44,6 +44,14 @@ def test_partitions_are_independent_and_reset_forgets_holes() -> None:
     assert gate.expected(1) == 8
 
 
+def test_a_failed_seek_is_retried_by_the_next_event_past_the_hole() -> None:
+    gate = OffsetGate("t")
+    gate.reset({0: 0})
+    assert gate.admit(0, 4) is K
+    gate.forget_hole(0)
+    assert gate.admit(0, 5) is K and gate.admit(0, 6) is H and gate.admit(0, 0) is P
+
+
 def test_faust_drain_loop_never_sees_a_read_offset() -> None:
     offsets = _DeliverAll()
     offsets["tp"] = 41  # Faust still records what it delivered ...
