@@ -75,7 +75,8 @@ DECISION_LATENCY = Histogram(
 )
 STAGE_SECONDS = Histogram(
     f"{NS}_stage_seconds",
-    "Processing time per event per stage.",
+    "Processing time per event per stage (ingest, ingest_ip = ingest counting per IP itself, ip, "
+    "range = counting, range_decide = deciding a batch).",
     ["stage"],
     buckets=STAGE_BUCKETS,
     registry=REGISTRY,
