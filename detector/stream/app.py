@@ -78,7 +78,7 @@ from detector.core.parse import parse_request
 from detector.core.phone import enrich_phone
 from detector.core.pipeline import enrich, learn_from_outcome, parse_outcome, range_routing_key
 from detector.core.policy import Policy
-from detector.core.records import Action, CallbackRequest, Counts
+from detector.core.records import Action, CallbackRequest, Counts, Enrichment
 from detector.stream import codec
 from detector.stream.delivery import Admit, DeliveryTransport, OffsetGate, start_offsets
 from detector.stream.io import stop_consumer, topic_partitions
@@ -442,7 +442,7 @@ class Undecided:
     """A request counted by the range stage whose decision is still to be made (in a batch)."""
 
     req: CallbackRequest
-    enr: Any
+    enr: Enrichment
     update: state.RangeUpdate
     counts: Counts
     stores: state.RangeStores
@@ -565,8 +565,20 @@ class RangeBatcher:
         return state.phone_key(phone, req["phone_number"]) in self.pending_keys
 
     def decide(self) -> None:
-        decide_pending(self.rt, self.undecided, self.writes)
-        self.pending_keys.clear()
+        """Decide the undecided requests; if the batch fails (a bug), one by one, so a single bad
+        request does not take its batch with it."""
+        try:
+            decide_pending(self.rt, self.undecided, self.writes)
+        except Exception:
+            log.exception("range: deciding a batch of %d failed; deciding one by one", len(self.undecided))
+            for u in self.undecided:
+                try:
+                    decide_pending(self.rt, [u], self.writes)
+                except Exception:
+                    log.exception("range: could not decide by-range[%d]@%d", u.partition, u.offset)
+        finally:
+            self.undecided.clear()
+            self.pending_keys.clear()
 
     def add(self, value: bytes | None, partition: int, offset: int, ack: Callable[[], Any]) -> None:
         t0 = time.perf_counter()
@@ -591,12 +603,7 @@ class RangeBatcher:
             if not self.acks:
                 return 0
             t0 = time.perf_counter()
-            try:
-                self.decide()
-            except Exception:  # as in add(): never stop the worker; these stay undecided
-                log.exception("range: failed to decide a batch of %d", len(self.undecided))
-                self.undecided.clear()
-                self.pending_keys.clear()
+            self.decide()
             metrics.child(metrics.STAGE_SECONDS, "range_decide").observe(time.perf_counter() - t0)
             writes, results, acks = self.writes, self.results, self.acks
             self.writes, self.results, self.acks = {}, [], []
@@ -864,14 +871,18 @@ def make_app(settings: Settings, *, rt: StreamRuntime | None = None, web: bool =
     def ack_after_flush(event: Any) -> None:  # the range stage acks a batch once it is durable
         batcher.acks.append(event.ack)
 
+    async def raw_input_stage(stream: Any, key: str, handle: Callable[..., Awaitable[None]]) -> None:
+        """An agent over an external topic (requests, outcomes): validate, hand on, ack."""
+        async for event in stream.noack().events():
+            if await admitted(event, key, ack_now):
+                m = event.message
+                await handle(rt, m.key, m.value, partition=m.partition, offset=m.offset,
+                             timestamp=m.timestamp)
+                event.ack()
+
     @app.agent(rt.topics["requests"], name="ingest")
     async def ingest(stream: Any) -> None:
-        async for event in stream.noack().events():
-            if await admitted(event, "requests", ack_now):
-                m = event.message
-                await ingest_one(rt, m.key, m.value, partition=m.partition, offset=m.offset,
-                                 timestamp=m.timestamp)
-                event.ack()
+        await raw_input_stage(stream, "requests", ingest_one)
 
     @app.agent(rt.topics["by_ip"], name="ip")
     async def ip_agent(stream: Any) -> None:
@@ -906,12 +917,7 @@ def make_app(settings: Settings, *, rt: StreamRuntime | None = None, web: bool =
 
     @app.agent(rt.topics["outcomes"], name="outcome")
     async def outcome_agent(stream: Any) -> None:
-        async for event in stream.noack().events():
-            if await admitted(event, "outcomes", ack_now):
-                m = event.message
-                await outcome_one(rt, m.key, m.value, partition=m.partition, offset=m.offset,
-                                  timestamp=m.timestamp)
-                event.ack()
+        await raw_input_stage(stream, "outcomes", outcome_one)
 
     app.ingest_agent = ingest  # type: ignore[attr-defined]
     app.ip_agent = ip_agent  # type: ignore[attr-defined]

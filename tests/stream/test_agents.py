@@ -416,6 +416,33 @@ async def test_a_batch_decided_in_one_model_call_equals_the_replay_path() -> Non
         assert decision_from_dict({**g, "decided_at": 0.0}) == decision_from_dict({**e, "decided_at": 0.0})
 
 
+async def test_a_batch_that_fails_to_decide_is_decided_one_by_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    from detector.stream import app as app_module
+
+    real = app_module.decide_many
+
+    def fails_in_batches(items: Any, *args: Any, **kwargs: Any) -> Any:
+        if len(items) > 1:
+            raise RuntimeError("a bug that only shows in batches")
+        return real(items, *args, **kwargs)
+
+    monkeypatch.setattr(app_module, "decide_many", fails_in_batches)
+    async with running(make_harness()) as h:
+        phones = ["+442079460018", "+33142685300", "+447700900123"]
+        for i, phone in enumerate(phones):
+            n_ip = len(h.sent[h.topic("by_ip")])
+            await h.put("ingest", None, request(f"f{i}", T0 + i, phone=phone), 0, T0)
+            await h.wait(lambda: len(h.sent[h.topic("by_ip")]) > n_ip)  # noqa: B023
+            await h.through("by_ip", "ip", n_ip)
+        await h.wait(lambda: len(h.sent[h.topic("by_range")]) == 3)
+        for k, env in enumerate(h.sent[h.topic("by_range")]):  # one burst, no flush in between
+            h.rt.batcher.add(env.value, partition_of(env.key), k, lambda: None)
+        assert len(h.rt.batcher.undecided) == 3
+        await h.rt.batcher.flush()
+        got = sorted(s.json()["request_id"] for s in h.sent[h.topic("decisions")])
+    assert got == ["f0", "f1", "f2"]
+
+
 async def test_fast_decision_encoding_equals_to_dict() -> None:
     settings = load_settings(env={})
     replay = Detector(ctx=build_context(settings))
