@@ -155,6 +155,36 @@ def child(metric: Any, *labels: str) -> Any:
     return metric.labels(*labels)
 
 
+UNDER_ATTACK = Gauge(
+    f"{NS}_under_attack",
+    "1 while a scope is in under-attack mode (surging): scope global or country; country is an "
+    "ISO code or '-' for global.",
+    ["scope", "country"],
+    registry=REGISTRY,
+)
+SURGE_FACTOR = Gauge(
+    f"{NS}_surge_factor",
+    "Requests in the last 10 minutes over the scope's baseline (population counters).",
+    ["scope", "country"],
+    registry=REGISTRY,
+)
+POPULATION_SCOPES = Gauge(
+    f"{NS}_population_scopes",
+    "Scopes (overall, countries, number blocks) held by this worker's population view.",
+    registry=REGISTRY,
+)
+POPULATION_MESSAGES = Counter(
+    f"{NS}_population_messages_total",
+    "Population deltas read from the population topic (all workers, this one's included).",
+    registry=REGISTRY,
+)
+POPULATION_BAD_MESSAGES = Counter(
+    f"{NS}_population_bad_messages_total",
+    "Malformed messages on the population topic (skipped).",
+    registry=REGISTRY,
+)
+
+
 def observe_decision(d: dict, latency_s: float | None = None) -> None:
     """Record one decision (a ``Decision.to_dict()``) in the decision metrics."""
     import time

@@ -135,11 +135,43 @@ def rule_hits(
         add("duplicate_pending")
     c = count_map if count_map is not None else counts.to_dict()
     fired: set[str] = set()
+    relaxed: tuple[str, ...] = pol.shared_ip.relaxed if counts.ip.ip_shared else ()
     for key, attr, code in VELOCITY_RULES:
-        if code not in fired and c[attr] > pol.velocity[key]:
+        limit = pol.velocity[key] * (pol.shared_ip.factor if key in relaxed else 1)
+        if code not in fired and c[attr] > limit:
             fired.add(code)
             add(code)
+    if min(counts.ip.ip_distinct_numbers_24h, counts.rng.number_distinct_ips_24h) >= pol.recombination_min:
+        add("ip_number_recombination")
+    hits.extend(population_hits(req, enr, counts, ctx))
     return hits
+
+
+def population_hits(
+    req: CallbackRequest, enr: Enrichment, counts: Counts, ctx: DecisionContext
+) -> list[Hit]:
+    """Under-attack mode and block pumping, from the population counts and the SOC's overrides.
+
+    A surging country (or everything) deflects unauthenticated requests in it (authenticated
+    users keep their callback: the codes are in ``[auth] relaxed_codes``); a surging or
+    concentrated number block is blocked silently (deflected for authenticated users)."""
+    pol, pop, ph = ctx.policy, counts.pop, enr.phone
+    forced = ctx.lists.surge_overrides(ph.e164, ph.region, now=req.ts)
+    surging = {
+        "global_surge": forced.get("global", pop.global_surging),
+        "country_surge": forced.get("country", pop.country_surging) if ph.region else False,
+        "prefix_surge": forced.get("prefix", pop.prefix_surging),
+        "prefix_concentration": pop.prefix_concentrated and forced.get("prefix", True),
+    }
+    out = []
+    for code, on in surging.items():
+        if not on:
+            continue
+        hit = _hit(code, pol.rules[code], req.authenticated, pol)
+        if req.authenticated and code in pol.auth_deflect_codes and hit.action == Action.BLOCK:
+            hit = Hit(code, hit.weight, Action.DEFLECT, False)
+        out.append(hit)
+    return out
 
 
 def combine(hits: list[Hit], policy: Policy) -> tuple[Action, bool, float, list[str]]:
@@ -157,7 +189,10 @@ def combine(hits: list[Hit], policy: Policy) -> tuple[Action, bool, float, list[
         dict.fromkeys(h.code for h in ordered if h.weight > 0 or h.action != Action.ALLOW)
     )
     silent = any(h.silent and h.action == action for h in hits) and action != Action.ALLOW
-    if risk >= policy.block_at and action != Action.BLOCK:
+    # A silent block needs corroboration: soft signals (which innocent populations produce) may
+    # add up to a deflection, never to a block on their own.
+    corroborated = any(h.code not in policy.soft_codes and h.weight > 0 for h in hits)
+    if risk >= policy.block_at and action != Action.BLOCK and corroborated:
         action, silent = Action.BLOCK, True
         reasons.insert(0, "combined_risk")
     elif risk >= policy.deflect_at and action == Action.ALLOW:

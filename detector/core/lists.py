@@ -22,7 +22,9 @@ from typing import Any
 
 from detector.core.errors import InvalidField
 
-KINDS = ("ip", "cidr", "asn", "number", "prefix", "country")
+KINDS = ("ip", "cidr", "asn", "number", "prefix", "country", "surge")
+#: ``surge`` entries force under-attack mode for a scope (value ``*``, a country code, or an E.164
+#: prefix): ``deny`` forces it on, ``allow`` forces it off, until the entry expires.
 ACTIONS = ("deny", "allow")
 
 
@@ -73,6 +75,12 @@ def normalize(kind: str, value: str) -> str:
         if v.startswith("00"):
             digits = digits[2:]
         return "+" + digits
+    if kind == "surge":  # under-attack mode: everything, a country or an E.164 prefix
+        if v == "*":
+            return v
+        if v.startswith(("+", "00")):
+            return normalize("prefix", v)
+        return normalize("country", v)
     if kind == "country":
         if len(v) != 2 or not v.isalpha():
             raise InvalidField("value", "an ISO 3166 alpha-2 country code", value)
@@ -124,6 +132,8 @@ class ListIndex:
         self._exact: dict[tuple[str, str, str], ListEntry] = {}  # (action, kind, value)
         self._nets: dict[tuple[str, int, int], dict[int, ListEntry]] = {}  # (action, ver, plen)
         self._prefix_lens: dict[str, set[int]] = {"deny": set(), "allow": set()}
+        self._surge_prefix_lens: dict[str, set[int]] = {"deny": set(), "allow": set()}
+        self._surge_keys = 0
         for e in entries:
             self.add(e)
 
@@ -152,6 +162,10 @@ class ListIndex:
             self._exact[(e.action, e.kind, e.value)] = e
             if e.kind == "prefix":
                 self._prefix_lens[e.action].add(len(e.value))
+            if e.kind == "surge":
+                self._surge_keys += 1
+                if e.value.startswith("+"):
+                    self._surge_prefix_lens[e.action].add(len(e.value))
 
     def remove(self, key: str) -> None:
         e = self._by_key.pop(key, None)
@@ -164,6 +178,27 @@ class ListIndex:
             )
         else:
             self._exact.pop((e.action, e.kind, e.value), None)
+            if e.kind == "surge":
+                self._surge_keys -= 1
+
+    def surge_overrides(self, e164: str | None, region: str | None, *, now: float) -> dict[str, bool]:
+        """The SOC's forced under-attack modes for a request: ``{"global"|"country"|"prefix": on}``
+        (absent: no override). An ``allow`` (off) entry wins over a ``deny`` (on) one."""
+        if not self._surge_keys:
+            return {}
+        out: dict[str, bool] = {}
+        for action, on in (("deny", True), ("allow", False)):
+            for scope, value in (("global", "*"), ("country", region)):
+                e = self._exact.get((action, "surge", value)) if value else None
+                if e is not None and e.active(now):
+                    out[scope] = on
+            if e164:
+                for n in sorted(self._surge_prefix_lens[action], reverse=True):
+                    e = self._exact.get((action, "surge", e164[:n])) if n <= len(e164) else None
+                    if e is not None and e.active(now):
+                        out["prefix"] = on
+                        break
+        return out
 
     def _hits(
         self,

@@ -10,13 +10,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from detector.core import state
+from detector.core import population, state
 from detector.core.decide import DecisionContext, decide
 from detector.core.errors import InvalidField, MissingField
 from detector.core.ipintel import IpIntel
 from detector.core.lists import ListEntry, make_entry
 from detector.core.phone import enrich_phone, routing_key
 from detector.core.policy import Policy
+from detector.core.population import PopulationCounts, PopulationView
 from detector.core.records import (
     OUTCOMES,
     Action,
@@ -35,6 +36,27 @@ def enrich(req: CallbackRequest, intel: IpIntel, policy: Policy) -> Enrichment:
         phone=enrich_phone(req.phone_number, req.country_hint, policy.range_digits),
         ip=intel.lookup(req.ip),
     )
+
+
+def count_population(
+    view: PopulationView, req: CallbackRequest, enr: Enrichment, ip_counts: IpCounts,
+    number_1h: int, policy: Policy,
+) -> PopulationCounts:
+    """Count a request in the population and read the population signals for it (including it).
+
+    Every request to a valid number counts in its number blocks. Only *quiet* requests count in
+    the surge scopes (everything, its country): the first request for the number in an hour, not
+    from an anonymiser or a datacentre. What per-key rules already see (a number hammered, a
+    flood from hosting addresses, invalid numbers) must not put a whole country in under-attack
+    mode, and a customer's retry is not a second customer."""
+    ph = enr.phone
+    if not ph.valid:
+        return population.read(view, (), req.ts, None, policy.population)
+    keys = population.scopes(ph.e164, ph.region, policy.population)
+    ip = enr.ip
+    quiet = number_1h == 1 and not (ip.hosting or ip.tor_exit or ip.public_proxy)
+    view.observe(keys if quiet else keys[2:], req.ts, fresh=bool(ip_counts.ip_fresh))
+    return population.read(view, keys, req.ts, ph.region, policy.population)
 
 
 def range_routing_key(req: CallbackRequest, enr: Enrichment) -> str:
@@ -101,17 +123,20 @@ class Detector:
     ip_stores: state.IpStores = field(default_factory=state.IpStores)
     range_stores: state.RangeStores = field(default_factory=state.RangeStores)
     seen: dict[str, float] = field(default_factory=dict)
+    population: PopulationView = field(default_factory=PopulationView)
     sweep_every_s: float = 6 * 3600.0  # event time between sweeps of dead keys
     _last_sweep: float = 0.0
 
     def process(self, req: CallbackRequest, *, decided_at: float | None = None) -> Decision:
-        enr = enrich(req, self.intel, self.ctx.policy)
-        ip_counts: IpCounts = state.ip_stage(self.ip_stores, req, enr)
+        policy = self.ctx.policy
+        enr = enrich(req, self.intel, policy)
+        ip_counts: IpCounts = state.ip_stage(self.ip_stores, req, enr, policy.shared_ip)
         upd = state.range_stage(self.range_stores, req, enr, range_routing_key(req, enr))
+        pop = count_population(self.population, req, enr, ip_counts, upd.counts.number_1h, policy)
         decision = decide(
             req,
             enr,
-            Counts(ip_counts, upd.counts),
+            Counts(ip_counts, upd.counts, pop),
             self.ctx,
             decided_at=req.ts if decided_at is None else decided_at,
         )
@@ -137,6 +162,7 @@ class Detector:
     def sweep(self, now: float) -> int:
         """Drop state that can no longer count (bounded memory)."""
         self._last_sweep = now
+        self.population.prune(now)
         return sum(
             state.sweep(s, now)
             for s in (

@@ -12,6 +12,7 @@ detector.core.errors.PolicyError: rules.geo_mismatch.action: expected one of all
 from __future__ import annotations
 
 import tomllib
+from datetime import datetime
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from detector.core.errors import PolicyError
+from detector.core.parse import parse_ts
+from detector.core.population import Campaign, PopulationPolicy
 from detector.core.records import Action
 
 DEFAULT_POLICY_TEXT = (
@@ -34,6 +37,21 @@ class Rule:
     action: Action
     silent: bool
     weight: float
+
+
+@dataclass(frozen=True, slots=True)
+class SharedIpPolicy:
+    """The ``[shared_ip]`` section: when an IP is a population (carrier or office NAT), and how
+    much its per-IP limits are relaxed."""
+
+    min_numbers_24h: int = 4
+    max_countries_24h: int = 2
+    max_15m: int = 15
+    max_1h: int = 40
+    min_spread: float = 0.5
+    factor: int = 20
+    relaxed: tuple[str, ...] = ("ip_15m", "ip_1h", "ip_24h", "ip_distinct_numbers_1h",
+                                "ip_distinct_numbers_24h")
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +73,14 @@ class Policy:
     machine_deny_seconds: float = 86400.0
     deny: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     allow: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    population: PopulationPolicy = field(default_factory=PopulationPolicy)
+    shared_ip: SharedIpPolicy = field(default_factory=SharedIpPolicy)
+    # Codes that innocent populations produce (shared IPs, travellers, surges): however many of
+    # them fire together, the combined risk deflects and never blocks (no silent block of what
+    # a real customer could have sent without a corroborating, fraud-specific signal).
+    soft_codes: frozenset[str] = frozenset()
+    recombination_min: int = 3
+    auth_deflect_codes: frozenset[str] = frozenset()
 
     def rule(self, code: str) -> Rule:
         return self.rules[code]
@@ -150,8 +176,20 @@ def parse_policy(overrides: Mapping[str, Any]) -> Policy:
                 f"{sec}: unknown key(s) {sorted(extra)}; expected {list(LIST_FIELDS)}"
             )
         lists[sec] = {k: _strings(f"{sec}.{k}", raw[sec].get(k, [])) for k in LIST_FIELDS}
+    population = _population(raw["population"], raw.get("campaigns", []))
+    shared = _shared_ip(raw["shared_ip"])
+    soft = _strings("risk.soft_codes", raw["risk"].get("soft_codes", []))
+    rules = {k: _rule(f"rules.{k}", v) for k, v in raw["rules"].items()}
+    for code in soft:
+        if code not in rules and not code.startswith("number_type_"):
+            raise PolicyError(f"risk.soft_codes: unknown reason code {code!r}")
+    recomb = raw["velocity"].get("recombination_min", 3)
     return Policy(
         version=version,
+        population=population,
+        shared_ip=shared,
+        soft_codes=frozenset(soft),
+        recombination_min=recomb,
         deflect_at=deflect_at,
         block_at=block_at,
         allowed_countries=frozenset(c.upper() for c in countries),
@@ -159,10 +197,11 @@ def parse_policy(overrides: Mapping[str, Any]) -> Policy:
         number_types={
             k.upper(): _rule(f"number_types.{k}", v) for k, v in raw["number_types"].items()
         },
-        rules={k: _rule(f"rules.{k}", v) for k, v in raw["rules"].items()},
+        rules=rules,
         velocity=velocity,
         pending_ttl=ttl,
         relaxed_codes=frozenset(_strings("auth.relaxed_codes", raw["auth"]["relaxed_codes"])),
+        auth_deflect_codes=frozenset(_strings("auth.deflect_codes", raw["auth"].get("deflect_codes", []))),
         auth_weight_factor=_num("auth.weight_factor", raw["auth"]["weight_factor"], 0.0, 1.0),
         range_digits=digits,
         spam_deny_seconds=_num(
@@ -176,6 +215,92 @@ def parse_policy(overrides: Mapping[str, Any]) -> Policy:
         ),
         deny=lists["deny"],
         allow=lists["allow"],
+    )
+
+
+def _int(where: str, value: Any, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise PolicyError(f"{where}: expected an integer in [{lo}, {hi}], got {value!r}")
+    return value
+
+
+def _known(where: str, raw: Mapping[str, Any], known: set[str]) -> None:
+    extra = set(raw) - known
+    if extra:
+        raise PolicyError(f"{where}: unknown key(s) {sorted(extra)}; known: {sorted(known)}")
+
+
+def _population(raw: Mapping[str, Any], campaigns: Any) -> PopulationPolicy:
+    d = PopulationPolicy()
+    _known("population", raw, set(PopulationPolicy.__slots__) - {"campaigns"})
+    digits = raw.get("block_digits", list(d.block_digits))
+    if (not isinstance(digits, list) or not digits
+            or not all(isinstance(k, int) and not isinstance(k, bool) and 3 <= k <= 8 for k in digits)):
+        raise PolicyError(f"population.block_digits: expected a list of integers 3..8, got {digits!r}")
+    if not isinstance(campaigns, list):
+        raise PolicyError(f"campaigns: expected an array of tables [[campaigns]], got {campaigns!r}")
+    return PopulationPolicy(
+        block_digits=tuple(sorted(set(digits))),
+        min_national_digits=_int("population.min_national_digits",
+                                 raw.get("min_national_digits", d.min_national_digits), 4, 15),
+        surge_enter=_num("population.surge_enter", raw.get("surge_enter", d.surge_enter), 1.0, 1e6),
+        surge_exit=_num("population.surge_exit", raw.get("surge_exit", d.surge_exit), 1.0, 1e6),
+        country_min_baseline_10m=_num("population.country_min_baseline_10m",
+                                      raw.get("country_min_baseline_10m", d.country_min_baseline_10m),
+                                      0.1, 1e9),
+        global_min_baseline_10m=_num("population.global_min_baseline_10m",
+                                     raw.get("global_min_baseline_10m", d.global_min_baseline_10m),
+                                     0.1, 1e9),
+        prefix_floor_24h=_int("population.prefix_floor_24h",
+                              raw.get("prefix_floor_24h", d.prefix_floor_24h), 1, 10**9),
+        prefix_floor_1h=_int("population.prefix_floor_1h",
+                             raw.get("prefix_floor_1h", d.prefix_floor_1h), 1, 10**9),
+        concentration_factor=_num("population.concentration_factor",
+                                  raw.get("concentration_factor", d.concentration_factor), 1.0, 1e9),
+        fresh_share=_num("population.fresh_share", raw.get("fresh_share", d.fresh_share), 0.0, 1.0),
+        campaigns=tuple(_campaign(f"campaigns[{i}]", c) for i, c in enumerate(campaigns)),
+    )
+
+
+def _campaign(where: str, raw: Any) -> Campaign:
+    if not isinstance(raw, Mapping):
+        raise PolicyError(f"{where}: expected a table {{country, start, end, factor}}, got {raw!r}")
+    _known(where, raw, {"country", "start", "end", "factor", "name"})
+    country = raw.get("country")
+    if not isinstance(country, str) or not (country == "*" or (len(country) == 2 and country.isalpha())):
+        raise PolicyError(f"{where}.country: expected an ISO alpha-2 code or '*', got {country!r}")
+    times = []
+    for name in ("start", "end"):
+        value = raw.get(name)
+        if isinstance(value, datetime):  # a TOML date-time
+            if value.tzinfo is None:
+                raise PolicyError(f"{where}.{name}: a date-time needs a zone (e.g. Z), got {value!r}")
+            times.append(value.timestamp())
+            continue
+        try:
+            times.append(parse_ts(value))
+        except Exception as exc:  # noqa: BLE001 - reported with the field
+            raise PolicyError(f"{where}.{name}: expected epoch seconds or RFC 3339, got {value!r}") from exc
+    if times[1] <= times[0]:
+        raise PolicyError(f"{where}: end must be after start")
+    factor = _num(f"{where}.factor", raw.get("factor", 10.0), 1.0, 1e6)
+    return Campaign(country.upper() if country != "*" else "*", times[0], times[1], factor)
+
+
+def _shared_ip(raw: Mapping[str, Any]) -> SharedIpPolicy:
+    d = SharedIpPolicy()
+    _known("shared_ip", raw, set(SharedIpPolicy.__slots__))
+    relaxed = _strings("shared_ip.relaxed", raw.get("relaxed", list(d.relaxed)))
+    return SharedIpPolicy(
+        min_numbers_24h=_int("shared_ip.min_numbers_24h", raw.get("min_numbers_24h", d.min_numbers_24h),
+                             1, 10**6),
+        max_countries_24h=_int("shared_ip.max_countries_24h",
+                               raw.get("max_countries_24h", d.max_countries_24h), 1, 300),
+        max_15m=_int("shared_ip.max_15m", raw.get("max_15m", d.max_15m), 1, 10**6),
+        max_1h=_int("shared_ip.max_1h", raw.get("max_1h", d.max_1h), 1, 10**6),
+        min_spread=_num("shared_ip.min_spread", raw.get("min_spread", d.min_spread), 0.0, 1.0),
+        factor=_int("shared_ip.factor", raw.get("factor", d.factor), 1, 10**6),
+        relaxed=relaxed,
     )
 
 

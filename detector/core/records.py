@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
 from typing import Any
 
+from detector.core.population import PopulationCounts
+
 
 class Action(StrEnum):
     """What the web tier and the dialer do with a request."""
@@ -76,6 +78,7 @@ class IpInfo:
     public_proxy: bool = False
     residential_proxy: bool = False
     hosting: bool = False
+    cellular: bool = False  # a mobile carrier's address (connection-type data or mobile-ASN list)
 
     @property
     def anonymous(self) -> bool:
@@ -124,6 +127,8 @@ class IpCounts:
     ip_distinct_numbers_1h: int = 0
     ip_distinct_numbers_24h: int = 0
     ip_distinct_countries_24h: int = 0
+    ip_fresh: int = 0  # 1: the IP's first request in 24 h
+    ip_shared: int = 0  # 1: a shared IP (carrier or office NAT), so per-IP limits are relaxed
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,11 +153,13 @@ class RangeCounts:
 class Counts:
     ip: IpCounts = field(default_factory=IpCounts)
     rng: RangeCounts = field(default_factory=RangeCounts)
+    pop: PopulationCounts = field(default_factory=PopulationCounts)
 
     def to_dict(self) -> dict[str, Any]:
-        ip, rng = self.ip, self.rng
+        ip, rng, pop = self.ip, self.rng, self.pop
         out = {name: getattr(ip, name) for name in IpCounts.__slots__}
         out.update({name: getattr(rng, name) for name in RangeCounts.__slots__})
+        out.update({name: getattr(pop, name) for name in PopulationCounts.__slots__})
         return out
 
 

@@ -18,10 +18,13 @@ from __future__ import annotations
 import hashlib
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from detector.core import windows as w
 from detector.core.records import CallbackRequest, Enrichment, IpCounts, PhoneInfo, RangeCounts
+
+if TYPE_CHECKING:
+    from detector.core.policy import SharedIpPolicy
 
 Store = MutableMapping[str, Any]
 
@@ -69,7 +72,9 @@ class RangeStores:
     range: Store = field(default_factory=dict)
 
 
-def ip_stage(stores: IpStores, req: CallbackRequest, enr: Enrichment) -> IpCounts:
+def ip_stage(
+    stores: IpStores, req: CallbackRequest, enr: Enrichment, shared: SharedIpPolicy | None = None
+) -> IpCounts:
     """Count ``req`` in the IP tables and return the IP-side counts (including ``req``)."""
     ts = req.ts
     value = stores.ip.get(req.ip) or {}
@@ -78,11 +83,46 @@ def ip_stage(stores: IpStores, req: CallbackRequest, enr: Enrichment) -> IpCount
     value["n"] = w.distinct_add(value.get("n"), short_hash(number_key(enr, req.phone_number)), ts)
     if enr.phone.region:
         value["k"] = w.distinct_add(value.get("k"), enr.phone.region, ts)
+    if enr.phone.range_key:
+        value["r"] = w.distinct_add(value.get("r"), short_hash(enr.phone.range_key), ts)
     stores.ip[req.ip] = value
     c15, c1h, c24 = w.count_read(value["c"], ts)
     n1h, n24 = w.distinct_read(value["n"], ts)
     _, k24 = w.distinct_read(value.get("k"), ts)
-    return IpCounts(c15, c1h, c24, n1h, n24, k24)
+    _, r24 = w.distinct_read(value.get("r"), ts)
+    is_shared = shared is not None and shared_ip(enr, c15, c1h, n24, k24, shared, r24)
+    return IpCounts(c15, c1h, c24, n1h, n24, k24, 1 if c24 == 1 else 0, 1 if is_shared else 0)
+
+
+def shared_ip(
+    enr: Enrichment, c15: int, c1h: int, n24: int, k24: int, pol: SharedIpPolicy, r24: int | None = None
+) -> bool:
+    """Whether the requester looks like a shared address (carrier-grade or office NAT): a
+    population of customers, not one actor. Evidence: several distinct numbers in a day (or a
+    cellular connection per the connection-type data) spread over number ranges (``min_spread``
+    distinct ranges per distinct number: people's numbers are all over the plan; an office's DDIs
+    share one range, so this is not 1), at most ``max_countries_24h`` destination countries, no
+    burst (``max_15m``, ``max_1h``), and not an anonymiser or a datacentre (those share addresses
+    too, but with anyone). Counts include the current request.
+
+    >>> from detector.core.policy import load_policy
+    >>> from detector.core.records import Enrichment, IpInfo, PhoneInfo
+    >>> enr = Enrichment(PhoneInfo("+447700900123", True, True, True, "GB", 44, "MOBILE", None),
+    ...                  IpInfo("92.16.0.1", 4, "global", "GB"))
+    >>> pol = load_policy().shared_ip
+    >>> shared_ip(enr, 2, 6, 12, 1, pol), shared_ip(enr, 40, 60, 12, 1, pol)
+    (True, False)
+    """
+    ip = enr.ip
+    if ip.hosting or ip.tor_exit or ip.public_proxy or ip.residential_proxy or ip.anonymous_vpn:
+        return False
+    if ip.scope != "global" or k24 > pol.max_countries_24h:
+        return False
+    if c15 > pol.max_15m or c1h > pol.max_1h:
+        return False
+    if r24 is not None and r24 < pol.min_spread * n24:
+        return False
+    return n24 >= pol.min_numbers_24h or ip.cellular
 
 
 @dataclass

@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
@@ -76,10 +77,18 @@ from detector.core.ipintel import IpIntel
 from detector.core.lists import ListEntry
 from detector.core.parse import parse_request
 from detector.core.phone import enrich_phone
-from detector.core.pipeline import enrich, learn_from_outcome, parse_outcome, range_routing_key
+from detector.core.pipeline import (
+    count_population,
+    enrich,
+    learn_from_outcome,
+    parse_outcome,
+    range_routing_key,
+)
 from detector.core.policy import Policy
+from detector.core.population import PopulationView
 from detector.core.records import Action, CallbackRequest, Counts, Enrichment
 from detector.stream import codec
+from detector.stream import population as pop_stream
 from detector.stream.delivery import Admit, DeliveryTransport, OffsetGate, start_offsets
 from detector.stream.io import stop_consumer, topic_partitions
 
@@ -258,6 +267,7 @@ class StreamRuntime:
     active: dict[str, set[int]] = field(default_factory=dict)  # topic -> assigned partitions
 
     ip_partitions: int = 0  # partitions of by-ip when callback-requests has as many, else 0
+    population: PopulationView = field(default_factory=PopulationView)  # see stream/population.py
 
     @property
     def policy(self) -> Policy:
@@ -413,13 +423,13 @@ async def ip_stage(rt: StreamRuntime, req: CallbackRequest, wire: dict[str, Any]
     writes: dict[tuple[str, str], Write] = {}
     view = EventView(rt.tables["ip"], partition, _applied_source(src, src_offset),
                      _stamp_source(src, src_offset), writes)
-    counts = state.ip_stage(state.IpStores(ip=view), req, enr)
+    counts = state.ip_stage(state.IpStores(ip=view), req, enr, rt.policy.shared_ip)
     if view.redelivered:
         metrics.DUPLICATES.labels("ip").inc()
         # The copy was counted once more than the stored value: undo that in what we forward.
-        counts = type(counts)(max(counts.ip_15m - 1, 1), max(counts.ip_1h - 1, 1),
-                              max(counts.ip_24h - 1, 1), counts.ip_distinct_numbers_1h,
-                              counts.ip_distinct_numbers_24h, counts.ip_distinct_countries_24h)
+        counts = dataclasses.replace(counts, ip_15m=max(counts.ip_15m - 1, 1),
+                                     ip_1h=max(counts.ip_1h - 1, 1), ip_24h=max(counts.ip_24h - 1, 1),
+                                     ip_fresh=1 if counts.ip_24h <= 2 else 0)
     await rt.flush_writes(list(writes.values()))
     out = {"k": "req", "r": wire if wire is not None else codec.request_to_wire(req),
            "ipc": codec.ip_counts_to_wire(counts), "kts": kts}
@@ -481,7 +491,9 @@ def range_one(rt: StreamRuntime, env: dict[str, Any], *, partition: int, offset:
                            pending_ttl=rt.policy.pending_ttl)
         return RangeResult(decision=d, kts=env.get("kts"), resend=True)
     result = RangeResult(kts=env.get("kts"))
-    undecided.append(Undecided(req, enr, upd, Counts(codec.ip_counts_from_wire(env["ipc"]), upd.counts),
+    ipc = codec.ip_counts_from_wire(env["ipc"])
+    pop = count_population(rt.population, req, enr, ipc, upd.counts.number_1h, rt.policy)
+    undecided.append(Undecided(req, enr, upd, Counts(ipc, upd.counts, pop),
                                stores, partition, offset, result))
     return result
 
@@ -769,6 +781,9 @@ def make_app(settings: Settings, *, rt: StreamRuntime | None = None, web: bool =
         "by_ip": app.topic(f"{s.app_id}-by-ip", partitions=s.partitions, internal=True, **raw),
         "by_range": app.topic(f"{s.app_id}-by-range", partitions=s.partitions, internal=True,
                               **raw),
+        # Population deltas of every worker (stream/population.py): 1 partition, read by all.
+        "population": app.topic(f"{s.app_id}-population", partitions=1, internal=True,
+                                retention=float(pop_stream.POPULATION_RETENTION_S), **raw),
     }
     rt.tables = {
         name: app.Table(name, partitions=s.partitions, help=doc)
@@ -929,6 +944,15 @@ def make_app(settings: Settings, *, rt: StreamRuntime | None = None, web: bool =
         await read_lists_forever(app, rt)
 
     sweeper = Sweeper(rt)
+    me = pop_stream.worker_id()
+
+    @app.task
+    async def population_reader() -> None:
+        await pop_stream.read_population_forever(app, rt, rt.topics["population"].get_topic_name(), me)
+
+    @app.timer(pop_stream.PUBLISH_INTERVAL_S)
+    async def population_publisher() -> None:
+        await pop_stream.publish_delta(rt, rt.topics["population"], me)
 
     @app.timer(SWEEP_TICK_S)
     async def sweep() -> None:
@@ -936,11 +960,13 @@ def make_app(settings: Settings, *, rt: StreamRuntime | None = None, web: bool =
             _update_assignment(app, rt)
         for w in sweeper.tick(rt.max_ts):
             await rt.publish_changelog(w)
+        rt.population.prune(pop_stream.prune_clock(rt.max_ts))
 
     @app.timer(GAUGE_INTERVAL_S)
     async def gauges() -> None:
         _update_assignment(app, rt)
         update_gauges(app, rt)
+        pop_stream.update_population_gauges(rt)
 
     @app.page("/healthz")
     async def healthz(self: Any, request: Any) -> Any:

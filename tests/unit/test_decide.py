@@ -56,12 +56,26 @@ CASES = [
      "velocity_number"),
     ("velocity_number_at_limit", GB_MOBILE, GB_IP, Counts(rng=RangeCounts(number_15m=7)), False, "allow", False,
      None),
-    ("numbers_per_ip", GB_MOBILE, GB_IP, Counts(ip=IpCounts(ip_distinct_numbers_1h=4)), False, "block", True,
+    # Shared IPs (carrier NAT, offices) produce these: they deflect, never block silently alone.
+    ("numbers_per_ip", GB_MOBILE, GB_IP, Counts(ip=IpCounts(ip_distinct_numbers_1h=4)), False, "deflect", False,
      "many_numbers_per_ip"),
+    ("numbers_per_shared_ip_relaxed", GB_MOBILE, GB_IP,
+     Counts(ip=IpCounts(ip_distinct_numbers_1h=30, ip_distinct_numbers_24h=100, ip_shared=1)), False, "allow",
+     False, None),
+    ("numbers_per_shared_ip_past_relaxed_limit", GB_MOBILE, GB_IP,
+     Counts(ip=IpCounts(ip_distinct_numbers_1h=61, ip_shared=1)), False, "deflect", False, "many_numbers_per_ip"),
+    ("velocity_ip_deflects", GB_MOBILE, GB_IP, Counts(ip=IpCounts(ip_15m=11)), False, "deflect", False,
+     "velocity_ip"),
+    ("recombined_ips_and_numbers", GB_MOBILE, GB_IP,
+     Counts(ip=IpCounts(ip_distinct_numbers_24h=3), rng=RangeCounts(number_distinct_ips_24h=3)), False, "deflect",
+     False, "ip_number_recombination"),
+    ("shared_ip_and_soft_signals_never_block", GB_MOBILE, ip(country="NG", anonymous_vpn=True),
+     Counts(ip=IpCounts(ip_15m=40, ip_distinct_numbers_1h=9, ip_distinct_countries_24h=7)), False, "deflect",
+     False, "many_countries_per_ip"),
     ("range_pumping", GB_MOBILE, GB_IP, Counts(rng=RangeCounts(range_distinct_ips_24h=9)), False, "block", True,
      "range_many_ips"),
-    ("combined_block", phone(number_type="VOIP"), ip(country="NG", tor_exit=True, hosting=True), Counts(),
-     False, "block", True, "combined_risk"),
+    ("combined_soft_signals_deflect", phone(number_type="VOIP"), ip(country="NG", tor_exit=True, hosting=True),
+     Counts(), False, "deflect", False, "anonymous_ip"),
     ("private_ip_is_noted_not_blocked", GB_MOBILE, ip(scope="private", country=None), Counts(), False, "allow",
      False, "ip_not_global"),
 ]
@@ -75,6 +89,18 @@ def test_rule_table(name, ph, ipi, counts, auth, action, silent, first):
     assert (str(d.action), d.silent) == (action, silent), d.reasons
     assert (d.reasons[0] if d.reasons else None) == first
     assert 0.0 <= d.risk <= 1.0
+
+
+def test_combined_risk_blocks_only_with_a_corroborating_signal():
+    # velocity_pair made a weight-only rule: with soft signals the risk passes block_at, and
+    # velocity_pair (not a soft code) corroborates, so the combined risk may block.
+    pol = parse_policy({"rules": {"velocity_pair": {"action": "allow", "silent": False, "weight": 0.8}}})
+    enr = Enrichment(phone(number_type="VOIP"), ip(country="NG", hosting=True))
+    ctx = DecisionContext(pol)
+    d = decide(REQ, enr, Counts(rng=RangeCounts(pair_1h=6)), ctx, decided_at=0)
+    assert (d.action, d.silent, d.reasons[0]) == (Action.BLOCK, True, "combined_risk")
+    d = decide(REQ, enr, Counts(), ctx, decided_at=0)
+    assert (d.action, d.silent) == (Action.DEFLECT, False)
 
 
 def test_deny_list_blocks_silently_and_allow_list_overrides():

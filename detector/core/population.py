@@ -1,0 +1,339 @@
+"""Population counters: traffic per destination country, per number block and overall.
+
+Per-key counts (per IP, per number, per range) are quiet when an attack spreads over thousands of
+IPs and numbers, and loud when innocent customers share one IP. Population counts see the sum:
+
+* **scopes**: ``*`` (everything), ``C:<region>`` (destination country) and ``B<k>:<region>:<prefix>``
+  (a block of 10^k numbers: the E.164 form minus its last *k* digits, e.g. ``B5:GB:+4477009`` holds the
+  100,000 numbers +447700900000-+447700999999, the size an IRSF seller leases).
+* each scope keeps minute buckets (the last :data:`MINUTES_KEPT`) and hour buckets (the last
+  :data:`HOURS_KEPT`) of two counts: requests, and requests from *fresh* IPs (the IP's first
+  request in 24 h). Buckets are bounded in number, never aged against one event's time: a request
+  dated 2099 adds one far-future bucket that no present read sums, and evicts at most one old one.
+
+Signals (:func:`read`), all pure functions of the counts at the request's time ``ts``:
+
+* **surge** of a country or of everything: the last 10 minutes against a baseline, the larger of
+  (a) the mean 10-minute count of the hour before the last 30 minutes, (b) the mean 10-minute
+  count over the last 24 h (once that much history exists, so it also works from the first hours),
+  (c) the policy's ``min_baseline_10m`` (so a quiet scope does not fire on a handful of requests).
+  A declared campaign multiplies the baseline by its factor. *Hysteresis*: a scope enters its surge
+  at ``surge_enter`` x baseline and stays in it while it is above ``surge_exit`` x baseline and the
+  last 30 minutes held at least ``surge_enter`` x baseline: it ends by itself within ~10 minutes of
+  the flood's end.
+* **concentration** of a block: its 24 h (and 1 h) count against what a spread-out population of the
+  same country would put in one block: the country's count divided by the number of blocks of that
+  size the country's traffic touched (at least 1). A block fires when it holds at least
+  ``prefix_floor`` requests, ``concentration_factor`` times its expected share, and most of them
+  from fresh IPs (an office asking on its own DDI block from one NAT address is not a pump).
+
+In the stream every worker counts its own requests at once and merges the other workers' deltas,
+published every second (:class:`PopulationView` ``merge``); the replay path counts every request
+itself. Both read with the same function, so they agree exactly in replay order.
+
+>>> from detector.core.policy import load_policy
+>>> pol = load_policy().population
+>>> view = PopulationView()
+>>> for i in range(3):
+...     view.observe(scopes("+447700900123", "GB", pol), 1795341600.0 + i, fresh=True)
+>>> read(view, scopes("+447700900123", "GB", pol), 1795341602.0, "GB", pol).country_10m
+3
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+MINUTE, HOUR = 60, 3600
+MINUTES_KEPT = 64  # > 40: the baseline reads the 30 minutes before the last 10
+HOURS_KEPT = 26
+GLOBAL = "*"
+
+
+@dataclass(frozen=True, slots=True)
+class Campaign:
+    """A declared surge (a marketing campaign): ``country`` ("*" for all) expects ``factor`` x its
+    usual traffic between ``start`` and ``end`` (epoch seconds)."""
+
+    country: str
+    start: float
+    end: float
+    factor: float
+
+
+@dataclass(frozen=True, slots=True)
+class PopulationPolicy:
+    """The ``[population]`` policy section (see ``default_policy.toml``)."""
+
+    block_digits: tuple[int, ...] = (5, 6)
+    min_national_digits: int = 8
+    surge_enter: float = 5.0
+    surge_exit: float = 2.5
+    country_min_baseline_10m: float = 6.0
+    global_min_baseline_10m: float = 12.0
+    prefix_floor_24h: int = 12
+    prefix_floor_1h: int = 6
+    concentration_factor: float = 10.0
+    fresh_share: float = 0.6
+    campaigns: tuple[Campaign, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class PopulationCounts:
+    """What the population said of one request (counts include the request). Higher = riskier."""
+
+    global_10m: int = 0
+    global_surge_factor: float = 0.0  # last 10 min / baseline
+    global_surging: bool = False
+    country_10m: int = 0
+    country_surge_factor: float = 0.0
+    country_surging: bool = False
+    prefix_24h: int = 0  # the most concentrated block's count (24 h)
+    prefix_concentration: float = 0.0  # its count / expected count for a block of its size
+    prefix_fresh_share: float = 0.0
+    prefix_concentrated: bool = False  # over floor, factor and fresh share (24 h)
+    prefix_surging: bool = False  # the same over the last hour
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in PopulationCounts.__slots__}
+
+
+@dataclass(slots=True)
+class _Scope:
+    minutes: dict[int, list[int]] = field(default_factory=dict)  # minute -> [requests, fresh]
+    hours: dict[int, list[int]] = field(default_factory=dict)  # hour -> [requests, fresh]
+    newest_hour: int = 0
+
+
+def _bump(buckets: dict[int, list[int]], b: int, n: int, fresh: int, keep: int) -> None:
+    cell = buckets.get(b)
+    if cell is None:
+        buckets[b] = [n, fresh]
+        if len(buckets) > keep:
+            del buckets[min(buckets)]  # bounded by count, never aged against one event's time
+    else:
+        cell[0] += n
+        cell[1] += fresh
+
+
+def scopes(e164: str | None, region: str | None, policy: PopulationPolicy) -> tuple[str, ...]:
+    """The scopes a request to ``e164`` counts in: everything, its country and its blocks.
+
+    >>> from detector.core.policy import load_policy
+    >>> scopes("+447700900123", "GB", load_policy().population)
+    ('*', 'C:GB', 'B5:GB:+4477009', 'B6:GB:+447700')
+    """
+    if not e164 or not region:
+        return (GLOBAL,)
+    out = [GLOBAL, f"C:{region}"]
+    digits = len(e164) - 1
+    if digits >= policy.min_national_digits:
+        for k in policy.block_digits:
+            if digits - k >= 3:
+                out.append(f"B{k}:{region}:{e164[:-k]}")
+    return tuple(out)
+
+
+class PopulationView:
+    """Counts per scope, from this process's requests and the deltas merged from other workers.
+
+    Also tracks, per (country, block size), which blocks were touched in the last 24 h (the
+    denominator of concentration), and the first minute it saw (so that a baseline is computed
+    from the history there is, from the first minutes of a deployment)."""
+
+    def __init__(self) -> None:
+        self.scopes: dict[str, _Scope] = {}
+        self.blocks: dict[tuple[str, str], dict[str, int]] = {}  # (region, "B5") -> prefix -> hour
+        self.pending: dict[tuple[str, int], list[int]] = {}  # unpublished (scope, minute) deltas
+        self.start_minute: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.scopes)
+
+    def observe(self, keys: Sequence[str], ts: float, *, fresh: bool) -> None:
+        """Count one request (and record it as a delta for :meth:`take_delta`)."""
+        minute = int(ts) // MINUTE
+        f = 1 if fresh else 0
+        for key in keys:
+            self._add(key, minute, 1, f)
+            cell = self.pending.get((key, minute))
+            if cell is None:
+                self.pending[(key, minute)] = [1, f]
+            else:
+                cell[0] += 1
+                cell[1] += f
+
+    def take_delta(self) -> list[list[Any]]:
+        """The counts observed since the last call, as ``[[scope, minute, n, fresh], ...]``, and
+        forget them (the stream publishes them for the other workers)."""
+        out = [[k, m, c[0], c[1]] for (k, m), c in self.pending.items()]
+        self.pending = {}
+        return out
+
+    def merge(self, delta: Iterable[Sequence[Any]]) -> None:
+        """Add another worker's delta (rows of :meth:`take_delta`)."""
+        for key, minute, n, fresh in delta:
+            self._add(str(key), int(minute), int(n), int(fresh))
+
+    def mark_start(self, ts: float) -> None:
+        """Declare that counting started at ``ts`` (history before it is unknown, not zero)."""
+        minute = int(ts) // MINUTE
+        if self.start_minute is None or minute < self.start_minute:
+            self.start_minute = minute
+
+    def _add(self, key: str, minute: int, n: int, fresh: int) -> None:
+        if self.start_minute is None or minute < self.start_minute:
+            self.start_minute = minute
+        sc = self.scopes.get(key)
+        if sc is None:
+            sc = self.scopes[key] = _Scope()
+        hour = minute // 60
+        _bump(sc.minutes, minute, n, fresh, MINUTES_KEPT)
+        _bump(sc.hours, hour, n, fresh, HOURS_KEPT)
+        if hour > sc.newest_hour:
+            sc.newest_hour = hour
+        if key[0] == "B":
+            level, region, prefix = key.split(":", 2)
+            seen = self.blocks.setdefault((region, level), {})
+            if seen.get(prefix, -1) < hour:
+                seen[prefix] = hour
+
+    def prune(self, now: float) -> int:
+        """Forget scopes and touched blocks older than a day at ``now``: a clock the caller
+        bounds (a single far-future event must not move it). Returns the scopes dropped."""
+        hour = int(now) // HOUR
+        dead = [k for k, sc in self.scopes.items() if sc.newest_hour <= hour - HOURS_KEPT]
+        for k in dead:
+            del self.scopes[k]
+        for seen in self.blocks.values():
+            for prefix in [p for p, h in seen.items() if h <= hour - 24]:
+                del seen[prefix]
+        return len(dead)
+
+
+def _sum(buckets: Mapping[int, list[int]], first: int, last: int) -> tuple[int, int]:
+    n = f = 0
+    if len(buckets) <= last - first + 1:
+        for b, cell in buckets.items():
+            if first <= b <= last:
+                n += cell[0]
+                f += cell[1]
+    else:
+        for b in range(first, last + 1):
+            found = buckets.get(b)
+            if found is not None:
+                n += found[0]
+                f += found[1]
+    return n, f
+
+
+def _campaign_factor(campaigns: Sequence[Campaign], region: str, ts: float) -> float:
+    factor = 1.0
+    for c in campaigns:
+        if c.start <= ts < c.end and c.country in (region, GLOBAL):
+            factor = max(factor, c.factor)
+    return factor
+
+
+def baseline_10m(sc: _Scope, ts: float, start_minute: int, min_baseline: float) -> float:
+    """The usual number of requests per 10 minutes of a scope at ``ts`` (see the module doc)."""
+    m, h = int(ts) // MINUTE, int(ts) // HOUR
+    first, last = max(m - 39, start_minute), m - 10  # the 30 minutes before the last 10
+    span = last - first + 1
+    base = min_baseline
+    if span >= 10:
+        before, _ = _sum(sc.minutes, first, last)
+        base = max(base, 10.0 * before / span)
+    if m - start_minute >= 24 * 60:  # a day of history: its mean, and the same hour yesterday
+        day, _ = _sum(sc.hours, h - 24, h - 1)
+        yesterday, _ = _sum(sc.hours, h - 24, h - 24)
+        base = max(base, day / 144.0, yesterday / 6.0)
+    return base
+
+
+def _surge(sc: _Scope | None, ts: float, start_minute: int, min_baseline: float, factor: float,
+           policy: PopulationPolicy) -> tuple[int, float, bool]:
+    """(count over the last 10 min, that / baseline, surging) of one scope at ``ts``."""
+    if sc is None:
+        return 0, 0.0, False
+    m = int(ts) // MINUTE
+    c10, _ = _sum(sc.minutes, m - 9, m)
+    base = baseline_10m(sc, ts, start_minute, min_baseline) * factor
+    ratio = c10 / base
+    if ratio >= policy.surge_enter:
+        return c10, round(ratio, 3), True
+    # Hysteresis: still elevated, and the last 30 minutes held an entering surge's volume.
+    c30, _ = _sum(sc.minutes, m - 29, m)
+    surging = ratio >= policy.surge_exit and c30 >= policy.surge_enter * base
+    return c10, round(ratio, 3), surging
+
+
+def surging_scopes(view: PopulationView, ts: float, policy: PopulationPolicy
+                   ) -> dict[tuple[str, str], tuple[float, bool]]:
+    """``{("global", "-") | ("country", "GB"): (surge factor, surging)}`` at ``ts``, for gauges."""
+    start = view.start_minute if view.start_minute is not None else int(ts) // MINUTE
+    out: dict[tuple[str, str], tuple[float, bool]] = {}
+    for key, sc in view.scopes.items():
+        if key == GLOBAL:
+            _, f, on = _surge(sc, ts, start, policy.global_min_baseline_10m,
+                              _campaign_factor(policy.campaigns, GLOBAL, ts), policy)
+            out[("global", "-")] = (f, on)
+        elif key.startswith("C:") and len(key) == 4 and key[2:].isalpha():
+            _, f, on = _surge(sc, ts, start, policy.country_min_baseline_10m,
+                              _campaign_factor(policy.campaigns, key[2:], ts), policy)
+            out[("country", key[2:])] = (f, on)
+    return out
+
+
+def read(view: PopulationView, keys: Sequence[str], ts: float, region: str | None,
+         policy: PopulationPolicy) -> PopulationCounts:
+    """The population signals for a request counted in ``keys`` at ``ts`` (see the module doc)."""
+    start = view.start_minute if view.start_minute is not None else int(ts) // MINUTE
+    g10, gf, gs = _surge(view.scopes.get(GLOBAL), ts, start, policy.global_min_baseline_10m,
+                         _campaign_factor(policy.campaigns, GLOBAL, ts), policy)
+    if region is None:
+        return PopulationCounts(global_10m=g10, global_surge_factor=gf, global_surging=gs)
+    country = view.scopes.get(f"C:{region}")
+    c10, cf, cs = _surge(country, ts, start, policy.country_min_baseline_10m,
+                         _campaign_factor(policy.campaigns, region, ts), policy)
+    m, h = int(ts) // MINUTE, int(ts) // HOUR
+    c24 = _sum(country.hours, h - 23, h)[0] if country is not None else 0
+    c1h = _sum(country.minutes, m - 59, m)[0] if country is not None else 0
+    best = (0, 0.0, 0.0)
+    concentrated = surging_prefix = False
+    for key in keys:
+        if key[0] != "B":
+            continue
+        sc = view.scopes.get(key)
+        if sc is None:
+            continue
+        touched = max(len(view.blocks.get((region, key.split(":", 1)[0]), ())), 1)
+        n24, f24 = _sum(sc.hours, h - 23, h)
+        conc = n24 / max(c24 / touched, 1.0)
+        share = f24 / n24 if n24 else 0.0
+        if conc > best[1]:
+            best = (n24, conc, share)
+        if (n24 >= policy.prefix_floor_24h and conc >= policy.concentration_factor
+                and share >= policy.fresh_share):
+            concentrated = True
+        n1h, f1h = _sum(sc.minutes, m - 59, m)
+        if (n1h >= policy.prefix_floor_1h and n1h / max(c1h / touched, 1.0) >= policy.concentration_factor
+                and f1h / n1h >= policy.fresh_share):
+            surging_prefix = True
+    return PopulationCounts(
+        global_10m=g10, global_surge_factor=gf, global_surging=gs,
+        country_10m=c10, country_surge_factor=cf, country_surging=cs,
+        prefix_24h=best[0], prefix_concentration=round(best[1], 3),
+        prefix_fresh_share=round(best[2], 3), prefix_concentrated=concentrated,
+        prefix_surging=surging_prefix,
+    )
+
+
+def surge_threshold_note(policy: PopulationPolicy) -> str:
+    """One line for logs and ``explain``: how surges are judged."""
+    return (f"surge at >= {policy.surge_enter:g}x baseline (ends below {policy.surge_exit:g}x); "
+            f"block concentration >= {policy.concentration_factor:g}x expected, "
+            f">= {policy.prefix_floor_24h} requests, >= {math.floor(policy.fresh_share * 100)}% fresh IPs")
