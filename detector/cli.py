@@ -118,19 +118,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from detector.sim import SimConfig, simulate, write_jsonl
+    from detector.sim.simulate import scenario_options, write_campaigns
 
-    items = simulate(
-        SimConfig(
+    try:
+        cfg = SimConfig(
             seed=args.seed,
             legit_per_day=args.legit,
             duration_s=args.duration,
             attack_scale=args.attack_scale,
+            **scenario_options(args.scenarios, args.volume),
         )
-    )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    items = simulate(cfg)
     labels = args.labels or Path(str(args.out).removesuffix(".jsonl") + ".labels.jsonl")
     write_jsonl(items, args.out, labels)
-    print(f"wrote {len(items):,} requests to {args.out} and labels to {labels}", file=sys.stderr)
+    campaigns = write_campaigns(cfg, Path(str(args.out).removesuffix(".jsonl") + ".campaigns.json"))
+    print(f"wrote {len(items):,} requests to {args.out}, labels to {labels} and declared "
+          f"campaigns to {campaigns}", file=sys.stderr)  # fmt: skip
     return 0
+
+
+def _add_scenario_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scenarios", default=None,
+                   help="comma-separated attacks and legitimate populations to simulate (default: "
+                        "all; the base legit day is always there; `all`, `none`)")  # fmt: skip
+    p.add_argument("--volume", action="append", default=[], metavar="NAME=N",
+                   help="requests per day of one scenario (repeatable)")  # fmt: skip
 
 
 def cmd_sim_ipdb(args: argparse.Namespace) -> int:
@@ -203,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--legit", type=int, default=20_000, help="legitimate requests per day")
     s.add_argument("--duration", type=float, default=86_400.0, help="seconds of traffic")
     s.add_argument("--attack-scale", dest="attack_scale", type=float, default=1.0)
+    _add_scenario_flags(s)
     s.set_defaults(func=cmd_simulate)
 
     ipdb = sub.add_parser("sim-ipdb", help="write the simulator's synthetic IP databases (for trying it out)")
@@ -222,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("data", type=Path, nargs="?", help="requests JSONL (default: simulator held-out seeds)")
     e.add_argument("--labels", type=Path, default=None)
     e.add_argument("--seeds", default="201,202", help="simulator seeds when no data is given")
+    e.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_scenario_flags(e)
     _add_core_flags(e)
     e.set_defaults(func=cmd_evaluate)
 

@@ -310,6 +310,8 @@ def read_labelled_jsonl(requests_path: Path | str, labels_path: Path | str | Non
             raise ConfigError(f"{labels_path}:{n}: expected an object with 'scenario', got {line!r}")
         labels.append(lab)
     by_id = {lab["request_id"]: lab for lab in labels if "request_id" in lab}
+    from detector.sim.simulate import LEGIT_LABELS
+
     out: list[Labelled] = []
     for i, req in enumerate(requests):
         lab = by_id.get(req.get("request_id")) if by_id else None
@@ -318,7 +320,7 @@ def read_labelled_jsonl(requests_path: Path | str, labels_path: Path | str | Non
                 raise ConfigError(f"{labels_path}: no label for request {i + 1} "
                                   f"(request_id {req.get('request_id')!r})")  # fmt: skip
             lab = labels[i]
-        attack = lab.get("attack", lab["scenario"] not in ("legit", "legit_repeat", "legit_traveller"))
+        attack = lab.get("attack", lab["scenario"] not in LEGIT_LABELS)
         out.append(LabelledRow(req, str(lab["scenario"]), bool(attack)))
     return out
 

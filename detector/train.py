@@ -273,7 +273,9 @@ def train_default(
 
 
 def _is_attack(scenario: str) -> bool:
-    return scenario not in ("legit", "legit_repeat", "legit_traveller", "unlabelled")
+    from detector.sim.simulate import LEGIT_LABELS
+
+    return scenario not in LEGIT_LABELS and scenario != "unlabelled"
 
 
 def train_from_jsonl(

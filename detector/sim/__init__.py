@@ -2,7 +2,8 @@
 
 ``simulate(SimConfig(seed=1))`` gives a day of requests with ground truth; ``write_jsonl`` writes
 them with labels in a side file; ``build_ip_databases`` writes MaxMind-format databases that agree
-with the simulated addresses.
+with the simulated addresses; ``campaign_windows`` gives the marketing campaigns a business would
+have declared for the simulated day.
 """
 
 from detector.sim.ipdb import (
@@ -14,12 +15,16 @@ from detector.sim.ipdb import (
     block_of,
     blocks_for,
     build_ip_databases,
+    cgnat_pools,
     random_ip,
     random_ip_in,
 )
+from detector.sim.populations import campaign_windows
 from detector.sim.simulate import (
     ALL_SCENARIOS,
     LEGIT_LABELS,
+    POPULATION_PER_DAY,
+    POPULATIONS,
     SCENARIOS,
     VOLUME_PER_DAY,
     LabeledRequest,
@@ -35,6 +40,8 @@ __all__ = [
     "IP_PLAN",
     "KINDS",
     "LEGIT_LABELS",
+    "POPULATIONS",
+    "POPULATION_PER_DAY",
     "SCENARIOS",
     "VOLUME_PER_DAY",
     "IpBlock",
@@ -43,6 +50,8 @@ __all__ = [
     "block_of",
     "blocks_for",
     "build_ip_databases",
+    "campaign_windows",
+    "cgnat_pools",
     "random_ip",
     "random_ip_in",
     "simulate",

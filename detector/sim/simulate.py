@@ -48,6 +48,13 @@ SCENARIOS: dict[str, str] = {
     "anonymous_ip": "requests from VPN, Tor, open-proxy and hosting addresses to assorted numbers",
     "geo_mismatch": "business-country numbers requested from residential IPs in NG, PK, VN, BR",
     "night_burst": "bursts after local midnight at the destination to numbers of one range",
+    "botnet_flood": "thousands of requests in 3-10 minutes, one per IP and per number, numbers from"
+    " the whole plan of the business countries, IPs of home and mobile networks worldwide",
+    "pump_spread": "pumping spread evenly over one leased 100,000-number block of a business"
+    " country, a fresh residential IP per request, diurnal, ~12% from authenticated accounts",
+    "slow_combo": "6 IPs x 6 numbers recombined slowly over the whole day",
+    "enumeration": "sequential enumeration of a range (+1 each), a handful of IPs, a few a minute",
+    "harassment": "one victim number requested from rotating IPs (each once or twice) for hours",
 }
 ALL_SCENARIOS: tuple[str, ...] = tuple(SCENARIOS)
 
@@ -56,6 +63,38 @@ LEGIT_LABELS: dict[str, str] = {
     "legit": "a customer asks once for a callback (a few return later, share an IP or use a VPN)",
     "legit_repeat": "an impatient customer submits the same number from the same IP 2-3 times",
     "legit_traveller": "a customer abroad asks for a callback to their home number",
+    "legit_cgnat": "mobile customers behind carrier-grade NAT: tens to hundreds of subscribers per"
+    " mobile-operator IPv4 address per day, on mobile numbers from many ranges",
+    "legit_office": "employees behind one office NAT address (10-60 staff per office), working"
+    " hours, callbacks to their own mobile or direct-dial numbers",
+    "legit_household": "a family at one home IP asking on 2-3 different numbers over a day",
+    "legit_retry": "a customer retries 20-60 min after a missed callback (same number; mostly the"
+    " same IP, sometimes another network)",
+    "legit_returning": "a customer comes back hours later from another network (same number)",
+    "legit_shared_line": "a small business's shared fixed line asked for by several staff from"
+    " several devices and IPs within a day",
+    "legit_surge": "an unannounced marketing surge: 10x-50x the normal rate of one business"
+    " country for ~30 min, ordinary customers",
+    "legit_surge_announced": "the same, announced: its window is declared as a campaign"
+    " (campaign_windows)",
+}
+
+#: Legitimate populations generated on their own (each its own label), beside the base day of
+#: ``legit`` / ``legit_repeat`` / ``legit_traveller`` that ``legit_per_day`` sizes.
+POPULATIONS: tuple[str, ...] = tuple(name for name in LEGIT_LABELS if name not in (
+    "legit", "legit_repeat", "legit_traveller"))  # fmt: skip
+
+#: Requests per day of each legitimate population (surges: ``None`` = derived from the normal
+#: rate of the surging country and a 10x-50x factor).
+POPULATION_PER_DAY: dict[str, int | None] = {
+    "legit_cgnat": 3000,
+    "legit_office": 400,
+    "legit_household": 600,
+    "legit_retry": 600,
+    "legit_returning": 400,
+    "legit_shared_line": 250,
+    "legit_surge": None,
+    "legit_surge_announced": None,
 }
 
 #: Requests per day of each attack scenario at ``attack_scale=1``.
@@ -69,12 +108,17 @@ VOLUME_PER_DAY: dict[str, int] = {
     "anonymous_ip": 300,
     "geo_mismatch": 300,
     "night_burst": 200,
+    "botnet_flood": 3000,
+    "pump_spread": 500,
+    "slow_combo": 150,
+    "enumeration": 400,
+    "harassment": 60,
 }
 
 #: Fixed UTC offsets in hours (November: no summer time in Europe).
 UTC_OFFSET_H: dict[str, int] = {
     "GB": 0, "IE": 0, "FR": 1, "DE": 1, "ES": 1, "NL": 1, "US": -5,
-    "NG": 1, "PK": 5, "VN": 7, "BR": -3,
+    "NG": 1, "PK": 5, "VN": 7, "BR": -3, "PT": 0, "IT": 1, "PL": 1, "BE": 1,
 }  # fmt: skip
 
 #: Relative share of legitimate customers per business country (others get 0.1).
@@ -139,12 +183,22 @@ class SimConfig:
     business_countries: tuple[str, ...] = ("GB", "IE", "FR", "DE", "ES", "NL")
     legit_per_day: int = 20000  # legitimate requests over a day (scaled if duration differs)
     attack_scale: float = 1.0  # multiplies every attack scenario's volume
-    scenarios: tuple[str, ...] = ALL_SCENARIOS  # which attacks to include
+    #: which attacks and legitimate populations to include (the base legit day is always there)
+    scenarios: tuple[str, ...] = ALL_SCENARIOS + POPULATIONS
+    #: requests per day overriding VOLUME_PER_DAY / POPULATION_PER_DAY for the named scenarios
+    #: (attacks are still multiplied by ``attack_scale``; everything scales with ``duration_s``)
+    volumes: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
-        unknown = [s for s in self.scenarios if s not in SCENARIOS]
+        known = ALL_SCENARIOS + POPULATIONS
+        unknown = [s for s in self.scenarios if s not in known]
         if unknown:
-            raise ValueError(f"unknown scenario(s) {unknown}; expected some of {ALL_SCENARIOS}")
+            raise ValueError(f"unknown scenario(s) {unknown}; expected some of {known}")
+        for name, volume in self.volumes:
+            if name not in known:
+                raise ValueError(f"volume for unknown scenario {name!r}; expected one of {known}")
+            if volume < 0:
+                raise ValueError(f"volume of {name} must be >= 0, got {volume}")
         if not self.duration_s > 0:
             raise ValueError(f"duration_s must be > 0, got {self.duration_s}")
         if self.legit_per_day < 0 or self.attack_scale < 0:
@@ -170,7 +224,7 @@ class LabeledRequest:
     """One generated request (the JSON object sent to the detector) and its ground truth."""
 
     request: dict[str, Any]
-    scenario: str  # "legit", "legit_repeat", "legit_traveller" or a name in SCENARIOS
+    scenario: str  # a name in LEGIT_LABELS or in SCENARIOS
     attack: bool
 
 
@@ -194,22 +248,41 @@ class _Number:
 
 @dataclass(frozen=True, slots=True)
 class _Spec:
-    """How to draw random numbers of one type in one region."""
+    """How to draw random numbers of one type in one region: cells of the plan and their weights.
+
+    A cell is a leading-digit prefix (3 digits, or fewer where the plan is sparse) and a national
+    length; its weight is the share of the cell's numbers that the type's pattern accepts, so
+    every valid range of the plan (every NDC / area code, every length in use) is drawn, in
+    proportion to how much of it is allocated, not only the ranges around example numbers.
+    """
 
     region: str
     cc: int
     ntype: int
     pattern: re.Pattern[str]
-    shapes: tuple[tuple[str, int], ...]  # (first digit, length) that can match the pattern
+    cells: tuple[tuple[str, int], ...]  # (leading digits, national length)
+    cum_weights: tuple[float, ...]
 
 
 def _sample_digits(rng: random.Random, n: int) -> str:
     return str(rng.randrange(10**n)).zfill(n) if n > 0 else ""
 
 
+#: Probes per cell when measuring how much of a prefix the plan allocates.
+_PROBES = 32
+
+
+def _density(pattern: re.Pattern[str], probe: random.Random, head: str, length: int) -> float:
+    tail = length - len(head)
+    hits = sum(
+        1 for _ in range(_PROBES) if pattern.fullmatch(head + _sample_digits(probe, tail))
+    )
+    return hits / _PROBES
+
+
 @lru_cache(maxsize=64)
 def _spec(region: str, ntype: int) -> _Spec:
-    """Pattern and plausible shapes of ``ntype`` numbers in ``region`` (cached: ~10 ms each)."""
+    """The plan cells of ``ntype`` numbers in ``region`` (cached: tens of ms each)."""
     meta = phonenumbers.PhoneMetadata.metadata_for_region(region)
     desc = None
     if meta is not None:
@@ -222,18 +295,51 @@ def _spec(region: str, ntype: int) -> _Spec:
         raise ValueError(f"phonenumbers has no numbers of type {ntype} for region {region!r}")
     general = meta.general_desc.possible_length if meta.general_desc else ()
     lengths = [n for n in (desc.possible_length or general) if n > 0]
-    usual = [n for n in lengths if 9 <= n <= 11]  # national lengths people actually have
+    usual = [n for n in lengths if 7 <= n <= 11]  # national lengths people actually have
     pattern = re.compile(desc.national_number_pattern)
-    probe = random.Random(f"shapes/{region}/{ntype}")
-    shapes = tuple(
-        (first, length)
-        for length in (usual or lengths)
-        for first in "123456789"
-        if any(pattern.fullmatch(first + _sample_digits(probe, length - 1)) for _ in range(300))
-    )
-    if not shapes:
+    probe = random.Random(f"cells/{region}/{ntype}")
+    # descend digit by digit where the plan has numbers (a prefix with no hit is left out)
+    weights: dict[tuple[str, int], float] = {}
+    for length in usual or lengths:
+        frontier = [str(d) for d in range(1, 10)]
+        for depth in range(1, 4):
+            nxt = []
+            for head in frontier:
+                if len(head) >= length:
+                    continue
+                dens = _density(pattern, probe, head, length)
+                if dens == 0.0:
+                    continue
+                if depth == 3 or len(head) + 1 >= length:
+                    weights[(head, length)] = dens
+                else:
+                    nxt += [head + str(d) for d in range(10)]
+            frontier = nxt
+    # a prefix valid at several lengths counts once (its densest length), lengths share it
+    best: dict[str, float] = {}
+    for (head, _length), w in weights.items():
+        best[head] = max(best.get(head, 0.0), w)
+    cells = tuple(sorted(weights))
+    total_per_head: dict[str, float] = {}
+    for head, length in cells:
+        total_per_head[head] = total_per_head.get(head, 0.0) + weights[(head, length)]
+    if not cells:
         raise ValueError(f"could not find numbers of type {ntype} for region {region!r}")
-    return _Spec(region, phonenumbers.country_code_for_region(region), ntype, pattern, shapes)
+    # shorter numbers are fewer (a 7-digit area has a tenth of an 8-digit one's numbers): a length
+    # shorter than the plan's main one (most cells) weighs the square root of its relative size,
+    # so that short local numbers are present but the main length dominates
+    raw = {c: best[c[0]] * weights[c] / total_per_head[c[0]] for c in cells}
+    per_length: dict[int, float] = {}
+    for (_head, length), w in raw.items():
+        per_length[length] = per_length.get(length, 0.0) + w
+    main = max(per_length, key=lambda n: (per_length[n], n))
+    acc, cum = 0.0, []
+    for cell in cells:
+        acc += raw[cell] * 10 ** (min(0, cell[1] - main) / 2)
+        cum.append(acc)
+    return _Spec(
+        region, phonenumbers.country_code_for_region(region), ntype, pattern, cells, tuple(cum)
+    )
 
 
 def _is_wanted(num: PhoneNumber, region: str, ntype: int | None) -> bool:
@@ -250,11 +356,15 @@ def _check(number: _Number, ntype: int | None) -> bool:
 
 
 def random_number(rng: random.Random, region: str, ntype: int) -> _Number:
-    """A random valid number of ``ntype`` in ``region``, every digit after the first varied."""
+    """A random valid number of ``ntype`` anywhere in ``region``'s numbering plan.
+
+    A plan cell (leading digits and length, weighted by how much of it is allocated) is drawn
+    first, then the remaining digits uniformly until the number is valid and of the right type.
+    """
     spec = _spec(region, ntype)
     for _ in range(10_000):
-        first, length = rng.choice(spec.shapes)
-        nsn = first + _sample_digits(rng, length - 1)
+        head, length = rng.choices(spec.cells, cum_weights=spec.cum_weights)[0]
+        nsn = head + _sample_digits(rng, length - len(head))
         if spec.pattern.fullmatch(nsn):
             number = _Number(region, spec.cc, nsn)
             if _check(number, ntype):
@@ -405,7 +515,14 @@ class _Ctx:
 
 
 def _count(cfg: SimConfig, name: str) -> int:
-    return round(VOLUME_PER_DAY[name] * cfg.attack_scale * cfg.duration_s / 86400.0)
+    per_day = dict(cfg.volumes).get(name, VOLUME_PER_DAY[name])
+    return round(per_day * cfg.attack_scale * cfg.duration_s / 86400.0)
+
+
+def _population_count(cfg: SimConfig, name: str) -> int | None:
+    """Requests of a legitimate population over the run; None: the generator derives it."""
+    per_day = dict(cfg.volumes).get(name, POPULATION_PER_DAY[name])
+    return None if per_day is None else round(per_day * cfg.duration_s / 86400.0)
 
 
 def _business_number(ctx: _Ctx, p_mobile: float = 0.8) -> _Number:
@@ -777,16 +894,26 @@ def simulate(cfg: SimConfig) -> list[LabeledRequest]:
     """Generate the labelled traffic of ``cfg``, sorted by ``ts``; the same seed, the same output.
 
     Legitimate volume is ``legit_per_day`` scaled to ``duration_s``; each attack scenario's volume
-    is :data:`VOLUME_PER_DAY` times ``attack_scale``, scaled likewise.
+    is :data:`VOLUME_PER_DAY` times ``attack_scale``, scaled likewise; each legitimate population's
+    is :data:`POPULATION_PER_DAY` (surges: derived from the normal rate), scaled likewise.
+    ``cfg.volumes`` overrides either.
     """
     events: list[tuple[float, dict[str, Any], str, bool]] = []
     legit = _Ctx(cfg, random.Random(f"{cfg.seed}/legit"), "legit", False)
     _legit(legit, math.floor(cfg.legit_per_day * cfg.duration_s / 86400.0 + 0.5))
     events += legit.events
+    from detector.sim import populations
+
+    for name in POPULATIONS:
+        if name in cfg.scenarios:
+            ctx = _Ctx(cfg, random.Random(f"{cfg.seed}/{name}"), name, False)
+            populations.LEGIT_GENERATORS[name](ctx, _population_count(cfg, name))
+            events += ctx.events
+    generators = {**_GENERATORS, **populations.ATTACK_GENERATORS}
     for name in ALL_SCENARIOS:
         if name in cfg.scenarios:
             ctx = _Ctx(cfg, random.Random(f"{cfg.seed}/{name}"), name, True)
-            _GENERATORS[name](ctx, _count(cfg, name))
+            generators[name](ctx, _count(cfg, name))
             events += ctx.events
     events.sort(key=lambda e: e[0])  # stable: ties keep generation order
     ids = random.Random(f"{cfg.seed}/ids")
@@ -799,6 +926,37 @@ def simulate(cfg: SimConfig) -> list[LabeledRequest]:
         seen.add(request_id)
         out.append(LabeledRequest({"request_id": request_id, **fields}, scenario, attack))
     return out
+
+
+def scenario_options(scenarios: str | None, volumes: Iterable[str] = ()) -> dict[str, Any]:
+    """``SimConfig`` keywords from the command line's ``--scenarios a,b`` and ``--volume NAME=N``.
+
+    >>> scenario_options("botnet_flood,legit_cgnat", ["legit_cgnat=600"])
+    {'scenarios': ('botnet_flood', 'legit_cgnat'), 'volumes': (('legit_cgnat', 600),)}
+    """
+    out: dict[str, Any] = {}
+    if scenarios is not None and scenarios.strip().lower() != "all":
+        names = [] if scenarios.strip().lower() == "none" else scenarios.split(",")
+        out["scenarios"] = tuple(n.strip() for n in names if n.strip())
+    pairs = []
+    for item in volumes:
+        name, sep, value = item.partition("=")
+        if not sep or not value.strip().isdigit():
+            raise ValueError(f"--volume expects NAME=N (requests per day), got {item!r}")
+        pairs.append((name.strip(), int(value)))
+    if pairs:
+        out["volumes"] = tuple(pairs)
+    return out
+
+
+def write_campaigns(cfg: SimConfig, path: Path | str) -> Path:
+    """Write :func:`~detector.sim.populations.campaign_windows` of ``cfg`` as a JSON list."""
+    from detector.sim.populations import campaign_windows
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(campaign_windows(cfg), indent=1) + "\n", encoding="utf-8")
+    return path
 
 
 def write_jsonl(

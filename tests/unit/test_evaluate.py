@@ -18,7 +18,7 @@ from detector.evaluate import (
     read_labelled_jsonl,
     simulator_intel,
 )
-from detector.sim import SimConfig, simulate, write_jsonl
+from detector.sim import LEGIT_LABELS, SimConfig, simulate, write_jsonl
 from detector.train import build_matrix, calibrate_threshold, scorer_for, train
 
 POLICY = load_policy()
@@ -143,7 +143,7 @@ def test_train_from_jsonl_trains_on_legit_rows_and_loads(tmp_path, items, intel)
     card_path = train_from_jsonl(tmp_path / "day.jsonl", tmp_path / "day.labels.jsonl", tmp_path / "models",
                                  "mine", seed=1, target_fpr=0.01, intel=intel)  # fmt: skip
     card = json.loads(card_path.read_text())
-    assert set(card["training"]["rows_by_scenario"]) <= {"legit", "legit_repeat", "legit_traveller"}
+    assert set(card["training"]["rows_by_scenario"]) <= set(LEGIT_LABELS)
     assert card["calibration"]["fpr_at_threshold"] <= 0.01
     scorer = load_model(tmp_path / "models", "mine")
     assert scorer.version == card["version"] and scorer.version.startswith("mine-")

@@ -23,7 +23,10 @@ from detector.sim import (
     ANONYMOUS_FLAGS,
     HOSTING_ASNS,
     IP_PLAN,
+    KINDS,
     LEGIT_LABELS,
+    POPULATION_PER_DAY,
+    POPULATIONS,
     SCENARIOS,
     VOLUME_PER_DAY,
     LabeledRequest,
@@ -38,6 +41,7 @@ from detector.sim.ipdb import random_ip_in
 from detector.sim.simulate import UTC_OFFSET_H
 
 BUSINESS = ("GB", "IE", "FR", "DE", "ES", "NL")
+BASE = ("legit", "legit_repeat", "legit_traveller")  # the base day that legit_per_day sizes
 REQUIRED = {
     "request_id": str,
     "ts": float,
@@ -129,9 +133,13 @@ def test_requests_match_the_published_schema_and_the_parser() -> None:
 def test_every_scenario_and_label_occurs(day: list[LabeledRequest]) -> None:
     counts = Counter(i.scenario for i in day)
     assert set(counts) == set(ALL_SCENARIOS) | set(LEGIT_LABELS)
+    assert set(LEGIT_LABELS) == set(BASE) | set(POPULATIONS)
     for name in ALL_SCENARIOS:
         assert counts[name] == VOLUME_PER_DAY[name]
-    assert sum(counts[name] for name in LEGIT_LABELS) == SimConfig().legit_per_day
+    assert sum(counts[name] for name in BASE) == SimConfig().legit_per_day
+    for name in POPULATIONS:
+        if POPULATION_PER_DAY[name] is not None:
+            assert counts[name] == POPULATION_PER_DAY[name], name
 
 
 def test_same_seed_same_bytes_other_seed_differs(tmp_path: Path) -> None:
@@ -223,7 +231,11 @@ def test_any_small_config_yields_sorted_valid_requests(seed: int, hours: float, 
 
 
 def test_legit_numbers_are_valid_business_numbers_in_many_ranges(day: list[LabeledRequest]):
-    legit = [i.request for i in day if not i.attack]
+    for request in (i.request for i in day if not i.attack and i.scenario not in BASE):
+        num = parsed(request)
+        assert phonenumbers.is_valid_number(num), request
+        assert phonenumbers.region_code_for_number(num) in BUSINESS, request
+    legit = [i.request for i in day if i.scenario in BASE]
     types = Counter()
     for request in legit:
         num = parsed(request)
@@ -240,7 +252,7 @@ def test_legit_numbers_are_valid_business_numbers_in_many_ranges(day: list[Label
 
 
 def test_legit_mix(day: list[LabeledRequest]) -> None:
-    legit = [i for i in day if not i.attack]
+    legit = [i for i in day if i.scenario in BASE]
     n = len(legit)
     national = [i.request for i in legit if not i.request["phone_number"].startswith("+")]
     assert 0.01 < len(national) / n < 0.06
@@ -278,7 +290,7 @@ def test_legit_follows_local_business_hours(day: list[LabeledRequest]) -> None:
 
 
 def test_attacks_are_unauthenticated(day: list[LabeledRequest]) -> None:
-    attacks = [i.request for i in day if i.attack]
+    attacks = [i.request for i in day if i.attack and i.scenario != "pump_spread"]
     assert not any(r["authenticated"] for r in attacks)
     assert sum("user_id" in r for r in attacks) < 0.05 * len(attacks)
     assert Counter(r["user_agent"] for r in attacks)["python-requests/2.32.3"] > 100
@@ -402,9 +414,7 @@ def test_plan_blocks_are_global_and_disjoint() -> None:
         assert not any(
             net.overlaps(other) for other in nets[n + 1 :] if other.version == net.version
         )
-    assert {b.kind for b in IP_PLAN} == {
-        "residential", "mobile", "hosting", "vpn", "tor", "proxy", "residential_proxy",
-    }  # fmt: skip
+    assert {b.kind for b in IP_PLAN} == set(KINDS)
     assert {6} < {ipaddress.ip_network(b.cidr).version for b in IP_PLAN}
 
 
