@@ -54,6 +54,18 @@ def _add_core_flags(p: argparse.ArgumentParser) -> None:
         help="hosting ASNs, one per line (env DETECTOR_HOSTING_ASN_FILE)",
     )
     g.add_argument(
+        "--connection-type-db",
+        dest="connection_type_db",
+        type=Path,
+        help="GeoIP2 Connection-Type mmdb, Cellular = carrier NAT (env DETECTOR_CONNECTION_TYPE_DB)",
+    )
+    g.add_argument(
+        "--mobile-asn-file",
+        dest="mobile_asn_file",
+        type=Path,
+        help="mobile carriers' ASNs, one per line (env DETECTOR_MOBILE_ASN_FILE)",
+    )
+    g.add_argument(
         "--models-dir",
         dest="models_dir",
         type=Path,

@@ -40,6 +40,8 @@ class Settings:
     anonymous_ip_db: Path | None = None
     ip_list_files: Mapping[str, Path] = field(default_factory=dict)  # kind -> path
     hosting_asn_file: Path | None = None
+    connection_type_db: Path | None = None  # GeoIP2 Connection-Type mmdb (Cellular = carrier NAT)
+    mobile_asn_file: Path | None = None  # mobile carriers' ASNs, one per line
     # Model
     models_dir: Path = Path("models")
     model_name: str = "default"
@@ -51,7 +53,8 @@ class Settings:
     log_level: str = "INFO"
 
 
-_FILES = ("policy", "lists_file", "geoip_country_db", "geoip_asn_db", "anonymous_ip_db", "hosting_asn_file")
+_FILES = ("policy", "lists_file", "geoip_country_db", "geoip_asn_db", "anonymous_ip_db", "hosting_asn_file",
+          "connection_type_db", "mobile_asn_file")
 _PATHS = {*_FILES, "models_dir", "data_dir"}
 _INTS = {"partitions", "replication", "web_port", "batch_ms"}
 _FLOATS = {"model_reload_s"}

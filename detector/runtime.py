@@ -49,6 +49,8 @@ def build_intel(settings: Settings) -> IpIntel:
         anonymous_db=settings.anonymous_ip_db,
         list_files=settings.ip_list_files,
         hosting_asn_file=settings.hosting_asn_file,
+        connection_type_db=settings.connection_type_db,
+        mobile_asn_file=settings.mobile_asn_file,
     )
     for line in intel.describe():
         (log.warning if "DISABLED" in line or "PURE PYTHON" in line else log.info)(
@@ -61,6 +63,8 @@ def build_intel(settings: Settings) -> IpIntel:
         "asn_db": settings.geoip_asn_db,
         "anonymous_db": settings.anonymous_ip_db,
         "hosting_asns": settings.hosting_asn_file,
+        "connection_type_db": settings.connection_type_db,
+        "mobile_asns": settings.mobile_asn_file,
     }
     for kind in ("tor", "vpn", "proxy", "hosting"):
         sources[f"list_{kind}"] = settings.ip_list_files.get(kind)

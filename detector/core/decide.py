@@ -124,8 +124,10 @@ def rule_hits(
         add("ip_not_global")
     if geo_mismatch(enr):
         hit = _hit("geo_mismatch", pol.rules["geo_mismatch"], auth, pol)
-        if ip.country in pol.allowed_countries:
-            # Cross-border customers and travellers inside the served area: weight, not action.
+        if ip.country in pol.allowed_countries or counts.ip.ip_distinct_numbers_24h <= 1:
+            # Cross-border customers and travellers inside the served area, and a traveller
+            # abroad asking for their own number (the first number from that IP): weight, not
+            # action. A foreign IP asking for several numbers deflects.
             hit = Hit(hit.code, hit.weight, Action.ALLOW, hit.silent)
         hits.append(hit)
     unauth = pol.rules["unauthenticated"]

@@ -18,12 +18,9 @@ from detector.core.policy import Policy
 from detector.core.records import CallbackRequest, Counts, Enrichment
 
 COUNT_FEATURES = (
-    "ip_15m",
-    "ip_1h",
-    "ip_24h",
-    "ip_distinct_numbers_1h",
-    "ip_distinct_numbers_24h",
-    "ip_distinct_countries_24h",
+    # Per number, pair and range: a customer asks for one number, from one or two networks.
+    # Raw per-IP volumes are NOT features: a carrier-grade NAT or an office address carries
+    # hundreds of innocent customers, so the model sees the IP through ratios and flags instead.
     "number_15m",
     "number_1h",
     "number_24h",
@@ -41,6 +38,14 @@ FEATURE_NAMES: tuple[str, ...] = (
     "range_ips_per_request",  # distinct IPs / requests on the range (pumping from many IPs -> 1)
     "range_numbers_per_request",  # distinct numbers / requests on the range (rotation -> high)
     "pair_share_of_number",  # pair count / number count over 24 h
+    "ip_numbers_per_request",  # distinct numbers / requests of the IP in 24 h (a retry lowers it)
+    "ip_countries_per_number",  # distinct destination countries / distinct numbers of the IP
+    "ip_burst",  # requests of the IP in 15 min / in 1 h (a script bursts; a population spreads)
+    "ip_shared",  # 1: a shared address (carrier or office NAT), see state.shared_ip
+    "ip_fresh",  # 1: the IP's first request in 24 h
+    "log_country_surge_factor",  # population: the destination country's last 10 min / baseline
+    "log_prefix_concentration",  # population: the number's block against a spread-out share
+    "prefix_fresh_share",  # population: share of the block's requests from fresh IPs
     "number_valid",
     "number_mobile_or_fixed",
     "number_risky_type",  # premium, shared cost, UAN, personal, pager, VoIP, unknown
@@ -123,6 +128,15 @@ def features(req: CallbackRequest, enr: Enrichment, counts: Counts, policy: Poli
     out.append(c["range_distinct_ips_24h"] / r24)
     out.append(c["range_distinct_numbers_24h"] / r24)
     out.append(c["pair_24h"] / max(c["number_24h"], 1))
+    ipc, pop = counts.ip, counts.pop
+    out.append(ipc.ip_distinct_numbers_24h / max(ipc.ip_24h, 1))
+    out.append(ipc.ip_distinct_countries_24h / max(ipc.ip_distinct_numbers_24h, 1))
+    out.append(ipc.ip_15m / max(ipc.ip_1h, 1))
+    out.append(float(ipc.ip_shared))
+    out.append(float(ipc.ip_fresh))
+    out.append(math.log1p(pop.country_surge_factor))
+    out.append(math.log1p(pop.prefix_concentration))
+    out.append(pop.prefix_fresh_share)
     ph, ip = enr.phone, enr.ip
     out.append(1.0 if ph.valid else 0.0)
     out.append(1.0 if ph.number_type in ("MOBILE", "FIXED_LINE", "FIXED_LINE_OR_MOBILE") else 0.0)

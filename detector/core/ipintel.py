@@ -108,11 +108,14 @@ class IpIntel:
     cidr_lists: Mapping[str, Iterable[str]] = field(default_factory=dict)  # kind -> CIDRs
     hosting_asns: set[int] = field(default_factory=set)
     cache_size: int = 200_000
+    connection_type_db: Path | None = None  # MaxMind GeoIP2 Connection-Type: "Cellular" = mobile
+    mobile_asns: set[int] = field(default_factory=set)  # mobile carriers' ASNs (CGNAT pools)
 
     def __post_init__(self) -> None:
         self._country = _open(self.country_db, "country")
         self._asn = _open(self.asn_db, "ASN")
         self._anon = _open(self.anonymous_db, "anonymous-IP")
+        self._conn = _open(self.connection_type_db, "connection-type")
         unknown = set(self.cidr_lists) - set(LIST_KINDS)
         if unknown:
             raise ConfigError(
@@ -129,10 +132,14 @@ class IpIntel:
         anonymous_db: Path | None = None,
         list_files: Mapping[str, Path] | None = None,
         hosting_asn_file: Path | None = None,
+        connection_type_db: Path | None = None,
+        mobile_asn_file: Path | None = None,
     ) -> IpIntel:
         lists = {kind: read_cidr_file(p) for kind, p in (list_files or {}).items()}
         asns = read_asn_file(hosting_asn_file) if hosting_asn_file else set()
-        return cls(country_db, asn_db, anonymous_db, lists, asns)
+        mobile = read_asn_file(mobile_asn_file) if mobile_asn_file else set()
+        return cls(country_db, asn_db, anonymous_db, lists, asns,
+                   connection_type_db=connection_type_db, mobile_asns=mobile)
 
     def describe(self) -> list[str]:
         """One line per signal source: active (with its path) or DISABLED."""
@@ -141,6 +148,7 @@ class IpIntel:
             ("country", self._country, self.country_db),
             ("asn", self._asn, self.asn_db),
             ("anonymous-ip", self._anon, self.anonymous_db),
+            ("connection-type", self._conn, self.connection_type_db),
         ):
             if reader is None:
                 lines.append(f"{name}: DISABLED (no database configured; its signals are off)")
@@ -155,10 +163,14 @@ class IpIntel:
             n = len(self._sets[kind].iter_cidrs()) if kind in self._sets else 0
             lines.append(f"list {kind}: {n} networks" if n else f"list {kind}: none")
         lines.append(f"hosting ASNs: {len(self.hosting_asns)}")
+        lines.append(
+            f"mobile-carrier ASNs: {len(self.mobile_asns)}" if self.mobile_asns
+            else "mobile-carrier ASNs: none (shared carrier IPs are learned from traffic only)"
+        )
         return lines
 
     def close(self) -> None:
-        for reader in (self._country, self._asn, self._anon):
+        for reader in (self._country, self._asn, self._anon, self._conn):
             if reader is not None:
                 reader.close()
 
@@ -204,4 +216,10 @@ class IpIntel:
                 updates[_KIND_FLAG[kind]] = True
         if updates.get("asn") in self.hosting_asns:
             updates["hosting"] = True
+        if self._conn is not None:
+            rec = self._conn.get(ip) or {}
+            if rec.get("connection_type") == "Cellular":
+                updates["cellular"] = True
+        if updates.get("asn") is not None and updates["asn"] in self.mobile_asns:
+            updates["cellular"] = True
         return replace(info, **updates) if updates else info

@@ -12,9 +12,9 @@ detector.core.errors.PolicyError: rules.geo_mismatch.action: expected one of all
 from __future__ import annotations
 
 import tomllib
-from datetime import datetime
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -49,7 +49,7 @@ class SharedIpPolicy:
     max_15m: int = 15
     max_1h: int = 40
     min_spread: float = 0.5
-    factor: int = 20
+    factor: int = 50
     relaxed: tuple[str, ...] = ("ip_15m", "ip_1h", "ip_24h", "ip_distinct_numbers_1h",
                                 "ip_distinct_numbers_24h")
 

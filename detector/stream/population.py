@@ -83,6 +83,8 @@ async def read_population_forever(app: Any, rt: Any, topic: str, me: str) -> Non
     from detector.stream.io import stop_consumer, topic_partitions
 
     s = rt.settings
+    while rt.generation is None and not app.should_stop:  # stages prepared: topics exist
+        await asyncio.sleep(0.5)
     consumer = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, group_id=None,
                                 enable_auto_commit=False, auto_offset_reset="earliest",
                                 fetch_max_wait_ms=100)
