@@ -27,6 +27,7 @@ from detector.core.records import (
     Enrichment,
     IpCounts,
     Outcome,
+    RangeCounts,
 )
 
 
@@ -40,22 +41,25 @@ def enrich(req: CallbackRequest, intel: IpIntel, policy: Policy) -> Enrichment:
 
 def count_population(
     view: PopulationView, req: CallbackRequest, enr: Enrichment, ip_counts: IpCounts,
-    number_1h: int, policy: Policy,
+    rng: RangeCounts, policy: Policy,
 ) -> PopulationCounts:
-    """Count a request in the population and read the population signals for it (including it).
+    """Count a request in the population and read the population signals for it.
 
-    Every request to a valid number counts in its number blocks. Only *quiet* requests count in
-    the surge scopes (everything, its country): the first request for the number in an hour, not
-    from an anonymiser or a datacentre. What per-key rules already see (a number hammered, a
-    flood from hosting addresses, invalid numbers) must not put a whole country in under-attack
-    mode, and a customer's retry is not a second customer."""
+    Only *quiet* requests count in the surge scopes (everything, its country): the first request
+    for the number in an hour, not from an anonymiser or a datacentre. What per-key rules already
+    see (a number hammered, a flood from hosting addresses) must not put a whole country in
+    under-attack mode, and a customer's retry is not a second customer. Number blocks count
+    distinct numbers (a number's first request of the day): harassing one number is not
+    pumping its block. Invalid numbers count nowhere."""
     ph = enr.phone
     if not ph.valid:
         return population.read(view, (), req.ts, None, policy.population)
     keys = population.scopes(ph.e164, ph.region, policy.population)
     ip = enr.ip
-    quiet = number_1h == 1 and not (ip.hosting or ip.tor_exit or ip.public_proxy)
-    view.observe(keys if quiet else keys[2:], req.ts, fresh=bool(ip_counts.ip_fresh))
+    quiet = rng.number_1h == 1 and not (ip.hosting or ip.tor_exit or ip.public_proxy)
+    counted = (keys[:2] if quiet else ()) + (keys[2:] if rng.number_24h == 1 else ())
+    if counted:
+        view.observe(counted, req.ts, fresh=bool(ip_counts.ip_fresh))
     return population.read(view, keys, req.ts, ph.region, policy.population)
 
 
@@ -132,7 +136,7 @@ class Detector:
         enr = enrich(req, self.intel, policy)
         ip_counts: IpCounts = state.ip_stage(self.ip_stores, req, enr, policy.shared_ip)
         upd = state.range_stage(self.range_stores, req, enr, range_routing_key(req, enr))
-        pop = count_population(self.population, req, enr, ip_counts, upd.counts.number_1h, policy)
+        pop = count_population(self.population, req, enr, ip_counts, upd.counts, policy)
         decision = decide(
             req,
             enr,

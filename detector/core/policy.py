@@ -258,6 +258,7 @@ def _population(raw: Mapping[str, Any], campaigns: Any) -> PopulationPolicy:
         concentration_factor=_num("population.concentration_factor",
                                   raw.get("concentration_factor", d.concentration_factor), 1.0, 1e9),
         fresh_share=_num("population.fresh_share", raw.get("fresh_share", d.fresh_share), 0.0, 1.0),
+        child_share=_num("population.child_share", raw.get("child_share", d.child_share), 0.0, 1.0),
         campaigns=tuple(_campaign(f"campaigns[{i}]", c) for i, c in enumerate(campaigns)),
     )
 

@@ -78,6 +78,7 @@ class PopulationPolicy:
     prefix_floor_1h: int = 6
     concentration_factor: float = 10.0
     fresh_share: float = 0.6
+    child_share: float = 0.05
     campaigns: tuple[Campaign, ...] = ()
 
 
@@ -304,6 +305,7 @@ def read(view: PopulationView, keys: Sequence[str], ts: float, region: str | Non
     c1h = _sum(country.minutes, m - 59, m)[0] if country is not None else 0
     best = (0, 0.0, 0.0)
     concentrated = surging_prefix = False
+    child24 = child1h = -1  # the request's sub-block at the next finer level (scopes() order)
     for key in keys:
         if key[0] != "B":
             continue
@@ -312,15 +314,21 @@ def read(view: PopulationView, keys: Sequence[str], ts: float, region: str | Non
             continue
         touched = max(len(view.blocks.get((region, key.split(":", 1)[0]), ())), 1)
         n24, f24 = _sum(sc.hours, h - 23, h)
+        n1h, f1h = _sum(sc.minutes, m - 59, m)
+        # A block is this request's business only if the request's own sub-block holds a fair
+        # share of it: a pump in one 100,000-number block must not condemn its 900,000 neighbours.
+        mine24 = child24 < 0 or child24 >= max(2.0, policy.child_share * n24)
+        mine1h = child1h < 0 or child1h >= max(2.0, policy.child_share * n1h)
+        child24, child1h = n24, n1h
         conc = n24 / max(c24 / touched, 1.0)
         share = f24 / n24 if n24 else 0.0
-        if conc > best[1]:
+        if conc > best[1] and mine24:
             best = (n24, conc, share)
-        if (n24 >= policy.prefix_floor_24h and conc >= policy.concentration_factor
+        if (mine24 and n24 >= policy.prefix_floor_24h and conc >= policy.concentration_factor
                 and share >= policy.fresh_share):
             concentrated = True
-        n1h, f1h = _sum(sc.minutes, m - 59, m)
-        if (n1h >= policy.prefix_floor_1h and n1h / max(c1h / touched, 1.0) >= policy.concentration_factor
+        if (mine1h and n1h >= policy.prefix_floor_1h
+                and n1h / max(c1h / touched, 1.0) >= policy.concentration_factor
                 and f1h / n1h >= policy.fresh_share):
             surging_prefix = True
     return PopulationCounts(

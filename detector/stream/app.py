@@ -492,7 +492,7 @@ def range_one(rt: StreamRuntime, env: dict[str, Any], *, partition: int, offset:
         return RangeResult(decision=d, kts=env.get("kts"), resend=True)
     result = RangeResult(kts=env.get("kts"))
     ipc = codec.ip_counts_from_wire(env["ipc"])
-    pop = count_population(rt.population, req, enr, ipc, upd.counts.number_1h, rt.policy)
+    pop = count_population(rt.population, req, enr, ipc, upd.counts, rt.policy)
     undecided.append(Undecided(req, enr, upd, Counts(ipc, upd.counts, pop),
                                stores, partition, offset, result))
     return result

@@ -3,6 +3,7 @@ from dataclasses import replace
 import pytest
 
 from detector.core.decide import DecisionContext, combine, decide, decide_many
+from detector.core.features import FEATURE_NAMES
 from detector.core.lists import ListIndex, make_entry
 from detector.core.policy import load_policy, parse_policy
 from detector.core.records import (
@@ -22,6 +23,9 @@ POLICY = load_policy()
 GB_MOBILE = PhoneInfo("+447400123456", True, True, True, "GB", 44, "MOBILE", "+447400123")
 GB_IP = IpInfo("81.2.69.142", 4, "global", country="GB", asn=64500)
 REQ = CallbackRequest("r1", 1795341600.0, "+447400123456", "81.2.69.142")
+
+
+TWO_NUMBERS = IpCounts(ip_distinct_numbers_24h=2)
 
 
 def phone(**kw):
@@ -48,9 +52,13 @@ CASES = [
     ("tor", GB_MOBILE, ip(tor_exit=True), Counts(), False, "deflect", False, "anonymous_ip"),
     ("tor_authenticated", GB_MOBILE, ip(tor_exit=True), Counts(), True, "allow", False, "anonymous_ip"),
     ("vpn_alone_weighs", GB_MOBILE, ip(anonymous_vpn=True), Counts(), False, "allow", False, "vpn_ip"),
-    ("vpn_and_foreign_ip", GB_MOBILE, ip(anonymous_vpn=True, country="NG"), Counts(), False, "deflect", False, "geo_mismatch"),
+    ("vpn_and_foreign_ip", GB_MOBILE, ip(anonymous_vpn=True, country="NG"), Counts(ip=TWO_NUMBERS), False, "deflect",
+     False, "geo_mismatch"),
     ("hosting", GB_MOBILE, ip(hosting=True), Counts(), False, "deflect", False, "hosting_ip"),
-    ("geo_mismatch", GB_MOBILE, ip(country="NG"), Counts(), False, "deflect", False, "geo_mismatch"),
+    ("geo_mismatch", GB_MOBILE, ip(country="NG"), Counts(ip=TWO_NUMBERS), False, "deflect", False, "geo_mismatch"),
+    # a traveller abroad asking for their own number: the first number from that IP only weighs
+    ("geo_mismatch_first_number", GB_MOBILE, ip(country="NG"), Counts(ip=IpCounts(ip_distinct_numbers_24h=1)), False,
+     "allow", False, "geo_mismatch"),
     ("pending", GB_MOBILE, GB_IP, Counts(rng=RangeCounts(pending=True)), False, "block", True, "duplicate_pending"),
     ("velocity_number", GB_MOBILE, GB_IP, Counts(rng=RangeCounts(number_15m=8)), False, "block", True,
      "velocity_number"),
@@ -63,7 +71,7 @@ CASES = [
      Counts(ip=IpCounts(ip_distinct_numbers_1h=30, ip_distinct_numbers_24h=100, ip_shared=1)), False, "allow",
      False, None),
     ("numbers_per_shared_ip_past_relaxed_limit", GB_MOBILE, GB_IP,
-     Counts(ip=IpCounts(ip_distinct_numbers_1h=61, ip_shared=1)), False, "deflect", False, "many_numbers_per_ip"),
+     Counts(ip=IpCounts(ip_distinct_numbers_1h=151, ip_shared=1)), False, "deflect", False, "many_numbers_per_ip"),
     ("velocity_ip_deflects", GB_MOBILE, GB_IP, Counts(ip=IpCounts(ip_15m=11)), False, "deflect", False,
      "velocity_ip"),
     ("recombined_ips_and_numbers", GB_MOBILE, GB_IP,
@@ -128,7 +136,7 @@ class FixedScorer:
         self.version, self.anomaly = version, anomaly
 
     def score(self, x):
-        assert len(x) == 35
+        assert len(x) == len(FEATURE_NAMES)
         return ModelResult(self.version, self.anomaly, self.anomaly >= 0.6, ("log_range_24h",))
 
 
