@@ -228,10 +228,11 @@ def _legit_returning(ctx: _Ctx, n: int | None) -> None:
         number = random_number(rng, country, MOBILE if mobile else FIXED_LINE)
         ip = _home_ip(ctx, country, mobile)
         user = _user(ctx)
-        ts = ctx.local_ts(country, span=4 * 3600.0)
+        gap = rng.uniform(2 * 3600.0, 10 * 3600.0)
+        ts = ctx.local_ts(country, span=gap)
         produced += _emit_visit(ctx, ts, number, ip, ctx.browser_ua(), user)
         if produced < target:
-            later = ts + rng.uniform(2 * 3600.0, 10 * 3600.0)
+            later = ts + gap
             other = _other_network(ctx, country, ip, mobile)
             produced += _emit_visit(ctx, later, number, other, ctx.browser_ua(), user)
 
@@ -245,10 +246,10 @@ def _legit_shared_line(ctx: _Ctx, n: int | None) -> None:
         country = _country(ctx)
         line = random_number(rng, country, FIXED_LINE)
         office = random_ip(rng, country, "business" if rng.random() < 0.5 else "residential")
-        for _ in range(rng.randint(3, 8)):
+        for i in range(rng.randint(3, 8)):
             if produced >= target:
                 break
-            roll = rng.random()
+            roll = (0.0, 0.5)[i] if i < 2 else rng.random()  # the shop's line, then a phone, ...
             if roll < 0.4:
                 ip = office  # from the shop's own connection
             elif roll < 0.8:
@@ -379,7 +380,9 @@ def _pump_spread(ctx: _Ctx, n: int) -> None:
     ranges = [r for _ in range(n // 100 + 1) for r in rng.sample(range(100), 100)][:n]
     seen_ip: set[str] = set()
     used: set[str] = set()
-    for r in ranges:
+    # some (10-15%) come from accounts the attacker opened: made up, but authenticated
+    accounts = set(rng.sample(range(len(ranges)), k=round(len(ranges) * rng.uniform(0.10, 0.15))))
+    for i, r in enumerate(ranges):
         for _ in range(50):
             number = _Number(country, stem.cc, f"{head}{r:02d}{rng.randrange(1000):03d}")
             if number.nsn not in used and _check(number, ntype):
@@ -387,7 +390,7 @@ def _pump_spread(ctx: _Ctx, n: int) -> None:
         used.add(number.nsn)
         kind = "residential_proxy" if rng.random() < 0.3 else "residential"
         ip = ctx.unique_ip(seen_ip, partial(random_ip, rng, country, kind))
-        user = f"u{rng.randrange(10**8):08d}" if rng.random() < 0.12 else None
+        user = f"u{rng.randrange(10**8):08d}" if i in accounts else None
         hint = country if rng.random() < 0.5 else None
         ctx.emit(ctx.local_ts(country), number, ip, ua=ctx.browser_ua(), hint=hint, user_id=user,
                  authenticated=user is not None)  # fmt: skip
