@@ -729,7 +729,7 @@ def test_populations_and_attacks_are_deterministic_and_independent() -> None:
     a, b = simulate(cfg), simulate(cfg)
     assert [i.request for i in a] == [i.request for i in b]
     assert strip(a, "legit_cgnat") == strip(simulate(one), "legit_cgnat")
-    assert Counter(i.scenario for i in a)["legit_cgnat"] == POPULATION_PER_DAY["legit_cgnat"] // 4
+    assert Counter(i.scenario for i in a)["legit_cgnat"] == POPULATION_PER_DAY["legit_cgnat"] // 40
     assert all(not i.attack for i in a if i.scenario in LEGIT_LABELS)
 
 
