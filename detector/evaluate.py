@@ -18,6 +18,7 @@ import json
 import tempfile
 import time
 import tomllib
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,8 +67,10 @@ class Tally:
     blocked: int = 0
     rejected: int = 0  # did not parse: dead-lettered
     silent_blocked: int = 0  # blocked with ``silent``: the requester was told it worked
+    #: silent blocks by their reason codes (all codes of the decision, joined by "+")
+    silent_reasons: Counter[str] = field(default_factory=Counter)
 
-    def add(self, action: Action | None, silent: bool = False) -> None:
+    def add(self, action: Action | None, silent: bool = False, reasons: Sequence[str] = ()) -> None:
         self.requests += 1
         if action is None:
             self.rejected += 1
@@ -77,7 +80,9 @@ class Tally:
             self.deflected += 1
         else:
             self.blocked += 1
-            self.silent_blocked += bool(silent)
+            if silent:
+                self.silent_blocked += 1
+                self.silent_reasons["+".join(reasons) or "-"] += 1
 
     def absorb(self, other: Tally) -> None:
         """Add ``other``'s counts to this tally."""
@@ -87,6 +92,7 @@ class Tally:
         self.blocked += other.blocked
         self.rejected += other.rejected
         self.silent_blocked += other.silent_blocked
+        self.silent_reasons.update(other.silent_reasons)
 
     @property
     def stopped(self) -> int:
@@ -104,6 +110,7 @@ class Tally:
         return {
             "requests": self.requests, "allowed": self.allowed, "deflected": self.deflected,
             "blocked": self.blocked, "rejected": self.rejected, "silent_blocked": self.silent_blocked,
+            "silent_reasons": dict(self.silent_reasons.most_common()),
             "stop_rate": round(self.stop_rate, 6), "allow_rate": round(self.allow_rate, 6),
         }  # fmt: skip
 
@@ -192,6 +199,12 @@ class EvalReport:
                 f"{rates[2]:>8.1%}  {silent:>14}   {'':>9} {c.allowed:>6} {c.deflected:>7} "
                 f"{c.blocked:>6} {c.rejected:>6}"
             )
+        quiet = [r for r in self.rows if not r.attack and r.modes["combined"].silent_reasons]
+        if quiet:
+            lines.append("legitimate requests blocked silently (combined), by reason codes:")
+            for r in quiet:
+                top = r.modes["combined"].silent_reasons.most_common(4)
+                lines.append(f"  {r.scenario:<24} " + ", ".join(f"{k} {n}" for k, n in top))
         short = self.shortfalls()
         lines.append("targets (combined: attacks >= 95% stopped, legit >= 99% allowed): "
                      + ("met" if not short else "MISSED: " + "; ".join(short)))  # fmt: skip
@@ -245,7 +258,9 @@ def evaluate(
         decisions = replay_labelled(labelled, _context(policy, snapshot, scorer, mode), intel)
         for item, d in zip(labelled, decisions, strict=True):
             action = None if d is None else d.action
-            rows[item.scenario].modes[mode].add(action, d is not None and bool(d.silent))
+            rows[item.scenario].modes[mode].add(
+                action, d is not None and bool(d.silent), () if d is None else d.reasons
+            )
             if not item.attack:
                 key = _visit_key(item.request)
                 visits[mode][key] = visits[mode].get(key, False) or action == Action.ALLOW
@@ -431,7 +446,7 @@ class SeedsReport:
 
     aggregate: EvalReport
     per_seed: dict[int, EvalReport]
-    seconds: dict[int, dict[str, float]]  # seed -> {"simulate": s, "replay": s (3 modes)}
+    seconds: dict[int, dict[str, float]]  # seed -> wall {"simulate", "replay"} and "cpu" seconds
     campaigns: dict[int, str]  # seed -> note on the declared campaigns
 
     def render(self) -> str:
@@ -439,7 +454,8 @@ class SeedsReport:
         for seed in self.per_seed:
             sec = self.seconds[seed]
             lines.append(f"seed {seed}: simulated in {sec['simulate']:.1f} s, replayed 3 modes in "
-                         f"{sec['replay']:.1f} s; {self.campaigns[seed]}")  # fmt: skip
+                         f"{sec['replay']:.1f} s ({sec['cpu']:.1f} s of CPU in all); "
+                         f"{self.campaigns[seed]}")  # fmt: skip
         if len(self.per_seed) > 1:
             seeds = list(self.per_seed)
             head = f"{'per seed (rules/model/combined %)':<34}" + "".join(f"{s:>20}" for s in seeds)
@@ -480,13 +496,14 @@ def evaluate_seeds(
     seconds: dict[int, dict[str, float]] = {}
     notes: dict[int, str] = {}
     for seed in seeds:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         cfg = SimConfig(seed=seed, **config)
         day = simulate(cfg)
         t1 = time.perf_counter()
         pol, notes[seed] = policy_with_campaigns(policy, policy_table or {}, campaign_windows(cfg))
         per_seed[seed] = evaluate(day, pol, intel, scorer, lists=lists, source=f"simulator seed {seed}")
-        seconds[seed] = {"simulate": round(t1 - t0, 2), "replay": round(time.perf_counter() - t1, 2)}
+        seconds[seed] = {"simulate": round(t1 - t0, 2), "replay": round(time.perf_counter() - t1, 2),
+                         "cpu": round(time.process_time() - c0, 2)}  # fmt: skip
     aggregate = merge_reports(list(per_seed.values()),
                               source=f"simulator seeds {', '.join(map(str, seeds))}")  # fmt: skip
     return SeedsReport(aggregate, per_seed, seconds, notes)

@@ -346,7 +346,7 @@ def _botnet_flood(ctx: _Ctx, n: int) -> None:
     seen_number: set[str] = set()
     for _ in range(n):
         # bots: infected home computers and phones everywhere, the business countries included
-        country = rng.choice(cfg.business_countries) if rng.random() < 0.3 else rng.choice(homes)
+        country = rng.choice(cfg.business_countries) if rng.random() < 0.5 else rng.choice(homes)
         kind = "mobile" if rng.random() < 0.35 and blocks_for(country, "mobile") else "residential"
         ip = ctx.unique_ip(seen_ip, partial(random_ip, rng, country, kind))
         while True:

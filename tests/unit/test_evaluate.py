@@ -173,10 +173,11 @@ def test_silent_blocks_are_counted_per_mode(items, intel, scorer, report):
             t = row.modes[mode]
             assert t.silent_blocked == expected[row.scenario], (mode, row.scenario)
             assert t.silent_blocked <= t.blocked
+            assert sum(t.silent_reasons.values()) == t.silent_blocked
     assert report.totals("combined").silent_blocked > 0
     scen = json.loads(json.dumps(report.to_dict()))["scenarios"]
     assert all("silent_blocked" in scen[r.scenario]["rules"] for r in report.rows)
-    assert "silent r/m/c" in report.render()
+    assert "silent r/m/c" in report.render() and "blocked silently (combined)" in report.render()
 
 
 def test_campaigns_are_declared_only_when_the_policy_accepts_them():
@@ -207,7 +208,7 @@ def test_several_seeds_are_reported_per_seed_and_summed(intel):
             assert total.requests == sum(p.requests for p in parts)
             assert total.silent_blocked == sum(p.silent_blocked for p in parts)
     assert rep.aggregate.row("botnet_flood").modes["rules"].requests == 2 * round(400 * 2 / 24)
-    assert set(rep.seconds) == {5, 6} and all(s["replay"] > 0 for s in rep.seconds.values())
+    assert set(rep.seconds) == {5, 6} and all(s["replay"] > 0 and s["cpu"] > 0 for s in rep.seconds.values())
     data = json.loads(json.dumps(rep.to_dict()))
     assert data["seeds"] == [5, 6] and set(data["per_seed"]) == {"5", "6"}
     assert data["per_seed"]["5"]["legit_cgnat"]["combined"]["requests"] > 0
