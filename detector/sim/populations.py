@@ -28,7 +28,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
-from detector.sim.ipdb import blocks_for, cgnat_pools, countries_with, random_ip, random_ip_in
+from detector.sim.ipdb import (
+    block_of,
+    blocks_for,
+    cgnat_pools,
+    countries_with,
+    random_ip,
+    random_ip_in,
+)
 from detector.sim.simulate import (
     BROWSER_UAS,
     COUNTRY_WEIGHT,
@@ -91,14 +98,30 @@ def _emit_visit(
     return True
 
 
-def _other_network(ctx: _Ctx, country: str, ip: str, mobile: bool) -> str:
-    """An address of another network of ``country`` than ``ip`` (home broadband <-> mobile)."""
+def _mobile_ip(ctx: _Ctx, country: str) -> str:
+    """A phone's address on a mobile network of ``country``: mostly behind the operator's CGNAT."""
     rng = ctx.rng
+    pools = cgnat_pools(country)
+    if pools and rng.random() < 0.7:
+        return random_ip_in(rng, rng.choice(pools))
+    return random_ip(rng, country, "mobile")
+
+
+def _other_network(ctx: _Ctx, country: str, ip: str, mobile: bool) -> str:
+    """An address on another network of ``country`` than ``ip``: a customer who was at home is
+    now on a phone's mobile data (or at work), one who was on mobile data is now at home."""
+    rng = ctx.rng
+    block = block_of(ip)
+    on_mobile = block is not None and block.kind == "mobile"
     for _ in range(20):
-        if mobile and rng.random() < 0.5:
-            other = random_ip_in(rng, rng.choice(cgnat_pools(country) or blocks_for(country, "mobile")))
+        if on_mobile:
+            other = random_ip(rng, country, "residential")
+        elif rng.random() < 0.2:
+            other = random_ip(rng, country, "business")
+        elif mobile or rng.random() < 0.5:
+            other = _mobile_ip(ctx, country)
         else:
-            other = _home_ip(ctx, country, mobile)
+            other = random_ip(rng, country, "residential")  # another home, a friend's wifi
         if other != ip:
             return other
     return random_ip(rng, country, "residential")  # pragma: no cover
@@ -253,7 +276,7 @@ def _legit_shared_line(ctx: _Ctx, n: int | None) -> None:
             if roll < 0.4:
                 ip = office  # from the shop's own connection
             elif roll < 0.8:
-                ip = random_ip_in(rng, rng.choice(cgnat_pools(country) or blocks_for(country, "mobile")))
+                ip = _mobile_ip(ctx, country)  # from a phone
             else:
                 ip = random_ip(rng, country, "residential")  # from home
             ua = ctx.browser_ua()
