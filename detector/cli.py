@@ -199,7 +199,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     report = evaluate.evaluate_cli(settings, args)
-    print(report.render())
+    if getattr(args, "json", False):
+        import json
+
+        print(json.dumps(report.to_dict(), indent=1))
+    else:
+        print(report.render())
     return 0
 
 
@@ -250,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--labels", type=Path, default=None)
     e.add_argument("--seeds", default="201,202", help="simulator seeds when no data is given")
     e.add_argument("--json", action="store_true", help="print the report as JSON")
+    e.add_argument("--legit", type=int, default=None, help="legitimate requests per simulated day")
+    e.add_argument("--duration", type=float, default=None, help="seconds of simulated traffic")
     _add_scenario_flags(e)
     _add_core_flags(e)
     e.set_defaults(func=cmd_evaluate)

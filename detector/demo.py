@@ -108,7 +108,7 @@ def summarize(
         out.append(f"  {r:<28} {n:>7,}")
     out += [
         "",
-        f"{'scenario':<18} {'requests':>8} {'allowed':>8} {'deflected':>9} {'blocked':>8} {'stopped':>8}",
+        f"{'scenario':<24} {'requests':>8} {'allowed':>8} {'deflected':>9} {'blocked':>8} {'stopped':>8}",
     ]
     stop: dict[str, float] = {}
     legit_n = legit_allowed = legit_dup = 0
@@ -122,7 +122,7 @@ def summarize(
             legit_allowed += c["allow"]
             legit_dup += dup_pending[scn]
         out.append(
-            f"{scn:<18} {n:>8,} {c['allow']:>8,} {c['deflect']:>9,} {c['block']:>8,} "
+            f"{scn:<24} {n:>8,} {c['allow']:>8,} {c['deflect']:>9,} {c['block']:>8,} "
             f"{100 * stop[scn]:>7.1f}%"
         )
     legit_allow = legit_allowed / legit_n if legit_n else 0.0

@@ -16,7 +16,10 @@ from __future__ import annotations
 import contextlib
 import json
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+import time
+import tomllib
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,7 +30,7 @@ from detector.core.ipintel import IpIntel
 from detector.core.lists import ListIndex
 from detector.core.parse import parse_request
 from detector.core.pipeline import Detector
-from detector.core.policy import Policy, load_policy
+from detector.core.policy import Policy, load_policy, parse_policy
 from detector.core.records import Action, CallbackRequest, Decision
 
 MODES: tuple[str, ...] = ("rules", "model", "combined")
@@ -63,8 +66,11 @@ class Tally:
     deflected: int = 0
     blocked: int = 0
     rejected: int = 0  # did not parse: dead-lettered
+    silent_blocked: int = 0  # blocked with ``silent``: the requester was told it worked
+    #: silent blocks by their reason codes (all codes of the decision, joined by "+")
+    silent_reasons: Counter[str] = field(default_factory=Counter)
 
-    def add(self, action: Action | None) -> None:
+    def add(self, action: Action | None, silent: bool = False, reasons: Sequence[str] = ()) -> None:
         self.requests += 1
         if action is None:
             self.rejected += 1
@@ -74,6 +80,19 @@ class Tally:
             self.deflected += 1
         else:
             self.blocked += 1
+            if silent:
+                self.silent_blocked += 1
+                self.silent_reasons["+".join(reasons) or "-"] += 1
+
+    def absorb(self, other: Tally) -> None:
+        """Add ``other``'s counts to this tally."""
+        self.requests += other.requests
+        self.allowed += other.allowed
+        self.deflected += other.deflected
+        self.blocked += other.blocked
+        self.rejected += other.rejected
+        self.silent_blocked += other.silent_blocked
+        self.silent_reasons.update(other.silent_reasons)
 
     @property
     def stopped(self) -> int:
@@ -90,7 +109,8 @@ class Tally:
     def to_dict(self) -> dict[str, Any]:
         return {
             "requests": self.requests, "allowed": self.allowed, "deflected": self.deflected,
-            "blocked": self.blocked, "rejected": self.rejected,
+            "blocked": self.blocked, "rejected": self.rejected, "silent_blocked": self.silent_blocked,
+            "silent_reasons": dict(self.silent_reasons.most_common()),
             "stop_rate": round(self.stop_rate, 6), "allow_rate": round(self.allow_rate, 6),
         }  # fmt: skip
 
@@ -124,12 +144,7 @@ class EvalReport:
         for r in self.rows:
             if r.scenario == LEGIT_VISITS:
                 continue
-            m = r.modes[mode]
-            t.requests += m.requests
-            t.allowed += m.allowed
-            t.deflected += m.deflected
-            t.blocked += m.blocked
-            t.rejected += m.rejected
+            t.absorb(r.modes[mode])
         return t
 
     def shortfalls(self, attack_min: float = 0.95, legit_min: float = 0.99, mode: str = "combined"
@@ -158,15 +173,17 @@ class EvalReport:
         }
 
     def render(self) -> str:
-        """A text table: stop % for attacks, allow % for legitimate traffic, per mode."""
-        head = (f"{'scenario':<26} {'n':>6}  {'rules':>7} {'model':>7} {'combined':>8}   "
-                f"combined: {'allow':>6} {'deflect':>7} {'block':>6} {'reject':>6}")  # fmt: skip
+        """A text table: stop % for attacks, allow % for legitimate traffic, per mode; for
+        legitimate rows also the requests blocked silently per mode (rules/model/combined)."""
+        head = (f"{'scenario':<26} {'n':>6}  {'rules':>7} {'model':>7} {'combined':>8}  "
+                f"{'silent r/m/c':>14}   combined: {'allow':>6} {'deflect':>7} {'block':>6} "
+                f"{'reject':>6}")  # fmt: skip
         lines = [
             f"evaluation of {self.source or 'labelled traffic'}",
             f"policy {self.policy_version}, model {self.model_version or 'none'}"
             + (f" (threshold {self.threshold:.4f})" if self.threshold is not None else ""),
             "attack rows: % stopped (deflected + blocked + rejected); "
-            "legit rows: % allowed (visits: % served)",
+            "legit rows: % allowed (visits: % served), silent: requests blocked silently",
             head,
             "-" * len(head),
         ]
@@ -175,11 +192,19 @@ class EvalReport:
                 lines.append("-" * len(head))
             rates = [r.modes[m].stop_rate if r.attack else r.modes[m].allow_rate for m in MODES]
             c = r.modes["combined"]
+            silent = ("" if r.attack or r.scenario == LEGIT_VISITS
+                      else "/".join(str(r.modes[m].silent_blocked) for m in MODES))  # fmt: skip
             lines.append(
                 f"{r.scenario:<26} {c.requests:>6}  {rates[0]:>7.1%} {rates[1]:>7.1%} "
-                f"{rates[2]:>8.1%}   {'':>9} {c.allowed:>6} {c.deflected:>7} {c.blocked:>6} "
-                f"{c.rejected:>6}"
+                f"{rates[2]:>8.1%}  {silent:>14}   {'':>9} {c.allowed:>6} {c.deflected:>7} "
+                f"{c.blocked:>6} {c.rejected:>6}"
             )
+        quiet = [r for r in self.rows if not r.attack and r.modes["combined"].silent_reasons]
+        if quiet:
+            lines.append("legitimate requests blocked silently (combined), by reason codes:")
+            for r in quiet:
+                top = r.modes["combined"].silent_reasons.most_common(4)
+                lines.append(f"  {r.scenario:<24} " + ", ".join(f"{k} {n}" for k, n in top))
         short = self.shortfalls()
         lines.append("targets (combined: attacks >= 95% stopped, legit >= 99% allowed): "
                      + ("met" if not short else "MISSED: " + "; ".join(short)))  # fmt: skip
@@ -233,7 +258,9 @@ def evaluate(
         decisions = replay_labelled(labelled, _context(policy, snapshot, scorer, mode), intel)
         for item, d in zip(labelled, decisions, strict=True):
             action = None if d is None else d.action
-            rows[item.scenario].modes[mode].add(action)
+            rows[item.scenario].modes[mode].add(
+                action, d is not None and bool(d.silent), () if d is None else d.reasons
+            )
             if not item.attack:
                 key = _visit_key(item.request)
                 visits[mode][key] = visits[mode].get(key, False) or action == Action.ALLOW
@@ -365,20 +392,131 @@ def merge_reports(reports: Sequence[EvalReport], source: str = "") -> EvalReport
         for r in rep.rows:
             acc = rows.setdefault(r.scenario, ScenarioRow(r.scenario, r.attack))
             for m in MODES:
-                a, b = acc.modes[m], r.modes[m]
-                a.requests += b.requests
-                a.allowed += b.allowed
-                a.deflected += b.deflected
-                a.blocked += b.blocked
-                a.rejected += b.rejected
+                acc.modes[m].absorb(r.modes[m])
     ordered = sorted(rows.values(), key=lambda r: (not r.attack, r.scenario == LEGIT_VISITS, r.scenario))
     first = reports[0]
     return EvalReport(ordered, first.model_version, first.policy_version, first.threshold, source)
 
 
-def evaluate_cli(settings: Any, args: Any) -> EvalReport:
-    """``detector evaluate [DATA --labels L] [--seeds 201,202] [--no-model]`` (wired by the CLI)."""
+# --------------------------------------------------------------------------- declared campaigns
+
+
+def policy_with_campaigns(
+    policy: Policy, base: Mapping[str, Any], campaigns: Sequence[Mapping[str, Any]]
+) -> tuple[Policy, str]:
+    """``policy`` with ``campaigns`` declared as ``[[campaigns]]`` entries, and a note saying so.
+
+    ``base`` is the policy file's own TOML table (``{}`` for the packaged default). When the
+    policy parser does not accept a ``campaigns`` section (an older detector), ``policy`` is
+    returned unchanged and the note says why: the surge is then evaluated as undeclared.
+    """
+    if not campaigns:
+        return policy, "no campaigns declared"
+    overlay = {k: v for k, v in base.items()}
+    overlay["campaigns"] = [*list(base.get("campaigns", [])), *[dict(c) for c in campaigns]]
+    try:
+        declared = parse_policy(overlay)
+    except (ConfigError, ValueError, TypeError, KeyError) as exc:
+        return policy, f"campaigns NOT declared (the policy does not accept them: {exc})"
+    where = ", ".join(f"{c['country']} {_hhmm(c['start'])}-{_hhmm(c['end'])} UTC" for c in campaigns)
+    return declared, f"campaigns declared in the policy: {where}"
+
+
+def _hhmm(ts: Any) -> str:
+    if isinstance(ts, int | float):
+        return time.strftime("%H:%M", time.gmtime(float(ts)))
+    return str(ts)
+
+
+def _policy_table(path: Path | str | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError):
+        return {}  # load_policy already said what is wrong with it
+
+
+# --------------------------------------------------------------------------- several seeds
+
+
+@dataclass
+class SeedsReport:
+    """Evaluation over several simulator seeds: the aggregate, each seed, and how long each took."""
+
+    aggregate: EvalReport
+    per_seed: dict[int, EvalReport]
+    seconds: dict[int, dict[str, float]]  # seed -> wall {"simulate", "replay"} and "cpu" seconds
+    campaigns: dict[int, str]  # seed -> note on the declared campaigns
+
+    def render(self) -> str:
+        lines = [self.aggregate.render(), ""]
+        for seed in self.per_seed:
+            sec = self.seconds[seed]
+            lines.append(f"seed {seed}: simulated in {sec['simulate']:.1f} s, replayed 3 modes in "
+                         f"{sec['replay']:.1f} s ({sec['cpu']:.1f} s of CPU in all); "
+                         f"{self.campaigns[seed]}")  # fmt: skip
+        if len(self.per_seed) > 1:
+            seeds = list(self.per_seed)
+            head = f"{'per seed (rules/model/combined %)':<34}" + "".join(f"{s:>20}" for s in seeds)
+            lines += ["", head, "-" * len(head)]
+            for row in self.aggregate.rows:
+                cells = []
+                for seed in seeds:
+                    try:
+                        r = self.per_seed[seed].row(row.scenario)
+                    except KeyError:
+                        cells.append(f"{'-':>20}")
+                        continue
+                    rates = [r.modes[m].stop_rate if r.attack else r.modes[m].allow_rate for m in MODES]
+                    cells.append(f"{'/'.join(f'{100 * x:.1f}' for x in rates):>20}")
+                lines.append(f"{row.scenario:<34}" + "".join(cells))
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self.aggregate.to_dict(),
+            "seeds": list(self.per_seed),
+            "per_seed": {str(k): v.to_dict()["scenarios"] for k, v in self.per_seed.items()},
+            "seconds_per_seed": {str(k): v for k, v in self.seconds.items()},
+            "campaigns": {str(k): v for k, v in self.campaigns.items()},
+        }
+
+
+def evaluate_seeds(
+    seeds: Sequence[int], policy: Policy, intel: IpIntel, scorer: Scorer | None, *,
+    lists: ListIndex | None = None, policy_table: Mapping[str, Any] | None = None,
+    **config: Any,
+) -> SeedsReport:
+    """Simulate and evaluate each seed's day on its own (with its declared campaigns), then sum."""
+    from detector.sim.populations import campaign_windows
+    from detector.sim.simulate import SimConfig, simulate
+
+    per_seed: dict[int, EvalReport] = {}
+    seconds: dict[int, dict[str, float]] = {}
+    notes: dict[int, str] = {}
+    for seed in seeds:
+        t0, c0 = time.perf_counter(), time.process_time()
+        cfg = SimConfig(seed=seed, **config)
+        day = simulate(cfg)
+        t1 = time.perf_counter()
+        pol, notes[seed] = policy_with_campaigns(policy, policy_table or {}, campaign_windows(cfg))
+        per_seed[seed] = evaluate(day, pol, intel, scorer, lists=lists, source=f"simulator seed {seed}")
+        seconds[seed] = {"simulate": round(t1 - t0, 2), "replay": round(time.perf_counter() - t1, 2),
+                         "cpu": round(time.process_time() - c0, 2)}  # fmt: skip
+    aggregate = merge_reports(list(per_seed.values()),
+                              source=f"simulator seeds {', '.join(map(str, seeds))}")  # fmt: skip
+    return SeedsReport(aggregate, per_seed, seconds, notes)
+
+
+def evaluate_cli(settings: Any, args: Any) -> EvalReport | SeedsReport:
+    """``detector evaluate [DATA --labels L] [--seeds 201,202] [--scenarios ...] [--no-model]``.
+
+    With DATA, a ``<DATA>.campaigns.json`` beside it (as ``detector simulate`` writes) is declared
+    in the policy when the policy accepts campaigns.
+    """
     from detector.runtime import build_context, build_intel
+    from detector.sim.simulate import scenario_options
 
     ctx = build_context(settings)
     scorer: Scorer | None = None
@@ -386,12 +524,32 @@ def evaluate_cli(settings: Any, args: Any) -> EvalReport:
         from detector.core.model import load_model
 
         scorer = load_model(settings.models_dir, settings.model_name)
+    table = _policy_table(getattr(settings, "policy", None))
     if getattr(args, "data", None):
         if getattr(args, "labels", None) is None:
             raise ConfigError("evaluate DATA needs --labels (the side file `detector simulate` writes)")
-        return evaluate_jsonl(args.data, args.labels, policy=ctx.policy, intel=build_intel(settings),
-                              scorer=scorer, lists=ctx.lists)  # fmt: skip
-    seeds = [int(s) for s in str(getattr(args, "seeds", "201,202")).split(",") if s.strip()]
-    days = simulated(seeds)
+        policy, note = ctx.policy, ""
+        side = Path(str(args.data).removesuffix(".jsonl") + ".campaigns.json")
+        if side.is_file():
+            policy, note = policy_with_campaigns(ctx.policy, table, json.loads(side.read_text("utf-8")))
+        report = evaluate_jsonl(args.data, args.labels, policy=policy, intel=build_intel(settings),
+                                scorer=scorer, lists=ctx.lists)  # fmt: skip
+        if note:
+            report.source += f" ({note})"
+        return report
+    try:
+        seeds = [int(s) for s in str(getattr(args, "seeds", "201,202")).split(",") if s.strip()]
+        options = scenario_options(getattr(args, "scenarios", None), getattr(args, "volume", None) or ())
+    except ValueError as exc:
+        raise ConfigError(f"--seeds / --scenarios / --volume: {exc}") from exc
+    if not seeds:
+        raise ConfigError("--seeds: expected comma-separated integers, e.g. 11,12,13")
+    if getattr(args, "legit", None) is not None:
+        options["legit_per_day"] = args.legit
+    if getattr(args, "duration", None) is not None:
+        options["duration_s"] = args.duration
     with simulator_intel() as intel:
-        return _evaluate_days(days, ctx.policy, intel, scorer, seeds)
+        try:
+            return evaluate_seeds(seeds, ctx.policy, intel, scorer, policy_table=table, **options)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc

@@ -28,7 +28,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
-from detector.sim.ipdb import blocks_for, cgnat_pools, countries_with, random_ip, random_ip_in
+from detector.sim.ipdb import (
+    block_of,
+    blocks_for,
+    cgnat_pools,
+    countries_with,
+    random_ip,
+    random_ip_in,
+)
 from detector.sim.simulate import (
     BROWSER_UAS,
     COUNTRY_WEIGHT,
@@ -91,14 +98,30 @@ def _emit_visit(
     return True
 
 
-def _other_network(ctx: _Ctx, country: str, ip: str, mobile: bool) -> str:
-    """An address of another network of ``country`` than ``ip`` (home broadband <-> mobile)."""
+def _mobile_ip(ctx: _Ctx, country: str) -> str:
+    """A phone's address on a mobile network of ``country``: mostly behind the operator's CGNAT."""
     rng = ctx.rng
+    pools = cgnat_pools(country)
+    if pools and rng.random() < 0.7:
+        return random_ip_in(rng, rng.choice(pools))
+    return random_ip(rng, country, "mobile")
+
+
+def _other_network(ctx: _Ctx, country: str, ip: str, mobile: bool) -> str:
+    """An address on another network of ``country`` than ``ip``: a customer who was at home is
+    now on a phone's mobile data (or at work), one who was on mobile data is now at home."""
+    rng = ctx.rng
+    block = block_of(ip)
+    on_mobile = block is not None and block.kind == "mobile"
     for _ in range(20):
-        if mobile and rng.random() < 0.5:
-            other = random_ip_in(rng, rng.choice(cgnat_pools(country) or blocks_for(country, "mobile")))
+        if on_mobile:
+            other = random_ip(rng, country, "residential")
+        elif rng.random() < 0.2:
+            other = random_ip(rng, country, "business")
+        elif mobile or rng.random() < 0.5:
+            other = _mobile_ip(ctx, country)
         else:
-            other = _home_ip(ctx, country, mobile)
+            other = random_ip(rng, country, "residential")  # another home, a friend's wifi
         if other != ip:
             return other
     return random_ip(rng, country, "residential")  # pragma: no cover
@@ -228,10 +251,11 @@ def _legit_returning(ctx: _Ctx, n: int | None) -> None:
         number = random_number(rng, country, MOBILE if mobile else FIXED_LINE)
         ip = _home_ip(ctx, country, mobile)
         user = _user(ctx)
-        ts = ctx.local_ts(country, span=4 * 3600.0)
+        gap = rng.uniform(2 * 3600.0, 10 * 3600.0)
+        ts = ctx.local_ts(country, span=gap)
         produced += _emit_visit(ctx, ts, number, ip, ctx.browser_ua(), user)
         if produced < target:
-            later = ts + rng.uniform(2 * 3600.0, 10 * 3600.0)
+            later = ts + gap
             other = _other_network(ctx, country, ip, mobile)
             produced += _emit_visit(ctx, later, number, other, ctx.browser_ua(), user)
 
@@ -245,14 +269,14 @@ def _legit_shared_line(ctx: _Ctx, n: int | None) -> None:
         country = _country(ctx)
         line = random_number(rng, country, FIXED_LINE)
         office = random_ip(rng, country, "business" if rng.random() < 0.5 else "residential")
-        for _ in range(rng.randint(3, 8)):
+        for i in range(rng.randint(3, 8)):
             if produced >= target:
                 break
-            roll = rng.random()
+            roll = (0.0, 0.5)[i] if i < 2 else rng.random()  # the shop's line, then a phone, ...
             if roll < 0.4:
                 ip = office  # from the shop's own connection
             elif roll < 0.8:
-                ip = random_ip_in(rng, rng.choice(cgnat_pools(country) or blocks_for(country, "mobile")))
+                ip = _mobile_ip(ctx, country)  # from a phone
             else:
                 ip = random_ip(rng, country, "residential")  # from home
             ua = ctx.browser_ua()
@@ -345,7 +369,7 @@ def _botnet_flood(ctx: _Ctx, n: int) -> None:
     seen_number: set[str] = set()
     for _ in range(n):
         # bots: infected home computers and phones everywhere, the business countries included
-        country = rng.choice(cfg.business_countries) if rng.random() < 0.3 else rng.choice(homes)
+        country = rng.choice(cfg.business_countries) if rng.random() < 0.5 else rng.choice(homes)
         kind = "mobile" if rng.random() < 0.35 and blocks_for(country, "mobile") else "residential"
         ip = ctx.unique_ip(seen_ip, partial(random_ip, rng, country, kind))
         while True:
@@ -379,7 +403,9 @@ def _pump_spread(ctx: _Ctx, n: int) -> None:
     ranges = [r for _ in range(n // 100 + 1) for r in rng.sample(range(100), 100)][:n]
     seen_ip: set[str] = set()
     used: set[str] = set()
-    for r in ranges:
+    # some (10-15%) come from accounts the attacker opened: made up, but authenticated
+    accounts = set(rng.sample(range(len(ranges)), k=round(len(ranges) * rng.uniform(0.10, 0.15))))
+    for i, r in enumerate(ranges):
         for _ in range(50):
             number = _Number(country, stem.cc, f"{head}{r:02d}{rng.randrange(1000):03d}")
             if number.nsn not in used and _check(number, ntype):
@@ -387,7 +413,7 @@ def _pump_spread(ctx: _Ctx, n: int) -> None:
         used.add(number.nsn)
         kind = "residential_proxy" if rng.random() < 0.3 else "residential"
         ip = ctx.unique_ip(seen_ip, partial(random_ip, rng, country, kind))
-        user = f"u{rng.randrange(10**8):08d}" if rng.random() < 0.12 else None
+        user = f"u{rng.randrange(10**8):08d}" if i in accounts else None
         hint = country if rng.random() < 0.5 else None
         ctx.emit(ctx.local_ts(country), number, ip, ua=ctx.browser_ua(), hint=hint, user_id=user,
                  authenticated=user is not None)  # fmt: skip

@@ -84,8 +84,8 @@ LEGIT_LABELS: dict[str, str] = {
 POPULATIONS: tuple[str, ...] = tuple(name for name in LEGIT_LABELS if name not in (
     "legit", "legit_repeat", "legit_traveller"))  # fmt: skip
 
-#: Requests per day of each legitimate population (surges: ``None`` = derived from the normal
-#: rate of the surging country and a 10x-50x factor).
+#: Requests per day of each legitimate population at ``legit_per_day`` = 20,000 (they scale with
+#: it; surges: ``None`` = derived from the normal rate of the surging country and a 10x-50x factor).
 POPULATION_PER_DAY: dict[str, int | None] = {
     "legit_cgnat": 3000,
     "legit_office": 400,
@@ -519,10 +519,24 @@ def _count(cfg: SimConfig, name: str) -> int:
     return round(per_day * cfg.attack_scale * cfg.duration_s / 86400.0)
 
 
+#: ``legit_per_day`` at which :data:`POPULATION_PER_DAY` holds; populations scale with it.
+POPULATION_BASE_PER_DAY = 20000
+
+
 def _population_count(cfg: SimConfig, name: str) -> int | None:
-    """Requests of a legitimate population over the run; None: the generator derives it."""
-    per_day = dict(cfg.volumes).get(name, POPULATION_PER_DAY[name])
-    return None if per_day is None else round(per_day * cfg.duration_s / 86400.0)
+    """Requests of a legitimate population over the run; None: the generator derives it.
+
+    :data:`POPULATION_PER_DAY` is for a business with ``legit_per_day`` = 20,000 and scales with
+    it (a smaller business has fewer customers behind each kind of shared address); a volume in
+    ``cfg.volumes`` is taken as is.
+    """
+    volumes = dict(cfg.volumes)
+    if name in volumes:
+        return round(volumes[name] * cfg.duration_s / 86400.0)
+    per_day = POPULATION_PER_DAY[name]
+    if per_day is None:
+        return None
+    return round(per_day * cfg.legit_per_day / POPULATION_BASE_PER_DAY * cfg.duration_s / 86400.0)
 
 
 def _business_number(ctx: _Ctx, p_mobile: float = 0.8) -> _Number:
@@ -895,7 +909,8 @@ def simulate(cfg: SimConfig) -> list[LabeledRequest]:
 
     Legitimate volume is ``legit_per_day`` scaled to ``duration_s``; each attack scenario's volume
     is :data:`VOLUME_PER_DAY` times ``attack_scale``, scaled likewise; each legitimate population's
-    is :data:`POPULATION_PER_DAY` (surges: derived from the normal rate), scaled likewise.
+    is :data:`POPULATION_PER_DAY` times ``legit_per_day / 20000`` (surges: derived from the
+    normal rate), scaled likewise.
     ``cfg.volumes`` overrides either.
     """
     events: list[tuple[float, dict[str, Any], str, bool]] = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import json
 import random
 from collections import Counter, defaultdict
@@ -32,13 +33,17 @@ from detector.sim import (
     LabeledRequest,
     SimConfig,
     block_of,
+    blocks_for,
     build_ip_databases,
+    campaign_windows,
+    cgnat_pools,
     random_ip,
     simulate,
     write_jsonl,
 )
-from detector.sim.ipdb import random_ip_in
-from detector.sim.simulate import UTC_OFFSET_H
+from detector.sim.ipdb import countries_with, random_ip_in
+from detector.sim.populations import surge_plan
+from detector.sim.simulate import BROWSER_UAS, UTC_OFFSET_H, random_number, scenario_options
 
 BUSINESS = ("GB", "IE", "FR", "DE", "ES", "NL")
 BASE = ("legit", "legit_repeat", "legit_traveller")  # the base day that legit_per_day sizes
@@ -479,3 +484,273 @@ def test_simulated_ips_resolve_to_what_the_scenario_intended(day, dbs: dict[str,
     assert flagged["anonymous_ip"] == VOLUME_PER_DAY["anonymous_ip"]
     assert flagged["geo_mismatch"] == 0
     assert flagged["legit"] < 0.02 * Counter(i.scenario for i in day)["legit"]
+
+
+# ----------------------------------------------------------------------------- numbering plan
+
+
+@pytest.mark.parametrize("region", BUSINESS)
+@pytest.mark.parametrize("ntype", [PhoneNumberType.MOBILE, PhoneNumberType.FIXED_LINE])
+def test_numbers_cover_the_whole_plan(region: str, ntype: int) -> None:
+    rng = random.Random(f"plan/{region}/{ntype}")
+    numbers = [random_number(rng, region, ntype) for _ in range(1500)]
+    for number in numbers[:200]:
+        num = phonenumbers.parse(number.e164)
+        assert phonenumbers.is_valid_number(num)
+        assert phonenumbers.number_type(num) == ntype
+        assert phonenumbers.region_code_for_number(num) == region
+    # many leading-digit blocks (area codes, mobile prefixes) are drawn, and none dominates
+    heads = Counter(n.nsn[:3] for n in numbers)
+    ranges = {n.nsn[:-3] for n in numbers}
+    assert len(ranges) > 0.97 * len(numbers)
+    assert max(heads.values()) < 0.1 * len(numbers), heads.most_common(3)
+    assert len(heads) >= (10 if ntype == PhoneNumberType.MOBILE and region == "DE" else 30)
+    example = phonenumbers.example_number_for_type(region, ntype)
+    near = str(example.national_number)[:4]
+    assert sum(n.nsn.startswith(near) for n in numbers) < 0.05 * len(numbers)
+
+
+def test_nl_mobile_is_mostly_06_numbers() -> None:
+    rng = random.Random(4)
+    numbers = [random_number(rng, "NL", PhoneNumberType.MOBILE) for _ in range(1000)]
+    assert sum(n.nsn.startswith("6") for n in numbers) > 0.9 * len(numbers)  # 970x is M2M
+
+
+def test_ip_plan_has_many_networks_and_cgnat_pools() -> None:
+    for cc in BUSINESS:
+        assert len(blocks_for(cc, "residential")) >= 4, cc
+        assert len({b.asn for b in blocks_for(cc, "mobile")}) >= 3, cc
+        pools = cgnat_pools(cc)
+        assert len(pools) >= 3 and all(b.kind == "mobile" and b.cgnat for b in pools)
+        assert {b.asn for b in pools} == {b.asn for b in blocks_for(cc, "mobile")}
+        assert blocks_for(cc, "business")
+    assert not set(cgnat_pools(None)) & set(blocks_for(None, "mobile"))
+    assert len(countries_with("residential")) >= 30
+
+
+# ----------------------------------------------------------------------------- populations
+
+
+def _span(requests: list[dict]) -> float:
+    stamps = [r["ts"] for r in requests]
+    return max(stamps) - min(stamps)
+
+
+def _local_hour(request: dict) -> int:
+    country = phonenumbers.region_code_for_number(parsed(request))
+    return int((request["ts"] + UTC_OFFSET_H[country] * 3600) % 86400 // 3600)
+
+
+def test_cgnat_addresses_carry_tens_to_hundreds_of_customers(day: list[LabeledRequest]) -> None:
+    requests = of(day, "legit_cgnat")
+    numbers_per_ip: dict[str, set[str]] = defaultdict(set)
+    for request in requests:
+        block = block_of(request["ip"])
+        assert block.cgnat and block.kind == "mobile"
+        num = parsed(request)
+        assert phonenumbers.number_type(num) == PhoneNumberType.MOBILE
+        assert phonenumbers.region_code_for_number(num) == block.country
+        numbers_per_ip[request["ip"]].add(e164(request))
+    sizes = sorted(len(v) for v in numbers_per_ip.values())
+    assert sum(size >= 20 for size in sizes) >= 0.9 * len(sizes)
+    assert 35 <= sizes[len(sizes) // 2] <= 90 and sizes[-1] >= 100  # ~60 typical, some hundreds
+    for numbers in numbers_per_ip.values():  # from many ranges of the country, not one
+        assert len({n[:-3] for n in numbers}) >= 0.9 * len(numbers)
+    assert len({block_of(ip).country for ip in numbers_per_ip}) == len(BUSINESS)
+    repeated = Counter(e164(r) for r in requests)
+    assert 0.03 < sum(c > 1 for c in repeated.values()) / len(repeated) < 0.15  # some retry
+    night = sum(_local_hour(r) < 6 for r in requests)
+    assert night < 0.05 * len(requests)
+
+
+def test_offices_are_10_to_60_staff_behind_one_address_in_office_hours(day) -> None:
+    requests = of(day, "legit_office")
+    numbers_per_ip: dict[str, set[str]] = defaultdict(set)
+    for request in requests:
+        assert block_of(request["ip"]).kind == "business"
+        assert 8 <= _local_hour(request) < 20  # a few call again after a meeting
+        numbers_per_ip[request["ip"]].add(e164(request))
+    assert sum(_local_hour(r) < 18 for r in requests) > 0.9 * len(requests)
+    sizes = sorted(len(v) for v in numbers_per_ip.values())
+    assert len(sizes) >= 5 and 10 <= sizes[len(sizes) // 2] <= 60 and sizes[-1] <= 60
+    for numbers in numbers_per_ip.values():
+        assert len({n[:-3] for n in numbers}) >= 0.3 * len(numbers)  # mobiles and direct dials
+
+
+def test_households_ask_on_two_or_three_numbers_from_one_home(day) -> None:
+    per_ip: dict[str, set[str]] = defaultdict(set)
+    for request in of(day, "legit_household"):
+        assert block_of(request["ip"]).kind == "residential"
+        per_ip[request["ip"]].add(e164(request))
+    sizes = Counter(len(v) for v in per_ip.values())
+    assert set(sizes) <= {1, 2, 3} and sizes[1] <= 1 and sizes[2] > sizes[3] > 0
+
+
+def test_retries_come_20_to_60_minutes_later_on_the_same_number(day) -> None:
+    by_number: dict[str, list[dict]] = defaultdict(list)
+    for request in of(day, "legit_retry"):
+        by_number[e164(request)].append(request)
+    gaps, same_ip = [], []
+    for calls in by_number.values():
+        calls.sort(key=lambda r: r["ts"])
+        assert len(calls) <= 3
+        for a, b in itertools.pairwise(calls):
+            gaps.append(b["ts"] - a["ts"])
+            same_ip.append(a["ip"] == b["ip"])
+    assert gaps and min(gaps) >= 20 * 60 and max(gaps) <= 60 * 60
+    assert 0.6 < sum(same_ip) / len(same_ip) < 0.95  # mostly the same IP, sometimes not
+
+
+def test_returning_customers_come_back_hours_later_from_another_network(day) -> None:
+    by_number: dict[str, list[dict]] = defaultdict(list)
+    for request in of(day, "legit_returning"):
+        by_number[e164(request)].append(request)
+    pairs = [sorted(v, key=lambda r: r["ts"]) for v in by_number.values() if len(v) == 2]
+    assert len(pairs) >= 0.95 * len(by_number)
+    for first, later in pairs:
+        assert later["ts"] - first["ts"] >= 2 * 3600
+        assert later["ip"] != first["ip"]
+
+
+def test_shared_lines_are_asked_for_by_several_staff_from_several_ips(day) -> None:
+    by_number: dict[str, list[dict]] = defaultdict(list)
+    for request in of(day, "legit_shared_line"):
+        assert phonenumbers.number_type(parsed(request)) == PhoneNumberType.FIXED_LINE
+        by_number[e164(request)].append(request)
+    full = [v for v in by_number.values() if len(v) >= 3]
+    assert len(full) >= 0.9 * len(by_number)
+    assert all(len({r["ip"] for r in v}) >= 2 for v in full)
+
+
+@pytest.mark.parametrize("name", ["legit_surge", "legit_surge_announced"])
+def test_surge_is_10_to_50_times_the_normal_rate_for_half_an_hour(day, name: str) -> None:
+    plan = surge_plan(SimConfig(seed=1), name)
+    requests = of(day, name)
+    assert {phonenumbers.region_code_for_number(parsed(r)) for r in requests} == {plan.country}
+    assert all(plan.start <= r["ts"] < plan.start + plan.length + 120 for r in requests)
+    assert 25 * 60 <= plan.length <= 35 * 60
+    # the measured normal rate of the country's ordinary customers around the surge
+    base = [r for r in of(day, "legit") if phonenumbers.region_code_for_number(parsed(r)) == plan.country
+            and plan.start - 3600 <= r["ts"] < plan.start + plan.length + 3600]  # fmt: skip
+    in_window = sum(plan.start <= r["ts"] < plan.start + plan.length for r in base)
+    normal = (len(base) - in_window) / (2 * 3600)
+    factor = (len(requests) + in_window) / plan.length / normal
+    assert 10 <= plan.factor <= 50
+    assert len(requests) / (plan.base_rate * plan.length) + 1 == pytest.approx(plan.factor, rel=0.02)
+    assert 0.6 * plan.factor <= factor <= 1.6 * plan.factor, (factor, plan.factor)  # measured
+    assert len({r["ip"] for r in requests}) > 0.9 * len(requests)
+    assert len({e164(r) for r in requests}) > 0.95 * len(requests)
+    assert {block_of(r["ip"]).kind for r in requests} <= {"residential", "mobile"}
+
+
+def test_campaign_windows_declare_the_announced_surge_only(day) -> None:
+    cfg = SimConfig(seed=1)
+    windows = campaign_windows(cfg)
+    assert len(windows) == 1
+    (window,) = windows
+    assert set(window) == {"country", "start", "end", "factor"}
+    assert isinstance(window["start"], int) and isinstance(window["end"], int)
+    announced = of(day, "legit_surge_announced")
+    assert all(window["start"] <= r["ts"] < window["end"] for r in announced)
+    assert window["country"] == phonenumbers.region_code_for_number(parsed(announced[0]))
+    assert 10 <= window["factor"] <= 50
+    assert campaign_windows(SimConfig(seed=1, scenarios=("legit_surge",))) == []
+    assert campaign_windows(cfg) == windows  # deterministic
+
+
+# ----------------------------------------------------------------------------- quiet attacks
+
+
+def test_botnet_flood_uses_every_ip_and_number_once(day) -> None:
+    requests = of(day, "botnet_flood")
+    assert len(requests) == VOLUME_PER_DAY["botnet_flood"] >= 2000
+    assert len({r["ip"] for r in requests}) == len(requests)
+    assert len({e164(r) for r in requests}) == len(requests)
+    assert 180 <= _span(requests) <= 600
+    assert len({e164(r)[:-3] for r in requests}) > 0.98 * len(requests)
+    countries = Counter(block_of(r["ip"]).country for r in requests)
+    assert len(countries) >= 20 and set(BUSINESS) <= set(countries)
+    assert {block_of(r["ip"]).kind for r in requests} <= {"residential", "mobile"}
+    assert {phonenumbers.region_code_for_number(parsed(r)) for r in requests} == set(BUSINESS)
+    assert {r["user_agent"] for r in requests} <= set(BROWSER_UAS)
+
+
+def test_pump_spread_covers_one_100k_block_evenly_from_fresh_residential_ips(day) -> None:
+    requests = of(day, "pump_spread")
+    numbers = [e164(r) for r in requests]
+    assert len({n[:-5] for n in numbers}) == 1  # one leased 100,000-number block
+    per_range = Counter(n[:-3] for n in numbers)
+    assert len(per_range) == 100 and max(per_range.values()) <= 6  # a few per 1,000-number range
+    assert len({r["ip"] for r in requests}) == len(requests)
+    country = phonenumbers.region_code_for_number(parsed(requests[0]))
+    assert country in BUSINESS
+    for request in requests:
+        block = block_of(request["ip"])
+        assert block.country == country and block.kind in {"residential", "residential_proxy"}
+    assert 0.095 < sum(r["authenticated"] for r in requests) / len(requests) < 0.155
+    assert _span(requests) > 16 * 3600
+    night = sum(_local_hour(r) < 6 for r in requests)
+    assert night < 0.06 * len(requests)  # diurnal, like the customers it hides among
+
+
+def test_slow_combo_recombines_6_ips_and_6_numbers_all_day(day) -> None:
+    requests = of(day, "slow_combo")
+    assert len({r["ip"] for r in requests}) == 6 and len({e164(r) for r in requests}) == 6
+    assert len(Counter((r["ip"], e164(r)) for r in requests)) >= 30
+    assert _span(requests) > 20 * 3600
+
+
+def test_enumeration_walks_consecutive_numbers(day) -> None:
+    requests = sorted(of(day, "enumeration"), key=lambda r: r["ts"])
+    values = list(dict.fromkeys(int(e164(r)[1:]) for r in requests))
+    assert values == list(range(values[0], values[0] + len(values)))
+    assert len({r["ip"] for r in requests}) <= 6
+    per_minute = len(requests) / (_span(requests) / 60)
+    assert 1.5 <= per_minute <= 6
+
+
+def test_harassment_rotates_ips_against_one_victim(day) -> None:
+    requests = of(day, "harassment")
+    assert len({e164(r) for r in requests}) == 1 and 30 <= len(requests) <= 100
+    ips = Counter(r["ip"] for r in requests)
+    assert max(ips.values()) <= 2 and len(ips) >= len(requests) / 2
+    assert _span(requests) <= 5 * 3600
+
+
+def test_populations_and_attacks_are_deterministic_and_independent() -> None:
+    cfg = SimConfig(seed=9, duration_s=6 * 3600.0, legit_per_day=2000,
+                    scenarios=("legit_cgnat", "pump_spread", "botnet_flood"))  # fmt: skip
+    one = SimConfig(seed=9, duration_s=6 * 3600.0, legit_per_day=2000, scenarios=("legit_cgnat",))
+
+    def strip(items: list[LabeledRequest], name: str) -> list[dict]:
+        return [{k: v for k, v in i.request.items() if k != "request_id"}
+                for i in items if i.scenario == name]  # fmt: skip
+
+    a, b = simulate(cfg), simulate(cfg)
+    assert [i.request for i in a] == [i.request for i in b]
+    assert strip(a, "legit_cgnat") == strip(simulate(one), "legit_cgnat")
+    assert Counter(i.scenario for i in a)["legit_cgnat"] == POPULATION_PER_DAY["legit_cgnat"] // 40
+    assert all(not i.attack for i in a if i.scenario in LEGIT_LABELS)
+
+
+def test_volumes_and_scenarios_are_configurable(tmp_path: Path) -> None:
+    from detector.cli import main
+
+    opts = scenario_options("botnet_flood,legit_office", ["botnet_flood=800", "legit_office=120"])
+    cfg = SimConfig(seed=2, legit_per_day=100, **opts)
+    counts = Counter(i.scenario for i in simulate(cfg))
+    assert counts["botnet_flood"] == 800 and counts["legit_office"] == 120
+    assert set(counts) - set(BASE) == {"botnet_flood", "legit_office"}
+    with pytest.raises(ValueError, match="NAME=N"):
+        scenario_options(None, ["botnet_flood"])
+    with pytest.raises(ValueError, match="unknown scenario"):
+        SimConfig(volumes=(("nope", 1),))
+    out = tmp_path / "d.jsonl"
+    assert main(["simulate", "--seed", "4", "--out", str(out), "--legit", "200", "--scenarios",
+                 "legit_surge_announced,harassment", "--volume", "harassment=40"]) == 0  # fmt: skip
+    labels = Counter(json.loads(line)["scenario"] for line in (tmp_path / "d.labels.jsonl").open())
+    assert labels["harassment"] == 40 and labels["legit_surge_announced"] > 0
+    declared = json.loads((tmp_path / "d.campaigns.json").read_text())
+    assert declared == campaign_windows(SimConfig(seed=4, legit_per_day=200, scenarios=(
+        "legit_surge_announced", "harassment"), volumes=(("harassment", 40),)))  # fmt: skip
+    assert main(["simulate", "--out", str(out), "--scenarios", "nope"]) == 2
