@@ -35,6 +35,12 @@ from detector.core.records import Action, CallbackRequest, Decision
 
 MODES: tuple[str, ...] = ("rules", "model", "combined")
 LEGIT_VISITS = "legit customers (visits)"
+#: The floors of a release (issue "Realistic traffic"): attacks, legitimate populations.
+ATTACK_MIN, ATTACK_MEAN_MIN, LEGIT_MIN = 0.80, 0.90, 0.97
+#: Deflected at most, never blocked (an unannounced surge looks like an attack: chat is offered).
+DEFLECT_ONLY_LEGIT = frozenset({"legit_surge"})
+#: Judged per visit (the visits row): an impatient customer's repeats are duplicates by design.
+PER_VISIT_LEGIT = frozenset({"legit_repeat"})
 
 
 class Labelled(Protocol):
@@ -67,6 +73,11 @@ class Tally:
     blocked: int = 0
     rejected: int = 0  # did not parse: dead-lettered
     silent_blocked: int = 0  # blocked with ``silent``: the requester was told it worked
+    #: blocked as a duplicate while a callback to the same number is outstanding: the customer
+    #: (or their colleague on a shared line) is called back by the earlier request
+    pending_duplicates: int = 0
+    #: silent blocks for any other reason: the requester waits for a call that never comes
+    harmful_silent: int = 0
     #: silent blocks by their reason codes (all codes of the decision, joined by "+")
     silent_reasons: Counter[str] = field(default_factory=Counter)
 
@@ -80,6 +91,10 @@ class Tally:
             self.deflected += 1
         else:
             self.blocked += 1
+            if reasons and reasons[0] == "duplicate_pending":
+                self.pending_duplicates += 1
+            elif silent:
+                self.harmful_silent += 1
             if silent:
                 self.silent_blocked += 1
                 self.silent_reasons["+".join(reasons) or "-"] += 1
@@ -92,6 +107,8 @@ class Tally:
         self.blocked += other.blocked
         self.rejected += other.rejected
         self.silent_blocked += other.silent_blocked
+        self.pending_duplicates += other.pending_duplicates
+        self.harmful_silent += other.harmful_silent
         self.silent_reasons.update(other.silent_reasons)
 
     @property
@@ -106,12 +123,20 @@ class Tally:
     def allow_rate(self) -> float:
         return self.allowed / self.requests if self.requests else 0.0
 
+    @property
+    def served_rate(self) -> float:
+        """Allowed, or blocked only because a callback to that number is already on its way."""
+        return (self.allowed + self.pending_duplicates) / self.requests if self.requests else 0.0
+
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "requests": self.requests, "allowed": self.allowed, "deflected": self.deflected,
             "blocked": self.blocked, "rejected": self.rejected, "silent_blocked": self.silent_blocked,
             "silent_reasons": dict(self.silent_reasons.most_common()),
+            "pending_duplicates": self.pending_duplicates, "harmful_silent": self.harmful_silent,
             "stop_rate": round(self.stop_rate, 6), "allow_rate": round(self.allow_rate, 6),
+            "served_rate": round(self.served_rate, 6),
         }  # fmt: skip
 
 
@@ -147,17 +172,34 @@ class EvalReport:
             t.absorb(r.modes[mode])
         return t
 
-    def shortfalls(self, attack_min: float = 0.95, legit_min: float = 0.99, mode: str = "combined"
-                   ) -> list[str]:
-        """Targets missed in ``mode``: attacks stopped >= attack_min, legit visits served >= legit_min,
-        and plain ``legit`` requests allowed >= legit_min."""
+    def shortfalls(self, attack_min: float = ATTACK_MIN, attack_mean_min: float = ATTACK_MEAN_MIN,
+                   legit_min: float = LEGIT_MIN, mode: str = "combined") -> list[str]:
+        """Floors missed in ``mode``: every attack stopped >= ``attack_min`` and on average >=
+        ``attack_mean_min``; every legitimate population served >= ``legit_min`` (the unannounced
+        marketing surge may be deflected, never blocked); no legitimate request blocked silently
+        except as a duplicate of an outstanding callback."""
         out = []
+        attacks = [r for r in self.rows if r.attack]
         for r in self.rows:
             t = r.modes[mode]
             if r.attack and t.stop_rate < attack_min:
                 out.append(f"{r.scenario}: {t.stop_rate:.1%} stopped < {attack_min:.0%}")
-            if r.scenario in ("legit", LEGIT_VISITS) and t.allow_rate < legit_min:
-                out.append(f"{r.scenario}: {t.allow_rate:.1%} allowed < {legit_min:.0%}")
+            if r.attack or r.scenario == LEGIT_VISITS:
+                continue
+            if r.scenario in DEFLECT_ONLY_LEGIT:
+                if t.blocked - t.pending_duplicates:
+                    out.append(f"{r.scenario}: {t.blocked - t.pending_duplicates} blocked")
+            elif r.scenario not in PER_VISIT_LEGIT and t.served_rate < legit_min:
+                out.append(f"{r.scenario}: {t.served_rate:.1%} served < {legit_min:.0%}")
+            if t.harmful_silent:
+                out.append(f"{r.scenario}: {t.harmful_silent} blocked silently")
+        if attacks:
+            mean = sum(r.modes[mode].stop_rate for r in attacks) / len(attacks)
+            if mean < attack_mean_min:
+                out.append(f"attacks: {mean:.1%} stopped on average < {attack_mean_min:.0%}")
+        visits = [r for r in self.rows if r.scenario == LEGIT_VISITS]
+        if visits and visits[0].modes[mode].served_rate < legit_min:
+            out.append(f"{LEGIT_VISITS}: {visits[0].modes[mode].served_rate:.1%} served < {legit_min:.0%}")
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -182,18 +224,19 @@ class EvalReport:
             f"evaluation of {self.source or 'labelled traffic'}",
             f"policy {self.policy_version}, model {self.model_version or 'none'}"
             + (f" (threshold {self.threshold:.4f})" if self.threshold is not None else ""),
-            "attack rows: % stopped (deflected + blocked + rejected); "
-            "legit rows: % allowed (visits: % served), silent: requests blocked silently",
+            "attack rows: % stopped (deflected + blocked + rejected); legit rows: % served (allowed,"
+            " or a callback to that number already on its way); silent: legit requests blocked"
+            " silently for any other reason",
             head,
             "-" * len(head),
         ]
         for i, r in enumerate(self.rows):
             if i and (r.attack != self.rows[i - 1].attack or r.scenario == LEGIT_VISITS):
                 lines.append("-" * len(head))
-            rates = [r.modes[m].stop_rate if r.attack else r.modes[m].allow_rate for m in MODES]
+            rates = [r.modes[m].stop_rate if r.attack else r.modes[m].served_rate for m in MODES]
             c = r.modes["combined"]
             silent = ("" if r.attack or r.scenario == LEGIT_VISITS
-                      else "/".join(str(r.modes[m].silent_blocked) for m in MODES))  # fmt: skip
+                      else "/".join(str(r.modes[m].harmful_silent) for m in MODES))  # fmt: skip
             lines.append(
                 f"{r.scenario:<26} {c.requests:>6}  {rates[0]:>7.1%} {rates[1]:>7.1%} "
                 f"{rates[2]:>8.1%}  {silent:>14}   {'':>9} {c.allowed:>6} {c.deflected:>7} "
@@ -206,7 +249,9 @@ class EvalReport:
                 top = r.modes["combined"].silent_reasons.most_common(4)
                 lines.append(f"  {r.scenario:<24} " + ", ".join(f"{k} {n}" for k, n in top))
         short = self.shortfalls()
-        lines.append("targets (combined: attacks >= 95% stopped, legit >= 99% allowed): "
+        lines.append(f"floors (combined: every attack >= {ATTACK_MIN:.0%} stopped, {ATTACK_MEAN_MIN:.0%} on "
+                     f"average; every legit population >= {LEGIT_MIN:.0%} served, none blocked silently; "
+                     "unannounced surge never blocked): "
                      + ("met" if not short else "MISSED: " + "; ".join(short)))  # fmt: skip
         return "\n".join(lines)
 
@@ -263,7 +308,9 @@ def evaluate(
             )
             if not item.attack:
                 key = _visit_key(item.request)
-                visits[mode][key] = visits[mode].get(key, False) or action == Action.ALLOW
+                served = action == Action.ALLOW or (
+                    d is not None and bool(d.reasons) and d.reasons[0] == "duplicate_pending")
+                visits[mode][key] = visits[mode].get(key, False) or served
     ordered = sorted(rows.values(), key=lambda r: (not r.attack, r.scenario))
     if any(not r.attack for r in ordered):
         vrow = ScenarioRow(LEGIT_VISITS, False)
@@ -468,7 +515,7 @@ class SeedsReport:
                     except KeyError:
                         cells.append(f"{'-':>20}")
                         continue
-                    rates = [r.modes[m].stop_rate if r.attack else r.modes[m].allow_rate for m in MODES]
+                    rates = [r.modes[m].stop_rate if r.attack else r.modes[m].served_rate for m in MODES]
                     cells.append(f"{'/'.join(f'{100 * x:.1f}' for x in rates):>20}")
                 lines.append(f"{row.scenario:<34}" + "".join(cells))
         return "\n".join(lines)
