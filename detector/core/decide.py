@@ -80,7 +80,7 @@ def _hit(
     if authenticated and code in policy.relaxed_codes:
         wgt *= policy.auth_weight_factor
         action = Action.ALLOW
-    return Hit(code, wgt, action, rule.silent)
+    return Hit(code, wgt, action, rule.silent, rule.mode == "monitor")
 
 
 def rule_hits(
@@ -126,7 +126,7 @@ def rule_hits(
         hit = _hit("geo_mismatch", pol.rules["geo_mismatch"], auth, pol)
         if ip.country in pol.allowed_countries:
             # Cross-border customers and travellers inside the served area: weight, not action.
-            hit = Hit(hit.code, hit.weight, Action.ALLOW, hit.silent)
+            hit = Hit(hit.code, hit.weight, Action.ALLOW, hit.silent, hit.monitored)
         hits.append(hit)
     unauth = pol.rules["unauthenticated"]
     if not auth and (unauth.weight > 0 or unauth.action != Action.ALLOW):
@@ -183,11 +183,13 @@ def decide_many(
     ctx: DecisionContext,
     *,
     decided_at: float,
+    decided_ats: Sequence[float] | None = None,
 ) -> list[Decision]:
     """Decide several requests with one model call; each gets exactly the decision :func:`decide`
     gives it alone (the packed forest scores a row identically in any batch). The requests must
     be independent: none of their counts may depend on another's decision (the stream batches
-    requests for different numbers, since only a number's outstanding-callback mark does)."""
+    requests for different numbers, since only a number's outstanding-callback mark does).
+    ``decided_ats`` (one per item) overrides ``decided_at`` (replay stamps each with its event time)."""
     n = len(items)
     results: list[ModelResult | None] = [None] * n
     shadows: list[ModelResult | None] = [None] * n
@@ -197,7 +199,8 @@ def decide_many(
             results = list(_score_all(ctx.model, xs))
         if ctx.shadow is not None:
             shadows = list(_score_all(ctx.shadow, xs))
-    return [_decide_one(req, enr, counts, ctx, decided_at, results[i], shadows[i])
+    ats = decided_ats if decided_ats is not None else [decided_at] * n
+    return [_decide_one(req, enr, counts, ctx, ats[i], results[i], shadows[i])
             for i, (req, enr, counts) in enumerate(items)]
 
 
@@ -238,6 +241,10 @@ def _decide_one(
                 weight=rule.weight * result.anomaly,
             )
         )
+    monitored: list[str] = []
+    if any(h.monitored for h in hits):  # monitor mode: reported, kept out of action and risk
+        monitored = list(dict.fromkeys(h.code for h in hits if h.monitored))
+        hits = [h for h in hits if not h.monitored]
     action, silent, risk, reasons = combine(hits, ctx.policy)
     model_block = None
     if result is not None:
@@ -265,4 +272,5 @@ def _decide_one(
         request_ts=req.ts,
         ip_hash=pii_hash(req.ip, ctx.pii_key),
         model=model_block,
+        monitored_reasons=tuple(monitored),
     )

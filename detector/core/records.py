@@ -164,6 +164,7 @@ class Hit:
     weight: float
     action: Action
     silent: bool = False
+    monitored: bool = False  # from a rule in monitor mode: reported, never acted on
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,11 +196,13 @@ class Decision:
     request_ts: float
     ip_hash: str
     model: dict[str, Any] | None = None
+    monitored_reasons: tuple[str, ...] = ()  # codes of monitor-mode rules that fired (not acted on)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["action"] = str(self.action)
         d["reasons"] = list(self.reasons)
+        d["monitored_reasons"] = list(self.monitored_reasons)
         return d
 
 
@@ -219,6 +222,7 @@ def decision_from_dict(d: dict[str, Any]) -> Decision:
         request_ts=float(d["request_ts"]),
         ip_hash=d["ip_hash"],
         model=d.get("model"),
+        monitored_reasons=tuple(d.get("monitored_reasons") or ()),
     )
 
 

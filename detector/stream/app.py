@@ -937,6 +937,14 @@ def make_app(settings: Settings, *, rt: StreamRuntime | None = None, web: bool =
         for w in sweeper.tick(rt.max_ts):
             await rt.publish_changelog(w)
 
+    from detector.policy_watch import PolicyWatcher
+
+    policy_watcher = app.policy_watcher = PolicyWatcher(s.policy, rt.ctx)  # type: ignore[attr-defined]
+
+    @app.timer(s.policy_reload_s)
+    async def policy_reload() -> None:  # a changed policy file, without a restart
+        policy_watcher.check()
+
     @app.timer(GAUGE_INTERVAL_S)
     async def gauges() -> None:
         _update_assignment(app, rt)
@@ -1005,6 +1013,7 @@ def health(app: faust.App, rt: StreamRuntime) -> dict[str, Any]:
 def _static_gauges(rt: StreamRuntime) -> None:
     metrics.POLICY_INFO.info({"version": rt.policy.version,
                               "path": str(rt.settings.policy or "packaged default")})
+    metrics.set_known_reasons(rt.policy.reason_codes())
     rt.update_list_gauges()
     _model_gauges(rt)
 
