@@ -155,5 +155,5 @@ def test_process_many_batches_independent_requests():
     assert len(list(det.process_many(reqs, batch=64))) == 50
     assert model.batches == [1, 49]  # the first request triggers the first sweep, as process() would
     reqs = [req(100 + i, "+447400123456", "81.2.69.142", 100 + i) for i in range(3)]
-    assert [d.reasons[:1] for d in det.process_many(reqs)][1:] == [("duplicate_pending",)] * 2
+    assert all("duplicate_pending" in d.reasons for d in list(det.process_many(reqs))[1:])
     assert model.batches[2:] == [1, 1, 1]  # each waits for the previous one's decision
