@@ -154,6 +154,6 @@ def test_process_many_batches_independent_requests():
     reqs = [req(i, f"+4474001234{i:02d}", "81.2.69.142", i) for i in range(50)]
     assert len(list(det.process_many(reqs, batch=64))) == 50
     assert model.batches == [1, 49]  # the first request triggers the first sweep, as process() would
-    reqs = [req(100 + i, "+447400123456", "81.2.69.142", 100 + i) for i in range(3)]
+    reqs = [req(100 + i, "+33612345678", "81.2.69.150", 100 + i) for i in range(3)]
     assert all("duplicate_pending" in d.reasons for d in list(det.process_many(reqs))[1:])
     assert model.batches[2:] == [1, 1, 1]  # each waits for the previous one's decision
