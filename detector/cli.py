@@ -1,6 +1,7 @@
 """``detector``: the command line. Every flag also has a ``DETECTOR_*`` environment variable.
 
-Subcommands: demo, replay, simulate, train, evaluate, worker, produce, tail, lists.
+Subcommands: demo, replay, simulate, train, evaluate, worker, produce, tail, lists, sink, explain,
+backtest.
 """
 
 from __future__ import annotations
@@ -228,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     from detector import cli_stream
 
     cli_stream.add_commands(sub, _add_core_flags)
+    from detector import cli_soc
+
+    cli_soc.add_commands(sub, _add_core_flags)
     return p
 
 
