@@ -51,7 +51,8 @@ def main() -> None:
     rows = [decision_row(d.to_dict(), key) for d in decisions]
     print(f"{len(rows):,} decisions; row building {len(rows) / (time.perf_counter() - t0):,.0f} rows/s")
     with tempfile.TemporaryDirectory() as tmp:
-        print(f"SQLite (WAL, file):  {write_all(f'sqlite:///{tmp}/d.sqlite', rows, args.batch):>9,.0f} rows/s")
+        rate = write_all(f"sqlite:///{tmp}/d.sqlite", rows, args.batch)
+        print(f"SQLite (WAL, file):  {rate:>9,.0f} rows/s")
     server = PostgresServer()
     try:
         url = server.start()

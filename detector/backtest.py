@@ -136,7 +136,8 @@ class BacktestReport:
         if self.scenarios:
             lines.append(f"{'scenario':<24} {'n':>7} {'stop before':>12} {'stop after':>11}")
             for scn, s in self.scenarios.items():
-                lines.append(f"{scn:<24} {s['requests']:>7,} {s['stop_before']:>12.1%} {s['stop_after']:>11.1%}")
+                lines.append(f"{scn:<24} {s['requests']:>7,} {s['stop_before']:>12.1%} "
+                             f"{s['stop_after']:>11.1%}")
         for kind, samples in self.samples.items():
             lines.append(f"samples {kind}:")
             for c in samples[:3]:
@@ -259,9 +260,9 @@ def _from_row(row: dict[str, Any]) -> tuple[CallbackRequest, Enrichment, Counts]
                 public_proxy="public_proxy" in flags, residential_proxy="residential_proxy" in flags,
                 hosting="hosting" in flags)
     c = row.get("counts") or {}
+    rng: dict[str, Any] = {k: int(c.get(k, 0)) for k in RangeCounts.__slots__ if k != "pending"}  # type: ignore[attr-defined]
     counts = Counts(IpCounts(**{k: int(c.get(k, 0)) for k in IpCounts.__slots__}),  # type: ignore[attr-defined]
-                    RangeCounts(**{k: (bool(c.get(k)) if k == "pending" else int(c.get(k, 0)))
-                                   for k in RangeCounts.__slots__}))  # type: ignore[attr-defined]
+                    RangeCounts(**rng, pending=bool(c.get("pending"))))
     req = CallbackRequest(row["request_id"], float(row["request_ts"]), e164 or "", "",
                           authenticated=False)
     return req, Enrichment(phone, ip), counts

@@ -8,6 +8,7 @@ records the count in ``<body data-charts-rendered>`` (the browser test reads it)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from html import escape
 from pathlib import Path
@@ -41,9 +42,9 @@ SCRIPT = """
 """
 
 
-def _bars(chart_id: str, title: str, rows: list[tuple[str, float, float]], width: int = 560) -> str:
+def _bars(chart_id: str, title: str, rows: Sequence[tuple[str, float, float]], width: int = 560) -> str:
     """Horizontal grouped bars: label, newly stopped, newly allowed."""
-    rows = rows[:15] or [("(no changes)", 0, 0)]
+    rows = list(rows[:15]) or [("(no changes)", 0, 0)]
     bar_h, gap, left = 9, 8, 170
     height = len(rows) * (2 * bar_h + gap) + 30
     top = max(max(a, b) for _, a, b in rows) or 1
@@ -85,7 +86,7 @@ def _timeline(chart_id: str, report: BacktestReport, width: int = 1100, height: 
         parts.append(f'<text x="{left - 4}" y="{yy + 4:.1f}" text-anchor="end" font-size="10">{peak * frac:,.0f}</text>'
                      f'<line x1="{left}" y1="{yy:.1f}" x2="{width - 10}" y2="{yy:.1f}" stroke="#eaeded"/>')
     for i, h in enumerate(hours):
-        c = report.by_hour.get(h, {})
+        c: dict[str, int] = report.by_hour.get(h, {})
         x = left + i * bw
         for val, color, off in ((c.get("newly_stopped", 0), STOP, 0.1), (c.get("newly_allowed", 0), ALLOW, 0.5)):
             hh = plot_h * val / peak

@@ -83,7 +83,8 @@ def cmd_backtest(args: argparse.Namespace) -> int:
 
 def add_commands(sub: argparse._SubParsersAction, add_core_flags: Callable[[argparse.ArgumentParser], None]
                  ) -> None:
-    s = sub.add_parser("sink", help="decisions and outcomes from Kafka into the decision log (SQLite/PostgreSQL)")
+    s = sub.add_parser("sink", help="decisions and outcomes from Kafka into the decision log "
+                                    "(SQLite/PostgreSQL)")
     _db_flag(s)
     s.add_argument("--kafka-bootstrap", dest="kafka_bootstrap", help="env DETECTOR_KAFKA_BOOTSTRAP")
     s.add_argument("--purge", action="store_true",

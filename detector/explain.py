@@ -31,9 +31,11 @@ SENTENCES = {
 LIST_KINDS = {"ip": "IP address", "cidr": "IP network", "asn": "network (ASN)", "number": "number",
               "prefix": "number prefix", "country": "country"}
 COUNT_WORDS = {
-    "number": "requests to this number", "ip": "requests from this IP", "pair": "requests from this IP to this number",
+    "number": "requests to this number", "ip": "requests from this IP",
+    "pair": "requests from this IP to this number",
     "range": "requests to this number's range",
-    "ip_distinct_numbers": "different numbers from this IP", "number_distinct_ips": "different IPs for this number",
+    "ip_distinct_numbers": "different numbers from this IP",
+    "number_distinct_ips": "different IPs for this number",
     "range_distinct_ips": "different IPs for this number range",
     "range_distinct_numbers": "different numbers in this range",
     "ip_distinct_countries": "phone countries from this IP",
@@ -50,7 +52,8 @@ def reason_details(code: str, row: dict[str, Any], policy: Policy) -> dict[str, 
     """One reason: its code, a sentence, and the counts/thresholds it crossed."""
     enr = row.get("enrichment") or {}
     counts = row.get("counts") or {}
-    crossed = [{"count_key": key, "count": counts.get(attr), "threshold": policy.velocity[key]}
+    crossed: list[dict[str, Any]] = [
+        {"count_key": key, "count": counts.get(attr), "threshold": policy.velocity[key]}
                for key, attr, rc in VELOCITY_RULES
                if rc == code and key in policy.velocity and isinstance(counts.get(attr), int)
                and counts[attr] > policy.velocity[key]]
@@ -94,7 +97,8 @@ def explain_row(row: dict[str, Any], policy: Policy) -> dict[str, Any]:
         "model": {"version": row.get("model_version"), "anomaly": model.get("anomaly"),
                   "is_anomalous": model.get("is_anomalous"), "top_features": model.get("top_features") or []},
         "outcome": None if not row.get("outcome") else {
-            "outcome": row["outcome"], "ts": row.get("outcome_ts"), "duration_s": row.get("outcome_duration_s")},
+            "outcome": row["outcome"], "ts": row.get("outcome_ts"),
+            "duration_s": row.get("outcome_duration_s")},
     }
     return out
 

@@ -77,7 +77,8 @@ async def run_sink(settings: Settings, *, stop: asyncio.Event | None = None,
                         if not isinstance(obj, dict):
                             raise MalformedMessage(f"expected a JSON object, got {type(obj).__name__}")
                         if kind == "decision":
-                            decisions.append(decision_row(obj, key, store_numbers=settings.sink_store_numbers))
+                            decisions.append(decision_row(obj, key,
+                                                          store_numbers=settings.sink_store_numbers))
                         else:
                             outcomes.append(outcome_row(obj, key))
                     except (InputError, ValueError, TypeError) as exc:

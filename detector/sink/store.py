@@ -239,10 +239,10 @@ def open_store(url: str, *, migrate: bool = True) -> DecisionStore:
         path = Path(url.removeprefix("sqlite:///").removeprefix("sqlite://"))
         if path.parent and not path.parent.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(str(path), check_same_thread=False)  # one user at a time (to_thread)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        store = SQLiteStore(conn)
+        lite = sqlite3.connect(str(path), check_same_thread=False)  # one user at a time (to_thread)
+        lite.execute("PRAGMA journal_mode=WAL")
+        lite.execute("PRAGMA synchronous=NORMAL")
+        store = SQLiteStore(lite)
     store.url = url
     if migrate:
         store.migrate()

@@ -17,7 +17,11 @@ from tests.unit.test_decide import GB_IP, GB_MOBILE, REQ, ip
 KEY = b"test-key"
 
 
-def _decision(counts=Counts(), enr=Enrichment(GB_MOBILE, GB_IP), policy=None, rid="r1"):
+CLEAN = Enrichment(GB_MOBILE, GB_IP)
+
+
+def _decision(counts=None, enr=CLEAN, policy=None, rid="r1"):
+    counts = Counts() if counts is None else counts
     from dataclasses import replace
 
     req = replace(REQ, request_id=rid)

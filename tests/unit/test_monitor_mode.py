@@ -17,7 +17,10 @@ from tests.unit.test_decide import GB_IP, GB_MOBILE, REQ, ip, phone
 VELOCITY = Counts(rng=RangeCounts(number_15m=20))
 
 
-def _decide(policy, enr, counts=Counts()) -> Decision:
+NO_COUNTS = Counts()
+
+
+def _decide(policy, enr, counts=NO_COUNTS) -> Decision:
     return decide(REQ, enr, counts, DecisionContext(policy=policy), decided_at=REQ.ts)
 
 
