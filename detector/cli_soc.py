@@ -31,6 +31,13 @@ def cmd_sink(args: argparse.Namespace) -> int:
         print(f"purged {n} rows older than {settings.sink_retention_days:g} days", file=sys.stderr)
         return 0
 
+    if args.metrics_port:
+        from prometheus_client import start_http_server
+
+        from detector import metrics
+
+        start_http_server(args.metrics_port, addr=args.metrics_addr, registry=metrics.REGISTRY)
+
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -87,6 +94,10 @@ def add_commands(sub: argparse._SubParsersAction, add_core_flags: Callable[[argp
                                     "(SQLite/PostgreSQL)")
     _db_flag(s)
     s.add_argument("--kafka-bootstrap", dest="kafka_bootstrap", help="env DETECTOR_KAFKA_BOOTSTRAP")
+    s.add_argument("--metrics-port", dest="metrics_port", type=int, default=0,
+                   help="serve /metrics (detector_sink_*) on this port (0: off)")
+    s.add_argument("--metrics-addr", dest="metrics_addr", default="127.0.0.1",
+                   help="address for --metrics-port (0.0.0.0 in a container)")
     s.add_argument("--purge", action="store_true",
                    help="delete rows older than DETECTOR_SINK_RETENTION_DAYS and exit")
     s.set_defaults(func=cmd_sink)

@@ -160,6 +160,8 @@ SINK_ROWS = Counter(
 SINK_PURGED = Counter(
     f"{NS}_sink_purged_rows_total", "Rows deleted by the sink's retention purge.", registry=REGISTRY
 )
+for _kind in ("decision", "outcome"):
+    SINK_ROWS.labels(_kind)
 IP_SIGNALS = Gauge(
     f"{NS}_ip_signal_enabled",
     "1 when an IP data source is configured.",
@@ -176,6 +178,8 @@ def set_known_reasons(codes: Any) -> None:
     """The reason codes the running policy can emit (``Policy.reason_codes()``)."""
     KNOWN_REASONS.clear()
     KNOWN_REASONS.update(codes)
+    for code in (*KNOWN_REASONS, "other"):  # every series exists from the start, at 0
+        child(MONITORED_HITS, code)
 
 
 def reason_label(code: str) -> str:
