@@ -8,6 +8,8 @@ read out on the phone, not enough to dial it.
 '+44 7700 9•• •23'
 >>> mask_number("+33612345678")
 '+33 6 12 34 •• 78'
+>>> mask_number("+35356821")
+'+353 56• 21'
 >>> mask_number(None)
 '(no number)'
 """
@@ -39,6 +41,6 @@ def mask_number(e164: str | None) -> str:
         for g in rest.split(" ")
     )
     digits = [i for i, ch in enumerate(rest) if ch.isdigit()]
-    keep_first = (len(digits) + 1) // 2
+    keep_first = max(1, min((len(digits) + 1) // 2, len(digits) - 3))  # at least one digit masked
     masked = set(digits[keep_first:-2]) if len(digits) > 4 else set(digits[1:])
     return head + "".join(MASK if i in masked else ch for i, ch in enumerate(rest))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -137,6 +138,16 @@ def test_sink_kafka_to_database(kafka_bootstrap, fresh_topic_prefix, sink_db, tm
         assert {r["request_id"] for r in store.by_reason(d0["reasons"][0], 10_000)} >= {d0["request_id"]}
         o = store.get(outcomes[0]["request_id"])
         assert o["outcome"] == "completed" and o["outcome_duration_s"] == 95.0
+
+        if sink_db.startswith("postgresql"):  # the Grafana table panel's SQL on the real database
+            from tests.unit.test_observability_files import sql_panels
+
+            for where, sql in sql_panels():
+                sql = re.sub(r"\$__unixEpochFilter\((\w+)\)", r"\1 BETWEEN 0 AND 9999999999", sql)
+                rows = store._rows(sql)
+                assert rows, where
+                assert all(r["action"] != "allow" and "•" in r["number"] for r in rows if r["number"] != "(no number)")
+                assert {r["request_id"] for r in rows} <= {d["request_id"] for d in decisions}
 
         # Retention: everything is older than 1 day (simulated time in 2026-11), so purge empties.
         assert purge(store, replace(s, sink_retention_days=1)) >= len(decisions)
