@@ -41,6 +41,8 @@ integration: setup setup-services
 
 bench: setup setup-services
 	$(BIN)/python bench/bench_replay.py
+	$(BIN)/python bench/bench_replay_floor.py
+	$(BIN)/python bench/bench_sink.py
 	$(BIN)/python bench/bench_scoring.py
 	$(BIN)/python bench/bench_stream.py
 
