@@ -1,6 +1,7 @@
 # Two commands on a fresh machine:
 #   make demo   set everything up and run the detector on a simulated day (no services)
-#   make test   set everything up (Python deps, Java + Kafka jars, Prometheus) and run every check
+#   make test   set everything up (Python deps, Java + Kafka jars, Prometheus, PostgreSQL, Chromium)
+#               and run every check
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -22,6 +23,8 @@ demo: setup
 setup-services:
 	bash tools/kafka/kafka.sh install
 	bash tools/prometheus/install.sh
+	bash tools/postgres/install.sh
+	bash tools/chromium/install.sh
 
 lint: setup
 	$(BIN)/ruff check detector tests bench
@@ -38,6 +41,8 @@ integration: setup setup-services
 
 bench: setup setup-services
 	$(BIN)/python bench/bench_replay.py
+	$(BIN)/python bench/bench_replay_floor.py
+	$(BIN)/python bench/bench_sink.py
 	$(BIN)/python bench/bench_scoring.py
 	$(BIN)/python bench/bench_stream.py
 

@@ -1,6 +1,7 @@
 """``detector``: the command line. Every flag also has a ``DETECTOR_*`` environment variable.
 
-Subcommands: demo, replay, simulate, train, evaluate, worker, produce, tail, lists.
+Subcommands: demo, replay, simulate, train, evaluate, worker, produce, tail, lists, sink, explain,
+backtest.
 """
 
 from __future__ import annotations
@@ -123,6 +124,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         legit_per_day=args.legit,
         attack_scale=args.attack_scale,
         model_note=note,
+        log_db=None if args.no_log else settings.sink_db,
+        out_dir=None if args.no_log else Path("var/demo"),
     )
     print(result.text)
     return 0
@@ -217,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=7)
     d.add_argument("--legit", type=int, default=20_000, help="legitimate requests per day")
     d.add_argument("--attack-scale", dest="attack_scale", type=float, default=1.0)
+    d.add_argument("--db", dest="sink_db", help="decision log to write (env DETECTOR_SINK_DB)")
+    d.add_argument("--no-log", dest="no_log", action="store_true",
+                   help="do not write the decision log and var/demo/ files")
     _add_core_flags(d)
     d.set_defaults(func=cmd_demo)
 
@@ -264,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     from detector import cli_stream
 
     cli_stream.add_commands(sub, _add_core_flags)
+    from detector import cli_soc
+
+    cli_soc.add_commands(sub, _add_core_flags)
     return p
 
 

@@ -35,6 +35,7 @@ class Settings:
     # Policy, lists, IP data
     policy: Path | None = None
     lists_file: Path | None = None
+    policy_reload_s: float = 5.0  # how often a worker checks the policy file for changes
     geoip_country_db: Path | None = None
     geoip_asn_db: Path | None = None
     anonymous_ip_db: Path | None = None
@@ -51,13 +52,19 @@ class Settings:
     pii_hash_key: str = "change-me-in-production"
     # Logging
     log_level: str = "INFO"
+    # Decision log (`detector sink`, `detector explain`)
+    sink_db: str = "sqlite:///var/decisions.sqlite"  # or postgresql://user:pass@host:port/db
+    sink_store_numbers: bool = False  # store the E.164 number itself (else keyed hash + masked)
+    sink_retention_days: float = 90.0
+    sink_batch: int = 500
 
 
 _FILES = ("policy", "lists_file", "geoip_country_db", "geoip_asn_db", "anonymous_ip_db", "hosting_asn_file",
           "connection_type_db", "mobile_asn_file")
 _PATHS = {*_FILES, "models_dir", "data_dir"}
-_INTS = {"partitions", "replication", "web_port", "batch_ms"}
-_FLOATS = {"model_reload_s"}
+_INTS = {"partitions", "replication", "web_port", "batch_ms", "sink_batch"}
+_FLOATS = {"model_reload_s", "policy_reload_s", "sink_retention_days"}
+_BOOLS = {"sink_store_numbers"}
 
 
 def _env_name(name: str) -> str:
@@ -105,6 +112,10 @@ def load_settings(
                 values[name] = float(raw)
             elif name in _PATHS:
                 values[name] = Path(raw)
+            elif name in _BOOLS:
+                if raw.lower() not in ("1", "true", "yes", "0", "false", "no"):
+                    raise ConfigError(f"{var}: expected true or false, got {raw!r}")
+                values[name] = raw.lower() in ("1", "true", "yes")
             else:
                 values[name] = raw
         except ValueError:

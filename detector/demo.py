@@ -47,7 +47,11 @@ def run_demo(
     legit_per_day: int = 20_000,
     attack_scale: float = 1.0,
     model_note: str = "",
+    log_db: str | None = None,
+    out_dir: Path | None = None,
 ) -> DemoResult:
+    """``log_db``: also write the decisions to this decision log (``detector explain`` reads it);
+    ``out_dir``: also write the day's requests and labels there (``detector backtest`` input)."""
     from detector.sim import SimConfig, build_ip_databases, simulate
 
     items = simulate(SimConfig(seed=seed, legit_per_day=legit_per_day, attack_scale=attack_scale))
@@ -69,9 +73,14 @@ def run_demo(
             label[req.request_id] = it.scenario
             reqs.append(req)
         reqs.sort(key=lambda r: r.ts)
-        decisions: list[Decision] = [det.process(r) for r in reqs]
+        decisions: list[Decision] = list(det.process_many(reqs))
         intel.close()
-    return summarize(decisions, label, model_note=model_note)
+    result = summarize(decisions, label, model_note=model_note)
+    if log_db is not None or out_dir is not None:
+        from detector.demo_log import write_demo_outputs
+
+        result.text += "\n" + write_demo_outputs(items, decisions, ctx, log_db, out_dir)
+    return result
 
 
 def summarize(

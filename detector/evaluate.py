@@ -272,8 +272,8 @@ def replay_labelled(
             continue
     parsed.sort(key=lambda p: p[1].ts)
     det = Detector(ctx, intel)
-    for i, req in parsed:
-        out[i] = det.process(req)
+    for (i, _), decision in zip(parsed, det.process_many(req for _, req in parsed), strict=True):
+        out[i] = decision
     return out
 
 

@@ -135,12 +135,55 @@ MODEL_TRAIN_SCORE_MEAN = Gauge(
     registry=REGISTRY,
 )
 POLICY_INFO = Info(f"{NS}_policy", "Active policy file.", registry=REGISTRY)
+MONITORED_HITS = Counter(
+    f"{NS}_monitored_hits_total",
+    "Hits of rules in monitor mode (reported in monitored_reasons, not acted on), by reason code.",
+    ["reason"],
+    registry=REGISTRY,
+)
+POLICY_RELOADS = Counter(
+    f"{NS}_policy_reloads_total",
+    "Policy files picked up by a running worker without a restart.",
+    registry=REGISTRY,
+)
+POLICY_RELOAD_FAILURES = Counter(
+    f"{NS}_policy_reload_failures_total",
+    "New policy files rejected (invalid); the previous policy keeps running.",
+    registry=REGISTRY,
+)
+SINK_ROWS = Counter(
+    f"{NS}_sink_rows_total",
+    "Rows upserted by `detector sink`, by kind (decision, outcome).",
+    ["kind"],
+    registry=REGISTRY,
+)
+SINK_PURGED = Counter(
+    f"{NS}_sink_purged_rows_total", "Rows deleted by the sink's retention purge.", registry=REGISTRY
+)
+for _kind in ("decision", "outcome"):
+    SINK_ROWS.labels(_kind)
 IP_SIGNALS = Gauge(
     f"{NS}_ip_signal_enabled",
     "1 when an IP data source is configured.",
     ["source"],
     registry=REGISTRY,
 )
+
+
+# Reason labels of MONITORED_HITS: the running policy's codes (set at start and on reload), else "other".
+KNOWN_REASONS: set[str] = set()
+
+
+def set_known_reasons(codes: Any) -> None:
+    """The reason codes the running policy can emit (``Policy.reason_codes()``)."""
+    KNOWN_REASONS.clear()
+    KNOWN_REASONS.update(codes)
+    for code in (*KNOWN_REASONS, "other"):  # every series exists from the start, at 0
+        child(MONITORED_HITS, code)
+
+
+def reason_label(code: str) -> str:
+    return code if code in KNOWN_REASONS else "other"
 
 
 # Country labels: ISO alpha-2 or "unknown"; anything else is coerced so cardinality stays bounded.
@@ -193,6 +236,8 @@ def observe_decision(d: dict, latency_s: float | None = None) -> None:
     child(DECISIONS, action, "true" if d["silent"] else "false").inc()
     for reason in d["reasons"]:
         child(DECISION_REASONS, reason, action).inc()
+    for reason in d.get("monitored_reasons") or ():
+        child(MONITORED_HITS, reason_label(reason)).inc()
     enr = d.get("enrichment") or {}
     child(DECISIONS_BY_DEST, country_label(enr.get("number_country")),
           str(enr.get("number_type") or "UNKNOWN"), action).inc()

@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO
+
+import orjson
 
 from detector.core.errors import InputError
 from detector.core.parse import parse_request
@@ -103,31 +105,47 @@ def replay(
         from tqdm import tqdm
 
         items = tqdm(good, unit="req", desc="replay")
-    for n, req in items:
-        summary.requests += 1
-        if req.request_id in seen:
-            # A repeated request id is a redelivery: it already has its one decision.
-            summary.duplicates += 1
-            if rejects is not None:
-                rejects.write(
-                    json.dumps(
-                        Reject(
-                            n,
-                            "duplicate_request_id",
-                            f"request_id {req.request_id!r} already decided",
-                        ).to_dict()
+    def fresh() -> Iterator[CallbackRequest]:
+        for n, req in items:
+            summary.requests += 1
+            if req.request_id in seen:
+                # A repeated request id is a redelivery: it already has its one decision.
+                summary.duplicates += 1
+                if rejects is not None:
+                    rejects.write(
+                        json.dumps(
+                            Reject(
+                                n,
+                                "duplicate_request_id",
+                                f"request_id {req.request_id!r} already decided",
+                            ).to_dict()
+                        )
+                        + "\n"
                     )
-                    + "\n"
-                )
-            continue
-        seen.add(req.request_id)
-        decision = detector.process(req)
+                continue
+            seen.add(req.request_id)
+            yield req
+
+    by_id: dict[str, CallbackRequest] | None = {} if on_decision is not None else None
+    reqs: Iterable[CallbackRequest] = fresh()
+    if by_id is not None:
+        reqs = _remember(reqs, by_id)
+    dumps = orjson.dumps
+    for decision in detector.process_many(reqs):
         summary.decisions += 1
-        summary.by_action[str(decision.action)] += 1
+        summary.by_action[decision.action] += 1
         summary.by_reason.update(decision.reasons)
         if out is not None:
-            out.write(json.dumps(decision.to_dict(), separators=(",", ":")) + "\n")
-        if on_decision is not None:
-            on_decision(req, decision)
+            out.write(dumps(decision.to_dict()).decode() + "\n")
+        if on_decision is not None and by_id is not None:
+            on_decision(by_id.pop(decision.request_id), decision)
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _remember(
+    reqs: Iterable[CallbackRequest], by_id: dict[str, CallbackRequest]
+) -> Iterator[CallbackRequest]:
+    for req in reqs:
+        by_id[req.request_id] = req
+        yield req

@@ -80,7 +80,7 @@ def _hit(
     if authenticated and code in policy.relaxed_codes:
         wgt *= policy.auth_weight_factor
         action = Action.ALLOW
-    return Hit(code, wgt, action, rule.silent)
+    return Hit(code, wgt, action, rule.silent, rule.mode == "monitor")
 
 
 def rule_hits(
@@ -128,7 +128,7 @@ def rule_hits(
             # Cross-border customers and travellers inside the served area, and a traveller
             # abroad asking for their own number (the first number from that IP): weight, not
             # action. A foreign IP asking for several numbers deflects.
-            hit = Hit(hit.code, hit.weight, Action.ALLOW, hit.silent)
+            hit = Hit(hit.code, hit.weight, Action.ALLOW, hit.silent, hit.monitored)
         hits.append(hit)
     unauth = pol.rules["unauthenticated"]
     if not auth and (unauth.weight > 0 or unauth.action != Action.ALLOW):
@@ -171,7 +171,7 @@ def population_hits(
             continue
         hit = _hit(code, pol.rules[code], req.authenticated, pol)
         if req.authenticated and code in pol.auth_deflect_codes and hit.action == Action.BLOCK:
-            hit = Hit(code, hit.weight, Action.DEFLECT, False)
+            hit = Hit(code, hit.weight, Action.DEFLECT, False, hit.monitored)
         out.append(hit)
     return out
 
@@ -220,11 +220,13 @@ def decide_many(
     ctx: DecisionContext,
     *,
     decided_at: float,
+    decided_ats: Sequence[float] | None = None,
 ) -> list[Decision]:
     """Decide several requests with one model call; each gets exactly the decision :func:`decide`
     gives it alone (the packed forest scores a row identically in any batch). The requests must
     be independent: none of their counts may depend on another's decision (the stream batches
-    requests for different numbers, since only a number's outstanding-callback mark does)."""
+    requests for different numbers, since only a number's outstanding-callback mark does).
+    ``decided_ats`` (one per item) overrides ``decided_at`` (replay stamps each with its event time)."""
     n = len(items)
     results: list[ModelResult | None] = [None] * n
     shadows: list[ModelResult | None] = [None] * n
@@ -234,7 +236,8 @@ def decide_many(
             results = list(_score_all(ctx.model, xs))
         if ctx.shadow is not None:
             shadows = list(_score_all(ctx.shadow, xs))
-    return [_decide_one(req, enr, counts, ctx, decided_at, results[i], shadows[i])
+    ats = decided_ats if decided_ats is not None else [decided_at] * n
+    return [_decide_one(req, enr, counts, ctx, ats[i], results[i], shadows[i])
             for i, (req, enr, counts) in enumerate(items)]
 
 
@@ -275,6 +278,10 @@ def _decide_one(
                 weight=rule.weight * result.anomaly,
             )
         )
+    monitored: list[str] = []
+    if any(h.monitored for h in hits):  # monitor mode: reported, kept out of action and risk
+        monitored = list(dict.fromkeys(h.code for h in hits if h.monitored))
+        hits = [h for h in hits if not h.monitored]
     action, silent, risk, reasons = combine(hits, ctx.policy)
     model_block = None
     if result is not None:
@@ -302,4 +309,5 @@ def _decide_one(
         request_ts=req.ts,
         ip_hash=pii_hash(req.ip, ctx.pii_key),
         model=model_block,
+        monitored_reasons=tuple(monitored),
     )

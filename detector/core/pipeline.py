@@ -7,11 +7,12 @@ The Faust adapters call the same functions stage by stage (``enrich``, ``ip_stag
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from detector.core import population, state
-from detector.core.decide import DecisionContext, decide
+from detector.core.decide import DecisionContext, decide, decide_many
 from detector.core.errors import InvalidField, MissingField
 from detector.core.ipintel import IpIntel
 from detector.core.lists import ListEntry, make_entry
@@ -154,6 +155,48 @@ class Detector:
         if req.ts - self._last_sweep > self.sweep_every_s:
             self.sweep(req.ts)
         return decision
+
+    def process_many(self, reqs: Iterable[CallbackRequest], *, batch: int = 256) -> Iterator[Decision]:
+        """:meth:`process` for each request (timestamp order), deciding up to ``batch`` at once
+        with one model call. Same decisions, in the same order: a request waits for the decision
+        of an undecided one on the same number (its outstanding-callback mark), as the stream's
+        range stage does, and the sweep runs where :meth:`process` would run it."""
+        todo: list[tuple[CallbackRequest, Enrichment, Counts, state.RangeUpdate]] = []
+        keys: set[str] = set()  # number keys and request ids of ``todo``
+        policy = self.ctx.policy
+        for req in reqs:
+            enr = enrich(req, self.intel, policy)
+            if todo and (req.request_id in keys or state.number_key(enr, req.phone_number) in keys):
+                yield from self._decide(todo)
+                keys.clear()
+            ip_counts = state.ip_stage(self.ip_stores, req, enr, policy.shared_ip)
+            upd = state.range_stage(self.range_stores, req, enr, range_routing_key(req, enr))
+            pop = count_population(self.population, req, enr, ip_counts, upd.counts, policy)
+            todo.append((req, enr, Counts(ip_counts, upd.counts, pop), upd))
+            keys.add(upd.number_key)
+            keys.add(req.request_id)
+            sweep = req.ts - self._last_sweep > self.sweep_every_s
+            if sweep or len(todo) >= batch:
+                yield from self._decide(todo)
+                keys.clear()
+                if sweep:
+                    self.sweep(req.ts)
+        yield from self._decide(todo)
+
+    def _decide(
+        self, todo: list[tuple[CallbackRequest, Enrichment, Counts, state.RangeUpdate]]
+    ) -> list[Decision]:
+        """Decide ``todo`` with one model call, commit each in order, and empty ``todo``."""
+        if not todo:
+            return []
+        decisions = decide_many([(r, e, c) for r, e, c, _ in todo], self.ctx, decided_at=0.0,
+                                decided_ats=[r.ts for r, _, _, _ in todo])
+        ttl = self.ctx.policy.pending_ttl
+        for (req, _, _, upd), d in zip(todo, decisions, strict=True):
+            state.range_commit(self.range_stores, upd, req, allowed=d.action == Action.ALLOW,
+                               pending_ttl=ttl)
+        todo.clear()
+        return decisions
 
     def apply_outcome(self, outcome: Outcome) -> ListEntry | None:
         enr_phone = enrich_phone(outcome.phone_number, None, self.ctx.policy.range_digits)

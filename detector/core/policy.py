@@ -37,6 +37,10 @@ class Rule:
     action: Action
     silent: bool
     weight: float
+    mode: str = "enforce"  # "monitor": evaluated and reported, never changes action or risk
+
+
+RULE_MODES = ("enforce", "monitor")
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +89,23 @@ class Policy:
     def rule(self, code: str) -> Rule:
         return self.rules[code]
 
+    def reason_codes(self) -> frozenset[str]:
+        """Every reason code a decision under this policy can carry (bounded: metric labels)."""
+        return reason_codes(self)
+
+
+def reason_codes(policy: Policy) -> frozenset[str]:
+    """Reason codes of ``policy``: its rules (``denylist`` as one code per list kind), its number
+    types (``number_type_<type>``) and ``combined_risk``."""
+    codes = {"combined_risk"}
+    for code in policy.rules:
+        if code == "denylist":
+            codes.update(f"denylist_{k}" for k in ("ip", "cidr", "asn", "number", "prefix", "country"))
+        else:
+            codes.add(code)
+    codes.update(f"number_type_{t.lower()}" for t in policy.number_types)
+    return frozenset(codes)
+
 
 def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(base)
@@ -105,10 +126,10 @@ def _num(where: str, value: Any, lo: float, hi: float) -> float:
 def _rule(where: str, raw: Any) -> Rule:
     if not isinstance(raw, Mapping):
         raise PolicyError(f"{where}: expected a table {{action, silent, weight}}, got {raw!r}")
-    unknown = set(raw) - {"action", "silent", "weight"}
+    unknown = set(raw) - {"action", "silent", "weight", "mode"}
     if unknown:
         raise PolicyError(
-            f"{where}: unknown key(s) {sorted(unknown)}; expected action, silent, weight"
+            f"{where}: unknown key(s) {sorted(unknown)}; expected action, silent, weight, mode"
         )
     try:
         action = Action(raw.get("action", "allow"))
@@ -119,7 +140,10 @@ def _rule(where: str, raw: Any) -> Rule:
     silent = raw.get("silent", False)
     if not isinstance(silent, bool):
         raise PolicyError(f"{where}.silent: expected true or false, got {silent!r}")
-    return Rule(action, silent, _num(f"{where}.weight", raw.get("weight", 0.5), 0.0, 1.0))
+    mode = raw.get("mode", "enforce")
+    if mode not in RULE_MODES:
+        raise PolicyError(f"{where}.mode: expected one of enforce, monitor, got {mode!r}")
+    return Rule(action, silent, _num(f"{where}.weight", raw.get("weight", 0.5), 0.0, 1.0), mode)
 
 
 def _strings(where: str, value: Any) -> tuple[str, ...]:

@@ -171,6 +171,7 @@ class Hit:
     weight: float
     action: Action
     silent: bool = False
+    monitored: bool = False  # from a rule in monitor mode: reported, never acted on
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,12 +203,24 @@ class Decision:
     request_ts: float
     ip_hash: str
     model: dict[str, Any] | None = None
+    monitored_reasons: tuple[str, ...] = ()  # codes of monitor-mode rules that fired (not acted on)
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        """The wire dict: the same as ``asdict`` (fresh containers, tuples as lists) at a fraction
+        of its cost (``asdict`` deep-copies every nested value; the nested values are flat here)."""
+        d: dict[str, Any] = {}
+        for name in _DECISION_FIELDS:
+            v = getattr(self, name)
+            if isinstance(v, tuple):
+                v = list(v)
+            elif isinstance(v, dict):
+                v = {k: list(x) if isinstance(x, list | tuple) else x for k, x in v.items()}
+            d[name] = v
         d["action"] = str(self.action)
-        d["reasons"] = list(self.reasons)
         return d
+
+
+_DECISION_FIELDS = tuple(f.name for f in fields(Decision))
 
 
 def decision_from_dict(d: dict[str, Any]) -> Decision:
@@ -226,6 +239,7 @@ def decision_from_dict(d: dict[str, Any]) -> Decision:
         request_ts=float(d["request_ts"]),
         ip_hash=d["ip_hash"],
         model=d.get("model"),
+        monitored_reasons=tuple(d.get("monitored_reasons") or ()),
     )
 
 

@@ -962,6 +962,14 @@ def make_app(settings: Settings, *, rt: StreamRuntime | None = None, web: bool =
             await rt.publish_changelog(w)
         rt.population.prune(pop_stream.prune_clock(rt.max_ts))
 
+    from detector.policy_watch import PolicyWatcher
+
+    policy_watcher = app.policy_watcher = PolicyWatcher(s.policy, rt.ctx)  # type: ignore[attr-defined]
+
+    @app.timer(s.policy_reload_s)
+    async def policy_reload() -> None:  # a changed policy file, without a restart
+        policy_watcher.check()
+
     @app.timer(GAUGE_INTERVAL_S)
     async def gauges() -> None:
         _update_assignment(app, rt)
@@ -1031,6 +1039,7 @@ def health(app: faust.App, rt: StreamRuntime) -> dict[str, Any]:
 def _static_gauges(rt: StreamRuntime) -> None:
     metrics.POLICY_INFO.info({"version": rt.policy.version,
                               "path": str(rt.settings.policy or "packaged default")})
+    metrics.set_known_reasons(rt.policy.reason_codes())
     rt.update_list_gauges()
     _model_gauges(rt)
 

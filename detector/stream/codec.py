@@ -93,6 +93,7 @@ def decision_to_wire(d: Decision) -> dict[str, Any]:
         "model": None if d.model is None else {
             k: list(v) if isinstance(v, list | tuple) else v for k, v in d.model.items()
         },
+        "monitored_reasons": list(d.monitored_reasons),
     }
 
 

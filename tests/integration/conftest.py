@@ -77,3 +77,22 @@ def fresh_topic_prefix(request: pytest.FixtureRequest) -> str:
     """A topic-name prefix unique to this test (legal Kafka topic characters only)."""
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", request.node.name).strip("-.")[:40]
     return f"it-{name}-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A real PostgreSQL server (Debian's initdb/pg_ctl, temp dir, free port) for the session."""
+    from pg_server import PostgresError, PostgresServer
+
+    error: PostgresError | None = None
+    try:
+        server = PostgresServer()
+        url = server.start()
+    except PostgresError as exc:
+        error = exc
+    if error is not None:
+        pytest.fail(f"could not start PostgreSQL:\n{error}", pytrace=False)
+    try:
+        yield url
+    finally:
+        server.stop()

@@ -86,6 +86,26 @@ def substitute_macros(expr: str) -> str:
     return expr
 
 
+def provisioned_sql_datasource_uid() -> str:
+    ds = load_yaml(GRAFANA_DIR / "provisioning" / "datasources" / "postgres.yml")
+    (pg,) = [d for d in ds["datasources"] if d["type"] == "grafana-postgresql-datasource"]
+    return pg["uid"]
+
+
+def sql_panels() -> list[tuple[str, str]]:
+    """(where, rawSql) of every decision-log panel (run against a real PostgreSQL in
+    tests/integration/test_sink.py)."""
+    uid = provisioned_sql_datasource_uid()
+    return [(f"{name}: {p['title']}", t["rawSql"]) for name, p in query_panels()
+            for t in p.get("targets", []) if t.get("datasource", {}).get("uid") == uid and t.get("rawSql")]
+
+
+def test_decision_log_panel_exists() -> None:
+    panels_ = sql_panels()
+    assert any("decision_log" in sql and "number_masked" in sql for _, sql in panels_), panels_
+    assert not any(re.search(r"\bnumber_e164\b|\bip\b", sql) for _, sql in panels_)
+
+
 def provisioned_datasource_uid() -> str:
     ds = load_yaml(GRAFANA_DIR / "provisioning" / "datasources" / "prometheus.yml")
     (prom,) = [d for d in ds["datasources"] if d["type"] == "prometheus"]
@@ -402,10 +422,16 @@ def test_dashboard_panels_query_the_provisioned_datasource(path: Path) -> None:
     ids = [p["id"] for p in panels(dash)]
     assert len(ids) == len(set(ids)), "duplicate panel ids"
     problems = []
+    sql_uid = provisioned_sql_datasource_uid()
     for p in panels(dash):
         if p["type"] == "row":
             continue
         where = f"panel {p['id']} {p.get('title')!r}"
+        if p.get("datasource", {}).get("uid") == sql_uid:  # the decision log (PostgreSQL)
+            if not all(t.get("rawSql", "").strip() and t.get("datasource", {}).get("uid") == sql_uid
+                       for t in p.get("targets", [])) or not p.get("targets"):
+                problems.append(f"{where}: a decision-log panel needs rawSql targets on {sql_uid!r}")
+            continue
         if p.get("datasource", {}).get("uid") != uid:
             problems.append(f"{where}: datasource {p.get('datasource')} is not uid {uid!r}")
         if p["type"] not in {"timeseries", "stat", "bargauge", "table", "gauge", "heatmap"}:

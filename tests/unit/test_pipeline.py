@@ -109,3 +109,51 @@ def test_state_is_swept_and_memory_bounded():
     det.process(req(999, "+447400199999", "81.2.69.1", dt=3 * 86400))
     det.sweep(T0 + 3 * 86400)
     assert det.state_sizes() == {"ip": 1, "number": 1, "pair": 1, "range": 1}
+
+
+class _CountingModel:
+    """A deterministic stand-in scorer that records its batch sizes (the real ForestScorer is
+    tested in test_model; here only the batching and its order matter)."""
+
+    version = "count-1"
+
+    def __init__(self):
+        self.batches = []
+
+    def score_batch(self, xs):
+        from detector.core.records import ModelResult
+
+        self.batches.append(len(xs))
+        return [ModelResult(self.version, min(sum(x) / 1000.0, 1.0), sum(x) > 600.0) for x in xs]
+
+    def score(self, x):
+        return self.score_batch([x])[0]
+
+
+@settings(max_examples=40, deadline=None)
+@given(requests_strategy, st.integers(1, 8))
+def test_process_many_equals_process_one_by_one(items, batch):
+    """Batched deciding (replay) gives exactly the decisions of deciding one at a time, also when
+    requests on one number follow each other (the outstanding-callback dependency) and across
+    the sweep."""
+    reqs = sorted((req(i, n, ip, dt, authenticated=a) for i, (n, ip, dt, a) in enumerate(items)),
+                  key=lambda r: r.ts)
+    one = Detector(DecisionContext(POLICY, model=_CountingModel()), IpIntel(), sweep_every_s=3600.0)
+    many_model = _CountingModel()
+    many = Detector(DecisionContext(POLICY, model=many_model), IpIntel(), sweep_every_s=3600.0)
+    expected = [one.process(r) for r in reqs]
+    got = list(many.process_many(reqs, batch=batch))
+    assert got == expected
+    assert sum(many_model.batches) == len(reqs)
+    assert max(many_model.batches) <= batch
+
+
+def test_process_many_batches_independent_requests():
+    model = _CountingModel()
+    det = Detector(DecisionContext(POLICY, model=model), IpIntel())
+    reqs = [req(i, f"+4474001234{i:02d}", "81.2.69.142", i) for i in range(50)]
+    assert len(list(det.process_many(reqs, batch=64))) == 50
+    assert model.batches == [1, 49]  # the first request triggers the first sweep, as process() would
+    reqs = [req(100 + i, "+33612345678", "81.2.69.150", 100 + i) for i in range(3)]
+    assert all("duplicate_pending" in d.reasons for d in list(det.process_many(reqs))[1:])
+    assert model.batches[2:] == [1, 1, 1]  # each waits for the previous one's decision

@@ -1,0 +1,1 @@
+"""``detector sink``: the decision log (decisions and dialer outcomes in SQLite or PostgreSQL)."""
