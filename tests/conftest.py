@@ -6,3 +6,9 @@ recursion depth mismatch" while compiling it (the run then fails after every tes
 """
 
 import hypothesis  # noqa: F401
+
+import os
+
+# The tests run with the development PII hash key (workers and replay refuse it otherwise);
+# tests of that refusal remove the variable with monkeypatch.
+os.environ.setdefault("DETECTOR_DEV_MODE", "1")

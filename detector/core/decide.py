@@ -25,6 +25,7 @@ from detector.core.records import (
     Hit,
     ModelResult,
 )
+from detector.core.pii import random_key
 from detector.core.state import pii_hash
 
 SEVERITY = {Action.ALLOW: 0, Action.DEFLECT: 1, Action.BLOCK: 2}
@@ -69,7 +70,9 @@ class DecisionContext:
     shadow: Scorer | None = None
     use_rules: bool = True  # evaluation switches: rules only / model only / both
     use_model: bool = True
-    pii_key: bytes = b"detector-default-key"
+    # The PII hash key. Never a known default: a context built without one gets the process's
+    # random key (its hashes match no other process's); runtime.build_context passes the configured one.
+    pii_key: bytes = field(default_factory=random_key, repr=False)
 
 
 def _hit(

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from detector.core import state
+from detector.core.clock import EventClock
 from detector.core.decide import DecisionContext, decide
 from detector.core.errors import InvalidField, MissingField
 from detector.core.ipintel import IpIntel
@@ -42,22 +43,36 @@ def range_routing_key(req: CallbackRequest, enr: Enrichment) -> str:
     return routing_key(enr.phone, req.phone_number)
 
 
-def parse_outcome(obj: dict[str, Any]) -> Outcome:
-    """Validate a dialer outcome message."""
-    for name in ("request_id", "phone_number", "outcome"):
+MAX_DURATION_S = 7 * 86400.0
+
+
+def parse_outcome(obj: dict[str, Any] | bytes | str) -> Outcome:
+    """Validate a dialer outcome message (a decoded object or its raw bytes).
+
+    Raises only :class:`~detector.core.errors.InputError` (and its children) on bad input."""
+    from detector.core.parse import MAX_ID_LEN, MAX_PHONE_LEN, decode_json, parse_ts
+
+    if not isinstance(obj, dict):
+        obj = decode_json(obj)
+    for name, limit in (("request_id", MAX_ID_LEN), ("phone_number", MAX_PHONE_LEN),
+                        ("outcome", 32)):
         if obj.get(name) is None:
             raise MissingField(name)
         if not isinstance(obj[name], str):
             raise InvalidField(name, "a string", obj[name])
+        if not obj[name].strip() or len(obj[name]) > limit:
+            raise InvalidField(name, f"a non-empty string of at most {limit} characters", obj[name])
     if obj["outcome"] not in OUTCOMES:
         raise InvalidField("outcome", f"one of {', '.join(OUTCOMES)}", obj["outcome"])
-    from detector.core.parse import parse_ts
-
     ts = parse_ts(obj["ts"]) if obj.get("ts") is not None else time.time()
     dur = obj.get("duration_s", 0.0) or 0.0
-    if isinstance(dur, bool) or not isinstance(dur, int | float) or dur < 0:
-        raise InvalidField("duration_s", "a non-negative number of seconds", dur)
-    return Outcome(obj["request_id"], obj["phone_number"], obj["outcome"], ts, float(dur))
+    expected = f"a number of seconds from 0 to {MAX_DURATION_S:.0f}"
+    if isinstance(dur, bool) or not isinstance(dur, int | float):
+        raise InvalidField("duration_s", expected, dur)
+    if (isinstance(dur, int) and not 0 <= dur <= MAX_DURATION_S) or not 0 <= dur <= MAX_DURATION_S:
+        raise InvalidField("duration_s", expected, dur)  # NaN fails the second comparison too
+    return Outcome(obj["request_id"].strip(), obj["phone_number"].strip(), obj["outcome"], ts,
+                   float(dur))
 
 
 def learn_from_outcome(
@@ -102,12 +117,14 @@ class Detector:
     range_stores: state.RangeStores = field(default_factory=state.RangeStores)
     seen: dict[str, float] = field(default_factory=dict)
     sweep_every_s: float = 6 * 3600.0  # event time between sweeps of dead keys
+    clock: EventClock = field(default_factory=EventClock)  # the sweeps' time (see core.clock)
     _last_sweep: float = 0.0
 
     def process(self, req: CallbackRequest, *, decided_at: float | None = None) -> Decision:
         enr = enrich(req, self.intel, self.ctx.policy)
-        ip_counts: IpCounts = state.ip_stage(self.ip_stores, req, enr)
-        upd = state.range_stage(self.range_stores, req, enr, range_routing_key(req, enr))
+        ip_counts: IpCounts = state.ip_stage(self.ip_stores, req, enr, key=self.ctx.pii_key)
+        upd = state.range_stage(self.range_stores, req, enr, range_routing_key(req, enr),
+                                 key=self.ctx.pii_key)
         decision = decide(
             req,
             enr,
@@ -122,8 +139,9 @@ class Detector:
             allowed=decision.action == Action.ALLOW,
             pending_ttl=self.ctx.policy.pending_ttl,
         )
-        if req.ts - self._last_sweep > self.sweep_every_s:
-            self.sweep(req.ts)
+        now = self.clock.observe(req.ts)  # one far-future request cannot make live keys look dead
+        if abs(now - self._last_sweep) > self.sweep_every_s:
+            self.sweep(now)
         return decision
 
     def apply_outcome(self, outcome: Outcome) -> ListEntry | None:

@@ -15,30 +15,27 @@ logs that write to its changelog). The replay path calls both stages in turn on 
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from detector.core import windows as w
+from detector.core.pii import hash_id
 from detector.core.records import CallbackRequest, Enrichment, IpCounts, PhoneInfo, RangeCounts
 
 Store = MutableMapping[str, Any]
 
 
-def short_hash(text: str) -> str:
-    """Stable 16-hex-digit hash used for distinct-set members and for PII-free identifiers.
+def short_hash(text: str, key: bytes) -> str:
+    """Distinct-set member of an identifier: the one keyed hash, :func:`detector.core.pii.hash_id`.
 
-    >>> short_hash("203.0.113.9")
-    '5e9e93acab482f42'
+    >>> short_hash("203.0.113.9", b"k") == pii_hash("203.0.113.9", b"k")
+    True
     """
-    return hashlib.blake2b(text.encode("utf-8"), digest_size=8).hexdigest()
+    return hash_id(text, key)
 
 
-def pii_hash(text: str, key: bytes) -> str:
-    """Keyed hash for logs, decisions and dashboards: not reversible without ``key`` (an IPv4
-    address space is small enough to brute-force an unkeyed hash)."""
-    return hashlib.blake2b(text.encode("utf-8"), digest_size=8, key=key[:64]).hexdigest()
+pii_hash = hash_id  # the decision's ip_hash (same function: one keyed hash for every identifier)
 
 
 def number_key(enr: Enrichment, raw: str) -> str:
@@ -69,13 +66,14 @@ class RangeStores:
     range: Store = field(default_factory=dict)
 
 
-def ip_stage(stores: IpStores, req: CallbackRequest, enr: Enrichment) -> IpCounts:
-    """Count ``req`` in the IP tables and return the IP-side counts (including ``req``)."""
+def ip_stage(stores: IpStores, req: CallbackRequest, enr: Enrichment, *, key: bytes) -> IpCounts:
+    """Count ``req`` in the IP tables and return the IP-side counts (including ``req``).
+    ``key``: the PII hash key (distinct-set members are keyed hashes)."""
     ts = req.ts
     value = stores.ip.get(req.ip) or {}
     value = dict(value)
     value["c"] = w.count_add(value.get("c"), ts)
-    value["n"] = w.distinct_add(value.get("n"), short_hash(number_key(enr, req.phone_number)), ts)
+    value["n"] = w.distinct_add(value.get("n"), short_hash(number_key(enr, req.phone_number), key), ts)
     if enr.phone.region:
         value["k"] = w.distinct_add(value.get("k"), enr.phone.region, ts)
     stores.ip[req.ip] = value
@@ -95,12 +93,12 @@ class RangeUpdate:
 
 
 def range_stage(
-    stores: RangeStores, req: CallbackRequest, enr: Enrichment, range_key: str
+    stores: RangeStores, req: CallbackRequest, enr: Enrichment, range_key: str, *, key: bytes
 ) -> RangeUpdate:
     """Count ``req`` per number, pair and range; the number's value is written by :func:`range_commit`."""
     ts = req.ts
     nkey = number_key(enr, req.phone_number)
-    ip_member = short_hash(req.ip)
+    ip_member = short_hash(req.ip, key)
 
     num = dict(stores.number.get(nkey) or {})
     num["c"] = w.count_add(num.get("c"), ts)
@@ -115,7 +113,7 @@ def range_stage(
     rng = dict(stores.range.get(range_key) or {})
     rng["c"] = w.count_add(rng.get("c"), ts)
     rng["i"] = w.distinct_add(rng.get("i"), ip_member, ts)
-    rng["n"] = w.distinct_add(rng.get("n"), short_hash(nkey), ts)
+    rng["n"] = w.distinct_add(rng.get("n"), short_hash(nkey, key), ts)
     stores.range[range_key] = rng
 
     n15, n1h, n24 = w.count_read(num["c"], ts)

@@ -413,7 +413,7 @@ async def ip_stage(rt: StreamRuntime, req: CallbackRequest, wire: dict[str, Any]
     writes: dict[tuple[str, str], Write] = {}
     view = EventView(rt.tables["ip"], partition, _applied_source(src, src_offset),
                      _stamp_source(src, src_offset), writes)
-    counts = state.ip_stage(state.IpStores(ip=view), req, enr)
+    counts = state.ip_stage(state.IpStores(ip=view), req, enr, key=rt.ctx.pii_key)
     if view.redelivered:
         metrics.DUPLICATES.labels("ip").inc()
         # The copy was counted once more than the stored value: undo that in what we forward.
@@ -473,7 +473,7 @@ def range_one(rt: StreamRuntime, env: dict[str, Any], *, partition: int, offset:
         metrics.DUPLICATES.labels("range").inc()
         return RangeResult(decision=seen["d"], kts=env.get("kts"), resend=True)
     enr = enrich(req, rt.intel, rt.policy)
-    upd = state.range_stage(stores, req, enr, range_routing_key(req, enr))
+    upd = state.range_stage(stores, req, enr, range_routing_key(req, enr), key=rt.ctx.pii_key)
     if seen is not None:  # this very message again (offset not committed before a crash)
         metrics.DUPLICATES.labels("range").inc()
         d = seen["d"]

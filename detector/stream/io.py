@@ -20,7 +20,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from detector.config import Settings
 from detector.core.errors import InputError
 from detector.core.lists import ListEntry, make_entry
-from detector.core.parse import parse_request, parse_ts
+from detector.core.parse import decode_json, parse_request, parse_ts
 from detector.stream import codec
 
 log = logging.getLogger("detector.stream.io")
@@ -96,12 +96,15 @@ def create_topics(settings: Settings) -> list[str]:
     return asyncio.run(acreate_topics(settings))
 
 
+MAX_PRODUCE_BYTES = 900 * 1024  # below Kafka's default 1 MB message limit
+
+
 def _request_ts_ms(line: bytes) -> int | None:
     """Kafka timestamp (ms) of a request line: its ``ts``; None when it has none we can read."""
     try:
-        obj = json.loads(line)
-        return int(parse_ts(obj["ts"]) * 1000) if isinstance(obj, dict) and "ts" in obj else None
-    except (ValueError, KeyError, TypeError, InputError):
+        obj = decode_json(line)
+        return int(parse_ts(obj["ts"]) * 1000) if "ts" in obj else None
+    except InputError:
         return None
 
 
@@ -119,17 +122,23 @@ async def aproduce(settings: Settings, jsonl_path: Path | str, rate: float | Non
                    *, key_by_ip: bool = True) -> int:
     """Send every non-blank line of ``jsonl_path`` to the requests topic as is (bad lines too:
     the worker dead-letters them), keyed by :func:`request_key` unless ``key_by_ip`` is false.
-    Kafka timestamp = the request's ``ts``. ``rate``: messages/s."""
+    Kafka timestamp = the request's ``ts``. ``rate``: messages/s. A line too large for a Kafka
+    message is skipped and counted (its number logged, never its content)."""
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, linger_ms=5,
                                 acks="all", enable_idempotence=True)
     await producer.start()
-    n = 0
+    n = skipped = 0
     t0 = time.monotonic()
     try:
         with Path(jsonl_path).open("rb") as fh:
-            for line in fh:
+            for lineno, line in enumerate(fh, 1):
                 line = line.rstrip(b"\r\n")
                 if not line.strip():
+                    continue
+                if len(line) > MAX_PRODUCE_BYTES:
+                    skipped += 1
+                    log.warning("produce: line %d not sent: %d bytes, more than a Kafka message "
+                                "may hold (%d)", lineno, len(line), MAX_PRODUCE_BYTES)
                     continue
                 if rate:
                     ahead = n / rate - (time.monotonic() - t0)
@@ -142,6 +151,8 @@ async def aproduce(settings: Settings, jsonl_path: Path | str, rate: float | Non
         await producer.flush()
     finally:
         await producer.stop()
+    if skipped:
+        log.warning("produce: %d line(s) skipped (too large)", skipped)
     return n
 
 
