@@ -71,10 +71,11 @@ from detector import metrics
 from detector.config import Settings
 from detector.core import state
 from detector.core.decide import DecisionContext, decide_many
-from detector.core.errors import InputError
+from detector.core.clock import sweep_time
+from detector.core.errors import InputError, MalformedMessage
 from detector.core.ipintel import IpIntel
 from detector.core.lists import ListEntry
-from detector.core.parse import parse_request
+from detector.core.parse import check_event_time, parse_request
 from detector.core.phone import enrich_phone
 from detector.core.pipeline import enrich, learn_from_outcome, parse_outcome, range_routing_key
 from detector.core.policy import Policy
@@ -361,13 +362,17 @@ async def ingest_one(rt: StreamRuntime, key: bytes | None, value: bytes | None, 
         if value is None:
             raise InputError("message has no value (tombstone); expected a JSON request")
         req = parse_request(value)
+        check_event_time(req.ts, time.time(), max_future_s=s.max_future_skew_s,
+                         max_past_s=s.max_past_skew_s)
     except InputError as exc:
         await _dead_letter(rt, exc.kind, str(exc), s.topic_requests, partition, offset, value, key,
                            timestamp)
         return
     except Exception as exc:  # never let one message stop the worker
-        log.exception("ingest: unexpected error at %s[%d]@%d", s.topic_requests, partition, offset)
-        await _dead_letter(rt, "internal_error", f"{type(exc).__name__}: {exc}", s.topic_requests,
+        # No traceback and no exception text: both can quote the message (a number, an IP).
+        log.error("ingest: unexpected %s at %s[%d]@%d (dead-lettered)", type(exc).__name__,
+                  s.topic_requests, partition, offset)
+        await _dead_letter(rt, "internal_error", type(exc).__name__, s.topic_requests,
                            partition, offset, value, key, timestamp)
         return
     ip_key = req.ip.encode("utf-8")
@@ -643,15 +648,19 @@ async def outcome_one(rt: StreamRuntime, key: bytes | None, value: bytes | None,
     s = rt.settings
     try:
         if value is None:
-            raise InputError("message has no value; expected a JSON outcome")
-        obj = codec.loads(value)
-        if not isinstance(obj, dict):
-            raise InputError(f"expected a JSON object, got a JSON {type(obj).__name__}")
-        outcome = parse_outcome(obj)
-    except (InputError, ValueError) as exc:
-        kind = exc.kind if isinstance(exc, InputError) else "malformed_json"
-        await _dead_letter(rt, kind, str(exc), s.topic_outcomes, partition, offset, value, key,
+            raise MalformedMessage("message has no value; expected a JSON outcome")
+        outcome = parse_outcome(value)
+        check_event_time(outcome.ts, time.time(), max_future_s=s.max_future_skew_s,
+                         max_past_s=s.max_past_skew_s)
+    except InputError as exc:
+        await _dead_letter(rt, exc.kind, str(exc), s.topic_outcomes, partition, offset, value, key,
                            timestamp)
+        return
+    except Exception as exc:  # never let one message stop the worker (see ingest_one)
+        log.error("outcome: unexpected %s at %s[%d]@%d (dead-lettered)", type(exc).__name__,
+                  s.topic_outcomes, partition, offset)
+        await _dead_letter(rt, "internal_error", type(exc).__name__, s.topic_outcomes,
+                           partition, offset, value, key, timestamp)
         return
     env = {"k": "out", "o": codec.outcome_to_wire(outcome)}
     await rt.send("by_range", outcome_routing_key(outcome.phone_number, rt.policy).encode("utf-8"),
@@ -684,6 +693,13 @@ def sweep_tables(rt: StreamRuntime, now: float,
             seen.data.pop(key, None)
             writes.append(Write(seen, key, None, value[META]["p"]))
     return writes
+
+
+def sweep_now(rt: StreamRuntime) -> float:
+    """The time sweeps run at: the newest event time, but never past the wall clock plus the
+    allowed future skew (one far-future event must not make every live key look dead)."""
+    return sweep_time(newest_event=rt.max_ts, wall=time.time(),
+                      max_future_skew=rt.settings.max_future_skew_s)
 
 
 class Sweeper:
@@ -934,7 +950,7 @@ def make_app(settings: Settings, *, rt: StreamRuntime | None = None, web: bool =
     async def sweep() -> None:
         if not rt.active:
             _update_assignment(app, rt)
-        for w in sweeper.tick(rt.max_ts):
+        for w in sweeper.tick(sweep_now(rt)):
             await rt.publish_changelog(w)
 
     @app.timer(GAUGE_INTERVAL_S)

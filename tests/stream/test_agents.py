@@ -112,8 +112,11 @@ class Harness:
                         and not self.rt.batcher.lock.locked() and len(self.rt.batcher) == 0)
 
 
-def make_harness(policy_ctx: Any = None) -> Harness:
-    settings = load_settings(env={}, app_id=f"t-{uuid.uuid4().hex[:8]}", partitions=PARTITIONS)
+def make_harness(policy_ctx: Any = None, **overrides: Any) -> Harness:
+    # T0 is a fixed day in the past: no past-skew check by default (tests/stream/test_input.py).
+    overrides.setdefault("max_past_skew_s", 0.0)
+    settings = load_settings(env={}, app_id=f"t-{uuid.uuid4().hex[:8]}", partitions=PARTITIONS,
+                             **overrides)
     ctx = policy_ctx or build_context(settings)
     rt = StreamRuntime(settings, ctx, IpIntel(), None)
     app = make_app(settings, rt=rt, web=False, prometheus=False)

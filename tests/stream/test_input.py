@@ -1,0 +1,104 @@
+"""Bad input through the Faust agents: specific dead-letter reasons, event time vs the clock, and
+a far-future request that must not make the sweep delete live state."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import pytest
+
+from detector.stream.app import sweep_now, sweep_tables
+from tests.stream.test_agents import PARTITIONS, make_harness, request, running
+
+pytestmark = pytest.mark.asyncio
+
+Y2099 = 4_070_908_800.0  # 2099-01-01T00:00:00Z
+
+
+def _huge_nesting(depth: int) -> bytes:
+    return b'{"request_id": "x", "a": ' + b"[" * depth + b"]" * depth + b"}"
+
+
+BAD = [
+    (b"\xff\xfe\xfd", "malformed_json"),
+    (b'{"request_id": "r", "ts": ' + b"9" * 5000 + b', "phone_number": "+1", "ip": "1.1.1.1"}',
+     "malformed_json"),
+    (b'{"request_id": "r", "ts": 1e400, "phone_number": "+1", "ip": "1.1.1.1"}', "malformed_json"),
+    (b'{"request_id": "r", "ts": NaN, "phone_number": "+1", "ip": "1.1.1.1"}', "malformed_json"),
+    (json.dumps({"request_id": "r", "ts": -5, "phone_number": "+1", "ip": "1.1.1.1"}).encode(),
+     "invalid_field"),
+    (json.dumps({"request_id": "r", "ts": "9" * 5000, "phone_number": "+1", "ip": "1.1.1.1"}).encode(),
+     "invalid_field"),
+    (json.dumps({"request_id": "r" * 1_000_000, "ts": 1.8e9, "phone_number": "+1", "ip": "1.1.1.1"})
+     .encode(), "message_too_large"),
+    (_huge_nesting(100_000), "message_too_large"),
+    (_huge_nesting(5_000), "malformed_json"),
+]
+
+
+@pytest.mark.parametrize(("raw", "kind"), BAD, ids=[k + str(i) for i, (_, k) in enumerate(BAD)])
+async def test_hostile_requests_are_dead_lettered_with_their_own_reason(
+    raw: bytes, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    async with running(make_harness()) as h:
+        await h.put("ingest", b"k", raw, 0)
+        await h.wait(lambda: bool(h.sent[h.topic("dlq")]))
+        dl = h.sent[h.topic("dlq")][0].json()
+        assert dl["error_kind"] == kind, dl
+        assert len(dl["error"]) < 300  # the reason is bounded whatever the input was
+        now = time.time()
+        assert (await h.decide(request("ok", now))) is not None  # the worker goes on
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+async def test_request_too_far_ahead_or_behind_the_clock_is_dead_lettered() -> None:
+    now = time.time()
+    async with running(make_harness(max_past_skew_s=86400.0)) as h:
+        for rid, ts in (("future", now + 3600), ("past", now - 2 * 86400), ("y2099", Y2099)):
+            n = len(h.sent[h.topic("dlq")])
+            assert await h.decide(request(rid, ts)) is None
+            dl = h.sent[h.topic("dlq")][n].json()
+            assert dl["error_kind"] == "event_time_out_of_range", dl
+        assert (await h.decide(request("in-range", now - 3600))) is not None
+
+
+async def test_a_2099_request_does_not_make_the_sweep_delete_live_counts() -> None:
+    now = time.time()
+    # The future-skew check is off here, so the 2099 request reaches the tables and max_ts.
+    async with running(make_harness(max_future_skew_s=0.0, max_past_skew_s=0.0)) as h:
+        for i in range(3):
+            d = await h.decide(request(f"r{i}", now - 300 + i, ip=f"81.2.69.{i}"))
+            assert d is not None
+        assert await h.decide(request("attack", Y2099, phone="+442079460099")) is not None
+        assert h.rt.max_ts == Y2099
+        h.rt.active = {"by_ip": set(range(PARTITIONS)), "by_range": set(range(PARTITIONS))}
+        at = sweep_now(h.rt)
+        assert at <= time.time() + 1
+        before = {name: len(t.data) for name, t in h.rt.tables.items()}
+        assert sweep_tables(h.rt, at) == []  # nothing swept
+        assert {name: len(t.data) for name, t in h.rt.tables.items()} == before
+        d = await h.decide(request("r3", now, ip="81.2.69.3"))
+    assert d is not None and d["counts"]["number_15m"] == 4  # the count did not restart at 1
+
+
+async def test_hostile_outcomes_are_dead_lettered_with_their_own_reason() -> None:
+    async with running(make_harness()) as h:
+        cases = [
+            (b"\xff", "malformed_json"),
+            (json.dumps({"request_id": "r", "phone_number": "+442079460018", "outcome": "machine",
+                         "ts": 1.8e9, "duration_s": 10**400}).encode(), "malformed_json"),
+            (json.dumps({"request_id": "r", "phone_number": "+442079460018", "outcome": "machine",
+                         "ts": 1.8e9, "duration_s": -1}).encode(), "invalid_field"),
+            (json.dumps({"request_id": "r", "phone_number": "+442079460018", "outcome": "nope",
+                         "ts": 1.8e9}).encode(), "invalid_field"),
+            (json.dumps({"request_id": "r", "phone_number": "+442079460018", "outcome": "machine",
+                         "ts": Y2099}).encode(), "event_time_out_of_range"),
+        ]
+        for i, (raw, kind) in enumerate(cases):
+            await h.put("outcome", None, raw, 0)
+            await h.wait(lambda i=i: len(h.sent[h.topic("dlq")]) > i)
+            assert h.sent[h.topic("dlq")][i].json()["error_kind"] == kind
+        assert not h.sent[h.topic("by_range")]
