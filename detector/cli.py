@@ -238,7 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_core_flags(e)
     e.set_defaults(func=cmd_evaluate)
 
-    from detector import cli_stream
+    from detector import cli_stream, keys
+
+    keys.add_command(sub)
 
     cli_stream.add_commands(sub, _add_core_flags)
     return p

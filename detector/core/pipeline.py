@@ -75,15 +75,30 @@ def parse_outcome(obj: dict[str, Any] | bytes | str) -> Outcome:
                    float(dur))
 
 
+DEFAULT_LEARNED_DENY_INTERVAL_S = 3600.0
+
+
 def learn_from_outcome(
-    stores: state.RangeStores, outcome: Outcome, nkey: str, policy: Policy
+    stores: state.RangeStores, outcome: Outcome, nkey: str, policy: Policy,
+    *, deny_interval_s: float = DEFAULT_LEARNED_DENY_INTERVAL_S,
 ) -> ListEntry | None:
     """Clear the number's outstanding callback; return a deny entry learned from the floor, if any."""
+    return learn(stores, outcome, nkey, policy, deny_interval_s=deny_interval_s)[0]
+
+
+def learn(
+    stores: state.RangeStores, outcome: Outcome, nkey: str, policy: Policy,
+    *, deny_interval_s: float = DEFAULT_LEARNED_DENY_INTERVAL_S,
+) -> tuple[ListEntry | None, bool]:
+    """:func:`learn_from_outcome` plus whether a deny was due but rate-limited: at most one
+    learned deny per number per ``deny_interval_s`` (whoever can write outcomes cannot churn a
+    number's entry; the limit lives in the number's table value, key ``ld``)."""
     state.clear_pending(stores, nkey, outcome.request_id)
     if nkey.startswith("?"):
-        return None
+        return None, False
+    entry = None
     if outcome.outcome == "agent_marked_spam":
-        return make_entry(
+        entry = make_entry(
             "deny",
             "number",
             nkey,
@@ -92,10 +107,10 @@ def learn_from_outcome(
             added_at=outcome.ts,
             source="learned",
         )
-    if outcome.outcome == "machine":
+    elif outcome.outcome == "machine":
         n = state.record_machine(stores, nkey, outcome.ts)
         if n >= policy.machine_threshold:
-            return make_entry(
+            entry = make_entry(
                 "deny",
                 "number",
                 nkey,
@@ -104,7 +119,11 @@ def learn_from_outcome(
                 added_at=outcome.ts,
                 source="learned",
             )
-    return None
+    if entry is None:
+        return None, False
+    if not state.learned_deny_due(stores, nkey, outcome.ts, deny_interval_s):
+        return None, True
+    return entry, False
 
 
 @dataclass
@@ -118,6 +137,7 @@ class Detector:
     seen: dict[str, float] = field(default_factory=dict)
     sweep_every_s: float = 6 * 3600.0  # event time between sweeps of dead keys
     clock: EventClock = field(default_factory=EventClock)  # the sweeps' time (see core.clock)
+    learned_deny_interval_s: float = DEFAULT_LEARNED_DENY_INTERVAL_S
     _last_sweep: float = 0.0
 
     def process(self, req: CallbackRequest, *, decided_at: float | None = None) -> Decision:
@@ -147,7 +167,8 @@ class Detector:
     def apply_outcome(self, outcome: Outcome) -> ListEntry | None:
         enr_phone = enrich_phone(outcome.phone_number, None, self.ctx.policy.range_digits)
         nkey = enr_phone.e164 or "?" + "".join(c for c in outcome.phone_number if c.isdigit())
-        entry = learn_from_outcome(self.range_stores, outcome, nkey, self.ctx.policy)
+        entry = learn_from_outcome(self.range_stores, outcome, nkey, self.ctx.policy,
+                                   deny_interval_s=self.learned_deny_interval_s)
         if entry is not None:
             self.ctx.lists.add(entry)
         return entry

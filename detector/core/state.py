@@ -161,6 +161,21 @@ def record_machine(stores: RangeStores, nkey: str, ts: float) -> int:
     return w.count_read(value["m"], ts)[2]
 
 
+LEARNED_MARK_KEEP_S = 86400.0  # a number's last learned deny is remembered this long
+
+
+def learned_deny_due(stores: RangeStores, nkey: str, ts: float, interval_s: float) -> bool:
+    """Whether a learned deny for ``nkey`` at ``ts`` may be issued (none within ``interval_s``);
+    if so, remember ``ts`` in the number's value (``ld``)."""
+    value = dict(stores.number.get(nkey) or {})
+    last = value.get("ld")
+    if isinstance(last, int | float) and abs(ts - float(last)) < interval_s:
+        return False
+    value["ld"] = ts
+    stores.number[nkey] = value
+    return True
+
+
 def sweep(store: Store, now: float) -> int:
     """Delete keys whose state can no longer count at ``now`` (event time). Returns keys deleted."""
     dead = [k for k, v in list(store.items()) if _dead(v, now)]
@@ -177,6 +192,9 @@ def _dead(value: Any, now: float) -> bool:
     for part, v in value.items():
         if part == "p":
             if float(v["until"]) > now:
+                return False
+        elif part == "ld":
+            if float(v) + LEARNED_MARK_KEEP_S > now:
                 return False
         elif part in ("c", "m"):
             if not w.count_expired(v, now):

@@ -72,14 +72,15 @@ from detector.config import Settings
 from detector.core import state
 from detector.core.decide import DecisionContext, decide_many
 from detector.core.clock import sweep_time
-from detector.core.errors import InputError, MalformedMessage
+from detector.core.errors import InputError, UntrustedEntry
 from detector.core.ipintel import IpIntel
-from detector.core.lists import ListEntry
+from detector.core.lists import SOURCES, ListEntry
 from detector.core.parse import check_event_time, parse_request
 from detector.core.phone import enrich_phone
-from detector.core.pipeline import enrich, learn_from_outcome, parse_outcome, range_routing_key
+from detector.core.pipeline import enrich, learn, parse_outcome, range_routing_key
 from detector.core.policy import Policy
-from detector.core.records import Action, CallbackRequest, Counts, Enrichment
+from detector.core.records import OUTCOMES, Action, CallbackRequest, Counts, Enrichment
+from detector.core.signing import REJECT_REASONS, Signer, Verifier
 from detector.stream import codec
 from detector.stream.delivery import Admit, DeliveryTransport, OffsetGate, start_offsets
 from detector.stream.io import stop_consumer, topic_partitions
@@ -259,6 +260,8 @@ class StreamRuntime:
     active: dict[str, set[int]] = field(default_factory=dict)  # topic -> assigned partitions
 
     ip_partitions: int = 0  # partitions of by-ip when callback-requests has as many, else 0
+    verifier: Verifier = field(default_factory=Verifier)  # trusted list keys (none: refuse all)
+    signer: Signer | None = None  # this worker's key for learned entries (None: not published)
 
     @property
     def policy(self) -> Policy:
@@ -297,24 +300,28 @@ class StreamRuntime:
         assert self.publish is not None
         return await self.publish(w.table.changelog_topic, codec.dumps(w.key), value, w.partition)
 
-    def apply_list_message(self, key: bytes | None, value: bytes | None, source: str) -> None:
-        """Apply one ``detector-lists`` message (entry or tombstone) to the in-memory index."""
-        if value is None:
-            if key:
-                self.ctx.lists.remove(key.decode("utf-8", "replace"))
-                metrics.LIST_CHANGES.labels("remove", source).inc()
-            return
+    def apply_list_message(self, key: bytes | None, value: bytes | None, source: str = "topic") -> None:
+        """Apply one ``detector-lists`` message to the in-memory index if its signature verifies
+        (see :mod:`detector.core.signing`); otherwise count it by reason and log the reason only
+        (the key and the entry carry an IP or a number)."""
         try:
-            entry = codec.list_entry_from_wire(value)
-        except (InputError, ValueError, KeyError, TypeError) as exc:
-            # The key and the error text carry the entry's value (an IP or a number): log neither.
-            prefix = ":".join((key or b"").decode("utf-8", "replace").split(":")[:2])
-            kind = exc.kind if isinstance(exc, InputError) else type(exc).__name__
-            log.warning("lists: ignoring an invalid %s entry (%s)", prefix or "unkeyed", kind)
-            metrics.DEAD_LETTERS.labels(self.settings.topic_lists, kind).inc()
+            v = self.verifier.verify(key, value, now=time.time())
+        except UntrustedEntry as exc:
+            prefix = ":".join((key or b"").decode("utf-8", "replace").split(":")[:2])[:20]
+            log.warning("lists: refused a %s entry (%s)", prefix or "unkeyed", exc.reason)
+            metrics.LIST_REJECTED.labels(metrics.bounded(exc.reason, REJECT_REASONS)).inc()
             return
-        self.ctx.lists.add(entry)
-        metrics.LIST_CHANGES.labels("add", entry.source or source).inc()
+        if v.op == "remove":
+            self.ctx.lists.remove(v.entry.key)
+        else:
+            self.ctx.lists.add(v.entry)
+        metrics.LIST_CHANGES.labels(v.op, metrics.bounded(v.entry.source, SOURCES)).inc()
+
+    def learned_entry_wire(self, entry: ListEntry) -> bytes | None:
+        """A learned entry signed with this worker's key, or None when it has none."""
+        if self.signer is None:
+            return None
+        return codec.dumps(self.signer.sign(entry, signed_at=time.time()))
 
     def update_list_gauges(self) -> None:
         metrics.LIST_ENTRIES.clear()
@@ -518,11 +525,15 @@ def decide_pending(rt: StreamRuntime, undecided: list[Undecided],
 def _outcome(rt: StreamRuntime, env: dict[str, Any], stores: state.RangeStores) -> ListEntry | None:
     outcome = codec.outcome_from_wire(env["o"])
     nkey = number_key_of(outcome.phone_number, rt.policy)
-    metrics.OUTCOMES.labels(outcome.outcome).inc()
-    entry = learn_from_outcome(stores, outcome, nkey, rt.policy)
+    metrics.OUTCOMES.labels(metrics.bounded(outcome.outcome, OUTCOMES)).inc()
+    entry, limited = learn(stores, outcome, nkey, rt.policy,
+                           deny_interval_s=rt.settings.learned_deny_interval_s)
+    if limited:
+        metrics.LEARNED.labels("rate_limited").inc()
     if entry is not None:
         rt.ctx.lists.add(entry)
         metrics.LIST_CHANGES.labels("add", "learned").inc()
+        metrics.LEARNED.labels("published" if rt.signer is not None else "local_only").inc()
     return entry
 
 
@@ -622,9 +633,9 @@ class RangeBatcher:
             sent = 0
             now = time.time()
             for res in results:
-                if res.entry is not None:
-                    await rt.send("lists", res.entry.key.encode("utf-8"),
-                                  codec.list_entry_to_wire(res.entry))
+                wire = None if res.entry is None else rt.learned_entry_wire(res.entry)
+                if res.entry is not None and wire is not None:
+                    await rt.send("lists", res.entry.key.encode("utf-8"), wire)
                 d = res.decision
                 if d is None:
                     continue
@@ -648,7 +659,7 @@ async def outcome_one(rt: StreamRuntime, key: bytes | None, value: bytes | None,
     s = rt.settings
     try:
         if value is None:
-            raise MalformedMessage("message has no value; expected a JSON outcome")
+            raise InputError("message has no value; expected a JSON outcome")
         outcome = parse_outcome(value)
         check_event_time(outcome.ts, time.time(), max_future_s=s.max_future_skew_s,
                          max_past_s=s.max_past_skew_s)
@@ -748,8 +759,11 @@ def make_app(settings: Settings, *, rt: StreamRuntime | None = None, web: bool =
     from detector.runtime import build_context, build_intel, build_model_watcher
 
     if rt is None:
+        from detector.keys import worker_keys
+
         ctx = build_context(settings)
         rt = StreamRuntime(settings, ctx, build_intel(settings), build_model_watcher(settings))
+        rt.verifier, rt.signer = worker_keys(settings)
     s = settings
     app = DetectorApp(
         s.app_id,

@@ -102,3 +102,50 @@ async def test_hostile_outcomes_are_dead_lettered_with_their_own_reason() -> Non
             await h.wait(lambda i=i: len(h.sent[h.topic("dlq")]) > i)
             assert h.sent[h.topic("dlq")][i].json()["error_kind"] == kind
         assert not h.sent[h.topic("by_range")]
+
+
+def _rejected(reason: str) -> float:
+    from detector import metrics
+
+    return metrics.LIST_REJECTED.labels(reason)._value.get()
+
+
+async def test_an_unsigned_allow_country_on_the_lists_topic_opens_nothing() -> None:
+    from detector.core.lists import make_entry
+    from detector.stream import codec
+    from tests.stream.test_agents import SOC
+
+    now = time.time()
+    async with running(make_harness()) as h:
+        before = _rejected("unsigned")
+        entry = make_entry("allow", "country", "SO", reason="x", added_at=now)
+        h.rt.apply_list_message(b"allow:country:SO", codec.dumps(entry.to_dict()))
+        assert _rejected("unsigned") == before + 1
+        # signed by this worker's key (a compromised worker): still refused
+        worker_signed = h.rt.signer.sign(make_entry("allow", "country", "SO", source="learned"),
+                                         signed_at=now)
+        h.rt.apply_list_message(b"allow:country:SO", codec.dumps(worker_signed))
+        d = await h.decide(request("so", now, phone="+252901234567"))
+        assert d is not None and d["action"] == "block", d
+        h.rt.apply_list_message(b"allow:country:SO", codec.dumps(SOC.sign(entry, signed_at=now)))
+        assert len(h.rt.ctx.lists) == 1  # the SOC's signed entry is applied
+
+
+async def test_learned_denies_from_outcomes_are_signed_and_rate_limited() -> None:
+    from detector import metrics
+
+    now = time.time()
+    async with running(make_harness()) as h:
+        limited = metrics.LEARNED.labels("rate_limited")._value.get()
+        for i in range(3):
+            n_rng = len(h.sent[h.topic("by_range")])
+            raw = json.dumps({"request_id": f"r{i}", "phone_number": "+442079460018",
+                              "outcome": "agent_marked_spam", "ts": now - 300 + i}).encode()
+            await h.put("outcome", None, raw, 0)
+            await h.wait(lambda n=n_rng: len(h.sent[h.topic("by_range")]) > n)
+            await h.through("by_range", "range", n_rng)
+            await h.wait(lambda: not h.rt.batcher.lock.locked() and len(h.rt.batcher) == 0)
+        assert len(h.sent[h.topic("lists")]) == 1
+        assert metrics.LEARNED.labels("rate_limited")._value.get() == limited + 2
+        msg = h.sent[h.topic("lists")][0]
+        assert h.rt.verifier.verify(msg.key, msg.value, now=now).role == "worker"
