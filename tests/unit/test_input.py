@@ -278,3 +278,47 @@ def test_settings_repr_does_not_show_the_hash_key():
 def test_bad_settings_are_config_errors_naming_the_variable(var, value):
     with pytest.raises(ConfigError, match=var):
         load_settings(env={var: value}, check_files=False)
+
+
+# --------------------------------------------------------------- policy file: unknown keys, hostile values
+
+@pytest.mark.parametrize(("overrides", "needle"), [
+    ({"risk": {"deflect": 0.1}}, "risk.deflect: unknown key 'deflect'; known: ['block_at', 'deflect_at']"),
+    ({"number_types": {"PREMIUM": {"action": "block"}}}, "number_types.PREMIUM: unknown number type"),
+    ({"number_types": {"VOIP": {"action": "block", "colour": 1}}}, "number_types.VOIP.colour"),
+    ({"rules": {"geo_mismatch": {"weigth": 0.3}}}, "weigth"),
+    ({"destinations": {"allowed": ["GB"]}}, "destinations.allowed: unknown key"),
+    ({"learning": {"spam": 1}}, "learning.spam"),
+    ({"deny": {"ip": ["1.2.3.4"]}}, "deny: unknown key(s) ['ip']"),
+    ({"risk": 5}, "risk: expected a table"),
+    ({"risk": {"deflect_at": float("nan")}}, "risk.deflect_at"),
+    ({"risk": {"deflect_at": 10**400}}, "risk.deflect_at"),
+    ({"auth": {"relaxed_codes": [[[["x"]]]]}}, "auth.relaxed_codes"),
+])
+def test_policy_typos_and_hostile_values_are_errors_naming_the_key(overrides, needle):
+    from detector.core.errors import PolicyError
+    from detector.core.policy import parse_policy
+
+    with pytest.raises(PolicyError) as exc:
+        parse_policy(overrides)
+    assert needle in str(exc.value) and len(str(exc.value)) < 600
+
+
+def test_policy_number_types_accept_every_phonenumbers_type_name():
+    from detector.core.policy import parse_policy
+
+    p = parse_policy({"number_types": {"voip": {"action": "block"}, "TOLL_FREE": {"action": "deflect"}}})
+    assert p.number_types["VOIP"].action == "block" and "TOLL_FREE" in p.number_types
+
+
+@pytest.mark.parametrize("text", ["[ranges]\ntrailing_digits = " + "9" * 5000,
+                                  "[auth]\nrelaxed_codes = " + "[" * 100_000 + "]" * 100_000,
+                                  "\xff\xfe"])
+def test_hostile_policy_files_are_policy_errors(tmp_path, text):
+    from detector.core.errors import PolicyError
+    from detector.core.policy import load_policy
+
+    f = tmp_path / "p.toml"
+    f.write_bytes(text.encode("utf-8", "surrogateescape") if text != "\xff\xfe" else b"\xff\xfe")
+    with pytest.raises(PolicyError):
+        load_policy(f)
