@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 from detector.core.features import denied_prefix, features, geo_mismatch
 from detector.core.lists import ListIndex
+from detector.core.pii import random_key
 from detector.core.policy import Policy, Rule
 from detector.core.records import (
     Action,
@@ -25,7 +26,6 @@ from detector.core.records import (
     Hit,
     ModelResult,
 )
-from detector.core.pii import random_key
 from detector.core.state import pii_hash
 
 SEVERITY = {Action.ALLOW: 0, Action.DEFLECT: 1, Action.BLOCK: 2}

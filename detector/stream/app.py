@@ -70,8 +70,8 @@ from faust.types import TP
 from detector import metrics
 from detector.config import Settings
 from detector.core import state
-from detector.core.decide import DecisionContext, decide_many
 from detector.core.clock import sweep_time
+from detector.core.decide import DecisionContext, decide_many
 from detector.core.errors import InputError, UntrustedEntry
 from detector.core.ipintel import IpIntel
 from detector.core.lists import SOURCES, ListEntry

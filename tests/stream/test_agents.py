@@ -23,12 +23,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from detector.config import load_settings
 from detector.core.ipintel import IpIntel
+from detector.core.lists import make_entry
 from detector.core.pipeline import Detector
 from detector.core.records import decision_from_dict
+from detector.core.signing import Signer, Verifier
 from detector.runtime import build_context, build_model_watcher
 from detector.stream import codec
-from detector.core.lists import make_entry
-from detector.core.signing import Signer, Verifier
 from detector.stream.app import META, StreamRuntime, Sweeper, make_app, sweep_tables
 
 pytestmark = pytest.mark.asyncio
