@@ -101,6 +101,20 @@ STAGE_INPUTS = {"requests": "ingest", "outcomes": "outcome", "by_ip": "ip", "by_
 Publish = Callable[..., Awaitable[Any]]
 
 
+def where_failed() -> str:
+    """The current exception's type and the file:line it was raised at, without its message
+    or a traceback: both can quote a message's content (a phone number, an IP)."""
+    import sys
+    import traceback
+
+    exc = sys.exc_info()[1]
+    if exc is None:
+        return "no exception"
+    frames = traceback.extract_tb(exc.__traceback__)
+    at = f"{frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno}" if frames else "?"
+    return f"{type(exc).__name__} at {at}"
+
+
 # --------------------------------------------------------------------------- transport
 
 
@@ -377,7 +391,7 @@ async def ingest_one(rt: StreamRuntime, key: bytes | None, value: bytes | None, 
         return
     except Exception as exc:  # never let one message stop the worker
         # No traceback and no exception text: both can quote the message (a number, an IP).
-        log.error("ingest: unexpected %s at %s[%d]@%d (dead-lettered)", type(exc).__name__,
+        log.error("ingest: unexpected %s at %s[%d]@%d (dead-lettered)", where_failed(),
                   s.topic_requests, partition, offset)
         await _dead_letter(rt, "internal_error", type(exc).__name__, s.topic_requests,
                            partition, offset, value, key, timestamp)
@@ -586,12 +600,14 @@ class RangeBatcher:
         try:
             decide_pending(self.rt, self.undecided, self.writes)
         except Exception:
-            log.exception("range: deciding a batch of %d failed; deciding one by one", len(self.undecided))
+            log.error("range: deciding a batch of %d failed (%s); deciding one by one",
+                      len(self.undecided), where_failed())
             for u in self.undecided:
                 try:
                     decide_pending(self.rt, [u], self.writes)
                 except Exception:
-                    log.exception("range: could not decide by-range[%d]@%d", u.partition, u.offset)
+                    log.error("range: could not decide by-range[%d]@%d (%s)", u.partition, u.offset,
+                              where_failed())
         finally:
             self.undecided.clear()
             self.pending_keys.clear()
@@ -609,7 +625,7 @@ class RangeBatcher:
                 u = self.undecided[-1]
                 self.pending_keys.update((u.update.number_key, u.req.request_id))
         except Exception:  # a bug must not stop the worker; the request was validated upstream
-            log.exception("range: failed to process by-range[%d]@%d", partition, offset)
+            log.error("range: failed to process by-range[%d]@%d (%s)", partition, offset, where_failed())
         self.acks.append(ack)
         metrics.child(metrics.STAGE_SECONDS, "range").observe(time.perf_counter() - t0)
 
@@ -668,7 +684,7 @@ async def outcome_one(rt: StreamRuntime, key: bytes | None, value: bytes | None,
                            timestamp)
         return
     except Exception as exc:  # never let one message stop the worker (see ingest_one)
-        log.error("outcome: unexpected %s at %s[%d]@%d (dead-lettered)", type(exc).__name__,
+        log.error("outcome: unexpected %s at %s[%d]@%d (dead-lettered)", where_failed(),
                   s.topic_outcomes, partition, offset)
         await _dead_letter(rt, "internal_error", type(exc).__name__, s.topic_outcomes,
                            partition, offset, value, key, timestamp)
@@ -923,7 +939,7 @@ def make_app(settings: Settings, *, rt: StreamRuntime | None = None, web: bool =
             try:
                 await ip_one(rt, m.value, partition=m.partition)
             except Exception:
-                log.exception("ip: failed to process by-ip[%d]@%d", m.partition, m.offset)
+                log.error("ip: failed to process by-ip[%d]@%d (%s)", m.partition, m.offset, where_failed())
             event.ack()
 
     @app.agent(rt.topics["by_range"], name="range")
@@ -943,7 +959,8 @@ def make_app(settings: Settings, *, rt: StreamRuntime | None = None, web: bool =
             try:
                 await batcher.flush()
             except Exception:
-                log.exception("range: flush failed; its events stay unacked and are redelivered")
+                log.error("range: flush failed (%s); its events stay unacked and are redelivered",
+                          where_failed())
 
     @app.agent(rt.topics["outcomes"], name="outcome")
     async def outcome_agent(stream: Any) -> None:

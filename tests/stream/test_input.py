@@ -149,3 +149,25 @@ async def test_learned_denies_from_outcomes_are_signed_and_rate_limited() -> Non
         assert metrics.LEARNED.labels("rate_limited")._value.get() == limited + 2
         msg = h.sent[h.topic("lists")][0]
         assert h.rt.verifier.verify(msg.key, msg.value, now=now).role == "worker"
+
+
+async def test_an_internal_failure_logs_no_message_content(caplog: pytest.LogCaptureFixture) -> None:
+    from detector.stream import app as app_module
+
+    async with running(make_harness()) as h:
+        original = app_module.parse_request
+
+        def boom(raw: bytes) -> object:
+            raise KeyError("+442079460018 from 81.2.69.160")  # a bug quoting the input
+
+        app_module.parse_request = boom  # type: ignore[assignment]
+        try:
+            with caplog.at_level(logging.INFO):
+                await h.put("ingest", b"k", request("x", time.time()), 0)
+                await h.wait(lambda: bool(h.sent[h.topic("dlq")]))
+        finally:
+            app_module.parse_request = original
+        dl = h.sent[h.topic("dlq")][0].json()
+    assert dl["error_kind"] == "internal_error" and "+44" not in dl["error"]
+    assert "KeyError at test_input.py" in caplog.text
+    assert "+442079460018" not in caplog.text and "81.2.69.160" not in caplog.text
