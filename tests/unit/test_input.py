@@ -322,3 +322,14 @@ def test_hostile_policy_files_are_policy_errors(tmp_path, text):
     f.write_bytes(text.encode("utf-8", "surrogateescape") if text != "\xff\xfe" else b"\xff\xfe")
     with pytest.raises(PolicyError):
         load_policy(f)
+
+
+@pytest.mark.parametrize("line", [
+    b"\xff\xfe", b"[" * 100_000 + b"]" * 100_000, b'{"ts": ' + b"9" * 5000 + b"}", b'{"ts": 1e400}',
+    b'{"ts": "' + b"9" * 5000 + b'"}', b'{"ts": -5}', b"x" * 2_000_000, b"null", b'{"ts": [[[]]]}',
+])
+def test_produce_key_and_timestamp_never_raise_on_a_bad_line(line):
+    from detector.stream.io import _request_ts_ms, request_key
+
+    assert request_key(line) is None
+    assert _request_ts_ms(line) is None
