@@ -6,7 +6,6 @@ both say once, loudly, which signals are disabled.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -30,14 +29,20 @@ def tune_gc() -> None:
 
 def load_lists_file(path: Path, index: ListIndex) -> int:
     """Add entries from a JSONL lists file (the ``detector-lists`` message format)."""
+    from detector.core.parse import decode_json
+
     n = 0
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip() or line.lstrip().startswith("#"):
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the lists file: {exc.strerror}") from None
+    for lineno, line in enumerate(data.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith(b"#"):
             continue
         try:
-            index.add(entry_from_dict(json.loads(line)))
-        except (json.JSONDecodeError, InputError) as exc:
-            raise ConfigError(f"{path}:{lineno}: invalid list entry: {exc}") from exc
+            index.add(entry_from_dict(decode_json(line)))
+        except InputError as exc:
+            raise ConfigError(f"{path}:{lineno}: invalid list entry: {exc}") from None
         n += 1
     return n
 

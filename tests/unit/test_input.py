@@ -333,3 +333,14 @@ def test_produce_key_and_timestamp_never_raise_on_a_bad_line(line):
 
     assert request_key(line) is None
     assert _request_ts_ms(line) is None
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe\n", b"[" * 100_000 + b"]" * 100_000 + b"\n",
+                                     b'{"action": "deny", "kind": "number", "value": "+44", "source": "+4479"}\n'])
+def test_a_bad_lists_file_is_a_config_error_with_its_line(tmp_path, content):
+    from detector.runtime import build_context
+
+    f = tmp_path / "lists.jsonl"
+    f.write_bytes(b"# header\n" + content)
+    with pytest.raises(ConfigError, match="lists.jsonl:2"):
+        build_context(load_settings(env={"DETECTOR_LISTS_FILE": str(f)}))
