@@ -38,6 +38,7 @@ integration: setup setup-services
 
 bench: setup setup-services
 	$(BIN)/python bench/bench_replay.py
+	$(BIN)/python bench/bench_parse.py
 	$(BIN)/python bench/bench_scoring.py
 	$(BIN)/python bench/bench_stream.py
 
