@@ -43,6 +43,7 @@ bench: setup setup-services
 	$(BIN)/python bench/bench_replay.py
 	$(BIN)/python bench/bench_replay_floor.py
 	$(BIN)/python bench/bench_sink.py
+	$(BIN)/python bench/bench_parse.py
 	$(BIN)/python bench/bench_scoring.py
 	$(BIN)/python bench/bench_stream.py
 

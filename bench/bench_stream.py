@@ -200,6 +200,8 @@ def env_for(bootstrap: str, prefix: str, tmp: Path) -> dict[str, str]:
         "DETECTOR_TOPIC_DEAD_LETTER": f"{prefix}-dlq", "DETECTOR_PARTITIONS": "4",
         # The shipped model (models/) unless --no-model: then an empty directory, rules only.
         "DETECTOR_MODELS_DIR": str(tmp / "models") if NO_MODEL else str(REPO / "models"),
+        "DETECTOR_DEV_MODE": "1",  # the development PII key
+        "DETECTOR_MAX_PAST_SKEW_S": "0",  # the backlog is a simulated day in the past
     }
 
 

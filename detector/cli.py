@@ -90,23 +90,31 @@ def _context(settings: Settings, args: argparse.Namespace):  # type: ignore[no-u
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
+    import time
+
     from detector.core.pipeline import Detector
     from detector.replay import replay
-    from detector.runtime import build_intel
+    from detector.runtime import build_intel, check_pii_key
 
     settings = _settings(args)
+    check_pii_key(settings, "replay")
     ctx = _context(settings, args)
     det = Detector(ctx, build_intel(settings))
-    src = sys.stdin if args.input == "-" else open(args.input, encoding="utf-8")  # noqa: SIM115
+    # Bytes in: a line that is not UTF-8 is a rejected line, not the end of the run.
+    src = sys.stdin.buffer if args.input == "-" else open(args.input, "rb")  # noqa: SIM115
     out = sys.stdout if args.output in (None, "-") else open(args.output, "w", encoding="utf-8")  # noqa: SIM115
     rej = sys.stderr if args.rejects is None else open(args.rejects, "w", encoding="utf-8")  # noqa: SIM115
+    event_time = None
+    if args.check_event_time:
+        event_time = (time.time(), settings.max_future_skew_s, settings.max_past_skew_s)
     try:
         summary = replay(
-            src, det, out=out, rejects=rej, progress=sys.stderr.isatty() and out is not sys.stdout
+            src, det, out=out, rejects=rej, progress=sys.stderr.isatty() and out is not sys.stdout,
+            event_time=event_time,
         )
     finally:
         for fh in (src, out, rej):
-            if fh not in (sys.stdin, sys.stdout, sys.stderr):
+            if fh not in (sys.stdin.buffer, sys.stdout, sys.stderr):
                 fh.close()
     print(summary.render(), file=sys.stderr)
     return 0
@@ -214,6 +222,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="detector", description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (env DETECTOR_LOG_LEVEL)")
+    p.add_argument("--dev", dest="dev_mode", action="store_const", const=True, default=None,
+                   help="development mode: allow the default PII hash key (env DETECTOR_DEV_MODE=1)")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="simulate a mixed day and run it through the detector (no services)")
@@ -230,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("input", help="requests JSONL file, or - for stdin")
     r.add_argument("-o", "--output", help="decisions JSONL (default stdout)")
     r.add_argument("--rejects", help="rejected lines JSONL (default stderr)")
+    r.add_argument("--check-event-time", dest="check_event_time", action="store_true",
+                   help="reject requests whose ts is outside DETECTOR_MAX_FUTURE_SKEW_S / "
+                        "DETECTOR_MAX_PAST_SKEW_S of the wall clock (off: replay reads history)")
     _add_core_flags(r)
     r.set_defaults(func=cmd_replay)
 
@@ -267,7 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_core_flags(e)
     e.set_defaults(func=cmd_evaluate)
 
-    from detector import cli_stream
+    from detector import cli_stream, keys
+
+    keys.add_command(sub)
 
     cli_stream.add_commands(sub, _add_core_flags)
     from detector import cli_soc

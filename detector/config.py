@@ -6,6 +6,7 @@ variable and what was wrong.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -49,7 +50,17 @@ class Settings:
     shadow_model: str | None = None
     model_reload_s: float = 10.0
     # Privacy
-    pii_hash_key: str = "change-me-in-production"
+    pii_hash_key: str = field(default="change-me-in-production", repr=False)  # a secret
+    dev_mode: bool = False  # allows the development PII key (DETECTOR_DEV_MODE=1 or --dev)
+    # Input checks: event time vs the clock (0 = that side unchecked)
+    max_future_skew_s: float = 300.0
+    max_past_skew_s: float = 86400.0
+    # Signed control plane (detector-lists): Ed25519 PEM key files
+    soc_private_key: Path | None = None  # `detector lists` signs with it
+    soc_public_keys: tuple[Path, ...] = ()  # workers accept SOC entries signed by these
+    worker_private_key: Path | None = None  # a worker signs learned entries with it
+    worker_public_keys: tuple[Path, ...] = ()  # learned entries accepted when signed by these
+    learned_deny_interval_s: float = 3600.0  # at most one learned deny per number per interval
     # Logging
     log_level: str = "INFO"
     # Decision log (`detector sink`, `detector explain`)
@@ -60,11 +71,14 @@ class Settings:
 
 
 _FILES = ("policy", "lists_file", "geoip_country_db", "geoip_asn_db", "anonymous_ip_db", "hosting_asn_file",
-          "connection_type_db", "mobile_asn_file")
+          "connection_type_db", "mobile_asn_file", "soc_private_key", "worker_private_key")
 _PATHS = {*_FILES, "models_dir", "data_dir"}
+_PATH_LISTS = {"soc_public_keys", "worker_public_keys"}  # comma-separated
 _INTS = {"partitions", "replication", "web_port", "batch_ms", "sink_batch"}
-_FLOATS = {"model_reload_s", "policy_reload_s", "sink_retention_days"}
-_BOOLS = {"sink_store_numbers"}
+_FLOATS = {"model_reload_s", "policy_reload_s", "sink_retention_days", "max_future_skew_s", "max_past_skew_s",
+           "learned_deny_interval_s"}
+_BOOLS = {"sink_store_numbers", "dev_mode"}
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 def _env_name(name: str) -> str:
@@ -105,17 +119,25 @@ def load_settings(
         raw = env.get(var)
         if raw is None or raw == "":
             continue
+        if name in _BOOLS:
+            if raw.strip().lower() not in (*_TRUE, *_FALSE):
+                raise ConfigError(f"{var}: expected 1/true/yes or 0/false/no, got {raw!r}")
+            values[name] = raw.strip().lower() in _TRUE
+            continue
+        if name in _PATH_LISTS:
+            values[name] = tuple(Path(p.strip()) for p in raw.split(",") if p.strip())
+            continue
+        if len(raw) > 4096 and name != "pii_hash_key":
+            raise ConfigError(f"{var}: value of {len(raw)} characters is too long")
         try:
             if name in _INTS:
                 values[name] = int(raw)
             elif name in _FLOATS:
                 values[name] = float(raw)
+                if not math.isfinite(values[name]) or values[name] < 0:
+                    raise ConfigError(f"{var}: expected a finite number >= 0, got {raw!r}")
             elif name in _PATHS:
                 values[name] = Path(raw)
-            elif name in _BOOLS:
-                if raw.lower() not in ("1", "true", "yes", "0", "false", "no"):
-                    raise ConfigError(f"{var}: expected true or false, got {raw!r}")
-                values[name] = raw.lower() in ("1", "true", "yes")
             else:
                 values[name] = raw
         except ValueError:
@@ -132,6 +154,10 @@ def load_settings(
         p = getattr(s, name)
         if p is not None and not Path(p).is_file():
             raise ConfigError(f"{_env_name(name)}: file {str(p)!r} does not exist")
+    for name in _PATH_LISTS:
+        for p in getattr(s, name):
+            if not Path(p).is_file():
+                raise ConfigError(f"{_env_name(name)}: file {str(p)!r} does not exist")
     for kind, p in s.ip_list_files.items():
         if not p.is_file():
             raise ConfigError(f"{ENV_PREFIX}IP_LISTS: {kind} list {str(p)!r} does not exist")

@@ -250,3 +250,42 @@ def observe_decision(d: dict, latency_s: float | None = None) -> None:
     if latency_s is not None:
         DECISION_LATENCY.observe(max(latency_s, 0.0))
     LAST_DECISION.set(time.time())
+
+
+# --------------------------------------------------------------------------- signed control plane
+LIST_REJECTED = Counter(
+    f"{NS}_list_rejected_total",
+    "detector-lists messages refused (unsigned, badly signed, not permitted...), by reason.",
+    ["reason"],
+    registry=REGISTRY,
+)
+LEARNED = Counter(
+    f"{NS}_learned_entries_total",
+    "Deny entries learned from dialer outcomes: published (signed), rate_limited (one per number "
+    "per DETECTOR_LEARNED_DENY_INTERVAL_S), local_only (no worker key to sign with).",
+    ["result"],
+    registry=REGISTRY,
+)
+LEARNED_RESULTS = ("published", "rate_limited", "local_only")
+
+
+def _init_fixed_labels() -> None:
+    from detector.core.lists import SOURCES
+    from detector.core.signing import REJECT_REASONS
+
+    for reason in REJECT_REASONS:  # every series exists from the start, at 0
+        LIST_REJECTED.labels(reason)
+    for result in LEARNED_RESULTS:
+        LEARNED.labels(result)
+    for op in ("add", "remove"):
+        for source in SOURCES:
+            LIST_CHANGES.labels(op, source)
+
+
+_init_fixed_labels()
+
+
+def bounded(value: str, allowed: tuple[str, ...] | frozenset[str], other: str = "other") -> str:
+    """``value`` when it is in the fixed set ``allowed``, else ``other``: a label value can never
+    be a phone number, an IP or anything else from a message."""
+    return value if value in allowed else other

@@ -16,7 +16,7 @@ from typing import IO
 import orjson
 
 from detector.core.errors import InputError
-from detector.core.parse import parse_request
+from detector.core.parse import check_event_time, parse_request
 from detector.core.pipeline import Detector
 from detector.core.records import CallbackRequest, Decision
 
@@ -66,15 +66,24 @@ class ReplaySummary:
 
 def parse_lines(
     lines: Iterable[str | bytes],
+    event_time: tuple[float, float, float] | None = None,
 ) -> tuple[list[tuple[int, CallbackRequest]], list[Reject]]:
-    """Parse every non-blank line; bad ones become :class:`Reject` with line number and reason."""
+    """Parse every non-blank line; bad ones become :class:`Reject` with line number and reason.
+
+    Lines are best given as bytes (a file opened in binary mode): invalid UTF-8 is then one
+    rejected line. ``event_time`` = (now, max future skew, max past skew): also reject requests
+    whose ``ts`` is that far from ``now`` (``event_time_out_of_range``). Never raises on a line."""
     good: list[tuple[int, CallbackRequest]] = []
     bad: list[Reject] = []
     for n, line in enumerate(lines, 1):
-        if not (line.strip() if isinstance(line, str) else line.strip()):
+        if not line.strip():
             continue
         try:
-            good.append((n, parse_request(line)))
+            req = parse_request(line.rstrip(b"\r\n") if isinstance(line, bytes) else line)
+            if event_time is not None:
+                now, ahead, behind = event_time
+                check_event_time(req.ts, now, max_future_s=ahead, max_past_s=behind)
+            good.append((n, req))
         except InputError as exc:
             bad.append(Reject(n, exc.kind, str(exc)))
     return good, bad
@@ -88,11 +97,12 @@ def replay(
     rejects: IO[str] | None = None,
     on_decision: Callable[[CallbackRequest, Decision], None] | None = None,
     progress: bool = False,
+    event_time: tuple[float, float, float] | None = None,
 ) -> ReplaySummary:
     """Decide every valid request in ``lines`` (JSONL); write decisions and rejects as JSONL."""
     summary = ReplaySummary()
     t0 = time.perf_counter()
-    good, bad = parse_lines(lines)
+    good, bad = parse_lines(lines, event_time)
     for r in bad:
         summary.rejects += 1
         summary.reject_kinds[r.kind] += 1

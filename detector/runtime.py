@@ -6,7 +6,6 @@ both say once, loudly, which signals are disabled.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -30,16 +29,46 @@ def tune_gc() -> None:
 
 def load_lists_file(path: Path, index: ListIndex) -> int:
     """Add entries from a JSONL lists file (the ``detector-lists`` message format)."""
+    from detector.core.parse import decode_json
+
     n = 0
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip() or line.lstrip().startswith("#"):
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the lists file: {exc.strerror}") from None
+    for lineno, line in enumerate(data.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith(b"#"):
             continue
         try:
-            index.add(entry_from_dict(json.loads(line)))
-        except (json.JSONDecodeError, InputError) as exc:
-            raise ConfigError(f"{path}:{lineno}: invalid list entry: {exc}") from exc
+            index.add(entry_from_dict(decode_json(line)))
+        except InputError as exc:
+            raise ConfigError(f"{path}:{lineno}: invalid list entry: {exc}") from None
         n += 1
     return n
+
+
+def check_pii_key(settings: Settings, what: str) -> None:
+    """Refuse to run ``what`` with the development PII hash key (or a short one) unless the
+    development flag is set: hashes under a known key are reversed by enumerating every IPv4
+    address. Raises ConfigError saying how to set the key."""
+    from detector.core.pii import DEV_DEFAULT_KEY, MIN_KEY_BYTES
+
+    key = settings.pii_hash_key.encode("utf-8")
+    weak = "is the development default" if settings.pii_hash_key == DEV_DEFAULT_KEY else (
+        f"is shorter than {MIN_KEY_BYTES} bytes" if len(key) < MIN_KEY_BYTES else "")
+    if not weak:
+        return
+    if settings.dev_mode:
+        log.warning("pii: DETECTOR_PII_HASH_KEY %s (allowed by DETECTOR_DEV_MODE): IP hashes in "
+                    "decisions can be reversed; never run like this in production", weak)
+        return
+    raise ConfigError(
+        f"refusing to start {what}: DETECTOR_PII_HASH_KEY {weak}, so the IP hashes it writes "
+        "could be reversed. Set DETECTOR_PII_HASH_KEY to a secret of at least "
+        f"{MIN_KEY_BYTES} random bytes (e.g. the output of "
+        "`python3 -c 'import secrets; print(secrets.token_hex(32))'`), the same on every worker; "
+        "or, for development only, set DETECTOR_DEV_MODE=1 (or pass --dev)."
+    )
 
 
 def build_intel(settings: Settings) -> IpIntel:

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 from detector.core.features import denied_prefix, features, geo_mismatch
 from detector.core.lists import ListIndex
+from detector.core.pii import random_key
 from detector.core.policy import Policy, Rule
 from detector.core.records import (
     Action,
@@ -69,7 +70,9 @@ class DecisionContext:
     shadow: Scorer | None = None
     use_rules: bool = True  # evaluation switches: rules only / model only / both
     use_model: bool = True
-    pii_key: bytes = b"detector-default-key"
+    # The PII hash key. Never a known default: a context built without one gets the process's
+    # random key (its hashes match no other process's); runtime.build_context passes the configured one.
+    pii_key: bytes = field(default_factory=random_key, repr=False)
 
 
 def _hit(

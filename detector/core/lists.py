@@ -16,6 +16,7 @@ entries override deny entries.
 from __future__ import annotations
 
 import ipaddress
+import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -26,6 +27,9 @@ KINDS = ("ip", "cidr", "asn", "number", "prefix", "country", "surge")
 #: ``surge`` entries force under-attack mode for a scope (value ``*``, a country code, or an E.164
 #: prefix): ``deny`` forces it on, ``allow`` forces it off, until the entry expires.
 ACTIONS = ("deny", "allow")
+SOURCES = ("soc", "policy", "learned")  # who made the entry (a bounded metric label)
+MAX_VALUE_LEN = 64
+MAX_REASON_LEN = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +56,9 @@ class ListEntry:
 
 def normalize(kind: str, value: str) -> str:
     """Canonical form of a list value; raises InvalidField explaining the expected form."""
-    v = str(value).strip()
+    if not isinstance(value, str) or len(value) > MAX_VALUE_LEN:
+        raise InvalidField("value", f"a string of at most {MAX_VALUE_LEN} characters", value)
+    v = value.strip()
     if kind == "ip":
         try:
             return str(ipaddress.ip_address(v))
@@ -65,15 +71,15 @@ def normalize(kind: str, value: str) -> str:
             raise InvalidField("value", "a CIDR like 198.51.100.0/24", value) from None
     if kind == "asn":
         digits = v.upper().removeprefix("AS")
-        if not digits.isdigit():
+        if not (digits.isascii() and digits.isdigit() and len(digits) <= 10) or int(digits) >= 2**32:
             raise InvalidField("value", "an AS number like AS64500", value)
         return str(int(digits))
     if kind in ("number", "prefix"):
-        digits = "".join(ch for ch in v if ch.isdigit())
-        if not v.startswith(("+", "00")) or not digits:
-            raise InvalidField("value", f"an international {kind} starting with + (E.164)", value)
+        digits = "".join(ch for ch in v if ch.isascii() and ch.isdigit())
         if v.startswith("00"):
             digits = digits[2:]
+        if not v.startswith(("+", "00")) or not digits or len(digits) > 15:
+            raise InvalidField("value", f"an international {kind} starting with + (E.164)", value)
         return "+" + digits
     if kind == "surge":  # under-attack mode: everything, a country or an E.164 prefix
         if v == "*":
@@ -82,7 +88,7 @@ def normalize(kind: str, value: str) -> str:
             return normalize("prefix", v)
         return normalize("country", v)
     if kind == "country":
-        if len(v) != 2 or not v.isalpha():
+        if len(v) != 2 or not v.isalpha() or not v.isascii():
             raise InvalidField("value", "an ISO 3166 alpha-2 country code", value)
         return v.upper()
     raise InvalidField("kind", f"one of {', '.join(KINDS)}", kind)
@@ -102,25 +108,48 @@ def make_entry(
         raise InvalidField("action", "deny or allow", action)
     if kind not in KINDS:
         raise InvalidField("kind", f"one of {', '.join(KINDS)}", kind)
+    if source not in SOURCES:
+        raise InvalidField("source", f"one of {', '.join(SOURCES)}", source)
+    if not isinstance(reason, str) or len(reason) > MAX_REASON_LEN:
+        raise InvalidField("reason", f"a string of at most {MAX_REASON_LEN} characters", reason)
     return ListEntry(action, kind, normalize(kind, value), reason, expires_at, added_at, source)
 
 
+def _epoch(d: dict[str, Any], name: str, *, nullable: bool) -> float | None:
+    """Epoch seconds in [0, 2100-01-01] (no overflow whatever the JSON held)."""
+    v = d.get(name)
+    if v is None:
+        return None if nullable else 0.0
+    expected = "epoch seconds (0 to 4102444800)" + (" or null" if nullable else "")
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise InvalidField(name, expected, v)
+    if isinstance(v, int) and not 0 <= v <= 4_102_444_800:
+        raise InvalidField(name, expected, v)
+    if not math.isfinite(v) or not 0 <= v <= 4_102_444_800:
+        raise InvalidField(name, expected, v)
+    return float(v)
+
+
 def entry_from_dict(d: dict[str, Any]) -> ListEntry:
-    """Parse a list entry message (the ``detector-lists`` topic value)."""
+    """Parse a list entry message (the ``detector-lists`` topic value); every field is checked
+    and a bad one raises :class:`InvalidField` naming it (never another exception)."""
+    if not isinstance(d, dict):
+        raise InvalidField("entry", "a JSON object", d)
     for name in ("action", "kind", "value"):
-        if not isinstance(d.get(name), str):
-            raise InvalidField(name, "a string", d.get(name))
-    exp = d.get("expires_at")
-    if exp is not None and (isinstance(exp, bool) or not isinstance(exp, int | float)):
-        raise InvalidField("expires_at", "epoch seconds or null", exp)
+        if d.get(name) is None:
+            raise InvalidField(name, "a string", None)
+        if not isinstance(d[name], str):
+            raise InvalidField(name, "a string", d[name])
+    reason = d.get("reason")
+    source = d.get("source")
     return make_entry(
         d["action"],
         d["kind"],
         d["value"],
-        reason=str(d.get("reason") or ""),
-        expires_at=float(exp) if exp is not None else None,
-        added_at=float(d.get("added_at") or 0.0),
-        source=str(d.get("source") or "soc"),
+        reason="" if reason is None else reason,
+        expires_at=_epoch(d, "expires_at", nullable=True),
+        added_at=_epoch(d, "added_at", nullable=False) or 0.0,
+        source="soc" if source is None else source,
     )
 
 

@@ -13,43 +13,65 @@ detector.core.errors.InvalidField: field 'ip': expected an IPv4 or IPv6 address,
 from __future__ import annotations
 
 import ipaddress
-import json
 import math
 from datetime import datetime
 from typing import Any
 
-from detector.core.errors import InvalidField, MalformedMessage, MissingField
+import orjson
+
+from detector.core.errors import (
+    EventTimeOutOfRange,
+    InvalidField,
+    MalformedMessage,
+    MessageTooLarge,
+    MissingField,
+)
 from detector.core.records import CallbackRequest
 
 MAX_ID_LEN = 128
 MAX_PHONE_LEN = 64
 MAX_TEXT_LEN = 512
+MAX_TS_TEXT_LEN = 40  # longest RFC 3339 timestamp we read (with fractions and offset)
+MAX_IP_TEXT_LEN = 64  # longest textual IPv6 address with an IPv4 tail and a zone
+# No valid request comes near this: every field is capped, the whole is a few hundred bytes.
+MAX_MESSAGE_BYTES = 16 * 1024
 # Earliest and latest plausible event times: 2000-01-01 .. 2100-01-01 (catches ms-vs-s mistakes).
 MIN_TS, MAX_TS = 946_684_800.0, 4_102_444_800.0
 
 
-def decode_json(raw: bytes | str) -> dict[str, Any]:
-    """Decode one UTF-8 JSON object; raise :class:`MalformedMessage` explaining what is wrong."""
-    if isinstance(raw, bytes | bytearray | memoryview):
+def decode_json(raw: bytes | str, *, max_bytes: int = MAX_MESSAGE_BYTES) -> dict[str, Any]:
+    """Decode one UTF-8 JSON object; raise :class:`MalformedMessage` explaining what is wrong.
+
+    Never raises anything but :class:`InputError`: invalid UTF-8, nesting deeper than 1,024,
+    integers beyond 64 bits and non-finite numbers are malformed JSON here (orjson's limits),
+    and a message over ``max_bytes`` is rejected before it is parsed.
+    """
+    if isinstance(raw, str):
         try:
-            text = bytes(raw).decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise MalformedMessage(
-                f"message is not valid UTF-8 ({exc.reason} at byte {exc.start})"
-            ) from exc
+            data = raw.encode("utf-8")
+        except UnicodeEncodeError as exc:  # lone surrogates
+            raise MalformedMessage(f"message is not valid UTF-8 ({exc.reason})") from None
+    elif isinstance(raw, bytes | bytearray | memoryview):
+        data = bytes(raw)
     else:
-        text = raw
-    if not text.strip():
+        raise MalformedMessage(f"expected bytes holding a JSON object, got {type(raw).__name__}")
+    if len(data) > max_bytes:
+        raise MessageTooLarge(f"message is {len(data):,} bytes; at most {max_bytes:,} expected")
+    if not data.strip():
         raise MalformedMessage("message is empty; expected a JSON object")
     try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise MalformedMessage(
-            f"message is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
-        ) from exc
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise MalformedMessage(f"message is not JSON: {_json_error(exc)}") from None
     if not isinstance(obj, dict):
         raise MalformedMessage(f"expected a JSON object, got a JSON {type(obj).__name__}")
     return obj
+
+
+def _json_error(exc: orjson.JSONDecodeError) -> str:
+    # orjson's message ends with the position; "is not valid UTF-8" style messages say enough.
+    msg = str(exc.msg) if getattr(exc, "msg", None) else str(exc)
+    return f"{msg} at line {exc.lineno} column {exc.colno}"
 
 
 def _text(obj: dict[str, Any], name: str, *, required: bool, max_len: int) -> str | None:
@@ -60,6 +82,8 @@ def _text(obj: dict[str, Any], name: str, *, required: bool, max_len: int) -> st
         return None
     if not isinstance(value, str):
         raise InvalidField(name, "a string", value)
+    if len(value) > 4 * max_len:  # do not strip a megabyte to find out
+        raise InvalidField(name, f"at most {max_len} characters", value)
     value = value.strip()
     if required and not value:
         raise InvalidField(name, "a non-empty string", obj[name])
@@ -68,34 +92,80 @@ def _text(obj: dict[str, Any], name: str, *, required: bool, max_len: int) -> st
     return value or None
 
 
-def parse_ts(value: Any) -> float:
-    """Epoch seconds (int/float) or an RFC 3339 string with a time zone, to epoch seconds."""
+def parse_ts(value: Any, name: str = "ts") -> float:
+    """Epoch seconds (int/float) or an RFC 3339 string with a time zone, to epoch seconds.
+
+    Any value outside 2000..2100 (negative, NaN, infinite, 10**400, milliseconds) is an
+    :class:`InvalidField` naming ``name``, never an OverflowError or ValueError."""
+    expected_epoch = "epoch seconds between 2000 and 2100 (not milliseconds)"
     if isinstance(value, bool):
-        raise InvalidField("ts", "epoch seconds or an RFC 3339 timestamp", value)
-    if isinstance(value, int | float):
-        ts = float(value)
-        if not math.isfinite(ts) or not MIN_TS <= ts <= MAX_TS:
-            raise InvalidField(
-                "ts", "epoch seconds between 2000 and 2100 (not milliseconds)", value
-            )
-        return ts
+        raise InvalidField(name, "epoch seconds or an RFC 3339 timestamp", value)
+    if isinstance(value, int):
+        if not MIN_TS <= value <= MAX_TS:  # compare as int: float(10**400) would overflow
+            raise InvalidField(name, expected_epoch, _short_number(value))
+        return float(value)
+    if isinstance(value, float):
+        if not math.isfinite(value) or not MIN_TS <= value <= MAX_TS:
+            raise InvalidField(name, expected_epoch, value)
+        return value
     if isinstance(value, str):
+        text = value.strip()
+        if len(text) > MAX_TS_TEXT_LEN:
+            raise InvalidField(name, "an RFC 3339 timestamp like 2026-11-22T10:00:00Z", value)
         try:
-            dt = datetime.fromisoformat(value.strip())
+            dt = datetime.fromisoformat(text)
         except ValueError:
             raise InvalidField(
-                "ts", "an RFC 3339 timestamp like 2026-11-22T10:00:00Z", value
+                name, "an RFC 3339 timestamp like 2026-11-22T10:00:00Z", value
             ) from None
         if dt.tzinfo is None:
-            raise InvalidField("ts", "an RFC 3339 timestamp with a time zone (Z or +hh:mm)", value)
-        return parse_ts(dt.timestamp())
-    raise InvalidField("ts", "epoch seconds or an RFC 3339 timestamp", value)
+            raise InvalidField(name, "an RFC 3339 timestamp with a time zone (Z or +hh:mm)", value)
+        try:
+            ts = dt.timestamp()
+        except (OverflowError, ValueError, OSError):
+            raise InvalidField(name, expected_epoch, value) from None
+        return parse_ts(ts, name)
+    raise InvalidField(name, "epoch seconds or an RFC 3339 timestamp", value)
+
+
+def _short_number(value: int) -> str:
+    """A huge integer shown without converting all its digits (str() refuses > 4,300 digits)."""
+    if -(10**30) < value < 10**30:
+        return str(value)
+    return f"an integer of about {int(value.bit_length() * 0.30103)} digits"
+
+
+def check_event_time(ts: float, now: float, *, max_future_s: float, max_past_s: float,
+                     name: str = "ts") -> float:
+    """``ts`` if it is at most ``max_future_s`` ahead of ``now`` and ``max_past_s`` behind it
+    (0 = that side unchecked); else :class:`EventTimeOutOfRange`.
+
+    >>> check_event_time(1000.0, 1000.0, max_future_s=300, max_past_s=86400)
+    1000.0
+    >>> check_event_time(4e9, 1.8e9, max_future_s=300, max_past_s=86400)
+    Traceback (most recent call last):
+    ...
+    detector.core.errors.EventTimeOutOfRange: field 'ts': 2200000000 s ahead of the clock; ...
+    """
+    if max_future_s > 0 and ts > now + max_future_s:
+        raise EventTimeOutOfRange(
+            f"field {name!r}: {ts - now:.0f} s ahead of the clock; at most {max_future_s:.0f} s allowed",
+            field=name,
+        )
+    if max_past_s > 0 and ts < now - max_past_s:
+        raise EventTimeOutOfRange(
+            f"field {name!r}: {now - ts:.0f} s behind the clock; at most {max_past_s:.0f} s allowed",
+            field=name,
+        )
+    return ts
 
 
 def parse_ip(value: Any) -> str:
     """Normalized textual IPv4/IPv6 address (IPv4-mapped IPv6 is unwrapped)."""
     if not isinstance(value, str):
         raise InvalidField("ip", "an IPv4 or IPv6 address string", value)
+    if len(value) > MAX_IP_TEXT_LEN:
+        raise InvalidField("ip", "an IPv4 or IPv6 address", value)
     try:
         addr = ipaddress.ip_address(value.strip())
     except ValueError:
@@ -106,7 +176,9 @@ def parse_ip(value: Any) -> str:
 
 
 def parse_request(raw: bytes | str | dict[str, Any]) -> CallbackRequest:
-    """Validate one callback request. Unknown fields are ignored."""
+    """Validate one callback request. Unknown fields are ignored.
+
+    Raises only :class:`~detector.core.errors.InputError` (and its children) on bad input."""
     obj = raw if isinstance(raw, dict) else decode_json(raw)
     request_id = _text(obj, "request_id", required=True, max_len=MAX_ID_LEN)
     if obj.get("ts") is None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from detector.core import population, state
+from detector.core.clock import EventClock
 from detector.core.decide import DecisionContext, decide, decide_many
 from detector.core.errors import InvalidField, MissingField
 from detector.core.ipintel import IpIntel
@@ -69,33 +70,62 @@ def range_routing_key(req: CallbackRequest, enr: Enrichment) -> str:
     return routing_key(enr.phone, req.phone_number)
 
 
-def parse_outcome(obj: dict[str, Any]) -> Outcome:
-    """Validate a dialer outcome message."""
-    for name in ("request_id", "phone_number", "outcome"):
+MAX_DURATION_S = 7 * 86400.0
+
+
+def parse_outcome(obj: dict[str, Any] | bytes | str) -> Outcome:
+    """Validate a dialer outcome message (a decoded object or its raw bytes).
+
+    Raises only :class:`~detector.core.errors.InputError` (and its children) on bad input."""
+    from detector.core.parse import MAX_ID_LEN, MAX_PHONE_LEN, decode_json, parse_ts
+
+    if not isinstance(obj, dict):
+        obj = decode_json(obj)
+    for name, limit in (("request_id", MAX_ID_LEN), ("phone_number", MAX_PHONE_LEN),
+                        ("outcome", 32)):
         if obj.get(name) is None:
             raise MissingField(name)
         if not isinstance(obj[name], str):
             raise InvalidField(name, "a string", obj[name])
+        if not obj[name].strip() or len(obj[name]) > limit:
+            raise InvalidField(name, f"a non-empty string of at most {limit} characters", obj[name])
     if obj["outcome"] not in OUTCOMES:
         raise InvalidField("outcome", f"one of {', '.join(OUTCOMES)}", obj["outcome"])
-    from detector.core.parse import parse_ts
-
     ts = parse_ts(obj["ts"]) if obj.get("ts") is not None else time.time()
     dur = obj.get("duration_s", 0.0) or 0.0
-    if isinstance(dur, bool) or not isinstance(dur, int | float) or dur < 0:
-        raise InvalidField("duration_s", "a non-negative number of seconds", dur)
-    return Outcome(obj["request_id"], obj["phone_number"], obj["outcome"], ts, float(dur))
+    expected = f"a number of seconds from 0 to {MAX_DURATION_S:.0f}"
+    if isinstance(dur, bool) or not isinstance(dur, int | float):
+        raise InvalidField("duration_s", expected, dur)
+    if (isinstance(dur, int) and not 0 <= dur <= MAX_DURATION_S) or not 0 <= dur <= MAX_DURATION_S:
+        raise InvalidField("duration_s", expected, dur)  # NaN fails the second comparison too
+    return Outcome(obj["request_id"].strip(), obj["phone_number"].strip(), obj["outcome"], ts,
+                   float(dur))
+
+
+DEFAULT_LEARNED_DENY_INTERVAL_S = 3600.0
 
 
 def learn_from_outcome(
-    stores: state.RangeStores, outcome: Outcome, nkey: str, policy: Policy
+    stores: state.RangeStores, outcome: Outcome, nkey: str, policy: Policy,
+    *, deny_interval_s: float = DEFAULT_LEARNED_DENY_INTERVAL_S,
 ) -> ListEntry | None:
     """Clear the number's outstanding callback; return a deny entry learned from the floor, if any."""
+    return learn(stores, outcome, nkey, policy, deny_interval_s=deny_interval_s)[0]
+
+
+def learn(
+    stores: state.RangeStores, outcome: Outcome, nkey: str, policy: Policy,
+    *, deny_interval_s: float = DEFAULT_LEARNED_DENY_INTERVAL_S,
+) -> tuple[ListEntry | None, bool]:
+    """:func:`learn_from_outcome` plus whether a deny was due but rate-limited: at most one
+    learned deny per number per ``deny_interval_s`` (whoever can write outcomes cannot churn a
+    number's entry; the limit lives in the number's table value, key ``ld``)."""
     state.clear_pending(stores, nkey, outcome.request_id)
     if nkey.startswith("?"):
-        return None
+        return None, False
+    entry = None
     if outcome.outcome == "agent_marked_spam":
-        return make_entry(
+        entry = make_entry(
             "deny",
             "number",
             nkey,
@@ -104,10 +134,10 @@ def learn_from_outcome(
             added_at=outcome.ts,
             source="learned",
         )
-    if outcome.outcome == "machine":
+    elif outcome.outcome == "machine":
         n = state.record_machine(stores, nkey, outcome.ts)
         if n >= policy.machine_threshold:
-            return make_entry(
+            entry = make_entry(
                 "deny",
                 "number",
                 nkey,
@@ -116,7 +146,11 @@ def learn_from_outcome(
                 added_at=outcome.ts,
                 source="learned",
             )
-    return None
+    if entry is None:
+        return None, False
+    if not state.learned_deny_due(stores, nkey, outcome.ts, deny_interval_s):
+        return None, True
+    return entry, False
 
 
 @dataclass
@@ -130,13 +164,17 @@ class Detector:
     seen: dict[str, float] = field(default_factory=dict)
     population: PopulationView = field(default_factory=PopulationView)
     sweep_every_s: float = 6 * 3600.0  # event time between sweeps of dead keys
+    clock: EventClock = field(default_factory=EventClock)  # the sweeps' time (see core.clock)
+    learned_deny_interval_s: float = DEFAULT_LEARNED_DENY_INTERVAL_S
     _last_sweep: float = 0.0
 
     def process(self, req: CallbackRequest, *, decided_at: float | None = None) -> Decision:
         policy = self.ctx.policy
         enr = enrich(req, self.intel, policy)
-        ip_counts: IpCounts = state.ip_stage(self.ip_stores, req, enr, policy.shared_ip)
-        upd = state.range_stage(self.range_stores, req, enr, range_routing_key(req, enr))
+        ip_counts: IpCounts = state.ip_stage(self.ip_stores, req, enr, policy.shared_ip,
+                                             key=self.ctx.pii_key)
+        upd = state.range_stage(self.range_stores, req, enr, range_routing_key(req, enr),
+                                 key=self.ctx.pii_key)
         pop = count_population(self.population, req, enr, ip_counts, upd.counts, policy)
         decision = decide(
             req,
@@ -152,8 +190,9 @@ class Detector:
             allowed=decision.action == Action.ALLOW,
             pending_ttl=self.ctx.policy.pending_ttl,
         )
-        if req.ts - self._last_sweep > self.sweep_every_s:
-            self.sweep(req.ts)
+        now = self.clock.observe(req.ts)  # one far-future request cannot make live keys look dead
+        if abs(now - self._last_sweep) > self.sweep_every_s:
+            self.sweep(now)
         return decision
 
     def process_many(self, reqs: Iterable[CallbackRequest], *, batch: int = 256) -> Iterator[Decision]:
@@ -169,8 +208,9 @@ class Detector:
             if todo and (req.request_id in keys or state.number_key(enr, req.phone_number) in keys):
                 yield from self._decide(todo)
                 keys.clear()
-            ip_counts = state.ip_stage(self.ip_stores, req, enr, policy.shared_ip)
-            upd = state.range_stage(self.range_stores, req, enr, range_routing_key(req, enr))
+            ip_counts = state.ip_stage(self.ip_stores, req, enr, policy.shared_ip, key=self.ctx.pii_key)
+            upd = state.range_stage(self.range_stores, req, enr, range_routing_key(req, enr),
+                                    key=self.ctx.pii_key)
             pop = count_population(self.population, req, enr, ip_counts, upd.counts, policy)
             todo.append((req, enr, Counts(ip_counts, upd.counts, pop), upd))
             keys.add(upd.number_key)
@@ -201,7 +241,8 @@ class Detector:
     def apply_outcome(self, outcome: Outcome) -> ListEntry | None:
         enr_phone = enrich_phone(outcome.phone_number, None, self.ctx.policy.range_digits)
         nkey = enr_phone.e164 or "?" + "".join(c for c in outcome.phone_number if c.isdigit())
-        entry = learn_from_outcome(self.range_stores, outcome, nkey, self.ctx.policy)
+        entry = learn_from_outcome(self.range_stores, outcome, nkey, self.ctx.policy,
+                                   deny_interval_s=self.learned_deny_interval_s)
         if entry is not None:
             self.ctx.lists.add(entry)
         return entry

@@ -19,7 +19,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from detector.core.errors import PolicyError
+from detector.core.errors import PolicyError, _shown
 from detector.core.parse import parse_ts
 from detector.core.population import Campaign, PopulationPolicy
 from detector.core.records import Action
@@ -119,13 +119,13 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
 
 def _num(where: str, value: Any, lo: float, hi: float) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
-        raise PolicyError(f"{where}: expected a number in [{lo}, {hi}], got {value!r}")
+        raise PolicyError(f"{where}: expected a number in [{lo}, {hi}], got {_shown(value)}")
     return float(value)
 
 
 def _rule(where: str, raw: Any) -> Rule:
     if not isinstance(raw, Mapping):
-        raise PolicyError(f"{where}: expected a table {{action, silent, weight}}, got {raw!r}")
+        raise PolicyError(f"{where}: expected a table {{action, silent, weight}}, got {_shown(raw)}")
     unknown = set(raw) - {"action", "silent", "weight", "mode"}
     if unknown:
         raise PolicyError(
@@ -135,21 +135,63 @@ def _rule(where: str, raw: Any) -> Rule:
         action = Action(raw.get("action", "allow"))
     except ValueError:
         raise PolicyError(
-            f"{where}.action: expected one of allow, deflect, block, got {raw.get('action')!r}"
+            f"{where}.action: expected one of allow, deflect, block, got {_shown(raw.get('action'))}"
         ) from None
     silent = raw.get("silent", False)
     if not isinstance(silent, bool):
-        raise PolicyError(f"{where}.silent: expected true or false, got {silent!r}")
+        raise PolicyError(f"{where}.silent: expected true or false, got {_shown(silent)}")
     mode = raw.get("mode", "enforce")
     if mode not in RULE_MODES:
-        raise PolicyError(f"{where}.mode: expected one of enforce, monitor, got {mode!r}")
+        raise PolicyError(f"{where}.mode: expected one of enforce, monitor, got {_shown(mode)}")
     return Rule(action, silent, _num(f"{where}.weight", raw.get("weight", 0.5), 0.0, 1.0), mode)
 
 
 def _strings(where: str, value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str | int) for v in value):
-        raise PolicyError(f"{where}: expected a list of strings, got {value!r}")
+        raise PolicyError(f"{where}: expected a list of strings, got {_shown(value)}")
     return tuple(str(v) for v in value)
+
+
+# Sections whose keys are not all in the default file (checked where they are parsed).
+_OPEN_SECTIONS = {"deny": LIST_FIELDS, "allow": LIST_FIELDS}
+_RULE_KEYS = ("action", "silent", "weight")
+
+
+def _number_type_names() -> tuple[str, ...]:
+    from detector.core.phone import TYPE_NAMES
+
+    return tuple(sorted(set(TYPE_NAMES.values())))
+
+
+def _check_keys(over: Mapping[str, Any], base: Mapping[str, Any], path: str) -> None:
+    """Every key of ``over`` must exist in the default policy (or be a phonenumbers type name
+    under ``number_types``, a list field under ``deny``/``allow``), at every level; a typo such
+    as ``[risk] deflect`` or ``[number_types] PREMIUM`` is an error naming the known keys."""
+    for key, value in over.items():
+        where = f"{path}.{key}" if path else str(key)
+        if path == "number_types":
+            known: tuple[str, ...] = _number_type_names()
+            if str(key).upper() not in known:
+                raise PolicyError(f"{where}: unknown number type {key!r}; known: {list(known)}")
+            sub_base: Any = dict.fromkeys(_RULE_KEYS)
+        elif path in _OPEN_SECTIONS:
+            continue  # checked against their list fields in parse_policy
+        elif path == "rules" or path.startswith("rules."):
+            if path == "rules" and key not in base:
+                raise PolicyError(f"{where}: unknown rule {key!r}; known: {sorted(base)}")
+            sub_base = dict.fromkeys(_RULE_KEYS) if path == "rules" else None
+            if path != "rules" and key not in _RULE_KEYS:
+                raise PolicyError(f"{where}: unknown key {key!r}; known: {list(_RULE_KEYS)}")
+        else:
+            if key not in base:
+                raise PolicyError(f"{where}: unknown key {key!r}; known: {sorted(base)}")
+            sub_base = base[key]
+        if isinstance(sub_base, Mapping):
+            if not isinstance(value, Mapping):
+                raise PolicyError(f"{where}: expected a table, got {type(value).__name__}")
+            _check_keys(value, sub_base, where)
+        elif isinstance(value, Mapping) and sub_base is not None:
+            raise PolicyError(f"{where}: expected a value, got a table")
 
 
 def parse_policy(overrides: Mapping[str, Any]) -> Policy:
@@ -165,10 +207,11 @@ def parse_policy(overrides: Mapping[str, Any]) -> Policy:
         extra = set(overrides.get(sec, {})) - set(base[sec])
         if extra:
             raise PolicyError(f"{sec}: unknown key(s) {sorted(extra)}; known: {sorted(base[sec])}")
+    _check_keys(overrides, base, "")
     raw = _merge(base, overrides)
     version = raw.get("version")
     if not isinstance(version, str) or not version:
-        raise PolicyError(f"version: expected a non-empty string, got {version!r}")
+        raise PolicyError(f"version: expected a non-empty string, got {_shown(version)}")
     deflect_at = _num("risk.deflect_at", raw["risk"]["deflect_at"], 0.0, 1.0)
     block_at = _num("risk.block_at", raw["risk"]["block_at"], 0.0, 1.0)
     if block_at < deflect_at:
@@ -177,21 +220,21 @@ def parse_policy(overrides: Mapping[str, Any]) -> Policy:
     for c in countries:
         if len(c) != 2 or not c.isalpha():
             raise PolicyError(
-                f"destinations.allowed_countries: expected ISO alpha-2 codes, got {c!r}"
+                f"destinations.allowed_countries: expected ISO alpha-2 codes, got {_shown(c)}"
             )
     prefixes = _strings("destinations.denied_prefixes", raw["destinations"]["denied_prefixes"])
     for p in prefixes:
         if not p.startswith("+") or not p[1:].isdigit():
-            raise PolicyError(f"destinations.denied_prefixes: expected '+' and digits, got {p!r}")
+            raise PolicyError(f"destinations.denied_prefixes: expected '+' and digits, got {_shown(p)}")
     velocity: dict[str, int] = {}
     for k, v in raw["velocity"].items():
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise PolicyError(f"velocity.{k}: expected a positive integer, got {v!r}")
+            raise PolicyError(f"velocity.{k}: expected a positive integer, got {_shown(v)}")
         velocity[k] = v
     ttl = _num("pending.ttl_seconds", raw["pending"]["ttl_seconds"], 0, 7 * 86400)
     digits = raw["ranges"]["trailing_digits"]
     if isinstance(digits, bool) or not isinstance(digits, int) or not 1 <= digits <= 6:
-        raise PolicyError(f"ranges.trailing_digits: expected an integer 1..6, got {digits!r}")
+        raise PolicyError(f"ranges.trailing_digits: expected an integer 1..6, got {_shown(digits)}")
     lists: dict[str, dict[str, tuple[str, ...]]] = {}
     for sec in ("deny", "allow"):
         extra = set(raw[sec]) - set(LIST_FIELDS)
@@ -338,10 +381,15 @@ def load_policy(path: Path | str | None = None) -> Policy:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise PolicyError(f"cannot read policy file {str(p)!r}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise PolicyError(f"policy file {str(p)!r} is not UTF-8 (byte {exc.start})") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise PolicyError(f"policy file {str(p)!r} is not valid TOML: {exc}") from exc
+    except (RecursionError, ValueError) as exc:  # arrays nested too deep, a 5,000-digit integer
+        raise PolicyError(f"policy file {str(p)!r}: a value is nested too deeply or too large "
+                          f"({type(exc).__name__})") from None
     try:
         return parse_policy(data)
     except PolicyError as exc:

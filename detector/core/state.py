@@ -15,12 +15,12 @@ logs that write to its changelog). The replay path calls both stages in turn on 
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from detector.core import windows as w
+from detector.core.pii import hash_id
 from detector.core.records import CallbackRequest, Enrichment, IpCounts, PhoneInfo, RangeCounts
 
 if TYPE_CHECKING:
@@ -29,19 +29,16 @@ if TYPE_CHECKING:
 Store = MutableMapping[str, Any]
 
 
-def short_hash(text: str) -> str:
-    """Stable 16-hex-digit hash used for distinct-set members and for PII-free identifiers.
+def short_hash(text: str, key: bytes) -> str:
+    """Distinct-set member of an identifier: the one keyed hash, :func:`detector.core.pii.hash_id`.
 
-    >>> short_hash("203.0.113.9")
-    '5e9e93acab482f42'
+    >>> short_hash("203.0.113.9", b"k") == pii_hash("203.0.113.9", b"k")
+    True
     """
-    return hashlib.blake2b(text.encode("utf-8"), digest_size=8).hexdigest()
+    return hash_id(text, key)
 
 
-def pii_hash(text: str, key: bytes) -> str:
-    """Keyed hash for logs, decisions and dashboards: not reversible without ``key`` (an IPv4
-    address space is small enough to brute-force an unkeyed hash)."""
-    return hashlib.blake2b(text.encode("utf-8"), digest_size=8, key=key[:64]).hexdigest()
+pii_hash = hash_id  # the decision's ip_hash (same function: one keyed hash for every identifier)
 
 
 def number_key(enr: Enrichment, raw: str) -> str:
@@ -73,18 +70,21 @@ class RangeStores:
 
 
 def ip_stage(
-    stores: IpStores, req: CallbackRequest, enr: Enrichment, shared: SharedIpPolicy | None = None
+    stores: IpStores, req: CallbackRequest, enr: Enrichment, shared: SharedIpPolicy | None = None,
+    *, key: bytes,
 ) -> IpCounts:
-    """Count ``req`` in the IP tables and return the IP-side counts (including ``req``)."""
+    """Count ``req`` in the IP tables and return the IP-side counts (including ``req``).
+    ``key``: the PII hash key (distinct-set members are keyed hashes); ``shared``: the policy's
+    shared-IP section (None: never shared)."""
     ts = req.ts
     value = stores.ip.get(req.ip) or {}
     value = dict(value)
     value["c"] = w.count_add(value.get("c"), ts)
-    value["n"] = w.distinct_add(value.get("n"), short_hash(number_key(enr, req.phone_number)), ts)
+    value["n"] = w.distinct_add(value.get("n"), short_hash(number_key(enr, req.phone_number), key), ts)
     if enr.phone.region:
         value["k"] = w.distinct_add(value.get("k"), enr.phone.region, ts)
     if enr.phone.range_key:
-        value["r"] = w.distinct_add(value.get("r"), short_hash(enr.phone.range_key), ts)
+        value["r"] = w.distinct_add(value.get("r"), short_hash(enr.phone.range_key, key), ts)
     stores.ip[req.ip] = value
     c15, c1h, c24 = w.count_read(value["c"], ts)
     n1h, n24 = w.distinct_read(value["n"], ts)
@@ -135,12 +135,12 @@ class RangeUpdate:
 
 
 def range_stage(
-    stores: RangeStores, req: CallbackRequest, enr: Enrichment, range_key: str
+    stores: RangeStores, req: CallbackRequest, enr: Enrichment, range_key: str, *, key: bytes
 ) -> RangeUpdate:
     """Count ``req`` per number, pair and range; the number's value is written by :func:`range_commit`."""
     ts = req.ts
     nkey = number_key(enr, req.phone_number)
-    ip_member = short_hash(req.ip)
+    ip_member = short_hash(req.ip, key)
 
     num = dict(stores.number.get(nkey) or {})
     num["c"] = w.count_add(num.get("c"), ts)
@@ -155,7 +155,7 @@ def range_stage(
     rng = dict(stores.range.get(range_key) or {})
     rng["c"] = w.count_add(rng.get("c"), ts)
     rng["i"] = w.distinct_add(rng.get("i"), ip_member, ts)
-    rng["n"] = w.distinct_add(rng.get("n"), short_hash(nkey), ts)
+    rng["n"] = w.distinct_add(rng.get("n"), short_hash(nkey, key), ts)
     stores.range[range_key] = rng
 
     n15, n1h, n24 = w.count_read(num["c"], ts)
@@ -203,6 +203,21 @@ def record_machine(stores: RangeStores, nkey: str, ts: float) -> int:
     return w.count_read(value["m"], ts)[2]
 
 
+LEARNED_MARK_KEEP_S = 86400.0  # a number's last learned deny is remembered this long
+
+
+def learned_deny_due(stores: RangeStores, nkey: str, ts: float, interval_s: float) -> bool:
+    """Whether a learned deny for ``nkey`` at ``ts`` may be issued (none within ``interval_s``);
+    if so, remember ``ts`` in the number's value (``ld``)."""
+    value = dict(stores.number.get(nkey) or {})
+    last = value.get("ld")
+    if isinstance(last, int | float) and abs(ts - float(last)) < interval_s:
+        return False
+    value["ld"] = ts
+    stores.number[nkey] = value
+    return True
+
+
 def sweep(store: Store, now: float) -> int:
     """Delete keys whose state can no longer count at ``now`` (event time). Returns keys deleted."""
     dead = [k for k, v in list(store.items()) if _dead(v, now)]
@@ -219,6 +234,9 @@ def _dead(value: Any, now: float) -> bool:
     for part, v in value.items():
         if part == "p":
             if float(v["until"]) > now:
+                return False
+        elif part == "ld":
+            if float(v) + LEARNED_MARK_KEEP_S > now:
                 return False
         elif part in ("c", "m"):
             if not w.count_expired(v, now):

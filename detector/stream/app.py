@@ -71,22 +71,18 @@ from faust.types import TP
 from detector import metrics
 from detector.config import Settings
 from detector.core import state
+from detector.core.clock import sweep_time
 from detector.core.decide import DecisionContext, decide_many
-from detector.core.errors import InputError
+from detector.core.errors import InputError, UntrustedEntry
 from detector.core.ipintel import IpIntel
-from detector.core.lists import ListEntry
-from detector.core.parse import parse_request
+from detector.core.lists import SOURCES, ListEntry
+from detector.core.parse import check_event_time, parse_request
 from detector.core.phone import enrich_phone
-from detector.core.pipeline import (
-    count_population,
-    enrich,
-    learn_from_outcome,
-    parse_outcome,
-    range_routing_key,
-)
+from detector.core.pipeline import count_population, enrich, learn, parse_outcome, range_routing_key
 from detector.core.policy import Policy
 from detector.core.population import PopulationView
-from detector.core.records import Action, CallbackRequest, Counts, Enrichment
+from detector.core.records import OUTCOMES, Action, CallbackRequest, Counts, Enrichment
+from detector.core.signing import REJECT_REASONS, Signer, Verifier
 from detector.stream import codec
 from detector.stream import population as pop_stream
 from detector.stream.delivery import Admit, DeliveryTransport, OffsetGate, start_offsets
@@ -106,6 +102,20 @@ STAGE_INPUTS = {"requests": "ingest", "outcomes": "outcome", "by_ip": "ip", "by_
 #               ^ the topics the agents consume -> the stage (agent) consuming it
 
 Publish = Callable[..., Awaitable[Any]]
+
+
+def where_failed() -> str:
+    """The current exception's type and the file:line it was raised at, without its message
+    or a traceback: both can quote a message's content (a phone number, an IP)."""
+    import sys
+    import traceback
+
+    exc = sys.exc_info()[1]
+    if exc is None:
+        return "no exception"
+    frames = traceback.extract_tb(exc.__traceback__)
+    at = f"{frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno}" if frames else "?"
+    return f"{type(exc).__name__} at {at}"
 
 
 # --------------------------------------------------------------------------- transport
@@ -268,6 +278,8 @@ class StreamRuntime:
 
     ip_partitions: int = 0  # partitions of by-ip when callback-requests has as many, else 0
     population: PopulationView = field(default_factory=PopulationView)  # see stream/population.py
+    verifier: Verifier = field(default_factory=Verifier)  # trusted list keys (none: refuse all)
+    signer: Signer | None = None  # this worker's key for learned entries (None: not published)
 
     @property
     def policy(self) -> Policy:
@@ -306,24 +318,28 @@ class StreamRuntime:
         assert self.publish is not None
         return await self.publish(w.table.changelog_topic, codec.dumps(w.key), value, w.partition)
 
-    def apply_list_message(self, key: bytes | None, value: bytes | None, source: str) -> None:
-        """Apply one ``detector-lists`` message (entry or tombstone) to the in-memory index."""
-        if value is None:
-            if key:
-                self.ctx.lists.remove(key.decode("utf-8", "replace"))
-                metrics.LIST_CHANGES.labels("remove", source).inc()
-            return
+    def apply_list_message(self, key: bytes | None, value: bytes | None, source: str = "topic") -> None:
+        """Apply one ``detector-lists`` message to the in-memory index if its signature verifies
+        (see :mod:`detector.core.signing`); otherwise count it by reason and log the reason only
+        (the key and the entry carry an IP or a number)."""
         try:
-            entry = codec.list_entry_from_wire(value)
-        except (InputError, ValueError, KeyError, TypeError) as exc:
-            # The key and the error text carry the entry's value (an IP or a number): log neither.
-            prefix = ":".join((key or b"").decode("utf-8", "replace").split(":")[:2])
-            kind = exc.kind if isinstance(exc, InputError) else type(exc).__name__
-            log.warning("lists: ignoring an invalid %s entry (%s)", prefix or "unkeyed", kind)
-            metrics.DEAD_LETTERS.labels(self.settings.topic_lists, kind).inc()
+            v = self.verifier.verify(key, value, now=time.time())
+        except UntrustedEntry as exc:
+            prefix = ":".join((key or b"").decode("utf-8", "replace").split(":")[:2])[:20]
+            log.warning("lists: refused a %s entry (%s)", prefix or "unkeyed", exc.reason)
+            metrics.LIST_REJECTED.labels(metrics.bounded(exc.reason, REJECT_REASONS)).inc()
             return
-        self.ctx.lists.add(entry)
-        metrics.LIST_CHANGES.labels("add", entry.source or source).inc()
+        if v.op == "remove":
+            self.ctx.lists.remove(v.entry.key)
+        else:
+            self.ctx.lists.add(v.entry)
+        metrics.LIST_CHANGES.labels(v.op, metrics.bounded(v.entry.source, SOURCES)).inc()
+
+    def learned_entry_wire(self, entry: ListEntry) -> bytes | None:
+        """A learned entry signed with this worker's key, or None when it has none."""
+        if self.signer is None:
+            return None
+        return codec.dumps(self.signer.sign(entry, signed_at=time.time()))
 
     def update_list_gauges(self) -> None:
         metrics.LIST_ENTRIES.clear()
@@ -371,13 +387,17 @@ async def ingest_one(rt: StreamRuntime, key: bytes | None, value: bytes | None, 
         if value is None:
             raise InputError("message has no value (tombstone); expected a JSON request")
         req = parse_request(value)
+        check_event_time(req.ts, time.time(), max_future_s=s.max_future_skew_s,
+                         max_past_s=s.max_past_skew_s)
     except InputError as exc:
         await _dead_letter(rt, exc.kind, str(exc), s.topic_requests, partition, offset, value, key,
                            timestamp)
         return
     except Exception as exc:  # never let one message stop the worker
-        log.exception("ingest: unexpected error at %s[%d]@%d", s.topic_requests, partition, offset)
-        await _dead_letter(rt, "internal_error", f"{type(exc).__name__}: {exc}", s.topic_requests,
+        # No traceback and no exception text: both can quote the message (a number, an IP).
+        log.error("ingest: unexpected %s at %s[%d]@%d (dead-lettered)", where_failed(),
+                  s.topic_requests, partition, offset)
+        await _dead_letter(rt, "internal_error", type(exc).__name__, s.topic_requests,
                            partition, offset, value, key, timestamp)
         return
     ip_key = req.ip.encode("utf-8")
@@ -423,7 +443,7 @@ async def ip_stage(rt: StreamRuntime, req: CallbackRequest, wire: dict[str, Any]
     writes: dict[tuple[str, str], Write] = {}
     view = EventView(rt.tables["ip"], partition, _applied_source(src, src_offset),
                      _stamp_source(src, src_offset), writes)
-    counts = state.ip_stage(state.IpStores(ip=view), req, enr, rt.policy.shared_ip)
+    counts = state.ip_stage(state.IpStores(ip=view), req, enr, rt.policy.shared_ip, key=rt.ctx.pii_key)
     if view.redelivered:
         metrics.DUPLICATES.labels("ip").inc()
         # The copy was counted once more than the stored value: undo that in what we forward.
@@ -483,7 +503,7 @@ def range_one(rt: StreamRuntime, env: dict[str, Any], *, partition: int, offset:
         metrics.DUPLICATES.labels("range").inc()
         return RangeResult(decision=seen["d"], kts=env.get("kts"), resend=True)
     enr = enrich(req, rt.intel, rt.policy)
-    upd = state.range_stage(stores, req, enr, range_routing_key(req, enr))
+    upd = state.range_stage(stores, req, enr, range_routing_key(req, enr), key=rt.ctx.pii_key)
     if seen is not None:  # this very message again (offset not committed before a crash)
         metrics.DUPLICATES.labels("range").inc()
         d = seen["d"]
@@ -525,11 +545,15 @@ def decide_pending(rt: StreamRuntime, undecided: list[Undecided],
 def _outcome(rt: StreamRuntime, env: dict[str, Any], stores: state.RangeStores) -> ListEntry | None:
     outcome = codec.outcome_from_wire(env["o"])
     nkey = number_key_of(outcome.phone_number, rt.policy)
-    metrics.OUTCOMES.labels(outcome.outcome).inc()
-    entry = learn_from_outcome(stores, outcome, nkey, rt.policy)
+    metrics.OUTCOMES.labels(metrics.bounded(outcome.outcome, OUTCOMES)).inc()
+    entry, limited = learn(stores, outcome, nkey, rt.policy,
+                           deny_interval_s=rt.settings.learned_deny_interval_s)
+    if limited:
+        metrics.LEARNED.labels("rate_limited").inc()
     if entry is not None:
         rt.ctx.lists.add(entry)
         metrics.LIST_CHANGES.labels("add", "learned").inc()
+        metrics.LEARNED.labels("published" if rt.signer is not None else "local_only").inc()
     return entry
 
 
@@ -582,12 +606,14 @@ class RangeBatcher:
         try:
             decide_pending(self.rt, self.undecided, self.writes)
         except Exception:
-            log.exception("range: deciding a batch of %d failed; deciding one by one", len(self.undecided))
+            log.error("range: deciding a batch of %d failed (%s); deciding one by one",
+                      len(self.undecided), where_failed())
             for u in self.undecided:
                 try:
                     decide_pending(self.rt, [u], self.writes)
                 except Exception:
-                    log.exception("range: could not decide by-range[%d]@%d", u.partition, u.offset)
+                    log.error("range: could not decide by-range[%d]@%d (%s)", u.partition, u.offset,
+                              where_failed())
         finally:
             self.undecided.clear()
             self.pending_keys.clear()
@@ -605,7 +631,7 @@ class RangeBatcher:
                 u = self.undecided[-1]
                 self.pending_keys.update((u.update.number_key, u.req.request_id))
         except Exception:  # a bug must not stop the worker; the request was validated upstream
-            log.exception("range: failed to process by-range[%d]@%d", partition, offset)
+            log.error("range: failed to process by-range[%d]@%d (%s)", partition, offset, where_failed())
         self.acks.append(ack)
         metrics.child(metrics.STAGE_SECONDS, "range").observe(time.perf_counter() - t0)
 
@@ -629,9 +655,9 @@ class RangeBatcher:
             sent = 0
             now = time.time()
             for res in results:
-                if res.entry is not None:
-                    await rt.send("lists", res.entry.key.encode("utf-8"),
-                                  codec.list_entry_to_wire(res.entry))
+                wire = None if res.entry is None else rt.learned_entry_wire(res.entry)
+                if res.entry is not None and wire is not None:
+                    await rt.send("lists", res.entry.key.encode("utf-8"), wire)
                 d = res.decision
                 if d is None:
                     continue
@@ -656,14 +682,18 @@ async def outcome_one(rt: StreamRuntime, key: bytes | None, value: bytes | None,
     try:
         if value is None:
             raise InputError("message has no value; expected a JSON outcome")
-        obj = codec.loads(value)
-        if not isinstance(obj, dict):
-            raise InputError(f"expected a JSON object, got a JSON {type(obj).__name__}")
-        outcome = parse_outcome(obj)
-    except (InputError, ValueError) as exc:
-        kind = exc.kind if isinstance(exc, InputError) else "malformed_json"
-        await _dead_letter(rt, kind, str(exc), s.topic_outcomes, partition, offset, value, key,
+        outcome = parse_outcome(value)
+        check_event_time(outcome.ts, time.time(), max_future_s=s.max_future_skew_s,
+                         max_past_s=s.max_past_skew_s)
+    except InputError as exc:
+        await _dead_letter(rt, exc.kind, str(exc), s.topic_outcomes, partition, offset, value, key,
                            timestamp)
+        return
+    except Exception as exc:  # never let one message stop the worker (see ingest_one)
+        log.error("outcome: unexpected %s at %s[%d]@%d (dead-lettered)", where_failed(),
+                  s.topic_outcomes, partition, offset)
+        await _dead_letter(rt, "internal_error", type(exc).__name__, s.topic_outcomes,
+                           partition, offset, value, key, timestamp)
         return
     env = {"k": "out", "o": codec.outcome_to_wire(outcome)}
     await rt.send("by_range", outcome_routing_key(outcome.phone_number, rt.policy).encode("utf-8"),
@@ -696,6 +726,13 @@ def sweep_tables(rt: StreamRuntime, now: float,
             seen.data.pop(key, None)
             writes.append(Write(seen, key, None, value[META]["p"]))
     return writes
+
+
+def sweep_now(rt: StreamRuntime) -> float:
+    """The time sweeps run at: the newest event time, but never past the wall clock plus the
+    allowed future skew (one far-future event must not make every live key look dead)."""
+    return sweep_time(newest_event=rt.max_ts, wall=time.time(),
+                      max_future_skew=rt.settings.max_future_skew_s)
 
 
 class Sweeper:
@@ -744,8 +781,11 @@ def make_app(settings: Settings, *, rt: StreamRuntime | None = None, web: bool =
     from detector.runtime import build_context, build_intel, build_model_watcher
 
     if rt is None:
+        from detector.keys import worker_keys
+
         ctx = build_context(settings)
         rt = StreamRuntime(settings, ctx, build_intel(settings), build_model_watcher(settings))
+        rt.verifier, rt.signer = worker_keys(settings)
     s = settings
     app = DetectorApp(
         s.app_id,
@@ -908,7 +948,7 @@ def make_app(settings: Settings, *, rt: StreamRuntime | None = None, web: bool =
             try:
                 await ip_one(rt, m.value, partition=m.partition)
             except Exception:
-                log.exception("ip: failed to process by-ip[%d]@%d", m.partition, m.offset)
+                log.error("ip: failed to process by-ip[%d]@%d (%s)", m.partition, m.offset, where_failed())
             event.ack()
 
     @app.agent(rt.topics["by_range"], name="range")
@@ -928,7 +968,8 @@ def make_app(settings: Settings, *, rt: StreamRuntime | None = None, web: bool =
             try:
                 await batcher.flush()
             except Exception:
-                log.exception("range: flush failed; its events stay unacked and are redelivered")
+                log.error("range: flush failed (%s); its events stay unacked and are redelivered",
+                          where_failed())
 
     @app.agent(rt.topics["outcomes"], name="outcome")
     async def outcome_agent(stream: Any) -> None:
@@ -958,7 +999,7 @@ def make_app(settings: Settings, *, rt: StreamRuntime | None = None, web: bool =
     async def sweep() -> None:
         if not rt.active:
             _update_assignment(app, rt)
-        for w in sweeper.tick(rt.max_ts):
+        for w in sweeper.tick(sweep_now(rt)):
             await rt.publish_changelog(w)
         rt.population.prune(pop_stream.prune_clock(rt.max_ts))
 

@@ -20,7 +20,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from detector.config import Settings
 from detector.core.errors import InputError
 from detector.core.lists import ListEntry, make_entry
-from detector.core.parse import parse_request, parse_ts
+from detector.core.parse import decode_json, parse_request, parse_ts
 from detector.stream import codec
 
 log = logging.getLogger("detector.stream.io")
@@ -96,12 +96,15 @@ def create_topics(settings: Settings) -> list[str]:
     return asyncio.run(acreate_topics(settings))
 
 
+MAX_PRODUCE_BYTES = 900 * 1024  # below Kafka's default 1 MB message limit
+
+
 def _request_ts_ms(line: bytes) -> int | None:
     """Kafka timestamp (ms) of a request line: its ``ts``; None when it has none we can read."""
     try:
-        obj = json.loads(line)
-        return int(parse_ts(obj["ts"]) * 1000) if isinstance(obj, dict) and "ts" in obj else None
-    except (ValueError, KeyError, TypeError, InputError):
+        obj = decode_json(line)
+        return int(parse_ts(obj["ts"]) * 1000) if "ts" in obj else None
+    except InputError:
         return None
 
 
@@ -119,17 +122,23 @@ async def aproduce(settings: Settings, jsonl_path: Path | str, rate: float | Non
                    *, key_by_ip: bool = True) -> int:
     """Send every non-blank line of ``jsonl_path`` to the requests topic as is (bad lines too:
     the worker dead-letters them), keyed by :func:`request_key` unless ``key_by_ip`` is false.
-    Kafka timestamp = the request's ``ts``. ``rate``: messages/s."""
+    Kafka timestamp = the request's ``ts``. ``rate``: messages/s. A line too large for a Kafka
+    message is skipped and counted (its number logged, never its content)."""
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, linger_ms=5,
                                 acks="all", enable_idempotence=True)
     await producer.start()
-    n = 0
+    n = skipped = 0
     t0 = time.monotonic()
     try:
         with Path(jsonl_path).open("rb") as fh:
-            for line in fh:
+            for lineno, line in enumerate(fh, 1):
                 line = line.rstrip(b"\r\n")
                 if not line.strip():
+                    continue
+                if len(line) > MAX_PRODUCE_BYTES:
+                    skipped += 1
+                    log.warning("produce: line %d not sent: %d bytes, more than a Kafka message "
+                                "may hold (%d)", lineno, len(line), MAX_PRODUCE_BYTES)
                     continue
                 if rate:
                     ahead = n / rate - (time.monotonic() - t0)
@@ -142,6 +151,8 @@ async def aproduce(settings: Settings, jsonl_path: Path | str, rate: float | Non
         await producer.flush()
     finally:
         await producer.stop()
+    if skipped:
+        log.warning("produce: %d line(s) skipped (too large)", skipped)
     return n
 
 
@@ -235,9 +246,14 @@ async def _send_list(settings: Settings, key: str, value: bytes | None) -> None:
 
 async def alists_add(settings: Settings, action: str, kind: str, value: str, *, reason: str = "",
                      ttl_s: float | None = None) -> ListEntry:
-    entry = make_entry(action, kind, value, reason=reason, added_at=time.time(), source="soc",
-                       expires_at=None if ttl_s is None else time.time() + ttl_s)
-    await _send_list(settings, entry.key, codec.list_entry_to_wire(entry))
+    """Publish an entry signed with the SOC key (``DETECTOR_SOC_PRIVATE_KEY``)."""
+    from detector.keys import soc_signer
+
+    signer = soc_signer(settings)  # before anything is sent: no key, clear error
+    now = time.time()
+    entry = make_entry(action, kind, value, reason=reason, added_at=now, source="soc",
+                       expires_at=None if ttl_s is None else now + ttl_s)
+    await _send_list(settings, entry.key, codec.dumps(signer.sign(entry, signed_at=now)))
     return entry
 
 
@@ -248,30 +264,48 @@ def lists_add(settings: Settings, action: str, kind: str, value: str, *, reason:
 
 
 async def alists_remove(settings: Settings, action: str, kind: str, value: str) -> str:
-    key = make_entry(action, kind, value).key
-    await _send_list(settings, key, None)
-    return key
+    """Publish a signed removal record under the entry's key (workers do not trust a bare
+    tombstone: anyone who can write the topic could send one). Compaction keeps the record."""
+    from detector.keys import soc_signer
+
+    signer = soc_signer(settings)
+    now = time.time()
+    entry = make_entry(action, kind, value, reason="removed", added_at=now, source="soc")
+    await _send_list(settings, entry.key,
+                     codec.dumps(signer.sign(entry, signed_at=now, op="remove")))
+    return entry.key
 
 
 def lists_remove(settings: Settings, action: str, kind: str, value: str) -> str:
-    """Publish a tombstone for the entry; returns its key (``action:kind:value``)."""
+    """Publish a signed removal of the entry; returns its key (``action:kind:value``)."""
     return asyncio.run(alists_remove(settings, action, kind, value))
 
 
 async def alists_show(settings: Settings) -> list[ListEntry]:
+    """Verified entries on the lists topic (latest per key, removed ones dropped); messages that
+    do not verify against the configured keys are skipped and counted in a warning."""
+    from detector.core.errors import UntrustedEntry
+    from detector.keys import soc_signer, verifier
+
+    trusted = verifier(settings, soc_signer=soc_signer(settings)
+                       if settings.soc_private_key is not None else None)
     entries: dict[str, ListEntry] = {}
+    refused: dict[str, int] = {}
+    now = time.time()
     async for rec in _read_topic(settings, settings.topic_lists, follow=False, from_beginning=True,
                                  idle_s=0.5):
-        key = rec.key.decode("utf-8", "replace") if rec.key else None
-        if rec.value is None:
-            if key:
-                entries.pop(key, None)
-            continue
         try:
-            e = codec.list_entry_from_wire(rec.value)
-        except (InputError, ValueError, KeyError, TypeError):
+            v = trusted.verify(rec.key, rec.value, now=now)
+        except UntrustedEntry as exc:
+            refused[exc.reason] = refused.get(exc.reason, 0) + 1
             continue
-        entries[e.key] = e
+        if v.op == "remove":
+            entries.pop(v.entry.key, None)
+        else:
+            entries[v.entry.key] = v.entry
+    if refused:
+        log.warning("lists: %d message(s) refused: %s", sum(refused.values()),
+                    ", ".join(f"{k}={n}" for k, n in sorted(refused.items())))
     return sorted(entries.values(), key=lambda e: e.key)
 
 

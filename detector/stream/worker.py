@@ -18,12 +18,13 @@ log = logging.getLogger("detector.stream")
 
 def run_worker(settings: Settings, *, create_topics: bool = True) -> None:
     """Run a worker in the foreground until it is stopped (blocks; exits the process)."""
-    from detector.runtime import tune_gc
+    from detector.runtime import check_pii_key, tune_gc
     from detector.stream import io
     from detector.stream.app import make_app
 
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    check_pii_key(settings, "a worker")
     if create_topics:
         asyncio.run(io.acreate_topics(settings))
     tune_gc()
@@ -50,7 +51,15 @@ def _worker_class() -> type:
 
 
 def main() -> None:
-    run_worker(load_settings())
+    import sys
+
+    from detector.core.errors import ConfigError
+
+    try:
+        run_worker(load_settings())
+    except ConfigError as exc:
+        sys.stderr.write(f"detector: configuration error: {exc}\n")
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -46,9 +46,27 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def list_keys(tmp: Path) -> dict[str, str]:
+    """A SOC and a worker key pair (``detector keys generate``) and the settings that use them."""
+    from detector.keys import generate
+
+    d = tmp / "keys"
+    if not (d / "soc.key").exists():
+        generate(d, "soc")
+        generate(d, "worker")
+    return {
+        "DETECTOR_SOC_PRIVATE_KEY": str(d / "soc.key"),
+        "DETECTOR_SOC_PUBLIC_KEYS": str(d / "soc.pub"),
+        "DETECTOR_WORKER_PRIVATE_KEY": str(d / "worker.key"),
+        "DETECTOR_WORKER_PUBLIC_KEYS": str(d / "worker.pub"),
+    }
+
+
 def detector_env(bootstrap: str, prefix: str, partitions: int, tmp: Path) -> dict[str, str]:
     (tmp / "models").mkdir(exist_ok=True)  # empty: no model, in the worker and in the replay
     return {
+        **list_keys(tmp),
+        "DETECTOR_DEV_MODE": "1",
         "DETECTOR_KAFKA_BOOTSTRAP": bootstrap,
         "DETECTOR_APP_ID": prefix,
         "DETECTOR_TOPIC_REQUESTS": f"{prefix}-requests",

@@ -244,7 +244,7 @@ class Traffic:
     topics: dict[str, str] = field(default_factory=dict)
 
 
-def make_traffic(now: float) -> Traffic:
+def make_traffic(now: float, soc: Any = None) -> Traffic:
     from detector.sim import SimConfig, simulate
 
     cfg = SimConfig(seed=11, legit_per_day=3000, attack_scale=0.5)
@@ -270,8 +270,13 @@ def make_traffic(now: float) -> Traffic:
                                 "reason": "IRSF range", "added_at": now, "source": "soc"}),
         ("allow:number:+442079460018", {"action": "allow", "kind": "number",
                                         "value": "+442079460018", "added_at": now, "source": "soc"}),
-        ("deny:ip:203.0.113.7", None),
+        ("deny:ip:203.0.113.7", None),  # a bare tombstone: refused (removals are signed records)
     ]
+    if soc is not None:  # signed by the SOC key, as `detector lists add` does
+        from detector.core.lists import entry_from_dict
+
+        list_updates = [(k, None if v is None else soc.sign(entry_from_dict(v), signed_at=now))
+                        for k, v in list_updates]
     return Traffic(requests, malformed, duplicates, outcomes, list_updates)
 
 
@@ -395,6 +400,12 @@ def stack(kafka_bootstrap: str) -> Iterator[Stack]:
     ip_settings = {"geoip_country_db": dbs["country"], "geoip_asn_db": dbs["asn"],
                    "anonymous_ip_db": dbs["anonymous"], "hosting_asn_file": dbs["hosting_asns"]}
     models = train_models(workdir, ip_settings)
+    from detector.core.signing import Signer
+    from detector.keys import generate, load_private
+
+    generate(workdir / "keys", "soc")
+    generate(workdir / "keys", "worker")
+    soc = Signer(load_private(workdir / "keys" / "soc.key", "soc"))
     lists_file = workdir / "lists.jsonl"
     lists_file.write_text(
         json.dumps({"action": "deny", "kind": "prefix", "value": "+88351", "source": "policy"}) + "\n"
@@ -423,12 +434,15 @@ def stack(kafka_bootstrap: str) -> Iterator[Stack]:
         "DETECTOR_ANONYMOUS_IP_DB": str(dbs["anonymous"]),
         "DETECTOR_HOSTING_ASN_FILE": str(dbs["hosting_asns"]),
         "DETECTOR_LOG_LEVEL": "INFO",
+        "DETECTOR_DEV_MODE": "1",
+        "DETECTOR_SOC_PUBLIC_KEYS": str(workdir / "keys" / "soc.pub"),
+        "DETECTOR_WORKER_PRIVATE_KEY": str(workdir / "keys" / "worker.key"),
     })
     worker, worker_log = start_worker(workdir, env, port)
     prom = None
     try:
         prom = start_prometheus(workdir, port)
-        traffic = make_traffic(time.time())
+        traffic = make_traffic(time.time(), soc=soc)
         traffic.topics = topics
         the_stack = Stack(prom, worker, worker_log, port, traffic)
         asyncio.run(produce(kafka_bootstrap, traffic))

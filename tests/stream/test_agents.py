@@ -19,11 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from detector.config import load_settings
 from detector.core.ipintel import IpIntel
+from detector.core.lists import make_entry
 from detector.core.pipeline import Detector
 from detector.core.records import decision_from_dict
+from detector.core.signing import Signer, Verifier
 from detector.runtime import build_context, build_model_watcher
 from detector.stream import codec
 from detector.stream.app import META, StreamRuntime, Sweeper, make_app, sweep_tables
@@ -31,6 +34,7 @@ from detector.stream.app import META, StreamRuntime, Sweeper, make_app, sweep_ta
 pytestmark = pytest.mark.asyncio
 
 T0 = 1795341600.0  # 2026-11-22T10:00:00Z
+SOC = Signer(Ed25519PrivateKey.generate())  # the SOC tool's key (workers trust its public half)
 PARTITIONS = 4
 
 
@@ -112,10 +116,15 @@ class Harness:
                         and not self.rt.batcher.lock.locked() and len(self.rt.batcher) == 0)
 
 
-def make_harness(policy_ctx: Any = None) -> Harness:
-    settings = load_settings(env={}, app_id=f"t-{uuid.uuid4().hex[:8]}", partitions=PARTITIONS)
+def make_harness(policy_ctx: Any = None, **overrides: Any) -> Harness:
+    # T0 is a fixed day in the past: no past-skew check by default (tests/stream/test_input.py).
+    overrides.setdefault("max_past_skew_s", 0.0)
+    settings = load_settings(env={}, app_id=f"t-{uuid.uuid4().hex[:8]}", partitions=PARTITIONS,
+                             **overrides)
     ctx = policy_ctx or build_context(settings)
     rt = StreamRuntime(settings, ctx, IpIntel(), None)
+    rt.signer = Signer(Ed25519PrivateKey.generate())  # this worker's key for learned entries
+    rt.verifier = Verifier(soc=[SOC.public_key()], worker=[rt.signer.public_key()])
     app = make_app(settings, rt=rt, web=False, prometheus=False)
     app.conf.store = "memory://"
     h = Harness(rt, app)
@@ -313,13 +322,16 @@ async def test_bad_outcome_is_dead_lettered() -> None:
         assert dl["error_kind"] == "invalid_field" and "outcome" in dl["error"]
 
 
-async def test_list_messages_and_tombstones_update_the_index() -> None:
+async def test_signed_list_messages_and_signed_removals_update_the_index() -> None:
     h = make_harness()
-    entry = {"action": "deny", "kind": "number", "value": "+442079460018", "reason": "soc"}
-    h.rt.apply_list_message(b"deny:number:+442079460018", json.dumps(entry).encode(), "topic")
+    entry = make_entry("deny", "number", "+442079460018", reason="soc")
+    h.rt.apply_list_message(b"deny:number:+442079460018", codec.dumps(SOC.sign(entry, signed_at=T0)))
     assert h.rt.ctx.lists.match("+442079460018", "GB", "1.2.3.4", None, None, now=T0)[0] == ["number"]
     h.rt.apply_list_message(b"deny:number:+442079460018", b"not json", "topic")  # ignored
-    h.rt.apply_list_message(b"deny:number:+442079460018", None, "topic")
+    h.rt.apply_list_message(b"deny:number:+442079460018", None, "topic")  # a bare tombstone: refused
+    assert len(h.rt.ctx.lists) == 1
+    removal = SOC.sign(entry, signed_at=T0 + 1, op="remove")
+    h.rt.apply_list_message(b"deny:number:+442079460018", codec.dumps(removal))
     assert len(h.rt.ctx.lists) == 0
 
 
@@ -462,9 +474,10 @@ async def test_stored_decision_bytes_decode_to_the_stored_value() -> None:
 
 async def test_invalid_list_entry_is_ignored_without_logging_its_value(caplog: pytest.LogCaptureFixture) -> None:
     h = make_harness()
-    bad = {"action": "deny", "kind": "ip", "value": "203.0.113.999"}
+    bad = SOC.sign(make_entry("deny", "ip", "203.0.113.99"), signed_at=T0)
+    bad["value"] = "203.0.113.999"
     with caplog.at_level("WARNING", logger="detector.stream"):
         h.rt.apply_list_message(b"deny:ip:203.0.113.999", json.dumps(bad).encode(), "topic")
     assert len(h.rt.ctx.lists) == 0
-    assert "deny:ip" in caplog.text and "invalid_field" in caplog.text
+    assert "deny:ip" in caplog.text and "malformed" in caplog.text
     assert "203.0.113" not in caplog.text
