@@ -32,6 +32,7 @@ from detector.core.mask import mask_number
 from detector.core.parse import parse_request, parse_ts
 from detector.core.pipeline import Detector
 from detector.core.policy import Policy, load_policy
+from detector.core.population import PopulationCounts
 from detector.core.records import (
     CallbackRequest,
     Counts,
@@ -261,8 +262,11 @@ def _from_row(row: dict[str, Any]) -> tuple[CallbackRequest, Enrichment, Counts]
                 hosting="hosting" in flags)
     c = row.get("counts") or {}
     rng: dict[str, Any] = {k: int(c.get(k, 0)) for k in RangeCounts.__slots__ if k != "pending"}  # type: ignore[attr-defined]
+    pop_defaults = PopulationCounts()
+    pop = PopulationCounts(**{k: type(getattr(pop_defaults, k))(c.get(k, getattr(pop_defaults, k)))
+                              for k in PopulationCounts.__slots__})  # type: ignore[attr-defined]
     counts = Counts(IpCounts(**{k: int(c.get(k, 0)) for k in IpCounts.__slots__}),  # type: ignore[attr-defined]
-                    RangeCounts(**rng, pending=bool(c.get("pending"))))
+                    RangeCounts(**rng, pending=bool(c.get("pending"))), pop)
     req = CallbackRequest(row["request_id"], float(row["request_ts"]), e164 or "", "",
                           authenticated=False)
     return req, Enrichment(phone, ip), counts

@@ -14,6 +14,7 @@ by design, so per-request allow rates understate what the customer gets.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import tempfile
 import time
@@ -279,6 +280,10 @@ def replay_labelled(
 
 def _context(policy: Policy, lists: ListIndex | None, model: Scorer | None, mode: str) -> DecisionContext:
     fresh = lists if lists is not None else ListIndex.from_policy(dict(policy.deny), dict(policy.allow))
+    if mode == "model":  # the model judged alone: its flag deflects (in the policy it may only weigh)
+        rules = dict(policy.rules)
+        rules["anomalous_pattern"] = dataclasses.replace(rules["anomalous_pattern"], action=Action.DEFLECT)
+        policy = dataclasses.replace(policy, rules=rules)
     return DecisionContext(
         policy=policy, lists=fresh, model=None if mode == "rules" else model,
         use_rules=mode != "model", use_model=mode != "rules",

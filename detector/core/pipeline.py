@@ -215,12 +215,13 @@ class Detector:
             todo.append((req, enr, Counts(ip_counts, upd.counts, pop), upd))
             keys.add(upd.number_key)
             keys.add(req.request_id)
-            sweep = req.ts - self._last_sweep > self.sweep_every_s
+            now = self.clock.observe(req.ts)  # as process(): one far-future request moves nothing
+            sweep = abs(now - self._last_sweep) > self.sweep_every_s
             if sweep or len(todo) >= batch:
                 yield from self._decide(todo)
                 keys.clear()
                 if sweep:
-                    self.sweep(req.ts)
+                    self.sweep(now)
         yield from self._decide(todo)
 
     def _decide(

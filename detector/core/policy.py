@@ -154,7 +154,7 @@ def _strings(where: str, value: Any) -> tuple[str, ...]:
 
 # Sections whose keys are not all in the default file (checked where they are parsed).
 _OPEN_SECTIONS = {"deny": LIST_FIELDS, "allow": LIST_FIELDS}
-_RULE_KEYS = ("action", "silent", "weight")
+_RULE_KEYS = ("action", "silent", "weight", "mode")
 
 
 def _number_type_names() -> tuple[str, ...]:

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.asyncio
 
 def _harness(policy_path) -> Harness:
     settings = load_settings(env={}, app_id=f"t-{uuid.uuid4().hex[:8]}", partitions=PARTITIONS,
-                             policy=policy_path)
+                             policy=policy_path, max_past_skew_s=0.0)  # T0 is days ago
     rt = StreamRuntime(settings, build_context(settings), IpIntel(), None)
     app = make_app(settings, rt=rt, web=False, prometheus=False)
     app.conf.store = "memory://"

@@ -143,11 +143,20 @@ class FixedScorer:
 def test_model_adds_anomalous_pattern_and_is_recorded():
     ctx = DecisionContext(POLICY, model=FixedScorer(0.9), shadow=FixedScorer(0.2, "cand"))
     d = decide(REQ, Enrichment(GB_MOBILE, GB_IP), Counts(), ctx, decided_at=0)
-    assert d.action is Action.DEFLECT and d.reasons == ("anomalous_pattern",)
+    # The shipped policy: the model weighs (0.6 x anomaly) but never acts alone ...
+    assert d.action is Action.ALLOW and d.reasons == ("anomalous_pattern",) and d.risk == pytest.approx(0.54)
     assert d.model_version == "m1"
     assert d.model["top_features"] == ["log_range_24h"] and d.model["shadow_version"] == "cand"
+    # ... it tips another soft signal into a deflection (VPN 0.35 + model 0.54 -> 0.70) ...
+    vpn = Enrichment(GB_MOBILE, ip(anonymous_vpn=True))
+    assert decide(REQ, vpn, Counts(), ctx, decided_at=0).action is Action.DEFLECT
     ctx.use_model = False  # rules only: the model is scored but does not act
-    assert decide(REQ, Enrichment(GB_MOBILE, GB_IP), Counts(), ctx, decided_at=0).action is Action.ALLOW
+    assert decide(REQ, vpn, Counts(), ctx, decided_at=0).action is Action.ALLOW
+    # ... and a policy may let it act alone.
+    acting = parse_policy({"rules": {"anomalous_pattern": {"action": "deflect", "weight": 0.6}}})
+    d = decide(REQ, Enrichment(GB_MOBILE, GB_IP), Counts(), DecisionContext(acting, model=FixedScorer(0.9)),
+               decided_at=0)
+    assert d.action is Action.DEFLECT and d.reasons == ("anomalous_pattern",)
 
 
 def test_shadow_model_never_acts():

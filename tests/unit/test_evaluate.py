@@ -101,7 +101,7 @@ def test_render_names_every_scenario_and_the_targets(report):
     for row in report.rows:
         assert row.scenario in text
     assert "rules" in text and "model" in text and "combined" in text
-    assert "small-test" in text and "targets" in text
+    assert "small-test" in text and "floors" in text
     assert json.loads(json.dumps(report.to_dict()))["scenarios"]["legit"]["combined"]["requests"] > 0
 
 

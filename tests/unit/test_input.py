@@ -283,7 +283,7 @@ def test_bad_settings_are_config_errors_naming_the_variable(var, value):
 # --------------------------------------------------------------- policy file: unknown keys, hostile values
 
 @pytest.mark.parametrize(("overrides", "needle"), [
-    ({"risk": {"deflect": 0.1}}, "risk.deflect: unknown key 'deflect'; known: ['block_at', 'deflect_at']"),
+    ({"risk": {"deflect": 0.1}}, "risk.deflect: unknown key 'deflect'; known: ['block_at', 'deflect_at', 'soft_codes']"),
     ({"number_types": {"PREMIUM": {"action": "block"}}}, "number_types.PREMIUM: unknown number type"),
     ({"number_types": {"VOIP": {"action": "block", "colour": 1}}}, "number_types.VOIP.colour"),
     ({"rules": {"geo_mismatch": {"weigth": 0.3}}}, "weigth"),

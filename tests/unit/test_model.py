@@ -28,7 +28,7 @@ from detector.core.model import (
 )
 from detector.core.parse import parse_request
 from detector.core.pipeline import Detector
-from detector.core.policy import load_policy
+from detector.core.policy import load_policy, parse_policy
 from detector.evaluate import simulator_intel
 from detector.sim import SimConfig, simulate
 from detector.train import build_matrix, calibrate_threshold, export, scorer_for, train
@@ -330,7 +330,8 @@ def test_decide_reports_anomalous_pattern(sim_items, sim_features, fitted):
     scorer = scorer_for(fitted, version="t")
     scorer.threshold = float(np.quantile(scorer.anomaly(X), 0.9))
     with simulator_intel() as intel:
-        det = Detector(DecisionContext(POLICY, model=scorer, use_rules=False), intel)
+        acting = parse_policy({"rules": {"anomalous_pattern": {"action": "deflect", "weight": 0.6}}})
+        det = Detector(DecisionContext(acting, model=scorer, use_rules=False), intel)
         decisions = [det.process(parse_request(i.request)) for i in sim_items[:800]]
     flagged = [d for d in decisions if d.model and d.model["is_anomalous"]]
     assert flagged and all("anomalous_pattern" in d.reasons and d.action != "allow" for d in flagged)

@@ -10,7 +10,7 @@ from detector.core.decide import DecisionContext, decide
 from detector.core.errors import PolicyError
 from detector.core.lists import ListIndex, make_entry
 from detector.core.policy import load_policy, parse_policy
-from detector.core.records import Counts, Decision, Enrichment, RangeCounts, decision_from_dict
+from detector.core.records import Counts, Decision, Enrichment, IpCounts, RangeCounts, decision_from_dict
 from detector.policy_watch import PolicyWatcher
 from tests.unit.test_decide import GB_IP, GB_MOBILE, REQ, ip, phone
 
@@ -30,7 +30,8 @@ def _decide(policy, enr, counts=NO_COUNTS) -> Decision:
         ("rules", "velocity_number", Enrichment(GB_MOBILE, GB_IP), VELOCITY, "velocity_number"),
         ("rules", "anonymous_ip", Enrichment(GB_MOBILE, ip(tor_exit=True)), Counts(), "anonymous_ip"),
         ("number_types", "VOIP", Enrichment(phone(number_type="VOIP"), GB_IP), Counts(), "number_type_voip"),
-        ("rules", "geo_mismatch", Enrichment(GB_MOBILE, ip(country="BR")), Counts(), "geo_mismatch"),
+        ("rules", "geo_mismatch", Enrichment(GB_MOBILE, ip(country="BR")),
+         Counts(ip=IpCounts(ip_distinct_numbers_24h=2)), "geo_mismatch"),
     ],
 )
 def test_monitored_rule_is_reported_but_does_not_act(section, code, enr, counts, reason):
