@@ -200,8 +200,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         target_fpr=args.target_fpr,
         policy=build_policy(settings),
         intel=build_intel(settings),
+        outcomes_path=args.outcomes,
+        min_talk_s=args.min_talk_s,
     )
-    print(f"wrote model {path}", file=sys.stderr)
+    import json
+
+    card = json.loads(path.read_text(encoding="utf-8"))["training"]
+    print(f"wrote model {path}: normal = {card['presumed_normal']} ({card['presumed_normal_share']:.1%} "
+          f"of rows); contamination assumed {card['assumed_contamination']}", file=sys.stderr)
     return 0
 
 
@@ -263,6 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train the isolation forest and write models/<name>.{npz,json}")
     t.add_argument("data", type=Path, help="requests JSONL (presumed normal unless --labels is given)")
     t.add_argument("--labels", type=Path, default=None, help="labels side file: train on legit rows only")
+    t.add_argument("--outcomes", type=Path, default=None,
+                   help="dialer outcomes JSONL: requests completed with talk time are the normal evidence")
+    t.add_argument("--min-talk-s", dest="min_talk_s", type=float, default=30.0,
+                   help="talk time that makes a completed callback evidence of a customer (30)")
     t.add_argument("--name", default=None)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--target-fpr", dest="target_fpr", type=float, default=0.005)

@@ -43,7 +43,7 @@ from detector.core.policy import Policy, load_policy
 from detector.core.records import Action, ModelResult
 from detector.evaluate import (
     Labelled,
-    _evaluate_days,
+    evaluate_seeds,
     read_labelled_jsonl,
     replay_labelled,
     simulated,
@@ -56,6 +56,7 @@ TRAIN_SEEDS: tuple[int, ...] = (101, 102, 103)
 CALIBRATION_SEED = 104
 EVAL_SEEDS: tuple[int, ...] = (201, 202)
 DEFAULT_TARGET_FPR = 0.005
+DEFAULT_MIN_TALK_S = 30.0  # a completed callback with this much talk time is a real customer
 # The shipped model (see models/README.md for the measurements behind these two choices):
 DEFAULT_SIM_FPR = 0.005  # with VPN-only IPs weighing (not deflecting), 0.5% keeps >= 99% of visits served
 DEFAULT_SIM_MAX_SAMPLES = 16384  # 256-sample trees cannot see rare legit patterns (VPN, travellers)
@@ -235,7 +236,8 @@ def train_default(
         threshold = calibrate_threshold(cal_scores, target_fpr)
         scorer.threshold = threshold
         t_train = time.perf_counter() - t0
-        report = _evaluate_days(simulated(eval_seeds), pol, intel, scorer, eval_seeds)
+        # as `detector evaluate` does: each seed with its announced campaign declared
+        report = evaluate_seeds(eval_seeds, pol, intel, scorer).aggregate
     flagged = cal_all >= threshold
     card_extra = {
         "training": {
@@ -278,36 +280,91 @@ def _is_attack(scenario: str) -> bool:
     return scenario not in LEGIT_LABELS and scenario != "unlabelled"
 
 
+def read_outcomes(path: Path | str, min_talk_s: float = DEFAULT_MIN_TALK_S) -> set[str]:
+    """Request ids whose callback was ``completed`` with at least ``min_talk_s`` of talk time: a
+    person answered and talked, the best evidence of a real customer a deployment has. Lines
+    that are not valid outcomes are skipped (counted in the log, never fatal)."""
+    from detector.core.errors import InputError
+    from detector.core.pipeline import parse_outcome
+
+    good: set[str] = set()
+    bad = 0
+    with Path(path).open("rb") as fh:
+        for raw in fh:
+            if not raw.strip():
+                continue
+            try:
+                outcome = parse_outcome(json.loads(raw))
+            except (InputError, ValueError, TypeError, AttributeError):
+                bad += 1
+                continue
+            if outcome.outcome == "completed" and outcome.duration_s >= min_talk_s:
+                good.add(outcome.request_id)
+    if bad:
+        log.warning("outcomes: %d lines skipped (not valid outcomes)", bad)
+    return good
+
+
 def train_from_jsonl(
     requests_path: Path | str, labels_path: Path | str | None, out_dir: Path | str, name: str = "default",
     *, seed: int = 0, target_fpr: float = DEFAULT_TARGET_FPR, policy: Policy | None = None,
-    intel: IpIntel | None = None, holdout: float = 0.25, contamination: float = 0.01,
+    intel: IpIntel | None = None, holdout: float = 0.25, outcomes_path: Path | str | None = None,
+    min_talk_s: float = DEFAULT_MIN_TALK_S,
 ) -> Path:
-    """``detector train DATA.jsonl [--labels L]``: train and export; returns the card path.
+    """``detector train DATA.jsonl [--labels L | --outcomes O]``: train and export; returns the card.
 
-    With labels: train on the legitimate rows only (contamination "auto") and calibrate the
-    threshold on a held-out ``holdout`` share of them (by request time: the last quarter of the
-    file's span). Without labels: the data is presumed mostly normal; train on all rows with
-    ``contamination`` and set the threshold so that ``target_fpr`` of the held-out rows are flagged.
+    What is presumed normal, so that the attacks inside a deployment's own traffic are not learned
+    as normal:
+
+    * with labels: the legitimate rows;
+    * with dialer outcomes: the requests whose callback was ``completed`` with at least
+      ``min_talk_s`` of talk time (a person answered and talked);
+    * with neither: the requests the rules allowed (what they stop is not learned), with the
+      share they stopped as the contamination the forest assumes in what is left.
+
+    The threshold flags ``target_fpr`` of a held-out ``holdout`` share of the normal rows (by
+    request time: the last part of the file). The card records the source of normal and the
+    contamination assumed.
     """
     t0 = time.perf_counter()
     pol = policy or load_policy()
     labelled = read_labelled_jsonl(requests_path, labels_path)
-    X, scen = build_matrix(labelled, pol, intel or IpIntel())
+    X, scen, allowed = replay_features(labelled, pol, intel or IpIntel())
     if len(X) < 10:
         raise ValueError(f"{requests_path}: only {len(X)} parseable requests; need at least 10 to train")
-    normal = np.array([not _is_attack(s) for s in scen]) if labels_path is not None else np.ones(len(X), bool)
+    ids = [str(item.request.get("request_id")) for item in labelled if _parses(item)]
+    contamination: float | str = "auto"
+    if labels_path is not None:
+        normal = np.array([not _is_attack(s) for s in scen])
+        source = "legitimate labels"
+    elif outcomes_path is not None:
+        talked = read_outcomes(outcomes_path, min_talk_s)
+        normal = np.array([i in talked for i in ids])
+        source = f"callbacks completed with >= {min_talk_s:g} s of talk time ({outcomes_path})"
+    else:
+        normal = allowed.copy()
+        contamination = round(min(max(float(1.0 - allowed.mean()), 0.001), 0.2), 6)
+        source = "requests the rules allowed (no labels, no outcomes)"
+    if int(normal.sum()) < 10:
+        raise ValueError(f"{requests_path}: only {int(normal.sum())} rows presumed normal ({source}); "
+                         "need at least 10 to train")
     idx = np.flatnonzero(normal)
     cut = int(len(idx) * (1.0 - holdout))
     fit_idx, cal_idx = idx[:cut], idx[cut:]
-    forest = train(X[fit_idx], seed=seed, contamination="auto" if labels_path is not None else contamination)
+    forest = train(X[fit_idx], seed=seed, contamination=contamination)
     scorer = scorer_for(forest)
     cal_scores = scorer.anomaly(X[cal_idx])
     threshold = calibrate_threshold(cal_scores, target_fpr)
+    flagged = scorer.anomaly(X) >= threshold
     card_extra = {
         "training": {
             "source": str(requests_path),
             "labels": str(labels_path) if labels_path else None,
+            "outcomes": str(outcomes_path) if outcomes_path else None,
+            "presumed_normal": source,
+            "presumed_normal_share": round(float(normal.mean()), 6),
+            "assumed_contamination": contamination,
+            "rules_stopped_share": round(float(1.0 - allowed.mean()), 6),
             "rows": int(len(fit_idx)),
             "rows_by_scenario": dict(sorted(Counter(scen[i] for i in fit_idx).items())),
             "seed": seed,
@@ -317,14 +374,28 @@ def train_from_jsonl(
             "feature_summary": _feature_summary(X[fit_idx]),
         },
         "calibration": {
-            "source": f"last {holdout:.0%} of the normal rows",
+            "source": f"last {holdout:.0%} of the rows presumed normal",
             "rows": int(len(cal_idx)),
             "target_fpr": target_fpr,
             "fpr_at_threshold": round(float((cal_scores >= threshold).mean()), 6),
+            "flagged_share_of_all_rows": round(float(flagged.mean()), 6),
         },
         "metrics": {},
     }
+    log.info("train: normal = %s (%d of %d rows); contamination assumed %s", source, int(normal.sum()),
+             len(X), contamination)
     return export(forest, out_dir, name, card_extra, threshold=threshold)
+
+
+def _parses(item: Labelled) -> bool:
+    from detector.core.errors import InputError
+    from detector.core.parse import parse_request
+
+    try:
+        parse_request(item.request)
+    except InputError:
+        return False
+    return True
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -151,10 +151,37 @@ def test_train_from_jsonl_trains_on_legit_rows_and_loads(tmp_path, items, intel)
     assert card["calibration"]["fpr_at_threshold"] <= 0.01
     scorer = load_model(tmp_path / "models", "mine")
     assert scorer.version == card["version"] and scorer.version.startswith("mine-")
-    # unlabelled: every row is presumed normal
+    # unlabelled, no outcomes: what the rules stopped is not learned as normal, and the share
+    # they stopped is the contamination the forest assumes in the rest
     unlabelled = train_from_jsonl(tmp_path / "day.jsonl", None, tmp_path / "models", "all", intel=intel)
     training = json.loads(unlabelled.read_text())["training"]
-    assert training["rows_by_scenario"] == {"unlabelled": int(len(items) * 0.75)}  # 25% held out
+    assert training["presumed_normal"].startswith("requests the rules allowed")
+    stopped = training["rules_stopped_share"]
+    assert 0.05 < stopped < 0.9 and training["assumed_contamination"] == pytest.approx(min(stopped, 0.2))
+    assert training["presumed_normal_share"] == pytest.approx(1.0 - stopped, abs=1e-6)
+
+
+def test_train_from_outcomes_learns_only_what_customers_answered(tmp_path, items, intel):
+    """A deployment's own traffic with dialer outcomes: only requests whose callback was completed
+    with talk time are normal, whatever else (attacks included) the file holds."""
+    from detector.train import train_from_jsonl
+
+    write_jsonl(items, tmp_path / "day.jsonl", tmp_path / "day.labels.jsonl")
+    legit = [i for i in items if not i.attack]
+    talked = {i.request["request_id"] for i in legit[::2]}
+    with (tmp_path / "outcomes.jsonl").open("w") as fh:
+        for i in items:
+            rid = i.request["request_id"]
+            outcome = ("completed", 95.0) if rid in talked else ("completed", 3.0) if not i.attack else ("no_answer", 0)
+            fh.write(json.dumps({"request_id": rid, "phone_number": "+447700900123", "outcome": outcome[0],
+                                 "ts": i.request["ts"], "duration_s": outcome[1]}) + "\n")
+        fh.write("not json\n")  # a bad line is skipped, not fatal
+    card = json.loads(train_from_jsonl(tmp_path / "day.jsonl", None, tmp_path / "models", "dep",
+                                       intel=intel, outcomes_path=tmp_path / "outcomes.jsonl").read_text())
+    training = card["training"]
+    assert training["presumed_normal"].startswith("callbacks completed with >= 30 s")
+    assert training["presumed_normal_share"] == pytest.approx(len(talked) / len(items), abs=0.01)
+    assert training["rows"] == int(len(talked) * 0.75)  # 25% of them held out for the threshold
 
 
 def test_silent_blocks_are_counted_per_mode(items, intel, scorer, report):
