@@ -24,7 +24,10 @@ def run_worker(settings: Settings, *, create_topics: bool = True) -> None:
 
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    if create_topics:
+    from detector.stream.kafka_security import describe
+
+    log.info("kafka: %s at %s", describe(settings), settings.kafka_bootstrap)
+    if create_topics:  # also checks, within seconds, that the brokers accept our credentials
         asyncio.run(io.acreate_topics(settings))
     tune_gc()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -50,7 +53,15 @@ def _worker_class() -> type:
 
 
 def main() -> None:
-    run_worker(load_settings())
+    import sys
+
+    from detector.core.errors import DetectorError
+
+    try:
+        run_worker(load_settings())
+    except DetectorError as exc:  # a configuration or connection error: one line, no traceback
+        sys.stderr.write(f"detector worker: {exc}\n")
+        sys.exit(2)
 
 
 if __name__ == "__main__":
