@@ -144,31 +144,51 @@ def bootstrap_hosts(bootstrap: str) -> list[tuple[str, int]]:
 
 
 async def diagnose(settings: Settings, timeout: float = 10.0) -> str:
-    """Connect (and authenticate) to each bootstrap broker once; the first failure's cause."""
+    """Connect, authenticate and ask each bootstrap broker for metadata once; the causes of
+    the failures (what the broker said, and which setting to check)."""
     from aiokafka.conn import create_conn
+    from aiokafka.errors import KafkaConnectionError
+    from aiokafka.protocol.metadata import MetadataRequest
 
     kwargs = client_kwargs(settings)
+    wrong_protocol = (f"the broker closed the connection: does this listener speak "
+                      f"{protocol(settings)}? check DETECTOR_KAFKA_SECURITY_PROTOCOL and the port")
     causes = []
     for host, port in bootstrap_hosts(settings.kafka_bootstrap):
+        where = f"{host}:{port}"
         try:
             conn = await asyncio.wait_for(
                 create_conn(host, port, request_timeout_ms=int(timeout * 1000), **kwargs), timeout)
         except TimeoutError:
-            causes.append(f"{host}:{port}: no answer within {timeout:.0f} s")
+            causes.append(f"{where}: no answer within {timeout:.0f} s")
             continue
         except ssl.SSLCertVerificationError as exc:
-            causes.append(f"{host}:{port}: TLS certificate not trusted ({exc.verify_message}); "
+            causes.append(f"{where}: TLS certificate not trusted ({exc.verify_message}); "
                           "check DETECTOR_KAFKA_SSL_CAFILE and DETECTOR_KAFKA_SSL_CHECK_HOSTNAME")
+            continue
+        except ConnectionRefusedError:
+            causes.append(f"{where}: connection refused (nothing listens there; check "
+                          "DETECTOR_KAFKA_BOOTSTRAP)")
+            continue
+        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError,
+                KafkaConnectionError) as exc:
+            causes.append(f"{where}: {str(exc) or type(exc).__name__} ({wrong_protocol})")
             continue
         except Exception as exc:
             text = str(exc) or type(exc).__name__
             if "SaslAuthentication" in text or "Authentication failed" in text:
                 text += (" (check DETECTOR_KAFKA_SASL_USERNAME, DETECTOR_KAFKA_SASL_PASSWORD and "
                          "DETECTOR_KAFKA_SASL_MECHANISM)")
-            causes.append(f"{host}:{port}: {text}")
+            causes.append(f"{where}: {text}")
             continue
-        conn.close()
-    return "; ".join(causes) if causes else "the brokers accept a connection but the client did not start"
+        try:
+            await asyncio.wait_for(conn.send(MetadataRequest([])), timeout)
+        except Exception as exc:
+            causes.append(f"{where}: connected, but the first request failed: "
+                          f"{str(exc) or type(exc).__name__} ({wrong_protocol})")
+        finally:
+            conn.close()
+    return "; ".join(causes) if causes else "every broker answers a metadata request now (retry?)"
 
 
 async def start(client: Any, settings: Settings, what: str,
