@@ -259,11 +259,12 @@ async def acreate_topics(
     replication_factor: int = 1,
     exist_ok: bool = False,
     timeout: float = 30.0,
+    **client: Any,
 ) -> None:
     """Create ``{name: partitions}`` and wait until every partition has a leader.
 
     Names in ``compact`` get ``cleanup.policy=compact``; ``configs`` adds
-    per-topic configs.
+    per-topic configs; ``client`` adds aiokafka client options (TLS/SASL).
     """
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
@@ -279,7 +280,8 @@ async def acreate_topics(
             cfg["cleanup.policy"] = "compact"
         new.append(NewTopic(name, partitions, replication_factor, topic_configs=cfg))
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000))
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000),
+                                **client)
     try:
         await admin.start()
         if new:
