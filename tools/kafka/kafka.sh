@@ -4,8 +4,8 @@
 # Docker: the broker jars come from Maven Central through tools/kafka/pom.xml.
 #
 #   kafka.sh install
-#       Ensure Java >= 17 and Maven (apt-get install if absent), copy the
-#       broker jars into $KAFKA_CACHE/<version>/lib (once), print that dir.
+#       Ensure Java >= 17, Maven and openssl (apt-get install if absent), copy
+#       the broker jars into $KAFKA_CACHE/<version>/lib (once), print that dir.
 #   kafka.sh start [--dir D] [--port P] [--controller-port C] [--timeout S]
 #                  [--owner-pid PID] [--prop key=value]... [--keep-data]
 #                  [--sasl-ssl] [--scram-user NAME=PASSWORD]...
@@ -138,6 +138,8 @@ lib_ok() {
 
 do_install() {
     ensure_java
+    # openssl makes the test certificates of `start --sasl-ssl` (and tests/unit use it too).
+    command -v openssl >/dev/null 2>&1 || apt_install openssl
     if lib_ok; then echo "$LIB_DIR"; return 0; fi
     mkdir -p "$VERSION_DIR"
     # Serialize concurrent installs of the same version.
