@@ -1,6 +1,7 @@
 # Detector worker image (also used by the simulator service of docker-compose.yml).
 #   docker build -t callback-fraud-detector .
-#   docker run --rm -e DETECTOR_KAFKA_BOOTSTRAP=kafka:9092 -p 6066:6066 callback-fraud-detector
+#   docker run --rm -e DETECTOR_KAFKA_BOOTSTRAP=kafka:9092 -e DETECTOR_WEB_BIND=0.0.0.0 \
+#       -p 6066:6066 callback-fraud-detector   # /metrics and /healthz bind 127.0.0.1 by default
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

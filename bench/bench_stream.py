@@ -14,7 +14,9 @@ web tier unless --no-ip-key):
    decision's Kafka timestamp - request's Kafka timestamp; p50 / p95 / p99.
 
 Starts its own broker with tests/kafka_broker.py unless ``--bootstrap`` (or
-DETECTOR_KAFKA_BOOTSTRAP) names one.
+DETECTOR_KAFKA_BOOTSTRAP) names one. Against a secured cluster, set the DETECTOR_KAFKA_SECURITY_*,
+DETECTOR_KAFKA_SASL_* and DETECTOR_KAFKA_SSL_* variables as for a worker: every client here
+(and the workers it starts) connects with them.
 """
 
 from __future__ import annotations
@@ -42,9 +44,15 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition  # noqa:
 
 from detector.config import load_settings  # noqa: E402
 from detector.stream.io import request_key, stop_consumer, topic_partitions  # noqa: E402
+from detector.stream.kafka_security import client_kwargs, faust_credentials  # noqa: E402
 
 KEY_BY_IP = True  # requests keyed by IP as the README asks of the web tier (--no-ip-key: keyless)
 NO_MODEL = False  # --no-model: rules only
+
+
+def security() -> dict[str, Any]:
+    """aiokafka security options from the DETECTOR_KAFKA_* environment (PLAINTEXT by default)."""
+    return client_kwargs(load_settings(check_files=True))
 
 
 def free_port() -> int:
@@ -66,7 +74,8 @@ def passthrough_main(bootstrap: str, src: str, dst: str, n: int, out: str) -> No
     import faust
 
     app = faust.App(f"bench-pt-{uuid.uuid4().hex[:6]}", broker=f"kafka://{bootstrap}",
-                    store="memory://", web_enabled=False, autodiscover=False,
+                    broker_credentials=faust_credentials(load_settings()), store="memory://",
+                    web_enabled=False, autodiscover=False,
                     topic_partitions=4, producer_linger=0.001, stream_buffer_maxsize=8192)
     raw: dict[str, Any] = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw",
                            "value_serializer": "raw"}
@@ -95,7 +104,7 @@ def passthrough_main(bootstrap: str, src: str, dst: str, n: int, out: str) -> No
 async def produce(bootstrap: str, topic: str, rows: list[bytes], rate: float | None = None,
                   stamp: bool = False) -> float:
     """Send rows (optionally paced, optionally with ts = send time); returns seconds taken."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=1)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=1, **security())
     await producer.start()
     t0 = time.monotonic()
     try:
@@ -120,7 +129,7 @@ async def produce(bootstrap: str, topic: str, rows: list[bytes], rate: float | N
 async def consume(bootstrap: str, topic: str, n: int, timeout: float) -> list[Any]:
     """The first ``n`` records of ``topic`` (from the beginning), or what came within ``timeout``."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
-                                enable_auto_commit=False, fetch_max_wait_ms=50)
+                                enable_auto_commit=False, fetch_max_wait_ms=50, **security())
     await consumer.start()
     try:
         tps = [TopicPartition(topic, p) for p in await topic_partitions(consumer, topic)]
@@ -213,7 +222,7 @@ def run_ceiling(bootstrap: str, n: int, tmp: Path) -> float:
 
     tag = uuid.uuid4().hex[:8]
     src, dst = f"bench-pt-src-{tag}", f"bench-pt-dst-{tag}"
-    create_topics(bootstrap, {src: 4, dst: 4})
+    create_topics(bootstrap, {src: 4, dst: 4}, **security())
     asyncio.run(produce(bootstrap, src, [b'{"x": %d, "pad": "%s"}' % (i, b"x" * 150)
                                          for i in range(n)]))
     out = tmp / f"pt-{tag}.json"

@@ -304,7 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = args.log_level or load_settings(check_files=False).log_level
+    try:
+        level = args.log_level or load_settings(check_files=False).log_level
+    except ConfigError as exc:
+        print(f"detector: configuration error: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=getattr(logging, str(level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

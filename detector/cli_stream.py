@@ -41,6 +41,27 @@ def _kafka_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--bootstrap", dest="kafka_bootstrap", help="Kafka bootstrap (env DETECTOR_KAFKA_BOOTSTRAP)"
     )
+    g = p.add_argument_group("Kafka TLS / SASL (the SASL password only from "
+                             "DETECTOR_KAFKA_SASL_PASSWORD or DETECTOR_KAFKA_SASL_PASSWORD_FILE)")
+    g.add_argument("--security-protocol", dest="kafka_security_protocol",
+                   choices=("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"), type=str.upper,
+                   help="env DETECTOR_KAFKA_SECURITY_PROTOCOL (default PLAINTEXT)")
+    g.add_argument("--sasl-mechanism", dest="kafka_sasl_mechanism", type=str.upper,
+                   choices=("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"),
+                   help="env DETECTOR_KAFKA_SASL_MECHANISM")
+    g.add_argument("--sasl-username", dest="kafka_sasl_username",
+                   help="env DETECTOR_KAFKA_SASL_USERNAME")
+    g.add_argument("--ssl-cafile", dest="kafka_ssl_cafile", type=Path,
+                   help="CA certificates, PEM (env DETECTOR_KAFKA_SSL_CAFILE; default: system CAs)")
+    g.add_argument("--ssl-certfile", dest="kafka_ssl_certfile", type=Path,
+                   help="client certificate, PEM (env DETECTOR_KAFKA_SSL_CERTFILE)")
+    g.add_argument("--ssl-keyfile", dest="kafka_ssl_keyfile", type=Path,
+                   help="client key, PEM (env DETECTOR_KAFKA_SSL_KEYFILE; its password: "
+                        "DETECTOR_KAFKA_SSL_KEY_PASSWORD[_FILE])")
+    g.add_argument("--no-ssl-check-hostname", dest="kafka_ssl_check_hostname",
+                   action="store_const", const=False, default=None,
+                   help="do not match the broker's certificate to its host name "
+                        "(env DETECTOR_KAFKA_SSL_CHECK_HOSTNAME=false; the chain is still verified)")
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -123,6 +144,8 @@ def add_commands(sub: Any, add_core_flags: Callable[[argparse.ArgumentParser], N
     w.add_argument(
         "--web-port", dest="web_port", type=int, help="/metrics and /healthz (env DETECTOR_WEB_PORT)"
     )
+    w.add_argument("--web-bind", dest="web_bind",
+                   help="address of /metrics and /healthz (env DETECTOR_WEB_BIND, default 127.0.0.1)")
     w.add_argument("--data-dir", dest="data_dir", type=Path, help="worker state dir (env DETECTOR_DATA_DIR)")
     w.add_argument("--partitions", type=int, help="partitions of topics it creates (env DETECTOR_PARTITIONS)")
     w.add_argument("--batch-ms", dest="batch_ms", type=int,

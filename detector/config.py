@@ -18,6 +18,34 @@ from detector.core.errors import ConfigError
 ENV_PREFIX = "DETECTOR_"
 
 
+class Secret:
+    """A secret string (password) that never shows in a repr, a log line or a traceback.
+
+    >>> s = Secret("hunter2"); (repr(s), str(s), s.get_secret_value())
+    ("Secret('**********')", '**********', 'hunter2')
+    """
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def get_secret_value(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    def __str__(self) -> str:
+        return "**********"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     # Kafka / Faust
@@ -68,6 +96,26 @@ class Settings:
     sink_store_numbers: bool = False  # store the E.164 number itself (else keyed hash + masked)
     sink_retention_days: float = 90.0
     sink_batch: int = 500
+    # --- Kafka security, HTTP surface, topic retention --------------------------------------
+    # Read and validated by _load_security() / _check_security() at the end of this module;
+    # turned into client options by detector/stream/kafka_security.py.
+    kafka_security_protocol: str = "PLAINTEXT"  # PLAINTEXT, SSL, SASL_PLAINTEXT, SASL_SSL
+    kafka_sasl_mechanism: str | None = None  # PLAIN, SCRAM-SHA-256, SCRAM-SHA-512
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: Secret | None = None  # or DETECTOR_KAFKA_SASL_PASSWORD_FILE
+    kafka_ssl_cafile: Path | None = None  # None: the system's trusted CAs
+    kafka_ssl_certfile: Path | None = None  # client certificate (mutual TLS) ...
+    kafka_ssl_keyfile: Path | None = None  # ... and its private key
+    kafka_ssl_key_password: Secret | None = None  # or DETECTOR_KAFKA_SSL_KEY_PASSWORD_FILE
+    kafka_ssl_check_hostname: bool = True
+    web_bind: str = "127.0.0.1"  # address of /metrics and /healthz (0.0.0.0 in containers)
+    # Seconds (env: a number of seconds or 90s, 15m, 12h, 7d) topics keep their messages.
+    retention_inputs: float = 7 * 86400.0  # requests, outcomes (when the detector creates them)
+    retention_internal: float = 7 * 86400.0  # <app>-by-ip, <app>-by-range
+    retention_changelog: float = 7 * 86400.0  # table changelogs (compact + delete)
+    retention_decisions: float = 7 * 86400.0
+    retention_dead_letter: float = 7 * 86400.0
+    retention_list_tombstones: float = 86400.0  # lists topic (compacted): removals kept this long
 
 
 _FILES = ("policy", "lists_file", "geoip_country_db", "geoip_asn_db", "anonymous_ip_db", "hosting_asn_file",
@@ -110,6 +158,8 @@ def load_settings(
     env = os.environ if env is None else env
     values: dict[str, Any] = {}
     for name in Settings.__slots__:  # type: ignore[attr-defined]
+        if name in _SECURITY_FIELDS:
+            continue
         if name == "ip_list_files":
             var = ENV_PREFIX + "IP_LISTS"
             if env.get(var):
@@ -142,8 +192,10 @@ def load_settings(
                 values[name] = raw
         except ValueError:
             raise ConfigError(f"{var}: expected a number, got {raw!r}") from None
+    values.update(_load_security(env))
     values.update({k: v for k, v in overrides.items() if v is not None})
     s = replace(Settings(), **values)
+    _check_security(s, check_files=check_files)
     if s.partitions < 1:
         raise ConfigError(f"{_env_name('partitions')}: expected >= 1, got {s.partitions}")
     if not 1 <= s.batch_ms <= 1000:
@@ -168,3 +220,135 @@ def settings_from_args(args: Any) -> Settings:
     """Settings from the environment with every CLI flag named like a Settings field on top."""
     over = {n: getattr(args, n) for n in Settings.__slots__ if getattr(args, n, None) is not None}  # type: ignore[attr-defined]
     return load_settings(**over)
+
+
+# --- Kafka security, HTTP surface, topic retention -------------------------------------------
+
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+_SECRET_FIELDS = ("kafka_sasl_password", "kafka_ssl_key_password")
+_SSL_FILES = ("kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile")
+_RETENTIONS = ("retention_inputs", "retention_internal", "retention_changelog", "retention_decisions",
+               "retention_dead_letter", "retention_list_tombstones")
+_SECURITY_FIELDS = frozenset((
+    "kafka_security_protocol", "kafka_sasl_mechanism", "kafka_sasl_username", *_SECRET_FIELDS,
+    *_SSL_FILES, "kafka_ssl_check_hostname", "web_bind", *_RETENTIONS,
+))
+_DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+MIN_RETENTION_S = 3600.0  # below this, a worker down for a deploy could lose unread messages
+MIN_CHANGELOG_RETENTION_S = 86400.0  # the core's longest window is 24 h
+
+
+def parse_duration_s(var: str, text: str) -> float:
+    """Seconds from ``604800``, ``90s``, ``15m``, ``12h`` or ``7d``; ConfigError naming ``var``.
+
+    >>> parse_duration_s("X", "7d"), parse_duration_s("X", "15m"), parse_duration_s("X", "90")
+    (604800.0, 900.0, 90.0)
+    """
+    t = text.strip().lower()
+    unit = _DURATION_UNITS.get(t[-1:])
+    try:
+        value = float(t[:-1] if unit else t) * (unit or 1.0)
+    except ValueError:
+        raise ConfigError(f"{var}: expected seconds or a duration like 12h or 7d, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise ConfigError(f"{var}: expected a positive duration, got {text!r}")
+    return value
+
+
+def _read_secret(env: Mapping[str, str], name: str) -> Secret | None:
+    """``DETECTOR_X`` or the contents of the file named by ``DETECTOR_X_FILE`` (one trailing
+    newline stripped), never both."""
+    var = _env_name(name)
+    value, path = env.get(var) or None, env.get(var + "_FILE") or None
+    if value is not None and path is not None:
+        raise ConfigError(f"{var} and {var}_FILE are both set; set one")
+    if path is None:
+        return None if value is None else Secret(value)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{var}_FILE: cannot read {path!r}: {exc.strerror or exc}") from None
+    text = text[:-1] if text.endswith("\n") else text
+    if not text:
+        raise ConfigError(f"{var}_FILE: {path!r} is empty")
+    return Secret(text)
+
+
+def _load_security(env: Mapping[str, str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for name in _SECURITY_FIELDS:
+        var = _env_name(name)
+        if name in _SECRET_FIELDS:
+            secret = _read_secret(env, name)
+            if secret is not None:
+                values[name] = secret
+            continue
+        raw = env.get(var)
+        if raw is None or raw.strip() == "":
+            continue
+        if name in _SSL_FILES:
+            values[name] = Path(raw)
+        elif name in _RETENTIONS:
+            values[name] = parse_duration_s(var, raw)
+        elif name == "kafka_ssl_check_hostname":
+            flag = raw.strip().lower()
+            if flag not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                raise ConfigError(f"{var}: expected true or false, got {raw!r}")
+            values[name] = flag in ("1", "true", "yes", "on")
+        elif name in ("kafka_security_protocol", "kafka_sasl_mechanism"):
+            values[name] = raw.strip().upper()
+        else:
+            values[name] = raw.strip()
+    return values
+
+
+def _check_security(s: Settings, *, check_files: bool) -> None:
+    """Fail fast on a Kafka security setting that cannot work, naming the variable."""
+    protocol = s.kafka_security_protocol.upper()
+    var = _env_name
+    if protocol not in SECURITY_PROTOCOLS:
+        raise ConfigError(f"{var('kafka_security_protocol')}: expected one of "
+                          f"{', '.join(SECURITY_PROTOCOLS)}, got {s.kafka_security_protocol!r}")
+    sasl = protocol.startswith("SASL_")
+    tls = protocol in ("SSL", "SASL_SSL")
+    if sasl:
+        mech = (s.kafka_sasl_mechanism or "").upper()
+        if mech not in SASL_MECHANISMS:
+            raise ConfigError(f"{var('kafka_sasl_mechanism')}: expected one of "
+                              f"{', '.join(SASL_MECHANISMS)} with {protocol}, got "
+                              f"{s.kafka_sasl_mechanism!r}")
+        if not s.kafka_sasl_username:
+            raise ConfigError(f"{var('kafka_sasl_username')}: required with {protocol}")
+        if s.kafka_sasl_password is None or not s.kafka_sasl_password.get_secret_value():
+            raise ConfigError(f"{var('kafka_sasl_password')} (or {var('kafka_sasl_password')}_FILE): "
+                              f"required with {protocol}")
+    else:
+        for name in ("kafka_sasl_mechanism", "kafka_sasl_username", "kafka_sasl_password"):
+            if getattr(s, name):
+                raise ConfigError(f"{var(name)} is set but {var('kafka_security_protocol')} is "
+                                  f"{protocol}: set it to SASL_SSL (or SASL_PLAINTEXT) to use SASL")
+    if not tls:
+        for name in (*_SSL_FILES, "kafka_ssl_key_password"):
+            if getattr(s, name):
+                raise ConfigError(f"{var(name)} is set but {var('kafka_security_protocol')} is "
+                                  f"{protocol}: set it to SSL or SASL_SSL to use TLS")
+    if (s.kafka_ssl_certfile is None) != (s.kafka_ssl_keyfile is None):
+        raise ConfigError(f"{var('kafka_ssl_certfile')} and {var('kafka_ssl_keyfile')}: "
+                          "set both (client certificate and its key) or neither")
+    if s.kafka_ssl_key_password is not None and s.kafka_ssl_keyfile is None:
+        raise ConfigError(f"{var('kafka_ssl_key_password')} is set without {var('kafka_ssl_keyfile')}")
+    if not s.web_bind.strip():
+        raise ConfigError(f"{var('web_bind')}: expected an address such as 127.0.0.1 or 0.0.0.0")
+    for name in _RETENTIONS:
+        value = getattr(s, name)
+        floor = MIN_CHANGELOG_RETENTION_S if name == "retention_changelog" else MIN_RETENTION_S
+        if not floor <= value < float("inf"):
+            raise ConfigError(f"{var(name)}: expected at least {floor:.0f} s, got {value:g} s"
+                              + (" (table windows span 24 h: shorter loses counts on restart)"
+                                 if name == "retention_changelog" else ""))
+    if check_files:
+        for name in _SSL_FILES:
+            path = getattr(s, name)
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"{var(name)}: file {str(path)!r} does not exist")

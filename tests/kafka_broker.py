@@ -5,6 +5,9 @@ No pytest dependency: usable from tests, benchmarks and scripts.
     with KafkaBroker() as bootstrap:            # "127.0.0.1:PORT"
         create_topics(bootstrap, {"calls": 4, "state": 1}, compact={"state"})
 
+    broker = KafkaBroker(sasl_ssl=True, scram_users={"alice": "s3cret"})
+    broker.start()      # also a SASL_SSL listener: broker.tls.bootstrap, .cafile, client cert
+
 The broker runs in its own directory (a temp dir unless ``data_dir`` is given;
 a temp dir is removed on ``stop()``), logs to ``<dir>/logs/server.log`` and
 is also stopped by a watchdog if this Python process dies without calling
@@ -23,6 +26,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -51,6 +55,17 @@ def _tail(text: str, lines: int = 60) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
+@dataclass(frozen=True)
+class BrokerTls:
+    """The SASL_SSL listener of a broker started with ``sasl_ssl=True`` and its test PKI."""
+
+    bootstrap: str  # 127.0.0.1:PORT of the SASL_SSL listener
+    cafile: Path  # the test CA (PEM) that signed the broker's and the client's certificates
+    client_cert: Path
+    client_key: Path  # PKCS#8, encrypted with the password in client_key_password_file
+    client_key_password_file: Path
+
+
 class KafkaBroker:
     """Start/stop one broker with ``tools/kafka/kafka.sh``; also a context manager."""
 
@@ -63,6 +78,8 @@ class KafkaBroker:
         extra_props: Mapping[str, str] | None = None,
         script: str | os.PathLike[str] = KAFKA_SCRIPT,
         env: Mapping[str, str] | None = None,
+        sasl_ssl: bool = False,
+        scram_users: Mapping[str, str] | None = None,
     ) -> None:
         self._given_dir = Path(data_dir) if data_dir is not None else None
         self.port = port
@@ -74,6 +91,9 @@ class KafkaBroker:
         self._owns_dir = False
         self.bootstrap: str | None = None
         self.start_seconds: float | None = None  # wall time of the last start()
+        self.sasl_ssl = sasl_ssl
+        self.scram_users = dict(scram_users or {})
+        self.tls: BrokerTls | None = None  # set by start() when sasl_ssl
 
     # -- process control -------------------------------------------------
 
@@ -128,6 +148,10 @@ class KafkaBroker:
             args += ["--port", str(self.port)]
         for key, value in self.extra_props.items():
             args += ["--prop", f"{key}={value}"]
+        if self.sasl_ssl:
+            args.append("--sasl-ssl")
+            for user, password in self.scram_users.items():
+                args += ["--scram-user", f"{user}={password}"]
         t0 = time.monotonic()
         proc = self._run(args, self.start_timeout + 60)
         lines = proc.stdout.strip().splitlines()
@@ -139,6 +163,15 @@ class KafkaBroker:
                 tail,
             )
         self.bootstrap = lines[-1].split("=", 1)[1].strip()
+        if self.sasl_ssl:
+            out = dict(line.split("=", 1) for line in lines if "=" in line)
+            self.tls = BrokerTls(
+                bootstrap=out["SASL_SSL_BOOTSTRAP"],
+                cafile=Path(out["SSL_CAFILE"]),
+                client_cert=Path(out["SSL_CLIENT_CERT"]),
+                client_key=Path(out["SSL_CLIENT_KEY"]),
+                client_key_password_file=Path(out["SSL_CLIENT_KEY_PASSWORD_FILE"]),
+            )
         self.start_seconds = time.monotonic() - t0
         atexit.register(self.stop)
         return self.bootstrap
@@ -226,11 +259,12 @@ async def acreate_topics(
     replication_factor: int = 1,
     exist_ok: bool = False,
     timeout: float = 30.0,
+    **client: Any,
 ) -> None:
     """Create ``{name: partitions}`` and wait until every partition has a leader.
 
     Names in ``compact`` get ``cleanup.policy=compact``; ``configs`` adds
-    per-topic configs.
+    per-topic configs; ``client`` adds aiokafka client options (TLS/SASL).
     """
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
@@ -246,7 +280,8 @@ async def acreate_topics(
             cfg["cleanup.policy"] = "compact"
         new.append(NewTopic(name, partitions, replication_factor, topic_configs=cfg))
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000))
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000),
+                                **client)
     try:
         await admin.start()
         if new:

@@ -83,10 +83,12 @@ from detector.core.policy import Policy
 from detector.core.population import PopulationView
 from detector.core.records import OUTCOMES, Action, CallbackRequest, Counts, Enrichment
 from detector.core.signing import REJECT_REASONS, Signer, Verifier
-from detector.stream import codec
+from detector.stream import codec, retention
 from detector.stream import population as pop_stream
 from detector.stream.delivery import Admit, DeliveryTransport, OffsetGate, start_offsets
 from detector.stream.io import stop_consumer, topic_partitions
+from detector.stream.kafka_security import client_kwargs, faust_credentials
+from detector.stream.web_surface import CLOSED_WEB_SETTINGS, ClosedWeb
 
 log = logging.getLogger("detector.stream")
 
@@ -129,6 +131,9 @@ class DetectorApp(faust.App):
 
     def _new_transport(self) -> Any:
         return DeliveryTransport(self.conf.broker_consumer, self)
+
+    def _new_web(self) -> Any:  # only the pages the app adds: /metrics, /healthz
+        return ClosedWeb(self)
 
 
 # --------------------------------------------------------------------------- table views
@@ -790,6 +795,7 @@ def make_app(settings: Settings, *, rt: StreamRuntime | None = None, web: bool =
     app = DetectorApp(
         s.app_id,
         broker=[f"kafka://{h.strip()}" for h in s.kafka_bootstrap.split(",") if h.strip()],
+        broker_credentials=faust_credentials(s),
         store="memory://",
         datadir=str(s.data_dir),
         autodiscover=False,
@@ -798,8 +804,9 @@ def make_app(settings: Settings, *, rt: StreamRuntime | None = None, web: bool =
         table_standby_replicas=0,
         web_enabled=web,
         web_port=s.web_port,
-        web_bind="0.0.0.0",  # noqa: S104 - the metrics endpoint is meant to be scraped
+        web_bind=s.web_bind,  # DETECTOR_WEB_BIND: loopback unless deployed (compose: 0.0.0.0)
         web_host="127.0.0.1",
+        **CLOSED_WEB_SETTINGS,
         consumer_auto_offset_reset="earliest",
         producer_linger=s.batch_ms / 2000.0,  # fewer, larger produce requests
         broker_commit_interval=1.0,
@@ -818,15 +825,17 @@ def make_app(settings: Settings, *, rt: StreamRuntime | None = None, web: bool =
         "decisions": app.topic(s.topic_decisions, **raw),
         "dlq": app.topic(s.topic_dead_letter, **raw),
         "lists": app.topic(s.topic_lists, **raw),
-        "by_ip": app.topic(f"{s.app_id}-by-ip", partitions=s.partitions, internal=True, **raw),
+        "by_ip": app.topic(f"{s.app_id}-by-ip", partitions=s.partitions, internal=True,
+                           config=retention.internal_config(s), **raw),
         "by_range": app.topic(f"{s.app_id}-by-range", partitions=s.partitions, internal=True,
-                              **raw),
+                              config=retention.internal_config(s), **raw),
         # Population deltas of every worker (stream/population.py): 1 partition, read by all.
         "population": app.topic(f"{s.app_id}-population", partitions=1, internal=True,
-                                retention=float(pop_stream.POPULATION_RETENTION_S), **raw),
+                                config=retention.internal_config(s), **raw),
     }
     rt.tables = {
-        name: app.Table(name, partitions=s.partitions, help=doc)
+        name: app.Table(name, partitions=s.partitions, help=doc,
+                        extra_topic_configs=retention.changelog_config(s))
         for name, doc in (
             ("ip", "per IP: counts, distinct numbers and countries (by-ip stage)"),
             ("number", "per number: counts, distinct IPs, pending callback, machine answers"),
@@ -876,7 +885,7 @@ def make_app(settings: Settings, *, rt: StreamRuntime | None = None, web: bool =
                 assigned = {gates[k].topic: rt.active.get(k, set()) for k in STAGE_INPUTS}
                 try:
                     starts = await start_offsets(s.kafka_bootstrap, app.conf.id, list(assigned),
-                                                 assigned)
+                                                 assigned, **client_kwargs(s))
                 except Exception as exc:
                     log.warning("offsets: could not read the committed offsets (%r); each stage "
                                 "starts where the consumer delivers", exc)
@@ -1133,7 +1142,7 @@ async def load_sent(rt: StreamRuntime, lookback_s: float = SENT_LOOKBACK_S) -> i
 
     s = rt.settings
     consumer = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, group_id=None,
-                                enable_auto_commit=False, fetch_max_wait_ms=50)
+                                enable_auto_commit=False, fetch_max_wait_ms=50, **client_kwargs(s))
     n = 0
     t0 = time.monotonic()
     try:
@@ -1170,7 +1179,7 @@ async def read_lists_forever(app: faust.App, rt: StreamRuntime) -> None:
     s = rt.settings
     consumer = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, group_id=None,
                                 enable_auto_commit=False, auto_offset_reset="earliest",
-                                fetch_max_wait_ms=100)
+                                fetch_max_wait_ms=100, **client_kwargs(s))
     await consumer.start()
     try:
         parts = await topic_partitions(consumer, s.topic_lists, timeout=20.0)

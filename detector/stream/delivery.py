@@ -142,9 +142,10 @@ class OffsetGate:
 
 
 async def start_offsets(bootstrap: str, group: str, topics: list[str],
-                        assigned: dict[str, set[int]]) -> dict[str, dict[int, int]]:
+                        assigned: dict[str, set[int]], **kafka: Any) -> dict[str, dict[int, int]]:
     """topic -> partition -> the group's committed offset, or the log start if none (where a
-    consumer with ``auto_offset_reset=earliest`` begins)."""
+    consumer with ``auto_offset_reset=earliest`` begins). ``kafka``: security options
+    (:func:`detector.stream.kafka_security.client_kwargs`)."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
     from aiokafka.admin import AIOKafkaAdminClient
 
@@ -153,8 +154,9 @@ async def start_offsets(bootstrap: str, group: str, topics: list[str],
     tps = [TopicPartition(t, p) for t in topics for p in sorted(assigned.get(t, ()))]
     if not tps:
         return {}
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **kafka)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+                                **kafka)
     await admin.start()
     try:
         committed = await admin.list_consumer_group_offsets(group, partitions=tps)

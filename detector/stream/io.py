@@ -21,7 +21,9 @@ from detector.config import Settings
 from detector.core.errors import InputError
 from detector.core.lists import ListEntry, make_entry
 from detector.core.parse import decode_json, parse_request, parse_ts
-from detector.stream import codec
+from detector.stream import codec, retention
+from detector.stream.kafka_security import client_kwargs
+from detector.stream.kafka_security import start as start_client
 
 log = logging.getLogger("detector.stream.io")
 
@@ -55,21 +57,25 @@ def topic_specs(settings: Settings) -> dict[str, tuple[int, dict[str, str]]]:
     s = settings
     n = s.partitions
     return {
-        s.topic_requests: (n, {}),
-        s.topic_decisions: (n, {}),
-        s.topic_outcomes: (n, {}),
-        s.topic_dead_letter: (n, {}),
-        s.topic_lists: (1, {"cleanup.policy": "compact"}),
-        f"{s.app_id}-by-ip": (n, {}),
-        f"{s.app_id}-by-range": (n, {}),
+        s.topic_requests: (n, retention.inputs_config(s)),
+        s.topic_decisions: (n, retention.decisions_config(s)),
+        s.topic_outcomes: (n, retention.inputs_config(s)),
+        s.topic_dead_letter: (n, retention.dead_letter_config(s)),
+        s.topic_lists: (1, retention.lists_config(s)),
+        f"{s.app_id}-by-ip": (n, retention.internal_config(s)),
+        f"{s.app_id}-by-range": (n, retention.internal_config(s)),
+        # Faust creates these too; created here, they exist with their retention before it
+        # starts (and an operator can create every topic with admin rights, the workers without).
+        **{retention.changelog_topic(s, t): (n, retention.changelog_config(s))
+           for t in retention.CHANGELOG_TABLES},
     }
 
 
 async def acreate_topics(settings: Settings, timeout: float = 30.0) -> list[str]:
     """Create the detector's topics that do not exist yet; returns the names created."""
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap,
-                                request_timeout_ms=int(timeout * 1000))
-    await admin.start()
+                                request_timeout_ms=int(timeout * 1000), **client_kwargs(settings))
+    await start_client(admin, settings, "topics")
     try:
         existing = set(await admin.list_topics())
         new = [
@@ -125,8 +131,8 @@ async def aproduce(settings: Settings, jsonl_path: Path | str, rate: float | Non
     Kafka timestamp = the request's ``ts``. ``rate``: messages/s. A line too large for a Kafka
     message is skipped and counted (its number logged, never its content)."""
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, linger_ms=5,
-                                acks="all", enable_idempotence=True)
-    await producer.start()
+                                acks="all", enable_idempotence=True, **client_kwargs(settings))
+    await start_client(producer, settings, "produce")
     n = skipped = 0
     t0 = time.monotonic()
     try:
@@ -167,8 +173,9 @@ async def _read_topic(settings: Settings, topic: str, *, follow: bool, from_begi
     """Yield aiokafka records of every partition of ``topic`` (no consumer group)."""
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None,
                                 enable_auto_commit=False, fetch_max_wait_ms=100,
-                                auto_offset_reset="earliest" if from_beginning else "latest")
-    await consumer.start()
+                                auto_offset_reset="earliest" if from_beginning else "latest",
+                                **client_kwargs(settings))
+    await start_client(consumer, settings, f"read {topic}")
     try:
         parts = await topic_partitions(consumer, topic)
         tps = [TopicPartition(topic, p) for p in sorted(parts)]
@@ -236,8 +243,8 @@ def tail(settings: Settings, n: int | None = None, follow: bool = True, *,
 
 async def _send_list(settings: Settings, key: str, value: bytes | None) -> None:
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all",
-                                enable_idempotence=True)
-    await producer.start()
+                                enable_idempotence=True, **client_kwargs(settings))
+    await start_client(producer, settings, "lists")
     try:
         await producer.send_and_wait(settings.topic_lists, key=key.encode("utf-8"), value=value)
     finally:

@@ -8,7 +8,7 @@ keyed by scope (that would make one hot partition per busy country). Instead:
   (so a single worker decides exactly as the replay path does);
 * every :data:`PUBLISH_INTERVAL_S` it publishes what it counted since the last time (its *delta*:
   ``[[scope, minute, requests, fresh], ...]``) to the internal topic ``<app>-population``
-  (1 partition, key = the worker's id, retention ``POPULATION_RETENTION_S``);
+  (1 partition, key = the worker's id, the internal topics' retention);
 * every worker reads that topic without a consumer group (like the lists topic) and merges the
   other workers' deltas into its view; at start it reads back the last day, so a restarted or
   added worker has the population's history.
@@ -38,7 +38,6 @@ log = logging.getLogger("detector.stream.population")
 
 PUBLISH_INTERVAL_S = 1.0
 READ_BACK_S = 26 * 3600.0  # history read at start: a day of hours plus the current one
-POPULATION_RETENTION_S = 2 * 86400  # retention.ms of the topic (set at creation)
 
 
 def worker_id() -> str:
@@ -81,13 +80,14 @@ async def read_population_forever(app: Any, rt: Any, topic: str, me: str) -> Non
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
     from detector.stream.io import stop_consumer, topic_partitions
+    from detector.stream.kafka_security import client_kwargs
 
     s = rt.settings
     while rt.generation is None and not app.should_stop:  # stages prepared: topics exist
         await asyncio.sleep(0.5)
     consumer = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, group_id=None,
                                 enable_auto_commit=False, auto_offset_reset="earliest",
-                                fetch_max_wait_ms=100)
+                                fetch_max_wait_ms=100, **client_kwargs(s))
     await consumer.start()
     try:
         parts: set[int] = set()

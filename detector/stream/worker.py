@@ -25,7 +25,10 @@ def run_worker(settings: Settings, *, create_topics: bool = True) -> None:
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     check_pii_key(settings, "a worker")
-    if create_topics:
+    from detector.stream.kafka_security import describe
+
+    log.info("kafka: %s at %s", describe(settings), settings.kafka_bootstrap)
+    if create_topics:  # also checks, within seconds, that the brokers accept our credentials
         asyncio.run(io.acreate_topics(settings))
     tune_gc()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -53,12 +56,12 @@ def _worker_class() -> type:
 def main() -> None:
     import sys
 
-    from detector.core.errors import ConfigError
+    from detector.core.errors import DetectorError
 
     try:
         run_worker(load_settings())
-    except ConfigError as exc:
-        sys.stderr.write(f"detector: configuration error: {exc}\n")
+    except DetectorError as exc:  # a configuration or connection error: one line, no traceback
+        sys.stderr.write(f"detector worker: {exc}\n")
         sys.exit(2)
 
 

@@ -4,10 +4,11 @@
 # Docker: the broker jars come from Maven Central through tools/kafka/pom.xml.
 #
 #   kafka.sh install
-#       Ensure Java >= 17 and Maven (apt-get install if absent), copy the
-#       broker jars into $KAFKA_CACHE/<version>/lib (once), print that dir.
+#       Ensure Java >= 17, Maven and openssl (apt-get install if absent), copy
+#       the broker jars into $KAFKA_CACHE/<version>/lib (once), print that dir.
 #   kafka.sh start [--dir D] [--port P] [--controller-port C] [--timeout S]
 #                  [--owner-pid PID] [--prop key=value]... [--keep-data]
+#                  [--sasl-ssl] [--scram-user NAME=PASSWORD]...
 #       Start a broker in the background whose files (server.properties,
 #       log4j2.xml, data/, logs/server.log, broker.out, broker.pid) live in D,
 #       wait until it answers a metadata request, and print
@@ -15,6 +16,16 @@
 #       are picked when none are given.  With --owner-pid the broker is also
 #       stopped as soon as that process exits (so a killed test run leaves
 #       no broker behind).  Data is wiped on start unless --keep-data.
+#       --sasl-ssl adds a SASL_SSL listener on another free loopback port
+#       (SCRAM-SHA-512, SCRAM-SHA-256 and PLAIN; client certificates
+#       requested, verified when presented) with a test CA, a broker
+#       certificate (SAN IP:127.0.0.1, DNS:localhost) and a client
+#       certificate made with openssl in D/tls; each --scram-user is created
+#       at format time (kafka-storage format --add-scram) for both SCRAM
+#       mechanisms and for PLAIN.  The PLAINTEXT and controller listeners
+#       stay on loopback.  It also prints SASL_SSL_BOOTSTRAP=127.0.0.1:S,
+#       SSL_CAFILE=, SSL_CLIENT_CERT=, SSL_CLIENT_KEY= (encrypted PKCS#8) and
+#       SSL_CLIENT_KEY_PASSWORD_FILE= lines before the BOOTSTRAP line.
 #   kafka.sh stop [--dir D] [--clean]
 #       SIGTERM, wait, SIGKILL.  --clean also removes D.
 #   kafka.sh status [--dir D]
@@ -127,6 +138,8 @@ lib_ok() {
 
 do_install() {
     ensure_java
+    # openssl makes the test certificates of `start --sasl-ssl` (and tests/unit use it too).
+    command -v openssl >/dev/null 2>&1 || apt_install openssl
     if lib_ok; then echo "$LIB_DIR"; return 0; fi
     mkdir -p "$VERSION_DIR"
     # Serialize concurrent installs of the same version.
@@ -257,16 +270,24 @@ EOF
 
 write_server_props() {
     local dir="$1" port="$2" cport="$3"; shift 3
+    local listeners="PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport"
+    local advertised="PLAINTEXT://127.0.0.1:$port"
+    local protomap="CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT"
+    if [ -n "$SASL_PORT" ]; then
+        listeners="$listeners,SASL_SSL://127.0.0.1:$SASL_PORT"
+        advertised="$advertised,SASL_SSL://127.0.0.1:$SASL_PORT"
+        protomap="$protomap,SASL_SSL:SASL_SSL"
+    fi
     cat >"$dir/server.properties" <<EOF
 # Written by tools/kafka/kafka.sh: single-node KRaft test broker, loopback only.
 process.roles=broker,controller
 node.id=1
 controller.quorum.bootstrap.servers=127.0.0.1:$cport
-listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport
-advertised.listeners=PLAINTEXT://127.0.0.1:$port
+listeners=$listeners
+advertised.listeners=$advertised
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+listener.security.protocol.map=$protomap
 log.dirs=$dir/data
 num.partitions=1
 default.replication.factor=1
@@ -286,9 +307,72 @@ num.recovery.threads.per.data.dir=1
 log.retention.hours=-1
 log.retention.check.interval.ms=300000
 EOF
+    if [ -n "$SASL_PORT" ]; then write_sasl_ssl_props "$dir" >>"$dir/server.properties"; fi
     local p
     for p in "$@"; do
         printf '%s\n' "$p" >>"$dir/server.properties"
+    done
+}
+
+# ------------------------------------------------------------ SASL_SSL --
+
+SASL_PORT=""        # set by start --sasl-ssl
+SCRAM_USERS=()      # NAME=PASSWORD, from start --scram-user
+
+# A test CA, a broker certificate and a client certificate (key encrypted,
+# PKCS#8), all PEM, in $1/tls.  Kafka reads PEM key/trust stores directly.
+make_tls() {
+    local d="$1/tls"
+    command -v openssl >/dev/null 2>&1 || apt_install openssl
+    rm -rf "$d"; mkdir -p "$d"; chmod 700 "$d"
+    (
+        cd "$d"
+        openssl req -x509 -newkey rsa:2048 -nodes -sha256 -days 7 -subj "/CN=detector test CA" \
+            -keyout ca.key -out ca.pem
+        openssl req -newkey rsa:2048 -nodes -sha256 -subj "/CN=localhost" \
+            -keyout broker.key -out broker.csr
+        printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n' >broker.ext
+        openssl x509 -req -sha256 -days 7 -in broker.csr -CA ca.pem -CAkey ca.key -CAcreateserial \
+            -out broker.pem -extfile broker.ext
+        cat broker.key broker.pem ca.pem >broker-keystore.pem
+        openssl req -newkey rsa:2048 -nodes -sha256 -subj "/CN=detector-client" \
+            -keyout client-plain.key -out client.csr
+        printf 'extendedKeyUsage=clientAuth\nbasicConstraints=CA:FALSE\n' >client.ext
+        openssl x509 -req -sha256 -days 7 -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial \
+            -out client.pem -extfile client.ext
+        openssl rand -hex 16 >client-key.pass
+        openssl pkcs8 -topk8 -v2 aes-256-cbc -in client-plain.key -out client.key \
+            -passout file:client-key.pass
+        rm -f client-plain.key ./*.csr ./*.ext ca.srl
+    ) >"$1/tls.log" 2>&1 || { cat "$1/tls.log" >&2; die "openssl could not make the test certificates"; }
+}
+
+write_sasl_ssl_props() {
+    local dir="$1" u name pass plain=""
+    for u in ${SCRAM_USERS[@]+"${SCRAM_USERS[@]}"}; do
+        name="${u%%=*}"; pass="${u#*=}"
+        plain="$plain user_$name=\"$pass\""
+    done
+    cat <<PROPS
+# SASL_SSL listener (kafka.sh start --sasl-ssl)
+sasl.enabled.mechanisms=SCRAM-SHA-512,SCRAM-SHA-256,PLAIN
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.sasl_ssl.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required$plain;
+listener.name.sasl_ssl.ssl.keystore.type=PEM
+listener.name.sasl_ssl.ssl.keystore.location=$dir/tls/broker-keystore.pem
+listener.name.sasl_ssl.ssl.truststore.type=PEM
+listener.name.sasl_ssl.ssl.truststore.location=$dir/tls/ca.pem
+listener.name.sasl_ssl.ssl.client.auth=requested
+PROPS
+}
+
+scram_format_args() {
+    local u name pass
+    for u in ${SCRAM_USERS[@]+"${SCRAM_USERS[@]}"}; do
+        name="${u%%=*}"; pass="${u#*=}"
+        printf '%s\0%s\0' --add-scram "SCRAM-SHA-512=[name=$name,password=$pass]"
+        printf '%s\0%s\0' --add-scram "SCRAM-SHA-256=[name=$name,password=$pass]"
     done
 }
 
@@ -364,8 +448,11 @@ start_once() {
         cid="$("$JAVA" "${JOPTS[@]}" kafka.tools.StorageTool random-uuid 2>>"$dir/format.log" | tail -n1)"
         [ -n "$cid" ] || { log "StorageTool random-uuid failed"; return 1; }
         echo "$cid" >"$dir/cluster.id"
+        local scram=()
+        if [ -n "$SASL_PORT" ]; then mapfile -d '' scram < <(scram_format_args); fi
         if ! "$JAVA" "${JOPTS[@]}" kafka.tools.StorageTool format --standalone \
-                -t "$cid" -c "$dir/server.properties" >>"$dir/format.log" 2>&1; then
+                -t "$cid" -c "$dir/server.properties" ${scram[@]+"${scram[@]}"} \
+                >>"$dir/format.log" 2>&1; then
             log "StorageTool format failed"
             return 1
         fi
@@ -426,7 +513,7 @@ start_watchdog() {
 # -------------------------------------------------------------- commands --
 
 cmd_start() {
-    local dir="$DEFAULT_DIR" port="" cport="" owner="" keep=0 props=()
+    local dir="$DEFAULT_DIR" port="" cport="" owner="" keep=0 props=() sasl=0
     while [ $# -gt 0 ]; do
         case "$1" in
             --dir) dir="$2"; shift 2 ;;
@@ -436,6 +523,11 @@ cmd_start() {
             --owner-pid) owner="$2"; shift 2 ;;
             --prop) props+=("$2"); shift 2 ;;
             --keep-data) keep=1; shift ;;
+            --sasl-ssl) sasl=1; shift ;;
+            --scram-user)
+                [[ "$2" =~ ^[A-Za-z0-9_.-]+=[A-Za-z0-9_.-]+$ ]] \
+                    || die "--scram-user expects NAME=PASSWORD (letters, digits, _ . -)"
+                SCRAM_USERS+=("$2"); shift 2 ;;
             *) die "start: unknown argument $1" ;;
         esac
     done
@@ -448,9 +540,10 @@ cmd_start() {
         echo "BOOTSTRAP=$(cat "$dir/bootstrap")"
         return 0
     fi
+    local saved_sasl=""
     if [ "$keep" -eq 1 ] && [ -f "$dir/data/meta.properties" ] && [ -f "$dir/ports" ]; then
         # A standalone KRaft log remembers its controller endpoint: reuse ports.
-        read -r sport scport <"$dir/ports"
+        read -r sport scport saved_sasl <"$dir/ports"
         port="${port:-$sport}"; cport="${cport:-$scport}"
     else
         rm -rf "$dir/data" "$dir/cluster.id" "$dir/format.log"
@@ -458,33 +551,53 @@ cmd_start() {
     mkdir -p "$dir/data" "$dir/logs"
     write_log4j2 "$dir"
     java_cmd_opts "$dir"
+    if [ "$sasl" -eq 1 ] && { [ ! -f "$dir/tls/ca.pem" ] || [ -z "$saved_sasl" ]; }; then
+        make_tls "$dir"
+    fi
 
     local auto=0 attempt rc
     [ -z "$port" ] && [ -z "$cport" ] && auto=1
     for attempt in 1 2 3; do
         [ -n "$port" ] || port="$(free_port)"
         while [ -z "$cport" ] || [ "$cport" = "$port" ]; do cport="$(free_port)"; done
-        if port_open "$port" || port_open "$cport"; then
+        if [ "$sasl" -eq 1 ]; then
+            SASL_PORT="$saved_sasl"
+            while [ -z "$SASL_PORT" ] || [ "$SASL_PORT" = "$port" ] || [ "$SASL_PORT" = "$cport" ]; do
+                SASL_PORT="$(free_port)"
+            done
+        fi
+        if port_open "$port" || port_open "$cport" || { [ -n "$SASL_PORT" ] && port_open "$SASL_PORT"; }; then
             if [ "$auto" -eq 1 ] && [ "$attempt" -lt 3 ]; then
                 log "picked port $port/$cport is taken already; picking others"
-                port="" cport=""
+                port="" cport="" saved_sasl=""
                 continue
             fi
-            die "port 127.0.0.1:$port or 127.0.0.1:$cport is already in use"
+            die "port 127.0.0.1:$port or 127.0.0.1:$cport${SASL_PORT:+ or 127.0.0.1:$SASL_PORT} is already in use"
         fi
-        echo "$port $cport" >"$dir/ports"
+        echo "$port $cport $SASL_PORT" >"$dir/ports"
         log "starting Kafka $KAFKA_VERSION on 127.0.0.1:$port (controller $cport), dir $dir"
         rc=0
         start_once "$dir" "$port" "$cport" ${props[@]+"${props[@]}"} || rc=$?
+        if [ "$rc" -eq 0 ] && [ -n "$SASL_PORT" ] && ! port_open "$SASL_PORT"; then
+            log "SASL_SSL listener 127.0.0.1:$SASL_PORT is not open"
+            rc=1
+        fi
         if [ "$rc" -eq 0 ]; then
             [ -n "$owner" ] && start_watchdog "$dir" "$owner"
+            if [ -n "$SASL_PORT" ]; then
+                echo "SASL_SSL_BOOTSTRAP=127.0.0.1:$SASL_PORT"
+                echo "SSL_CAFILE=$dir/tls/ca.pem"
+                echo "SSL_CLIENT_CERT=$dir/tls/client.pem"
+                echo "SSL_CLIENT_KEY=$dir/tls/client.key"
+                echo "SSL_CLIENT_KEY_PASSWORD_FILE=$dir/tls/client-key.pass"
+            fi
             echo "BOOTSTRAP=127.0.0.1:$port"
             return 0
         fi
         kill_broker "$dir"
         if [ "$rc" -eq 2 ] && [ "$auto" -eq 1 ] && [ "$attempt" -lt 3 ]; then
             log "port clash; retrying with other ports"
-            port="" cport=""
+            port="" cport="" saved_sasl=""
             rm -rf "$dir/data" "$dir/cluster.id"; mkdir -p "$dir/data"
             continue
         fi
