@@ -12,6 +12,7 @@ from typing import Any
 
 from detector.config import Settings, settings_from_args
 from detector.core.errors import ConfigError
+from detector.core.lists import KINDS
 
 
 def parse_duration(text: str) -> float:
@@ -177,7 +178,8 @@ def add_commands(sub: Any, add_core_flags: Callable[[argparse.ArgumentParser], N
     rem = lsub.add_parser("remove", help="publish a removal")
     for q in (add, rem):
         q.add_argument("action", choices=("deny", "allow"))
-        q.add_argument("kind", choices=("ip", "cidr", "asn", "number", "prefix", "country"))
+        q.add_argument("kind", choices=KINDS,
+                       help="surge: under-attack mode for '*', a country or +prefix (deny: on, allow: off)")
         q.add_argument("value")
         _kafka_flags(q)
     add.add_argument("--reason", default="")

@@ -42,6 +42,9 @@ ATTACK_MIN, ATTACK_MEAN_MIN, LEGIT_MIN = 0.80, 0.90, 0.97
 DEFLECT_ONLY_LEGIT = frozenset({"legit_surge"})
 #: Judged per visit (the visits row): an impatient customer's repeats are duplicates by design.
 PER_VISIT_LEGIT = frozenset({"legit_repeat"})
+#: Signals that innocent shared IPs (carrier or office NAT, families) produce.
+SHARED_IP_CODES = frozenset({"many_numbers_per_ip", "velocity_ip", "many_countries_per_ip",
+                             "ip_number_recombination", "many_ips_per_number"})
 
 
 class Labelled(Protocol):
@@ -79,6 +82,8 @@ class Tally:
     pending_duplicates: int = 0
     #: silent blocks for any other reason: the requester waits for a call that never comes
     harmful_silent: int = 0
+    #: ... of which a shared-IP signal was among the reasons (a release floor: none)
+    shared_ip_silent: int = 0
     #: silent blocks by their reason codes (all codes of the decision, joined by "+")
     silent_reasons: Counter[str] = field(default_factory=Counter)
 
@@ -96,6 +101,8 @@ class Tally:
                 self.pending_duplicates += 1
             elif silent:
                 self.harmful_silent += 1
+                if SHARED_IP_CODES.intersection(reasons):
+                    self.shared_ip_silent += 1
             if silent:
                 self.silent_blocked += 1
                 self.silent_reasons["+".join(reasons) or "-"] += 1
@@ -110,6 +117,7 @@ class Tally:
         self.silent_blocked += other.silent_blocked
         self.pending_duplicates += other.pending_duplicates
         self.harmful_silent += other.harmful_silent
+        self.shared_ip_silent += other.shared_ip_silent
         self.silent_reasons.update(other.silent_reasons)
 
     @property
@@ -136,6 +144,7 @@ class Tally:
             "blocked": self.blocked, "rejected": self.rejected, "silent_blocked": self.silent_blocked,
             "silent_reasons": dict(self.silent_reasons.most_common()),
             "pending_duplicates": self.pending_duplicates, "harmful_silent": self.harmful_silent,
+            "shared_ip_silent": self.shared_ip_silent,
             "stop_rate": round(self.stop_rate, 6), "allow_rate": round(self.allow_rate, 6),
             "served_rate": round(self.served_rate, 6),
         }  # fmt: skip
@@ -178,7 +187,9 @@ class EvalReport:
         """Floors missed in ``mode``: every attack stopped >= ``attack_min`` and on average >=
         ``attack_mean_min``; every legitimate population served >= ``legit_min`` (the unannounced
         marketing surge may be deflected, never blocked); no legitimate request blocked silently
-        except as a duplicate of an outstanding callback."""
+        by a signal that innocent shared IPs produce (:data:`SHARED_IP_CODES`). Other silent
+        blocks of legitimate requests (a customer's number inside a pumped block) are counted in
+        the table, not a floor."""
         out = []
         attacks = [r for r in self.rows if r.attack]
         for r in self.rows:
@@ -192,8 +203,8 @@ class EvalReport:
                     out.append(f"{r.scenario}: {t.blocked - t.pending_duplicates} blocked")
             elif r.scenario not in PER_VISIT_LEGIT and t.served_rate < legit_min:
                 out.append(f"{r.scenario}: {t.served_rate:.1%} served < {legit_min:.0%}")
-            if t.harmful_silent:
-                out.append(f"{r.scenario}: {t.harmful_silent} blocked silently")
+            if t.shared_ip_silent:
+                out.append(f"{r.scenario}: {t.shared_ip_silent} blocked silently by shared-IP signals")
         if attacks:
             mean = sum(r.modes[mode].stop_rate for r in attacks) / len(attacks)
             if mean < attack_mean_min:
@@ -251,8 +262,8 @@ class EvalReport:
                 lines.append(f"  {r.scenario:<24} " + ", ".join(f"{k} {n}" for k, n in top))
         short = self.shortfalls()
         lines.append(f"floors (combined: every attack >= {ATTACK_MIN:.0%} stopped, {ATTACK_MEAN_MIN:.0%} on "
-                     f"average; every legit population >= {LEGIT_MIN:.0%} served, none blocked silently; "
-                     "unannounced surge never blocked): "
+                     f"average; every legit population >= {LEGIT_MIN:.0%} served, none blocked silently "
+                     "by shared-IP signals; unannounced surge never blocked; visits exclude it): "
                      + ("met" if not short else "MISSED: " + "; ".join(short)))  # fmt: skip
         return "\n".join(lines)
 
@@ -311,7 +322,7 @@ def evaluate(
             rows[item.scenario].modes[mode].add(
                 action, d is not None and bool(d.silent), () if d is None else d.reasons
             )
-            if not item.attack:
+            if not item.attack and item.scenario not in DEFLECT_ONLY_LEGIT:
                 key = _visit_key(item.request)
                 served = action == Action.ALLOW or (
                     d is not None and bool(d.reasons) and d.reasons[0] == "duplicate_pending")

@@ -174,7 +174,7 @@ def population_hits(
             continue
         hit = _hit(code, pol.rules[code], req.authenticated, pol)
         if req.authenticated and code in pol.auth_deflect_codes and hit.action == Action.BLOCK:
-            hit = Hit(code, hit.weight, Action.DEFLECT, False, hit.monitored)
+            hit = Hit(code, hit.weight * pol.auth_weight_factor, Action.DEFLECT, False, hit.monitored)
         out.append(hit)
     return out
 

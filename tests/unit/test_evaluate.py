@@ -11,6 +11,7 @@ import pytest
 from detector.core.errors import ConfigError
 from detector.core.policy import load_policy, parse_policy
 from detector.evaluate import (
+    DEFLECT_ONLY_LEGIT,
     LEGIT_VISITS,
     MODES,
     LabelledRow,
@@ -77,7 +78,7 @@ def test_totals_are_consistent(report, items):
             assert 0.0 <= t.stop_rate <= 1.0 and t.stop_rate + t.allow_rate == pytest.approx(1.0)
     for row in report.rows:  # each mode replays every request of the scenario
         assert len({row.modes[m].requests for m in MODES}) == 1
-    n_sessions = len({i.request["session_id"] for i in items if not i.attack})
+    n_sessions = len({i.request["session_id"] for i in items if not i.attack and i.scenario not in DEFLECT_ONLY_LEGIT})
     assert report.row(LEGIT_VISITS).modes["combined"].requests == n_sessions
 
 

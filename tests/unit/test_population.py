@@ -1,0 +1,217 @@
+"""Population counters (detector/core/population.py): surges with adaptive baselines and
+hysteresis, declared campaigns, block concentration without collateral, bounded state, the SOC's
+overrides, and how decide() turns them into under-attack mode and shared-IP relief."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from detector.core.decide import DecisionContext, decide
+from detector.core.lists import ListIndex, make_entry
+from detector.core.policy import load_policy, parse_policy
+from detector.core.population import MINUTES_KEPT, PopulationView, read, scopes, surging_scopes
+from detector.core.records import (
+    Action,
+    CallbackRequest,
+    Counts,
+    Enrichment,
+    IpCounts,
+    IpInfo,
+    PhoneInfo,
+)
+from detector.core.state import shared_ip
+
+POLICY = load_policy()
+POP = POLICY.population
+T0 = 1795341600.0  # 2026-11-24 06:00 UTC
+
+
+def gb(n: int) -> str:
+    """GB mobile numbers spread over the plan (each in its own 100,000 block)."""
+    return f"+447{(n * 7919) % 1000:03d}{(n * 104729) % 1000000:06d}"
+
+
+def count(view: PopulationView, e164: str, ts: float, fresh: bool = True) -> None:
+    view.observe(scopes(e164, "GB", POP), ts, fresh=fresh)
+
+
+def at(view: PopulationView, e164: str, ts: float, policy=POP):
+    return read(view, scopes(e164, "GB", policy), ts, "GB", policy)
+
+
+def steady(view: PopulationView, per_minute: int, minutes: int, start: float = T0) -> float:
+    """``per_minute`` spread-out requests each minute for ``minutes``; returns the end time."""
+    k = 0
+    for m in range(minutes):
+        for _ in range(per_minute):
+            count(view, gb(k), start + m * 60 + 1)
+            k += 1
+    return start + minutes * 60
+
+
+def test_scopes_are_everything_the_country_and_the_blocks():
+    assert scopes("+447700900123", "GB", POP) == ("*", "C:GB", "B5:GB:+4477009", "B6:GB:+447700")
+    assert scopes(None, None, POP) == ("*",)
+    assert scopes("+4412345", "GB", POP) == ("*", "C:GB")  # too short for blocks
+
+
+def test_a_flood_surges_and_a_steady_rate_does_not():
+    view = PopulationView()
+    end = steady(view, 3, 60)  # 30 per 10 minutes for an hour: the baseline
+    assert not at(view, gb(10**6), end).country_surging
+    for i in range(400):  # a botnet: 400 quiet requests in 4 minutes
+        count(view, gb(10**6 + i), end + i * 0.6)
+    pop = at(view, gb(1), end + 240)
+    assert pop.country_surging and pop.country_surge_factor > POP.surge_enter
+    assert pop.country_10m >= 400 and pop.global_surging
+
+
+def test_the_morning_ramp_is_not_a_surge():
+    """Doubling every hour (a diurnal ramp) stays under the enter factor."""
+    view, t, k = PopulationView(), T0, 0
+    for hour in range(4):
+        per_min = 2 ** hour
+        for m in range(60):
+            for _ in range(per_min):
+                count(view, gb(k), t + m * 60)
+                k += 1
+            assert not at(view, gb(0), t + m * 60).country_surging, (hour, m)
+        t += 3600
+
+
+def test_hysteresis_holds_then_releases():
+    view = PopulationView()
+    end = steady(view, 3, 60)
+    for i in range(300):
+        count(view, gb(10**6 + i), end + i)
+    assert at(view, gb(1), end + 300).country_surging
+    # the flood stops; the normal rate goes on: still surging a few minutes later, over by 12 min
+    t = steady(view, 3, 15, start=end + 300)
+    assert not at(view, gb(1), t).country_surging
+
+
+def test_a_declared_campaign_is_not_a_surge():
+    policy = parse_policy({"campaigns": [{"country": "GB", "start": T0 + 3000, "end": T0 + 7200,
+                                          "factor": 30}]}).population
+    view = PopulationView()
+    end = steady(view, 3, 60)
+    for i in range(400):
+        count(view, gb(10**6 + i), end + i * 0.6)
+    assert not at(view, gb(1), end + 240, policy).country_surging
+    assert at(view, gb(1), end + 240).country_surging  # the same traffic, undeclared
+
+
+def test_a_pumped_block_is_concentrated_and_its_neighbours_are_not():
+    view = PopulationView()
+    end = steady(view, 3, 120)  # 360 spread-out requests
+    for i in range(40):  # a pump: 40 distinct numbers of one 100,000 block, fresh IPs
+        count(view, f"+44771234{i:04d}", end + i * 60)
+    pumped = at(view, "+447712340077", end + 2400)
+    assert pumped.prefix_concentrated and pumped.prefix_concentration >= POP.concentration_factor
+    # a number in a sibling 100,000 block of the same 1,000,000 block: not this request's business
+    neighbour = PopulationView()
+    steady(neighbour, 3, 120)
+    for i in range(40):
+        count(neighbour, f"+44771234{i:04d}", end + i * 60)
+    count(neighbour, "+447712999999", end + 2400)
+    assert not at(neighbour, "+447712999999", end + 2400).prefix_concentrated
+
+
+def test_an_office_block_from_one_address_is_not_a_pump():
+    view = PopulationView()
+    end = steady(view, 3, 120)
+    count(view, "+44771234" + "0000", end, fresh=True)
+    for i in range(1, 40):  # the office's DDIs from its NAT address: not fresh after the first
+        count(view, f"+44771234{i:04d}", end + i * 60, fresh=False)
+    assert not at(view, "+447712340001", end + 2400).prefix_concentrated
+
+
+def test_state_is_bounded_and_one_far_future_event_wipes_nothing():
+    view = PopulationView()
+    end = steady(view, 3, 30)
+    count(view, gb(1), 4102444800.0)  # 2100-01-01
+    assert len(view.scopes["C:GB"].minutes) <= MINUTES_KEPT
+    assert at(view, gb(2), end - 1).country_10m == 30  # present reads ignore the future bucket
+    view.prune(end)  # a bounded clock: nothing of the last day goes
+    assert "C:GB" in view.scopes
+
+
+def test_deltas_merge_to_the_same_view():
+    a, b, both = PopulationView(), PopulationView(), PopulationView()
+    for i in range(50):
+        (a if i % 2 else b).observe(scopes(gb(i), "GB", POP), T0 + i, fresh=True)
+        both.observe(scopes(gb(i), "GB", POP), T0 + i, fresh=True)
+    a.merge(b.take_delta())
+    assert at(a, gb(1), T0 + 60) == at(both, gb(1), T0 + 60)
+    assert b.take_delta() == []  # taken once
+    # 50 in a minute on a fresh deployment: over 5 x the minimum baseline (6 per 10 minutes)
+    assert surging_scopes(both, T0 + 60, POP)[("country", "GB")][1] is True
+
+
+# --------------------------------------------------------------------------- decide()
+
+REQ = CallbackRequest("r1", T0, "+447700900123", "92.16.0.1")
+PHONE = PhoneInfo("+447700900123", True, True, True, "GB", 44, "MOBILE", "+447700900")
+IP = IpInfo("92.16.0.1", 4, "global", "GB")
+
+
+def test_under_attack_mode_deflects_the_unauthenticated_only():
+    ctx = DecisionContext(POLICY)
+    from detector.core.population import PopulationCounts
+
+    surging = Counts(pop=PopulationCounts(country_surging=True, country_surge_factor=8.0))
+    d = decide(REQ, Enrichment(PHONE, IP), surging, ctx, decided_at=0)
+    assert (d.action, d.silent, d.reasons) == (Action.DEFLECT, False, ("country_surge",))
+    authed = decide(replace(REQ, authenticated=True), Enrichment(PHONE, IP), surging, ctx, decided_at=0)
+    assert authed.action is Action.ALLOW
+
+
+def test_a_pumped_block_blocks_silently_and_deflects_an_authenticated_customer():
+    from detector.core.population import PopulationCounts
+
+    ctx = DecisionContext(POLICY)
+    pumped = Counts(pop=PopulationCounts(prefix_concentrated=True, prefix_concentration=40.0))
+    d = decide(REQ, Enrichment(PHONE, IP), pumped, ctx, decided_at=0)
+    assert (d.action, d.silent, d.reasons[0]) == (Action.BLOCK, True, "prefix_concentration")
+    d = decide(replace(REQ, authenticated=True), Enrichment(PHONE, IP), pumped, ctx, decided_at=0)
+    assert (d.action, d.silent) == (Action.DEFLECT, False)
+
+
+@pytest.mark.parametrize(("value", "scope"), [("*", "global"), ("GB", "country"), ("+4477009", "prefix")])
+def test_the_soc_forces_the_mode_on_and_off(value, scope):
+    lists = ListIndex([make_entry("deny", "surge", value, expires_at=T0 + 3600)])
+    ctx = DecisionContext(POLICY, lists)
+    assert lists.surge_overrides("+447700900123", "GB", now=T0) == {scope: True}
+    code = {"global": "global_surge", "country": "country_surge", "prefix": "prefix_surge"}[scope]
+    assert code in decide(REQ, Enrichment(PHONE, IP), Counts(), ctx, decided_at=0).reasons
+    assert lists.surge_overrides("+447700900123", "GB", now=T0 + 3601) == {}  # expired
+    lists.add(make_entry("allow", "surge", value))
+    assert lists.surge_overrides("+447700900123", "GB", now=T0) == {scope: False}  # off wins
+
+
+@pytest.mark.parametrize(
+    ("ip", "c15", "c1h", "n24", "k24", "r24", "shared"),
+    [
+        (IP, 2, 6, 12, 1, 11, True),  # carrier NAT: many numbers, many ranges, no burst
+        (IP, 40, 60, 12, 1, 11, False),  # a burst is not a population
+        (IP, 2, 6, 12, 1, 2, False),  # numbers of one range: enumeration, not people
+        (IP, 2, 6, 3, 1, 3, False),  # too little evidence
+        (replace(IP, cellular=True), 1, 1, 1, 1, 1, True),  # a carrier address per the data
+        (replace(IP, residential_proxy=True), 2, 6, 12, 1, 11, False),  # shared with anyone
+        (IP, 2, 6, 12, 4, 11, False),  # many destination countries
+    ],
+)
+def test_shared_ip_recognition(ip, c15, c1h, n24, k24, r24, shared):
+    assert shared_ip(Enrichment(PHONE, ip), c15, c1h, n24, k24, POLICY.shared_ip, r24) is shared
+
+
+def test_a_shared_ip_is_relaxed_but_not_unlimited():
+    ctx = DecisionContext(POLICY)
+    cgnat = Counts(ip=IpCounts(ip_15m=6, ip_1h=30, ip_24h=250, ip_distinct_numbers_1h=28,
+                               ip_distinct_numbers_24h=240, ip_distinct_countries_24h=1, ip_shared=1))
+    assert decide(REQ, Enrichment(PHONE, IP), cgnat, ctx, decided_at=0).action is Action.ALLOW
+    same_unshared = replace(cgnat, ip=replace(cgnat.ip, ip_shared=0))
+    d = decide(REQ, Enrichment(PHONE, IP), same_unshared, ctx, decided_at=0)
+    assert (d.action, d.silent) == (Action.DEFLECT, False)  # never a silent block on its own
