@@ -180,6 +180,7 @@ def cmd_sim_ipdb(args: argparse.Namespace) -> int:
         "asn": "DETECTOR_GEOIP_ASN_DB",
         "anonymous": "DETECTOR_ANONYMOUS_IP_DB",
         "hosting_asns": "DETECTOR_HOSTING_ASN_FILE",
+        "connection_type": "DETECTOR_CONNECTION_TYPE_DB",
     }
     for kind, path in paths.items():
         print(f"export {env[kind]}={path}")

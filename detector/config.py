@@ -151,6 +151,19 @@ def _parse_list_files(var: str, text: str) -> dict[str, Path]:
     return out
 
 
+def default_models_dir(name: str = "default") -> Path:
+    """``./models`` when it holds the model ``name`` (a checkout, or a deployment's own models),
+    else the copy of the shipped model inside the installed package (a ``pip install`` run
+    from anywhere still loads the default model)."""
+    local = Path("models")
+    if (local / f"{name}.json").is_file():
+        return local
+    from importlib import resources
+
+    packaged = Path(str(resources.files("detector").joinpath("_models")))
+    return packaged if (packaged / f"{name}.json").is_file() else local
+
+
 def load_settings(
     env: Mapping[str, str] | None = None, *, check_files: bool = True, **overrides: Any
 ) -> Settings:
@@ -194,6 +207,8 @@ def load_settings(
             raise ConfigError(f"{var}: expected a number, got {raw!r}") from None
     values.update(_load_security(env))
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if "models_dir" not in values:
+        values["models_dir"] = default_models_dir(str(values.get("model_name", "default")))
     s = replace(Settings(), **values)
     _check_security(s, check_files=check_files)
     if s.partitions < 1:

@@ -43,6 +43,8 @@ DEFLECT_ONLY_LEGIT = frozenset({"legit_surge"})
 #: Judged per visit (the visits row): an impatient customer's repeats are duplicates by design.
 PER_VISIT_LEGIT = frozenset({"legit_repeat"})
 #: Signals that innocent shared IPs (carrier or office NAT, families) produce.
+#: Block-level signals: a legitimate number inside a pumped block shares its fate.
+BLOCK_CODES = frozenset({"prefix_surge", "prefix_concentration"})
 SHARED_IP_CODES = frozenset({"many_numbers_per_ip", "velocity_ip", "many_countries_per_ip",
                              "ip_number_recombination", "many_ips_per_number"})
 
@@ -84,6 +86,9 @@ class Tally:
     harmful_silent: int = 0
     #: ... of which a shared-IP signal was among the reasons (a release floor: none)
     shared_ip_silent: int = 0
+    #: blocked because the number lies in a pumped block (prefix_surge / prefix_concentration
+    #: first): the price of blocking a block, counted and reported, not hidden
+    block_collateral: int = 0
     #: silent blocks by their reason codes (all codes of the decision, joined by "+")
     silent_reasons: Counter[str] = field(default_factory=Counter)
 
@@ -99,6 +104,8 @@ class Tally:
             self.blocked += 1
             if reasons and reasons[0] == "duplicate_pending":
                 self.pending_duplicates += 1
+            elif reasons and reasons[0] in BLOCK_CODES:
+                self.block_collateral += 1
             elif silent:
                 self.harmful_silent += 1
                 if SHARED_IP_CODES.intersection(reasons):
@@ -118,6 +125,7 @@ class Tally:
         self.pending_duplicates += other.pending_duplicates
         self.harmful_silent += other.harmful_silent
         self.shared_ip_silent += other.shared_ip_silent
+        self.block_collateral += other.block_collateral
         self.silent_reasons.update(other.silent_reasons)
 
     @property
@@ -144,7 +152,7 @@ class Tally:
             "blocked": self.blocked, "rejected": self.rejected, "silent_blocked": self.silent_blocked,
             "silent_reasons": dict(self.silent_reasons.most_common()),
             "pending_duplicates": self.pending_duplicates, "harmful_silent": self.harmful_silent,
-            "shared_ip_silent": self.shared_ip_silent,
+            "shared_ip_silent": self.shared_ip_silent, "block_collateral": self.block_collateral,
             "stop_rate": round(self.stop_rate, 6), "allow_rate": round(self.allow_rate, 6),
             "served_rate": round(self.served_rate, 6),
         }  # fmt: skip
@@ -199,8 +207,9 @@ class EvalReport:
             if r.attack or r.scenario == LEGIT_VISITS:
                 continue
             if r.scenario in DEFLECT_ONLY_LEGIT:
-                if t.blocked - t.pending_duplicates:
-                    out.append(f"{r.scenario}: {t.blocked - t.pending_duplicates} blocked")
+                blocked = t.blocked - t.pending_duplicates - t.block_collateral
+                if blocked:
+                    out.append(f"{r.scenario}: {blocked} blocked")
             elif r.scenario not in PER_VISIT_LEGIT and t.served_rate < legit_min:
                 out.append(f"{r.scenario}: {t.served_rate:.1%} served < {legit_min:.0%}")
             if t.shared_ip_silent:
@@ -254,6 +263,12 @@ class EvalReport:
                 f"{rates[2]:>8.1%}  {silent:>14}   {'':>9} {c.allowed:>6} {c.deflected:>7} "
                 f"{c.blocked:>6} {c.rejected:>6}"
             )
+        collateral = sum(r.modes["combined"].block_collateral for r in self.rows if not r.attack
+                         and r.scenario != LEGIT_VISITS)
+        legit_n = sum(r.modes["combined"].requests for r in self.rows if not r.attack
+                      and r.scenario != LEGIT_VISITS)
+        lines.append(f"legitimate requests blocked as numbers inside a pumped block (combined): "
+                     f"{collateral} of {legit_n}")
         quiet = [r for r in self.rows if not r.attack and r.modes["combined"].silent_reasons]
         if quiet:
             lines.append("legitimate requests blocked silently (combined), by reason codes:")
@@ -303,7 +318,7 @@ def _context(policy: Policy, lists: ListIndex | None, model: Scorer | None, mode
 
 def evaluate(
     labelled: Sequence[Labelled], policy: Policy, intel: IpIntel, scorer: Scorer | None,
-    *, lists: ListIndex | None = None, source: str = "",
+    *, lists: ListIndex | None = None, source: str = "", modes: Sequence[str] = MODES,
 ) -> EvalReport:
     """Replay ``labelled`` rules only, model only and combined; tally per scenario.
 
@@ -314,7 +329,7 @@ def evaluate(
     for item in labelled:
         if item.scenario not in rows:
             rows[item.scenario] = ScenarioRow(item.scenario, bool(item.attack))
-    for mode in MODES:
+    for mode in modes:
         snapshot = None if lists is None else ListIndex(lists.entries())
         decisions = replay_labelled(labelled, _context(policy, snapshot, scorer, mode), intel)
         for item, d in zip(labelled, decisions, strict=True):

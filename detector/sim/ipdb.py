@@ -360,7 +360,8 @@ def _write(path: Path, database_type: str, rows: Sequence[tuple[IpBlock, dict[st
 def build_ip_databases(out_dir: Path) -> dict[str, Path]:
     """Write the plan as MaxMind-format databases into ``out_dir`` (created if missing).
 
-    Returns ``{"country": ..., "asn": ..., "anonymous": ..., "hosting_asns": ...}``: databases in
+    Returns ``{"country": ..., "asn": ..., "anonymous": ..., "hosting_asns": ...,
+    "connection_type": ...}`` (the last in the GeoIP2-Connection-Type layout): databases in
     the GeoLite2-Country and GeoLite2-ASN layouts, an Anonymous-IP database holding flagged networks
     only, and a text file with one ``AS<number>`` per line. IPv4 networks are stored
     IPv4-compatibly (``::a.b.c.d``) in IPv6 trees, as MaxMind's readers expect.
@@ -397,4 +398,16 @@ def build_ip_databases(out_dir: Path) -> dict[str, Path]:
         + "".join(f"AS{asn_}\n" for asn_ in HOSTING_ASNS),
         encoding="utf-8",
     )
-    return {"country": country, "asn": asn, "anonymous": anonymous, "hosting_asns": hosting}
+    connection = _write(
+        out_dir / "connection_type.mmdb",
+        "GeoIP2-Connection-Type",
+        [(b, {"connection_type": CONNECTION_TYPES.get(b.kind, "Corporate")}) for b in IP_PLAN],
+    )
+    return {"country": country, "asn": asn, "anonymous": anonymous, "hosting_asns": hosting,
+            "connection_type": connection}
+
+
+#: GeoIP2 Connection-Type values of the plan's kinds (MaxMind: Dialup, Cable/DSL, Corporate,
+#: Cellular, Satellite); mobile operators' addresses (their CGNAT pools included) are Cellular.
+CONNECTION_TYPES: dict[str, str] = {"mobile": "Cellular", "residential": "Cable/DSL",
+                                    "residential_proxy": "Cable/DSL"}

@@ -73,3 +73,24 @@ def test_list_files_errors_name_the_line(tmp_path):
 def test_c_extension_is_used(ip_dbs):
     intel = IpIntel.from_paths(country_db=ip_dbs["country"])
     assert "C extension" in intel.describe()[0]
+
+
+def test_connection_type_and_mobile_asns_mark_carrier_addresses(tmp_path):
+    """GeoIP2 Connection-Type ``Cellular`` (or a mobile carrier's ASN) marks carrier-NAT
+    addresses, which the shared-IP rules then treat as populations."""
+    import random
+
+    from detector.core.ipintel import IpIntel
+    from detector.sim.ipdb import build_ip_databases, random_ip
+
+    paths = build_ip_databases(tmp_path)
+    mobile, home = random_ip(random.Random(1), "GB", "mobile"), random_ip(random.Random(1), "GB", "residential")
+    intel = IpIntel.from_paths(country_db=paths["country"], asn_db=paths["asn"],
+                               connection_type_db=paths["connection_type"])
+    assert intel.lookup(mobile).cellular and not intel.lookup(home).cellular
+    assert any(line.startswith("connection-type: ") and "DISABLED" not in line for line in intel.describe())
+    asn = intel.lookup(home).asn
+    (tmp_path / "mobile_asns.txt").write_text(f"AS{asn}\n")
+    by_asn = IpIntel.from_paths(asn_db=paths["asn"], mobile_asn_file=tmp_path / "mobile_asns.txt")
+    assert by_asn.lookup(home).cellular
+    assert any("DISABLED" in line for line in IpIntel().describe() if line.startswith("connection-type"))
