@@ -107,17 +107,25 @@ class _Scope:
     minutes: dict[int, list[int]] = field(default_factory=dict)  # minute -> [requests, fresh]
     hours: dict[int, list[int]] = field(default_factory=dict)  # hour -> [requests, fresh]
     newest_hour: int = 0
+    # Sums over buckets *before* the minute ``memo_at`` (and its hour), which no request of that
+    # minute changes; any write to an earlier minute (a late delta, an out-of-order event) drops it.
+    memo_at: int = -1
+    memo: dict[tuple[str, int, int], tuple[int, int]] = field(default_factory=dict)
 
 
-def _bump(buckets: dict[int, list[int]], b: int, n: int, fresh: int, keep: int) -> None:
+def _bump(buckets: dict[int, list[int]], b: int, n: int, fresh: int, keep: int) -> bool:
+    """Add to bucket ``b``; True when an old bucket had to go (bounded by count, never aged
+    against one event's time)."""
     cell = buckets.get(b)
-    if cell is None:
-        buckets[b] = [n, fresh]
-        if len(buckets) > keep:
-            del buckets[min(buckets)]  # bounded by count, never aged against one event's time
-    else:
+    if cell is not None:
         cell[0] += n
         cell[1] += fresh
+        return False
+    buckets[b] = [n, fresh]
+    if len(buckets) > keep:
+        del buckets[min(buckets)]
+        return True
+    return False
 
 
 def scopes(e164: str | None, region: str | None, policy: PopulationPolicy) -> tuple[str, ...]:
@@ -192,8 +200,11 @@ class PopulationView:
         if sc is None:
             sc = self.scopes[key] = _Scope()
         hour = minute // 60
-        _bump(sc.minutes, minute, n, fresh, MINUTES_KEPT)
-        _bump(sc.hours, hour, n, fresh, HOURS_KEPT)
+        evicted = _bump(sc.minutes, minute, n, fresh, MINUTES_KEPT)
+        evicted = _bump(sc.hours, hour, n, fresh, HOURS_KEPT) or evicted
+        if evicted or minute < sc.memo_at:  # a bucket the memo summed has changed
+            sc.memo_at = -1
+            sc.memo.clear()
         if hour > sc.newest_hour:
             sc.newest_hour = hour
         if key[0] == "B":
@@ -231,6 +242,37 @@ def _sum(buckets: Mapping[int, list[int]], first: int, last: int) -> tuple[int, 
     return n, f
 
 
+def _msum(sc: _Scope, first: int, last: int, m: int) -> tuple[int, int]:
+    """Minute buckets ``first..last`` (``last <= m``, the request's minute), memoized but for ``m``."""
+    return _memo_sum(sc, "m", sc.minutes, first, last, m, m)
+
+
+def _hsum(sc: _Scope, first: int, last: int, h: int, m: int) -> tuple[int, int]:
+    """Hour buckets ``first..last`` (``last <= h``, the request's hour), memoized but for ``h``."""
+    return _memo_sum(sc, "h", sc.hours, first, last, h, m)
+
+
+def _memo_sum(sc: _Scope, kind: str, buckets: Mapping[int, list[int]], first: int, last: int,
+              now: int, m: int) -> tuple[int, int]:
+    if sc.memo_at != m:
+        sc.memo_at = m
+        sc.memo.clear()
+    done = min(last, now - 1)
+    n = f = 0
+    if done >= first:
+        key = (kind, first - now, done - now)
+        hit = sc.memo.get(key)
+        if hit is None:
+            hit = sc.memo[key] = _sum(buckets, first, done)
+        n, f = hit
+    if last >= now:
+        cell = buckets.get(now)
+        if cell is not None:
+            n += cell[0]
+            f += cell[1]
+    return n, f
+
+
 def _campaign_factor(campaigns: Sequence[Campaign], region: str, ts: float) -> float:
     factor = 1.0
     for c in campaigns:
@@ -246,11 +288,11 @@ def baseline_10m(sc: _Scope, ts: float, start_minute: int, min_baseline: float) 
     span = last - first + 1
     base = min_baseline
     if span >= 10:
-        before, _ = _sum(sc.minutes, first, last)
+        before, _ = _msum(sc, first, last, m)
         base = max(base, 10.0 * before / span)
     if m - start_minute >= 24 * 60:  # a day of history: its mean, and the same hour yesterday
-        day, _ = _sum(sc.hours, h - 24, h - 1)
-        yesterday, _ = _sum(sc.hours, h - 24, h - 24)
+        day, _ = _hsum(sc, h - 24, h - 1, h, m)
+        yesterday, _ = _hsum(sc, h - 24, h - 24, h, m)
         base = max(base, day / 144.0, yesterday / 6.0)
     return base
 
@@ -261,13 +303,13 @@ def _surge(sc: _Scope | None, ts: float, start_minute: int, min_baseline: float,
     if sc is None:
         return 0, 0.0, False
     m = int(ts) // MINUTE
-    c10, _ = _sum(sc.minutes, m - 9, m)
+    c10, _ = _msum(sc, m - 9, m, m)
     base = baseline_10m(sc, ts, start_minute, min_baseline) * factor
     ratio = c10 / base
     if ratio >= policy.surge_enter:
         return c10, round(ratio, 3), True
     # Hysteresis: still elevated, and the last 30 minutes held an entering surge's volume.
-    c30, _ = _sum(sc.minutes, m - 29, m)
+    c30, _ = _msum(sc, m - 29, m, m)
     surging = ratio >= policy.surge_exit and c30 >= policy.surge_enter * base
     return c10, round(ratio, 3), surging
 
@@ -301,8 +343,8 @@ def read(view: PopulationView, keys: Sequence[str], ts: float, region: str | Non
     c10, cf, cs = _surge(country, ts, start, policy.country_min_baseline_10m,
                          _campaign_factor(policy.campaigns, region, ts), policy)
     m, h = int(ts) // MINUTE, int(ts) // HOUR
-    c24 = _sum(country.hours, h - 23, h)[0] if country is not None else 0
-    c1h = _sum(country.minutes, m - 59, m)[0] if country is not None else 0
+    c24 = _hsum(country, h - 23, h, h, m)[0] if country is not None else 0
+    c1h = _msum(country, m - 59, m, m)[0] if country is not None else 0
     best = (0, 0.0, 0.0)
     concentrated = surging_prefix = False
     child24 = child1h = -1  # the request's sub-block at the next finer level (scopes() order)
@@ -313,8 +355,8 @@ def read(view: PopulationView, keys: Sequence[str], ts: float, region: str | Non
         if sc is None:
             continue
         touched = max(len(view.blocks.get((region, key.split(":", 1)[0]), ())), 1)
-        n24, f24 = _sum(sc.hours, h - 23, h)
-        n1h, f1h = _sum(sc.minutes, m - 59, m)
+        n24, f24 = _hsum(sc, h - 23, h, h, m)
+        n1h, f1h = _msum(sc, m - 59, m, m)
         # A block is this request's business only if the request's own sub-block holds a fair
         # share of it: a pump in one 100,000-number block must not condemn its 900,000 neighbours.
         mine24 = child24 < 0 or child24 >= max(2.0, policy.child_share * n24)
