@@ -312,6 +312,8 @@ def _population(raw: Mapping[str, Any], campaigns: Any) -> PopulationPolicy:
                                  raw.get("min_national_digits", d.min_national_digits), 4, 15),
         surge_enter=_num("population.surge_enter", raw.get("surge_enter", d.surge_enter), 1.0, 1e6),
         surge_exit=_num("population.surge_exit", raw.get("surge_exit", d.surge_exit), 1.0, 1e6),
+        surge_short_min=_int("population.surge_short_min", raw.get("surge_short_min", d.surge_short_min),
+                             1, 10**9),
         country_min_baseline_10m=_num("population.country_min_baseline_10m",
                                       raw.get("country_min_baseline_10m", d.country_min_baseline_10m),
                                       0.1, 1e9),

@@ -14,7 +14,7 @@ IPs and numbers, and loud when innocent customers share one IP. Population count
 Signals (:func:`read`), all pure functions of the counts at the request's time ``ts``:
 
 * **surge** of a country or of everything: the last 10 minutes against a baseline, the larger of
-  (a) the mean 10-minute count of the hour before the last 30 minutes, (b) the mean 10-minute
+  (a) the median 10-minute count of the two hours before the last 10 minutes, (b) the mean 10-minute
   count over the last 24 h (once that much history exists, so it also works from the first hours),
   (c) the policy's ``min_baseline_10m`` (so a quiet scope does not fire on a handful of requests).
   A declared campaign multiplies the baseline by its factor. *Hysteresis*: a scope enters its surge
@@ -48,7 +48,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 MINUTE, HOUR = 60, 3600
-MINUTES_KEPT = 64  # > 40: the baseline reads the 30 minutes before the last 10
+MINUTES_KEPT = 136  # > 130: the baseline reads the two hours before the last 10 minutes
+BASELINE_BLOCKS = 12  # 10-minute blocks of history whose median is the baseline
 HOURS_KEPT = 26
 GLOBAL = "*"
 
@@ -72,6 +73,7 @@ class PopulationPolicy:
     min_national_digits: int = 8
     surge_enter: float = 5.0
     surge_exit: float = 2.5
+    surge_short_min: int = 20
     country_min_baseline_10m: float = 6.0
     global_min_baseline_10m: float = 12.0
     prefix_floor_24h: int = 12
@@ -282,14 +284,21 @@ def _campaign_factor(campaigns: Sequence[Campaign], region: str, ts: float) -> f
 
 
 def baseline_10m(sc: _Scope, ts: float, start_minute: int, min_baseline: float) -> float:
-    """The usual number of requests per 10 minutes of a scope at ``ts`` (see the module doc)."""
+    """The usual number of requests per 10 minutes of a scope at ``ts`` (see the module doc):
+    the median of the 10-minute blocks of the two hours before the last 10 minutes (up to an
+    hour of surge in that history does not become the baseline), the day's mean and the same hour yesterday once
+    a day of history exists, never below ``min_baseline``."""
     m, h = int(ts) // MINUTE, int(ts) // HOUR
-    first, last = max(m - 39, start_minute), m - 10  # the 30 minutes before the last 10
-    span = last - first + 1
+    blocks = []
+    for k in range(1, BASELINE_BLOCKS + 1):
+        first = m - 10 * k - 9
+        if first < start_minute:
+            break  # before the deployment started: unknown, not zero
+        blocks.append(_msum(sc, first, first + 9, m)[0])
     base = min_baseline
-    if span >= 10:
-        before, _ = _msum(sc, first, last, m)
-        base = max(base, 10.0 * before / span)
+    if blocks:  # the (lower) median: up to an hour of surge among 12 blocks is not the baseline
+        blocks.sort()
+        base = max(base, float(blocks[(len(blocks) - 1) // 2]))
     if m - start_minute >= 24 * 60:  # a day of history: its mean, and the same hour yesterday
         day, _ = _hsum(sc, h - 24, h - 1, h, m)
         yesterday, _ = _hsum(sc, h - 24, h - 24, h, m)
@@ -308,9 +317,14 @@ def _surge(sc: _Scope | None, ts: float, start_minute: int, min_baseline: float,
     ratio = c10 / base
     if ratio >= policy.surge_enter:
         return c10, round(ratio, 3), True
-    # Hysteresis: still elevated, and the last 30 minutes held an entering surge's volume.
-    c30, _ = _msum(sc, m - 29, m, m)
-    surging = ratio >= policy.surge_exit and c30 >= policy.surge_enter * base
+    # A flood is caught within a minute: the last two minutes at the same factor (and a floor).
+    c2, _ = _msum(sc, m - 1, m, m)
+    if c2 >= max(policy.surge_short_min, policy.surge_enter * base / 5.0):
+        return c10, round(max(ratio, 5.0 * c2 / base), 3), True
+    # Hysteresis: still elevated, and the 20 minutes before the current 10 held at least an
+    # entering surge's volume (so the mode holds a surge; it never enters on a ramp).
+    earlier, _ = _msum(sc, m - 29, m - 10, m)
+    surging = ratio >= policy.surge_exit and earlier >= policy.surge_enter * base
     return c10, round(ratio, 3), surging
 
 
