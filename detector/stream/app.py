@@ -571,8 +571,9 @@ class RangeBatcher:
         request does not take its batch with it."""
         try:
             decide_pending(self.rt, self.undecided, self.writes)
-        except Exception:
-            log.exception("range: deciding a batch of %d failed; deciding one by one", len(self.undecided))
+        except Exception as exc:  # the type and line only: the message may hold the input
+            log.error("range: deciding a batch of %d failed (%s); deciding one by one",
+                      len(self.undecided), failures.describe(exc))
             for u in self.undecided:
                 try:
                     decide_pending(self.rt, [u], self.writes)
