@@ -169,7 +169,7 @@ def test_rate_limit_bounds_a_flood_and_reports_what_it_dropped() -> None:
     flt = lograte.RateLimitFilter(per_key=5, total=50, window=10.0, clock=clock)
     before = gauge(metrics.LOG_SUPPRESSED)
     passed = 0
-    for second in range(10):  # 1,500 lines/s for 10 s, three templates, varying arguments
+    for _second in range(10):  # 1,500 lines/s for 10 s, three templates, varying arguments
         for i in range(1500):
             passed += flt.filter(record("aiokafka", ["Unable connect to node %s", "Got error %s",
                                                      "Heartbeat failed %s"][i % 3], logging.ERROR,
