@@ -32,7 +32,7 @@ aiokafka producer client   See :func:`track_producer_topics`: aiokafka forgets t
                            topic; a batch already queued for it then waits for a leader until
                            ``request_timeout_ms`` (Faust: 1,200 s). This was the range-stage
                            stall of issue 13. No upstream issue found; reproduced in
-                           ``tests/integration/test_kafka_guard.py``.
+                           ``tests/integration/test_faults.py``.
 Faust producer            ``Producer._producer`` (the aiokafka producer) for the two items above
                            and the broker probe.
 table.data + changelog     Stages write ``table.data`` and send changelog messages themselves
@@ -167,10 +167,13 @@ async def track_producer_topics(app: Any, topics: list[str], timeout: float = 10
     it protects against is aiokafka's metadata behaviour (``AIOKafkaClient._topics``).
     """
     producer = aiokafka_producer(app)
-    if producer is None:
-        return
-    client = producer.client
-    futures = [client.add_topic(t) for t in topics if t not in client._topics]
+    if producer is not None:
+        await track_client_topics(producer.client, topics, timeout)
+
+
+async def track_client_topics(client: Any, topics: list[str], timeout: float = 10.0) -> None:
+    """:func:`track_producer_topics` for an aiokafka client (``AIOKafkaProducer.client``)."""
+    futures = [client.add_topic(t) for t in dict.fromkeys(topics) if t not in client._topics]
     if futures:
         await asyncio.wait_for(asyncio.gather(*futures), timeout)
 
