@@ -65,6 +65,10 @@ def _on_delivered(fut: asyncio.Future[Any]) -> None:
     if fut.cancelled():
         return
     exc = fut.exception()
+    if exc is not None and _deadline is not None:  # stopping: what was committed was flushed
+        log.warning("stop: a message was not delivered (%s); its source is not committed and "
+                    "will be redelivered", type(exc).__name__)
+        return
     if exc is not None:
         # Runs before the task that waits on the same batch (e.g. Faust's commit after its
         # producer flush) resumes, so no commit can pass over this message.

@@ -239,7 +239,7 @@ def test_broker_outage_is_visible_bounded_and_recovered(
         sys.stderr.write(
             f"broker {how}: unhealthy after {seen_after:.1f} s, {outage_lines} log lines in "
             f"{outage_s:.0f} s of outage ({per_s:.1f}/s), healthy again {recovered_s:.0f} s after "
-            f"the fault, SIGTERM stop {stop_s:.1f} s, {stats}\n")
+            f"the fault, SIGTERM stop {stop_s:.1f} s (exit {w.proc.returncode}), {stats}\n")
         assert per_s < 5, f"{outage_lines} log lines in {outage_s:.0f} s of outage"
         assert stop_s < 10, f"SIGTERM took {stop_s:.1f} s"
     finally:

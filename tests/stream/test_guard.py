@@ -102,6 +102,20 @@ def test_a_failed_delivery_crashes_the_worker(exits: list[int]) -> None:
     assert exits == [guard.EXIT_DELIVERY_FAILED]
 
 
+def test_a_failed_delivery_while_stopping_is_only_logged(
+        exits: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(guard, "_deadline", object())  # SIGTERM received
+
+    async def main() -> None:
+        fut = asyncio.get_running_loop().create_future()
+        guard.watch_delivery(fut)
+        fut.set_exception(RuntimeError("producer closed"))
+        await asyncio.sleep(0)
+
+    asyncio.run(main())
+    assert exits == []
+
+
 def test_a_successful_delivery_does_nothing(exits: list[int]) -> None:
     async def main() -> None:
         fut = asyncio.get_running_loop().create_future()
