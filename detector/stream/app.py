@@ -462,8 +462,8 @@ def range_one(rt: StreamRuntime, env: dict[str, Any], *, partition: int, offset:
     t = rt.tables
     applied, stamp = _applied_offset(offset), _stamp_offset(offset)
     number = EventView(t["number"], partition, applied, stamp, writes)
-    stores = state.RangeStores(number=number, pair=EventView(t["pair"], partition, applied, stamp, writes),
-                               range=EventView(t["range"], partition, applied, stamp, writes))
+    pair, rng = (EventView(t[n], partition, applied, stamp, writes) for n in ("pair", "range"))
+    stores = state.RangeStores(number=number, pair=pair, range=rng)
     if env.get("k") == "out":
         return RangeResult(entry=_outcome(rt, env, stores))
     req = codec.request_from_wire(env["r"])
@@ -476,6 +476,10 @@ def range_one(rt: StreamRuntime, env: dict[str, Any], *, partition: int, offset:
         return RangeResult(decision=seen["d"], kts=env.get("kts"), resend=True)
     enr = enrich(req, rt.intel, rt.policy)
     upd = state.range_stage(stores, req, enr, range_routing_key(req, enr))
+    if seen is None and (number.redelivered or pair.redelivered or rng.redelivered):
+        # Counted before, decision not stored (a crash or a freeze between the changelog writes
+        # of one batch): the stored values include this request already; do not count it twice.
+        upd.counts = _uncount(upd.counts, number.redelivered, pair.redelivered, rng.redelivered)
     if seen is not None:  # this very message again (offset not committed before a crash)
         metrics.DUPLICATES.labels("range").inc()
         d = seen["d"]
@@ -486,6 +490,19 @@ def range_one(rt: StreamRuntime, env: dict[str, Any], *, partition: int, offset:
     undecided.append(Undecided(req, enr, upd, Counts(codec.ip_counts_from_wire(env["ipc"]), upd.counts),
                                stores, partition, offset, result))
     return result
+
+
+def _uncount(c: Any, number: bool, pair: bool, rng: bool) -> Any:
+    """Range counts with this request counted once where a stored value already included it."""
+    import dataclasses
+
+    def one_less(*names: str) -> dict[str, int]:
+        return {n: max(getattr(c, n) - 1, 1) for n in names}
+
+    return dataclasses.replace(
+        c, **(one_less("number_15m", "number_1h", "number_24h") if number else {}),
+        **(one_less("pair_1h", "pair_24h") if pair else {}),
+        **(one_less("range_1h", "range_24h") if rng else {}))
 
 
 def decide_pending(rt: StreamRuntime, undecided: list[Undecided],
@@ -645,6 +662,7 @@ class RangeBatcher:
             if futs:  # state and stored decisions durable before any send (bounded, loud wait)
                 await guard.wait_delivered(futs, stage="range", what="changelog writes",
                                            diagnose=rt.diagnose)
+            guard.FREEZE.check()  # frozen past the session timeout: another worker may own these
             sent = 0
             now = time.time()
             for res in results:
@@ -788,7 +806,7 @@ def make_app(settings: Settings, *, rt: StreamRuntime | None = None, web: bool =
         consumer_auto_offset_reset="earliest",
         producer_linger=s.batch_ms / 2000.0,  # fewer, larger produce requests
         broker_commit_interval=1.0,
-        broker_session_timeout=10.0,  # a killed worker's partitions move on within 10 s
+        broker_session_timeout=guard.SESSION_TIMEOUT_S,  # a killed worker's partitions move on
         broker_heartbeat_interval=2.0,
         stream_buffer_maxsize=8192,
         stream_wait_empty=False,
@@ -986,6 +1004,10 @@ def make_app(settings: Settings, *, rt: StreamRuntime | None = None, web: bool =
     async def gauges() -> None:
         _update_assignment(app, rt)
         update_gauges(app, rt)
+
+    @app.task
+    async def freeze_watch() -> None:
+        await guard.FREEZE.run()
 
     @app.timer(guard.PROBE_INTERVAL_S)
     async def liveness() -> None:

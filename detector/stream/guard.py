@@ -41,6 +41,7 @@ PROBE_TIMEOUT_S = 5.0
 UNREACHABLE_AFTER_S = 10.0
 SHUTDOWN_DEADLINE_S = 9.0
 PREPARE_TIMEOUT_S = 30.0  # reading committed offsets, seeking: admin and consumer calls
+SESSION_TIMEOUT_S = 10.0  # the consumer group's session timeout (make_app)
 EXIT_DELIVERY_FAILED = 75  # EX_TEMPFAIL: restart me
 EXIT_SHUTDOWN_DEADLINE = 1
 
@@ -228,6 +229,47 @@ class BrokerProbe:
         except Exception as exc:
             return self.record(False, type(exc).__name__)
         return self.record(True)
+
+
+# --------------------------------------------------------------------------- freeze
+
+
+class FreezeWatch:
+    """Was this process frozen (SIGSTOP, a paused VM) for longer than the group's session timeout?
+
+    Then the group may have given its partitions to another worker, which decides the same
+    requests again: a decision this process computed before the freeze must not be sent after
+    it (measured: SIGSTOP for 14 s gave two different decisions for one request). The main loop
+    ticks every ``TICK_S``; no tick for ``freeze_after`` seconds means the process was frozen
+    (Kafka waits do not stop the ticks; heartbeats run in the consumer's own thread), and the
+    worker exits before sending anything more. A restart resumes from the committed offsets.
+    """
+
+    TICK_S = 0.5
+
+    def __init__(self, freeze_after: float = SESSION_TIMEOUT_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.freeze_after = freeze_after
+        self.clock = clock
+        self.last_tick: float | None = None  # None: not running (tests without the app's tasks)
+
+    def check(self) -> None:
+        if self.last_tick is None:
+            return
+        gap = self.clock() - self.last_tick
+        if gap >= self.freeze_after:
+            crash(f"the process did not run for {gap:.0f} s (frozen?): its partitions may belong "
+                  "to another worker now, so nothing decided before is sent")
+        self.last_tick = self.clock()
+
+    async def run(self) -> None:
+        self.last_tick = self.clock()
+        while True:
+            await asyncio.sleep(self.TICK_S)
+            self.check()
+
+
+FREEZE = FreezeWatch()
 
 
 # --------------------------------------------------------------------------- stop

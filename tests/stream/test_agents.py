@@ -595,3 +595,24 @@ async def test_health_reports_a_stalled_stage_and_an_unreachable_broker() -> Non
     assert body["status"] == "unhealthy"
     assert body["problems"][0].startswith("kafka broker unreachable")
     assert body["problems"][1].startswith("range stage: no progress")
+
+
+async def test_a_request_counted_but_not_decided_before_a_crash_is_not_counted_twice() -> None:
+    """A crash or freeze between the changelog writes of one batch can leave a request's counts
+    stored but not its decision: processing it again gives the same counts, not one more."""
+    from detector.stream.app import decide_pending, range_one
+
+    async with running(make_harness()) as h:
+        for i in range(3):
+            first = await h.decide(request(f"c{i}", T0 + i))
+        assert first is not None
+        env = h.sent[h.topic("by_range")][-1]
+        seen = h.rt.tables["seen"].data.pop("c2")  # its decision was not stored
+        writes: dict[Any, Any] = {}
+        undecided: list[Any] = []
+        result = range_one(h.rt, env.json(), partition=seen[META]["p"], offset=seen[META]["o"],
+                           writes=writes, undecided=undecided)
+        decide_pending(h.rt, undecided, writes)
+    assert result.decision is not None
+    assert result.decision["counts"] == first["counts"]
+    assert first["counts"]["pair_24h"] == first["counts"]["number_24h"] == 3

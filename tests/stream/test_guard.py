@@ -229,3 +229,19 @@ def test_kafka_errors_are_not_request_errors() -> None:
 
     assert failures.is_kafka_error(KafkaTimeoutError())
     assert not failures.is_kafka_error(KeyError("x"))
+
+
+def test_freeze_watch_exits_after_a_gap_longer_than_the_session_timeout(exits: list[int]) -> None:
+    clock = Clock()
+    watch = guard.FreezeWatch(freeze_after=10.0, clock=clock)
+    watch.check()  # not running (no app tasks, as in test_context): never exits
+    clock.t += 60
+    watch.check()
+    assert exits == []
+    watch.last_tick = clock.t
+    clock.t += 9.5  # a long wait on Kafka still ticks: fine
+    watch.check()
+    clock.t += 10.5  # SIGSTOP for 10.5 s: the group may have moved the partitions
+    with pytest.raises(Crashed):
+        watch.check()
+    assert exits == [guard.EXIT_DELIVERY_FAILED]
