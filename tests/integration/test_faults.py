@@ -168,6 +168,48 @@ def test_worker_paused_past_the_session_timeout_then_resumed(
     sys.stderr.write(f"sigstop: {stats}, paused worker exit code {exit_code}\n")
 
 
+# --------------------------------------------------------------------------- the stall's cause
+
+
+def test_aiokafka_forgets_untracked_topics_and_tracking_them_prevents_the_stall(
+        kafka_bootstrap: str, fresh_topic_prefix: str) -> None:
+    """The range-stage stall of issue 13, reduced: a producer that fetched all topics' metadata
+    sends to a known topic x, then to a topic y created after its last refresh. The send to y
+    makes the client track y only and forget x, so x's queued batch waits for a leader until
+    the request timeout. faust_internals.track_client_topics (every output topic tracked before
+    the first send) prevents it."""
+    from aiokafka import AIOKafkaProducer
+    from kafka_broker import create_topics
+
+    from detector.stream.faust_internals import track_client_topics
+
+    async def x_delivered_within_5s(track: bool) -> bool:
+        x, y = f"{fresh_topic_prefix}-x{int(track)}", f"{fresh_topic_prefix}-y{int(track)}"
+        create_topics(kafka_bootstrap, {x: 1})
+        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, linger_ms=500,
+                                    request_timeout_ms=60000)
+        await producer.start()
+        try:
+            await producer.client.force_metadata_update()  # all topics, as after Faust's create_topic
+            await asyncio.to_thread(create_topics, kafka_bootstrap, {y: 1})
+            await asyncio.sleep(1.0)
+            if track:
+                await track_client_topics(producer.client, [x, y])
+            fx = await producer.send(x, b"x", partition=0)  # lingers 500 ms in the accumulator
+            await producer.send(y, b"y", partition=0)
+            await asyncio.wait([fx], timeout=5)
+            delivered = fx.done() and fx.exception() is None
+            await producer.send(x, b"x again", partition=0)  # re-tracks x: the batch goes out
+            await asyncio.wait_for(fx, 30)
+            return delivered
+        finally:
+            await producer.stop()
+
+    assert not asyncio.run(x_delivered_within_5s(track=False)), (
+        "aiokafka no longer forgets untracked topics: track_producer_topics may be unnecessary")
+    assert asyncio.run(x_delivered_within_5s(track=True))
+
+
 # --------------------------------------------------------------------------- broker faults
 
 
