@@ -7,7 +7,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test setup setup-services lint unit integration bench clean
+.PHONY: demo test setup setup-services lint unit integration soak bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ unit: setup
 
 integration: setup setup-services
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m integration
+
+# Fault injection, long: more requests and 3 rounds per fault (make test runs the short version).
+soak: setup setup-services
+	DETECTOR_SOAK=1 $(BIN)/python -m pytest -q -p no:cacheprovider -m faults
 
 bench: setup setup-services
 	$(BIN)/python bench/bench_replay.py

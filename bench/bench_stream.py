@@ -126,8 +126,17 @@ async def produce(bootstrap: str, topic: str, rows: list[bytes], rate: float | N
     return time.monotonic() - t0
 
 
-async def consume(bootstrap: str, topic: str, n: int, timeout: float) -> list[Any]:
-    """The first ``n`` records of ``topic`` (from the beginning), or what came within ``timeout``."""
+NO_PROGRESS_S = 30.0  # the worker made no decision for this long: the run fails, loudly
+
+
+class NoProgress(RuntimeError):
+    """The detector worker stopped producing decisions before the run was complete."""
+
+
+async def consume(bootstrap: str, topic: str, n: int, timeout: float,
+                  no_progress_s: float = NO_PROGRESS_S, log: Path | None = None) -> list[Any]:
+    """The first ``n`` records of ``topic`` (from the beginning), or what came within ``timeout``;
+    raises :class:`NoProgress` when nothing new arrives for ``no_progress_s``."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
                                 enable_auto_commit=False, fetch_max_wait_ms=50, **security())
     await consumer.start()
@@ -137,9 +146,16 @@ async def consume(bootstrap: str, topic: str, n: int, timeout: float) -> list[An
         await consumer.seek_to_beginning(*tps)
         out: list[Any] = []
         deadline = time.monotonic() + timeout
+        last_new = time.monotonic()
         while len(out) < n and time.monotonic() < deadline:
             for recs in (await consumer.getmany(timeout_ms=200, max_records=10000)).values():
                 out.extend(recs)
+                last_new = time.monotonic()
+            if time.monotonic() - last_new > no_progress_s:
+                raise NoProgress(
+                    f"the detector worker made no progress for {no_progress_s:.0f} s: "
+                    f"{len(out):,} of {n:,} decisions on {topic}"
+                    + (f"; worker log: {log}" if log is not None else ""))
         return out
     finally:
         await stop_consumer(consumer)
@@ -242,7 +258,7 @@ def run_throughput(bootstrap: str, n: int, tmp: Path) -> dict[str, float]:
         cpu0 = w.cpu_seconds()
         t0 = time.monotonic()
         asyncio.run(produce(bootstrap, s.topic_requests, rows))
-        recs = asyncio.run(consume(bootstrap, s.topic_decisions, n, timeout=600))
+        recs = asyncio.run(consume(bootstrap, s.topic_decisions, n, timeout=600, log=w.log))
         wall = time.monotonic() - t0
         cpu = w.cpu_seconds() - cpu0  # includes the tail of the consume loop (<= 0.2 s idle)
     ts = sorted(r.timestamp for r in recs)
@@ -260,7 +276,7 @@ def run_latency(bootstrap: str, rate: float, seconds: float, tmp: Path) -> dict[
         cpu0 = w.cpu_seconds()
         took = asyncio.run(produce(bootstrap, s.topic_requests, rows, rate=rate, stamp=True))
         cpu = w.cpu_seconds() - cpu0
-        recs = asyncio.run(consume(bootstrap, s.topic_decisions, n, timeout=120))
+        recs = asyncio.run(consume(bootstrap, s.topic_decisions, n, timeout=120, log=w.log))
     pairs = sorted((json.loads(r.value)["request_ts"], r.timestamp / 1000.0) for r in recs)
     lat = [decided - sent for sent, decided in pairs]  # in request order (not partition order)
     warm = lat[int(len(lat) * 0.1):]  # skip the first 10 %: connections and caches warming up
@@ -316,6 +332,9 @@ def main() -> None:
                   f"max {lat['max_ms']:.0f} ms  (worker CPU {lat['worker_cpu_share']:.0%} of a core)",
                   flush=True)
         print(json.dumps(results, indent=2))
+    except NoProgress as exc:
+        print(f"bench_stream: FAILED: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
     finally:
         if broker is not None:
             broker.stop()

@@ -289,3 +289,43 @@ def bounded(value: str, allowed: tuple[str, ...] | frozenset[str], other: str = 
     """``value`` when it is in the fixed set ``allowed``, else ``other``: a label value can never
     be a phone number, an IP or anything else from a message."""
     return value if value in allowed else other
+
+
+# --- liveness of the stream (detector.stream.guard): fixed label sets, see STAGES there
+STAGE_PROGRESS_AGE = Gauge(
+    f"{NS}_stage_last_progress_age_seconds",
+    "Seconds since the stage last made progress (ingest/ip/outcome: an event processed; "
+    "range: a batch decided and sent) or had nothing to do; 0 while idle.",
+    ["stage"],
+    registry=REGISTRY,
+)
+STAGE_STALLED = Gauge(
+    f"{NS}_stage_stalled",
+    "1 when the stage has input (consumer lag or an undecided batch) but made no progress "
+    "for the stall threshold (30 s), else 0.",
+    ["stage"],
+    registry=REGISTRY,
+)
+BROKER_REACHABLE = Gauge(
+    f"{NS}_broker_reachable",
+    "1 when the worker's last Kafka metadata probe (every 5 s) succeeded within 10 s, else 0.",
+    registry=REGISTRY,
+)
+INTERNAL_ERRORS = Counter(
+    f"{NS}_internal_errors_total",
+    "Requests that failed with an unexpected exception (a bug): each went to the dead-letter "
+    "topic with error kind internal_error.",
+    ["stage"],
+    registry=REGISTRY,
+)
+KAFKA_WAITS = Counter(
+    f"{NS}_kafka_slow_waits_total",
+    "Waits on Kafka that passed their warning threshold, by operation.",
+    ["operation"],
+    registry=REGISTRY,
+)
+LOG_SUPPRESSED = Counter(
+    f"{NS}_log_lines_suppressed_total",
+    "Log lines dropped by the rate limiter (same logger and message more than 5 times in 10 s).",
+    registry=REGISTRY,
+)

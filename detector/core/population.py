@@ -286,8 +286,8 @@ def _campaign_factor(campaigns: Sequence[Campaign], region: str, ts: float) -> f
 def baseline_10m(sc: _Scope, ts: float, start_minute: int, min_baseline: float) -> float:
     """The usual number of requests per 10 minutes of a scope at ``ts`` (see the module doc):
     the median of the 10-minute blocks of the two hours before the last 10 minutes (up to an
-    hour of surge in that history does not become the baseline), the day's mean and the same hour yesterday once
-    a day of history exists, never below ``min_baseline``."""
+    hour of surge in that history does not become the baseline), the day's mean and the same
+    hour yesterday once a day of history exists, never below ``min_baseline``."""
     m, h = int(ts) // MINUTE, int(ts) // HOUR
     blocks = []
     for k in range(1, BASELINE_BLOCKS + 1):

@@ -56,6 +56,7 @@ value), so Faust's recovery restores the tables on start or rebalance.
 from __future__ import annotations
 
 import asyncio
+import base64
 import copy
 import dataclasses
 import logging
@@ -83,12 +84,12 @@ from detector.core.policy import Policy
 from detector.core.population import PopulationView
 from detector.core.records import OUTCOMES, Action, CallbackRequest, Counts, Enrichment
 from detector.core.signing import REJECT_REASONS, Signer, Verifier
-from detector.stream import codec, retention
+from detector.stream import codec, failures, faust_internals, guard, retention
 from detector.stream import population as pop_stream
-from detector.stream.delivery import Admit, DeliveryTransport, OffsetGate, start_offsets
+from detector.stream.delivery import Admit, OffsetGate, start_offsets
 from detector.stream.io import stop_consumer, topic_partitions
 from detector.stream.kafka_security import client_kwargs, faust_credentials
-from detector.stream.web_surface import CLOSED_WEB_SETTINGS, ClosedWeb
+from detector.stream.web_surface import CLOSED_WEB_SETTINGS
 
 log = logging.getLogger("detector.stream")
 
@@ -106,34 +107,15 @@ STAGE_INPUTS = {"requests": "ingest", "outcomes": "outcome", "by_ip": "ip", "by_
 Publish = Callable[..., Awaitable[Any]]
 
 
-def where_failed() -> str:
-    """The current exception's type and the file:line it was raised at, without its message
-    or a traceback: both can quote a message's content (a phone number, an IP)."""
-    import sys
-    import traceback
-
-    exc = sys.exc_info()[1]
-    if exc is None:
-        return "no exception"
-    frames = traceback.extract_tb(exc.__traceback__)
-    at = f"{frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno}" if frames else "?"
-    return f"{type(exc).__name__} at {at}"
-
-
 # --------------------------------------------------------------------------- transport
 
 
-class DetectorApp(faust.App):
+class DetectorApp(faust_internals.DeliveryTransportMixin, faust_internals.ClosedWebMixin, faust.App):
     """A faust.App whose consumer is :class:`DeliveryConsumer` (short fetch waits, every record
-    delivered, commits never past an unacked offset)."""
+    delivered, commits never past an unacked offset) and whose web server serves only the pages
+    the app adds (/metrics, /healthz)."""
 
     rt: StreamRuntime
-
-    def _new_transport(self) -> Any:
-        return DeliveryTransport(self.conf.broker_consumer, self)
-
-    def _new_web(self) -> Any:  # only the pages the app adds: /metrics, /healthz
-        return ClosedWeb(self)
 
 
 # --------------------------------------------------------------------------- table views
@@ -285,6 +267,9 @@ class StreamRuntime:
     population: PopulationView = field(default_factory=PopulationView)  # see stream/population.py
     verifier: Verifier = field(default_factory=Verifier)  # trusted list keys (none: refuse all)
     signer: Signer | None = None  # this worker's key for learned entries (None: not published)
+    watch: guard.StageWatch = field(default_factory=guard.StageWatch)  # progress per stage
+    probe: guard.BrokerProbe = field(default_factory=guard.BrokerProbe)  # broker reachable?
+    diagnose: Callable[[], list[str]] | None = None  # why Kafka deliveries wait (for the log)
 
     @property
     def policy(self) -> Policy:
@@ -399,11 +384,9 @@ async def ingest_one(rt: StreamRuntime, key: bytes | None, value: bytes | None, 
                            timestamp)
         return
     except Exception as exc:  # never let one message stop the worker
-        # No traceback and no exception text: both can quote the message (a number, an IP).
-        log.error("ingest: unexpected %s at %s[%d]@%d (dead-lettered)", where_failed(),
-                  s.topic_requests, partition, offset)
-        await _dead_letter(rt, "internal_error", type(exc).__name__, s.topic_requests,
-                           partition, offset, value, key, timestamp)
+        await failures.dead_letter_internal(rt, exc, stage="ingest", topic=s.topic_requests,
+                                            partition=partition, offset=offset, original=value,
+                                            key=key, timestamp=timestamp)
         return
     ip_key = req.ip.encode("utf-8")
     if key == ip_key and partition == rt.ip_partition(ip_key):
@@ -470,6 +453,7 @@ class RangeResult:
     resend: bool = False
     entry: ListEntry | None = None
     raw: bytes | None = None  # the decision serialized
+    dead_letter: dict[str, Any] | None = None  # an internal error: no decision, a dead letter
 
 
 @dataclass
@@ -495,8 +479,8 @@ def range_one(rt: StreamRuntime, env: dict[str, Any], *, partition: int, offset:
     t = rt.tables
     applied, stamp = _applied_offset(offset), _stamp_offset(offset)
     number = EventView(t["number"], partition, applied, stamp, writes)
-    stores = state.RangeStores(number=number, pair=EventView(t["pair"], partition, applied, stamp, writes),
-                               range=EventView(t["range"], partition, applied, stamp, writes))
+    pair, rng = (EventView(t[n], partition, applied, stamp, writes) for n in ("pair", "range"))
+    stores = state.RangeStores(number=number, pair=pair, range=rng)
     if env.get("k") == "out":
         return RangeResult(entry=_outcome(rt, env, stores))
     req = codec.request_from_wire(env["r"])
@@ -509,6 +493,10 @@ def range_one(rt: StreamRuntime, env: dict[str, Any], *, partition: int, offset:
         return RangeResult(decision=seen["d"], kts=env.get("kts"), resend=True)
     enr = enrich(req, rt.intel, rt.policy)
     upd = state.range_stage(stores, req, enr, range_routing_key(req, enr), key=rt.ctx.pii_key)
+    if seen is None and (number.redelivered or pair.redelivered or rng.redelivered):
+        # Counted before, decision not stored (a crash or a freeze between the changelog writes
+        # of one batch): the stored values include this request already; do not count it twice.
+        upd.counts = _uncount(upd.counts, number.redelivered, pair.redelivered, rng.redelivered)
     if seen is not None:  # this very message again (offset not committed before a crash)
         metrics.DUPLICATES.labels("range").inc()
         d = seen["d"]
@@ -521,6 +509,19 @@ def range_one(rt: StreamRuntime, env: dict[str, Any], *, partition: int, offset:
     undecided.append(Undecided(req, enr, upd, Counts(ipc, upd.counts, pop),
                                stores, partition, offset, result))
     return result
+
+
+def _uncount(c: Any, number: bool, pair: bool, rng: bool) -> Any:
+    """Range counts with this request counted once where a stored value already included it."""
+    import dataclasses
+
+    def one_less(*names: str) -> dict[str, int]:
+        return {n: max(getattr(c, n) - 1, 1) for n in names}
+
+    return dataclasses.replace(
+        c, **(one_less("number_15m", "number_1h", "number_24h") if number else {}),
+        **(one_less("pair_1h", "pair_24h") if pair else {}),
+        **(one_less("range_1h", "range_24h") if rng else {}))
 
 
 def decide_pending(rt: StreamRuntime, undecided: list[Undecided],
@@ -610,15 +611,15 @@ class RangeBatcher:
         request does not take its batch with it."""
         try:
             decide_pending(self.rt, self.undecided, self.writes)
-        except Exception:
+        except Exception as exc:  # the type and line only: the message may hold the input
             log.error("range: deciding a batch of %d failed (%s); deciding one by one",
-                      len(self.undecided), where_failed())
+                      len(self.undecided), failures.describe(exc))
             for u in self.undecided:
                 try:
                     decide_pending(self.rt, [u], self.writes)
-                except Exception:
-                    log.error("range: could not decide by-range[%d]@%d (%s)", u.partition, u.offset,
-                              where_failed())
+                except Exception as exc:
+                    u.result.dead_letter = self._failed(exc, codec.request_to_wire(u.req),
+                                                        u.partition, u.offset)
         finally:
             self.undecided.clear()
             self.pending_keys.clear()
@@ -635,13 +636,39 @@ class RangeBatcher:
             if len(self.undecided) > n:
                 u = self.undecided[-1]
                 self.pending_keys.update((u.update.number_key, u.req.request_id))
-        except Exception:  # a bug must not stop the worker; the request was validated upstream
-            log.error("range: failed to process by-range[%d]@%d (%s)", partition, offset, where_failed())
+        except Exception as exc:  # a bug must not stop the worker nor drop the request
+            self.results.append(RangeResult(dead_letter=self._failed(exc, value, partition, offset)))
         self.acks.append(ack)
         metrics.child(metrics.STAGE_SECONDS, "range").observe(time.perf_counter() - t0)
 
+    def _failed(self, exc: Exception, request: Any, partition: int, offset: int) -> dict[str, Any]:
+        """The dead-letter record of a request this stage failed on (an internal error)."""
+        raw: bytes | None
+        if isinstance(request, bytes | None):  # the by-range message: keep the request only
+            try:
+                request = codec.loads(request or b"")["r"]
+                raw = codec.dumps(request)
+            except Exception:
+                raw, request = request, None
+        else:
+            raw = codec.dumps(request)
+        rid = request.get("request_id") if isinstance(request, dict) else None
+        return failures.internal_error_record(
+            exc, stage="range", topic=self.rt.topics["by_range"].get_topic_name(),
+            partition=partition, offset=offset, original=raw,
+            key=str(rid).encode("utf-8") if rid is not None else None)
+
     async def flush(self) -> int:
-        """Decide, make pending writes durable, send pending decisions, ack. Returns decisions sent."""
+        """Decide, make pending writes durable, send pending decisions, ack. Returns decisions sent.
+        A failure crashes the worker: the batch's events are neither acked nor retried here, and
+        a restart redelivers them (they get their stored decisions)."""
+        try:
+            return await self._flush()
+        except Exception as exc:
+            guard.crash(f"range: a batch could not be completed ({failures.describe(exc)})")
+            raise
+
+    async def _flush(self) -> int:
         async with self.lock:
             if not self.acks:
                 return 0
@@ -655,11 +682,18 @@ class RangeBatcher:
             frozen = [(w, w.raw if w.raw is not None or w.value is None else codec.dumps(w.value))
                       for w in writes.values()]
             futs = [await rt.publish_raw_changelog(w, raw) for w, raw in frozen]
-            if futs:
-                await asyncio.gather(*futs)  # state and stored decisions durable before any send
+            if futs:  # state and stored decisions durable before any send (bounded, loud wait)
+                await guard.wait_delivered(futs, stage="range", what="changelog writes",
+                                           diagnose=rt.diagnose)
+            guard.FREEZE.check()  # frozen past the session timeout: another worker may own these
             sent = 0
             now = time.time()
             for res in results:
+                if res.dead_letter is not None:
+                    key = res.dead_letter["key_b64"]
+                    await failures.send_dead_letter(
+                        rt, res.dead_letter, None if key is None else base64.b64decode(key))
+                    continue
                 wire = None if res.entry is None else rt.learned_entry_wire(res.entry)
                 if res.entry is not None and wire is not None:
                     await rt.send("lists", res.entry.key.encode("utf-8"), wire)
@@ -677,6 +711,7 @@ class RangeBatcher:
                     metrics.observe_decision(d, None if res.kts is None else now - float(res.kts))
             for ack in acks:
                 ack()
+            rt.watch.progress("range")
             return sent
 
 
@@ -695,10 +730,9 @@ async def outcome_one(rt: StreamRuntime, key: bytes | None, value: bytes | None,
                            timestamp)
         return
     except Exception as exc:  # never let one message stop the worker (see ingest_one)
-        log.error("outcome: unexpected %s at %s[%d]@%d (dead-lettered)", where_failed(),
-                  s.topic_outcomes, partition, offset)
-        await _dead_letter(rt, "internal_error", type(exc).__name__, s.topic_outcomes,
-                           partition, offset, value, key, timestamp)
+        await failures.dead_letter_internal(rt, exc, stage="outcome", topic=s.topic_outcomes,
+                                            partition=partition, offset=offset, original=value,
+                                            key=key, timestamp=timestamp)
         return
     env = {"k": "out", "o": codec.outcome_to_wire(outcome)}
     await rt.send("by_range", outcome_routing_key(outcome.phone_number, rt.policy).encode("utf-8"),
@@ -810,11 +844,12 @@ def make_app(settings: Settings, *, rt: StreamRuntime | None = None, web: bool =
         consumer_auto_offset_reset="earliest",
         producer_linger=s.batch_ms / 2000.0,  # fewer, larger produce requests
         broker_commit_interval=1.0,
-        broker_session_timeout=10.0,  # a killed worker's partitions move on within 10 s
+        broker_session_timeout=guard.SESSION_TIMEOUT_S,  # a killed worker's partitions move on
         broker_heartbeat_interval=2.0,
         stream_buffer_maxsize=8192,
         stream_wait_empty=False,
         logging_config=None,
+        producer_request_timeout=guard.DELIVERY_TIMEOUT_S,  # Faust's default: 1,200 s of silence
     )
     app.rt = rt
     raw: dict[str, Any] = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw",
@@ -855,10 +890,12 @@ def make_app(settings: Settings, *, rt: StreamRuntime | None = None, web: bool =
         name = names.get(id(channel))
         if name is None:
             name = names[id(channel)] = channel.get_topic_name()
+            await _track_outputs(app, rt, name)
         metrics.child(metrics.MESSAGES_SENT, name).inc()
-        return await app.producer.send(name, key, value, partition, None, None)
+        return guard.watch_delivery(await app.producer.send(name, key, value, partition, None, None))
 
     rt.publish = publish
+    rt.diagnose = lambda: faust_internals.pending_without_leader(app)
 
     batcher = rt.batcher = RangeBatcher(rt)
     gates = rt.gates = {key: OffsetGate(rt.topics[key].get_topic_name()) for key in STAGE_INPUTS}
@@ -884,8 +921,10 @@ def make_app(settings: Settings, *, rt: StreamRuntime | None = None, web: bool =
             if rt.gate_offsets:
                 assigned = {gates[k].topic: rt.active.get(k, set()) for k in STAGE_INPUTS}
                 try:
-                    starts = await start_offsets(s.kafka_bootstrap, app.conf.id, list(assigned),
-                                                 assigned, **client_kwargs(s))
+                    starts = await asyncio.wait_for(
+                        start_offsets(s.kafka_bootstrap, app.conf.id, list(assigned), assigned,
+                                      **client_kwargs(s)),
+                        guard.PREPARE_TIMEOUT_S)
                 except Exception as exc:
                     log.warning("offsets: could not read the committed offsets (%r); each stage "
                                 "starts where the consumer delivers", exc)
@@ -923,7 +962,8 @@ def make_app(settings: Settings, *, rt: StreamRuntime | None = None, web: bool =
                         gate.topic, m.partition, m.offset, expected, expected, m.offset - 1)
             metrics.REREADS.labels(STAGE_INPUTS[key]).inc()
             try:
-                await app.consumer.seek_wait({TP(m.topic, m.partition): expected})
+                await asyncio.wait_for(app.consumer.seek_wait({TP(m.topic, m.partition): expected}),
+                                       guard.PREPARE_TIMEOUT_S)
             except Exception as exc:  # e.g. revoked meanwhile: the next assignment resets the gate
                 log.warning("%s[%d]: seek to %d failed: %r", gate.topic, m.partition, expected, exc)
                 gate.forget_hole(m.partition)  # the next event past the hole seeks again
@@ -937,12 +977,17 @@ def make_app(settings: Settings, *, rt: StreamRuntime | None = None, web: bool =
 
     async def raw_input_stage(stream: Any, key: str, handle: Callable[..., Awaitable[None]]) -> None:
         """An agent over an external topic (requests, outcomes): validate, hand on, ack."""
+        stage = STAGE_INPUTS[key]
         async for event in stream.noack().events():
             if await admitted(event, key, ack_now):
                 m = event.message
-                await handle(rt, m.key, m.value, partition=m.partition, offset=m.offset,
-                             timestamp=m.timestamp)
+                try:
+                    await handle(rt, m.key, m.value, partition=m.partition, offset=m.offset,
+                                 timestamp=m.timestamp)
+                except Exception as exc:
+                    await _internal_error(rt, exc, stage, m)
                 event.ack()
+                rt.watch.progress(stage)
 
     @app.agent(rt.topics["requests"], name="ingest")
     async def ingest(stream: Any) -> None:
@@ -956,9 +1001,10 @@ def make_app(settings: Settings, *, rt: StreamRuntime | None = None, web: bool =
             m = event.message
             try:
                 await ip_one(rt, m.value, partition=m.partition)
-            except Exception:
-                log.error("ip: failed to process by-ip[%d]@%d (%s)", m.partition, m.offset, where_failed())
+            except Exception as exc:
+                await _internal_error(rt, exc, "ip", m)
             event.ack()
+            rt.watch.progress("ip")
 
     @app.agent(rt.topics["by_range"], name="range")
     async def range_agent(stream: Any) -> None:
@@ -974,11 +1020,7 @@ def make_app(settings: Settings, *, rt: StreamRuntime | None = None, web: bool =
     async def range_flusher() -> None:
         while not app.should_stop:
             await asyncio.sleep(s.batch_ms / 1000.0)
-            try:
-                await batcher.flush()
-            except Exception:
-                log.error("range: flush failed (%s); its events stay unacked and are redelivered",
-                          where_failed())
+            await batcher.flush()  # a failure crashes the worker (see RangeBatcher.flush)
 
     @app.agent(rt.topics["outcomes"], name="outcome")
     async def outcome_agent(stream: Any) -> None:
@@ -1026,38 +1068,67 @@ def make_app(settings: Settings, *, rt: StreamRuntime | None = None, web: bool =
         update_gauges(app, rt)
         pop_stream.update_population_gauges(rt)
 
+    @app.task
+    async def freeze_watch() -> None:
+        await guard.FREEZE.run()
+
+    @app.timer(guard.PROBE_INTERVAL_S)
+    async def liveness() -> None:
+        await _check_liveness(app, rt)
+
     @app.page("/healthz")
     async def healthz(self: Any, request: Any) -> Any:
         _update_assignment(app, rt)
-        return self.json(health(app, rt))
+        body = health(app, rt)  # 503 when a stage is stalled or the broker unreachable
+        return self.json(body, status=200 if body["status"] == "ok" else 503)
 
     if prometheus:
         from faust.sensors.prometheus import setup_prometheus_sensors
 
         setup_prometheus_sensors(app, pattern="/metrics", registry=metrics.REGISTRY)
-        app.monitor = _lean_monitor(app.monitor)
+        app.monitor = faust_internals.lean_monitor(app.monitor)
     for stage in STAGE_INPUTS.values():  # every series exists from the start, at 0
         metrics.REREADS.labels(stage)
     _static_gauges(rt)
     return app
 
 
-def _lean_monitor(monitor: Any) -> Any:
-    """Faust's Prometheus monitor without its per-event stream sensors (two calls, three metric
-    updates and a label computed from the stream's repr for every event of every hop: ~5% of a
-    worker's time). Per-stage processing time is ``detector_stage_seconds``; Faust's message,
-    commit and rebalance metrics stay."""
-    from faust.sensors.prometheus import PrometheusMonitor
+async def _track_outputs(app: faust.App, rt: StreamRuntime, name: str) -> None:
+    """Before the first send to a topic: the producer tracks every output topic's metadata
+    (see :func:`faust_internals.track_producer_topics`: without it a queued batch could wait
+    20 minutes for a leader)."""
+    topics = [name, *(t.get_topic_name() for t in rt.topics.values()),
+              *(t.changelog_topic.get_topic_name() for t in rt.tables.values())]
+    try:
+        await faust_internals.track_producer_topics(app, topics)
+    except Exception as exc:  # the send itself still asks for the topic's metadata
+        log.warning("kafka: could not track the output topics' metadata (%s)", type(exc).__name__)
 
-    class LeanPrometheusMonitor(PrometheusMonitor):
-        def on_stream_event_in(self, tp: Any, offset: int, stream: Any, event: Any) -> None:
-            return None
 
-        def on_stream_event_out(self, tp: Any, offset: int, stream: Any, event: Any,
-                                state: Any = None) -> None:
-            return None
+async def _internal_error(rt: StreamRuntime, exc: Exception, stage: str, m: Any) -> None:
+    """A stage failed on one message: a Kafka failure crashes the worker (a restart resumes
+    from the committed offsets); anything else is a bug, and the message is dead-lettered."""
+    if failures.is_kafka_error(exc):
+        guard.crash(f"{stage}: Kafka failed ({type(exc).__name__})")
+        raise exc
+    original = m.value
+    if stage == "ip":  # the by-ip envelope: keep the request only
+        try:
+            original = codec.dumps(codec.loads(m.value)["r"])
+        except Exception:  # noqa: S110 - the envelope itself is what failed: keep it whole
+            pass
+    await failures.dead_letter_internal(rt, exc, stage=stage, topic=m.topic, partition=m.partition,
+                                        offset=m.offset, original=original, key=m.key,
+                                        timestamp=m.timestamp)
 
-    return LeanPrometheusMonitor(metrics=monitor._metrics)
+
+async def _check_liveness(app: faust.App, rt: StreamRuntime) -> None:
+    """Every PROBE_INTERVAL_S: is the broker answering, is every stage with input progressing."""
+    producer = faust_internals.aiokafka_producer(app)
+    if producer is not None:
+        await rt.probe.probe_once(producer.client, rt.topics["decisions"].get_topic_name())
+    _update_assignment(app, rt)
+    rt.watch.check(guard.stage_inputs(app, rt, STAGE_INPUTS))
 
 
 def _update_assignment(app: faust.App, rt: StreamRuntime) -> None:
@@ -1074,8 +1145,13 @@ def _update_assignment(app: faust.App, rt: StreamRuntime) -> None:
 
 
 def health(app: faust.App, rt: StreamRuntime) -> dict[str, Any]:
+    problems = [*rt.watch.stalled.values()]
+    broker = rt.probe.problem()
+    if broker is not None:
+        problems.insert(0, broker)
     return {
-        "status": "ok",
+        "status": "ok" if not problems else "unhealthy",
+        "problems": problems,
         "app": rt.settings.app_id,
         "lists_ready": rt.lists_ready.is_set(),
         "lists": len(rt.ctx.lists),
@@ -1158,7 +1234,10 @@ async def load_sent(rt: StreamRuntime, lookback_s: float = SENT_LOOKBACK_S) -> i
                 start = starts.get(tp)
                 consumer.seek(tp, start.offset if start is not None else end[tp])
             now = time.time()
+            deadline = time.monotonic() + guard.PREPARE_TIMEOUT_S
             while not all([await consumer.position(tp) >= end[tp] for tp in tps]):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"still reading after {guard.PREPARE_TIMEOUT_S:.0f} s")
                 for recs in (await consumer.getmany(timeout_ms=200, max_records=10000)).values():
                     for rec in recs:
                         if rec.key is not None:

@@ -9,9 +9,10 @@ that never reached the agent. In about 1 restart in 4, 50-1,200 requests were lo
 
 The fix does not depend on finding that race:
 
-* :class:`DeliveryConsumer` delivers every record it fetches (no drop, no gap bookkeeping) and
-  never commits past an offset that was not acked: an acked run only counts from the committed
-  offset on.
+* :class:`DeliveryConsumer` (in :mod:`detector.stream.faust_internals`, with every other
+  override of Faust's private API) delivers every record it fetches (no drop, no gap
+  bookkeeping) and never commits past an offset that was not acked: an acked run only counts
+  from the committed offset on.
 * Each stage passes its events through an :class:`OffsetGate`: per partition, the next offset it
   must process, set at every assignment from the group's committed offset (or the log start).
   An event at that offset is processed; one below it was processed already (ack, nothing else);
@@ -29,60 +30,15 @@ import enum
 import logging
 from typing import Any
 
-from faust.transport.drivers import aiokafka as faust_aiokafka
+from detector.stream.faust_internals import (  # noqa: F401 - re-exported: the consumer side
+    FETCH_MAX_WAIT_MS,
+    FETCH_MIN_BYTES,
+    DeliveryConsumer,
+    DeliveryTransport,
+)
+from detector.stream.faust_internals import DeliverAll as _DeliverAll  # noqa: F401
 
 log = logging.getLogger("detector.stream")
-
-FETCH_MAX_WAIT_MS = 30  # default; Faust hard-codes 1500 ms: an idle partition would add that per hop
-FETCH_MIN_BYTES = 1 << 20  # a fetch returns at once when this much is ready (a backlog), else
-#                            after the max wait: work arrives in batches at moderate load
-
-
-class _DeliverAll(dict):  # type: ignore[type-arg]
-    """Faust's per-partition read offsets, as its drain loop sees them: never known, so the
-    loop hands every fetched record to the streams (the stages' gates order them)."""
-
-    def __getitem__(self, key: Any) -> None:
-        return None
-
-
-class _LowLatencyConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
-    def _create_worker_consumer(self, transport: Any) -> Any:
-        consumer = super()._create_worker_consumer(transport)
-        rt = getattr(transport.app, "rt", None)  # DetectorApp's runtime: the worker's settings
-        # Read by the fetcher created in start(). Batching matters on small VMs: the same request
-        # costs ~3x the CPU when the worker sleeps between single events (cold caches, CPU
-        # frequency); measured 3.0 ms/request at 300 req/s unbatched, 2.1 ms with 50 ms fetches.
-        consumer._fetch_max_wait_ms = rt.settings.batch_ms if rt is not None else FETCH_MAX_WAIT_MS
-        consumer._fetch_min_bytes = FETCH_MIN_BYTES
-        return consumer
-
-
-class DeliveryConsumer(faust_aiokafka.Consumer):
-    """Faust's aiokafka consumer: short fetch waits, every record delivered, commits only over
-    acked offsets that follow the committed one."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._read_offset = _DeliverAll()
-
-    def _new_consumer_thread(self) -> Any:
-        return _LowLatencyConsumerThread(self, loop=self.loop, beacon=self.beacon)
-
-    async def _add_gap(self, tp: Any, offset_from: int, offset_to: int) -> None:
-        """Never called (read offsets are unknown to the drain loop); a gap is never acked."""
-
-    def _new_offset(self, tp: Any) -> int | None:
-        acked = self._acked[tp]
-        committed = self._committed_offset[tp]
-        if acked and committed is not None and min(acked) > committed:
-            return None  # the record at the committed offset is not acked yet
-        result: int | None = super()._new_offset(tp)
-        return result
-
-
-class DeliveryTransport(faust_aiokafka.Transport):
-    Consumer = DeliveryConsumer
 
 
 class Admit(enum.Enum):

@@ -43,9 +43,11 @@ async def stop_consumer(consumer: Any) -> None:
 
 async def topic_partitions(consumer: Any, topic: str, timeout: float = 10.0) -> set[int]:
     """Partitions of ``topic`` (a group-less consumer has no metadata for it until asked)."""
+    from detector.stream.faust_internals import fetch_all_metadata
+
     deadline = time.monotonic() + timeout
     while True:
-        metadata = await consumer._client.fetch_all_metadata()
+        metadata = await fetch_all_metadata(consumer)
         parts = metadata.partitions_for_topic(topic)
         if parts or time.monotonic() > deadline:
             return set(parts or ())

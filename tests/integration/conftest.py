@@ -35,6 +35,10 @@ def pytest_configure(config: pytest.Config) -> None:
         config.addinivalue_line(
             "markers", "integration: needs a real Apache Kafka broker (tools/kafka/kafka.sh)"
         )
+    if not any(str(m).startswith("faults") for m in config.getini("markers")):
+        config.addinivalue_line(
+            "markers", "faults: fault injection against the broker and workers (make soak: long)"
+        )
 
 
 @pytest.fixture(scope="session")

@@ -146,8 +146,12 @@ def workers(env: dict[str, str], tmp: Path, n: int = 1, partitions: int = 1,
         wait_owned(procs, partitions, timeout)
         yield procs
     except BaseException:
+        for p in procs:  # ask each live worker for its task stacks (mode's SIGUSR1 handler)
+            if p.alive() and p.proc is not None:
+                p.proc.send_signal(signal.SIGUSR1)
+        time.sleep(1.0)
         for p in procs:
-            sys.stderr.write(p.log_tail() + "\n")
+            sys.stderr.write(p.log_tail(400) + "\n")
         raise
     finally:
         for p in procs:

@@ -481,3 +481,151 @@ async def test_invalid_list_entry_is_ignored_without_logging_its_value(caplog: p
     assert len(h.rt.ctx.lists) == 0
     assert "deny:ip" in caplog.text and "malformed" in caplog.text
     assert "203.0.113" not in caplog.text
+
+
+# --- internal errors: dead-lettered, counted, never logged with the input; the worker goes on
+
+SECRET_PHONE, SECRET_IP = "+447700900777", "81.2.69.177"
+
+
+def internal_errors(stage: str) -> float:
+    from detector import metrics
+
+    return float(metrics.INTERNAL_ERRORS.labels(stage)._value.get())
+
+
+async def through_to_range(h: Harness, raw: bytes) -> None:
+    """One request through ingest and the by-ip hop; what reaches by-range is put in the range agent."""
+    n_ip, n_rng = len(h.sent[h.topic("by_ip")]), len(h.sent[h.topic("by_range")])
+    await h.put("ingest", None, raw, 0, T0)
+    await h.wait(lambda: len(h.sent[h.topic("by_ip")]) > n_ip)
+    await h.through("by_ip", "ip", n_ip)
+    await h.wait(lambda: len(h.sent[h.topic("by_range")]) > n_rng
+                 or bool(h.sent[h.topic("dlq")]))
+    await h.through("by_range", "range", n_rng)
+
+
+def assert_internal_dead_letter(h: Harness, dl: dict[str, Any], stage: str, topic: str, rid: str,
+                                caplog: pytest.LogCaptureFixture) -> None:
+    assert dl["error_kind"] == "internal_error"
+    assert dl["error"].startswith(f"{stage} stage: RuntimeError at "), dl["error"]
+    assert dl["topic"] == topic
+    original = json.loads(base64.b64decode(dl["original_b64"]))
+    assert original["request_id"] == rid  # the request itself, for whoever replays it
+    for text in [dl["error"], caplog.text]:  # neither the input nor the exception's message
+        assert SECRET_PHONE not in text and SECRET_IP not in text and "boom" not in text
+    assert f"{stage}: internal error processing {topic}" in caplog.text
+
+
+async def test_an_exception_in_the_range_stage_dead_letters_the_request_and_the_next_is_decided(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from detector.stream import app as app_module
+
+    real = app_module.range_one
+
+    def failing(rt: Any, env: dict[str, Any], **kwargs: Any) -> Any:
+        if env.get("r", {}).get("request_id") == "bad":
+            raise RuntimeError(f"boom {SECRET_PHONE} {SECRET_IP}")
+        return real(rt, env, **kwargs)
+
+    monkeypatch.setattr(app_module, "range_one", failing)
+    before = internal_errors("range")
+    async with running(make_harness()) as h:
+        await through_to_range(h, request("bad", T0, phone=SECRET_PHONE, ip=SECRET_IP))
+        await h.wait(lambda: bool(h.sent[h.topic("dlq")]))
+        assert not h.sent[h.topic("decisions")]
+        dl = h.sent[h.topic("dlq")][0]
+        assert dl.key == b"bad"
+        assert_internal_dead_letter(h, dl.json(), "range", h.topic("by_range"), "bad", caplog)
+        d = await h.decide(request("good", T0 + 1, phone=SECRET_PHONE, ip=SECRET_IP))
+        assert d is not None and d["request_id"] == "good"
+    assert internal_errors("range") == before + 1
+
+
+async def test_a_request_that_fails_alone_after_its_batch_failed_is_dead_lettered(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from detector.stream import app as app_module
+
+    real = app_module.decide_many
+
+    def fails(items: Any, *args: Any, **kwargs: Any) -> Any:
+        if any(req.request_id == "bad" for req, _, _ in items):
+            raise RuntimeError(f"boom {SECRET_PHONE}")
+        return real(items, *args, **kwargs)
+
+    monkeypatch.setattr(app_module, "decide_many", fails)
+    async with running(make_harness()) as h:
+        for rid, phone in (("a", "+442079460018"), ("bad", SECRET_PHONE), ("c", "+33142685300")):
+            n_ip = len(h.sent[h.topic("by_ip")])
+            await h.put("ingest", None, request(rid, T0, phone=phone, ip=SECRET_IP), 0, T0)
+            await h.wait(lambda: len(h.sent[h.topic("by_ip")]) > n_ip)  # noqa: B023
+            await h.through("by_ip", "ip", n_ip)
+        await h.wait(lambda: len(h.sent[h.topic("by_range")]) == 3)
+        for k, env in enumerate(h.sent[h.topic("by_range")]):  # one batch
+            h.rt.batcher.add(env.value, partition_of(env.key), k, lambda: None)
+        await h.rt.batcher.flush()
+        got = sorted(s.json()["request_id"] for s in h.sent[h.topic("decisions")])
+        (dl,) = [s.json() for s in h.sent[h.topic("dlq")]]
+    assert got == ["a", "c"]  # its batch neighbours are decided
+    assert_internal_dead_letter(h, dl, "range", h.topic("by_range"), "bad", caplog)
+
+
+async def test_an_exception_in_the_ip_stage_dead_letters_the_request(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from detector.stream import app as app_module
+
+    real = app_module.ip_stage
+
+    async def failing(rt: Any, req: Any, *args: Any, **kwargs: Any) -> Any:
+        if req.request_id == "bad":
+            raise RuntimeError(f"boom {SECRET_PHONE}")
+        return await real(rt, req, *args, **kwargs)
+
+    monkeypatch.setattr(app_module, "ip_stage", failing)
+    before = internal_errors("ip")
+    async with running(make_harness()) as h:
+        n_ip = len(h.sent[h.topic("by_ip")])
+        await h.put("ingest", None, request("bad", T0, phone=SECRET_PHONE, ip=SECRET_IP), 0, T0)
+        await h.wait(lambda: len(h.sent[h.topic("by_ip")]) > n_ip)
+        await h.through("by_ip", "ip", n_ip)
+        await h.wait(lambda: bool(h.sent[h.topic("dlq")]))
+        assert not h.sent[h.topic("by_range")]
+        dl = h.sent[h.topic("dlq")][0]
+        assert_internal_dead_letter(h, dl.json(), "ip", h.topic("by_ip"), "bad", caplog)
+        d = await h.decide(request("good", T0 + 1))
+        assert d is not None and d["request_id"] == "good"
+    assert internal_errors("ip") == before + 1
+
+
+async def test_health_reports_a_stalled_stage_and_an_unreachable_broker() -> None:
+    from detector.stream.app import health
+
+    h = make_harness()
+    assert health(h.app, h.rt)["status"] == "ok"
+    h.rt.watch.stalled = {"range": "range stage: no progress for 31 s with 4 events waiting"}
+    h.rt.probe.reachable = False
+    body = health(h.app, h.rt)
+    assert body["status"] == "unhealthy"
+    assert body["problems"][0].startswith("kafka broker unreachable")
+    assert body["problems"][1].startswith("range stage: no progress")
+
+
+async def test_a_request_counted_but_not_decided_before_a_crash_is_not_counted_twice() -> None:
+    """A crash or freeze between the changelog writes of one batch can leave a request's counts
+    stored but not its decision: processing it again gives the same counts, not one more."""
+    from detector.stream.app import decide_pending, range_one
+
+    async with running(make_harness()) as h:
+        for i in range(3):
+            first = await h.decide(request(f"c{i}", T0 + i))
+        assert first is not None
+        env = h.sent[h.topic("by_range")][-1]
+        seen = h.rt.tables["seen"].data.pop("c2")  # its decision was not stored
+        writes: dict[Any, Any] = {}
+        undecided: list[Any] = []
+        result = range_one(h.rt, env.json(), partition=seen[META]["p"], offset=seen[META]["o"],
+                           writes=writes, undecided=undecided)
+        decide_pending(h.rt, undecided, writes)
+    assert result.decision is not None
+    assert result.decision["counts"] == first["counts"]
+    assert first["counts"]["pair_24h"] == first["counts"]["number_24h"] == 3

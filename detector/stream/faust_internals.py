@@ -1,0 +1,270 @@
+"""Every place the detector overrides or relies on a private faust-streaming / aiokafka API.
+
+Nothing outside this module touches a Faust or aiokafka name that starts with ``_``. Each item
+says what it does, why a public API does not do it, and what breaks if upstream changes it;
+``tests/stream/test_faust_contract.py`` checks each assumption against the installed versions
+(``faust-streaming==0.15.3``, ``aiokafka==0.14.0``) and fails loudly on an upgrade that breaks
+one, and :func:`check_app` refuses to start a worker whose consumer is not ours.
+
+=========================  ================================================================
+override / reliance        why (upstream issue)
+=========================  ================================================================
+Consumer._read_offset      Faust's drain loop drops every record below the last offset it
+  -> :class:`DeliverAll`   handed out and commits over forward jumps as "gaps". After a seek
+                           during recovery it dropped re-read records and committed past
+                           requests that never reached an agent (measured: 50-1,200 requests
+                           lost in 1 SIGKILL restart of 4). faust-streaming #606 (wrong commit
+                           with gaps, open), #221 (prefetched events out of order after a
+                           rebalance), #502 (duplicates after a rebalance, open).
+Consumer._add_gap          Never reached once read offsets are unknown; a no-op so a gap can
+                           never be committed over (#606, history in #312/#313/#378).
+Consumer._new_offset       Reads ``_acked`` and ``_committed_offset``: never commit when the
+                           record at the committed offset is not acked (#606).
+Consumer._new_consumer_    Swap in :class:`LowLatencyConsumerThread` (below).
+  thread
+AIOKafkaConsumerThread.    Faust hard-codes ``fetch_max_wait_ms=1500`` and gives no setting;
+  _create_worker_consumer  we set aiokafka's ``_fetch_max_wait_ms`` / ``_fetch_min_bytes``
+                           on the consumer before ``start()`` builds its fetcher from them.
+App._new_transport         The only hook that picks the consumer class. If Faust renamed it,
+                           the stock consumer would run silently: :func:`check_app` refuses.
+App._new_web               The only hook that picks the web server: the stock one serves table
+                           contents (/table/, /router/); :class:`ClosedWebMixin` serves none.
+aiokafka producer client   See :func:`track_producer_topics`: aiokafka forgets the metadata of
+  metadata (add_topic)     a topic it was never asked to track as soon as it tracks any other
+                           topic; a batch already queued for it then waits for a leader until
+                           ``request_timeout_ms`` (Faust: 1,200 s). This was the range-stage
+                           stall of issue 13. No upstream issue found; reproduced in
+                           ``tests/integration/test_faults.py``.
+Faust producer            ``Producer._producer`` (the aiokafka producer) for the two items above
+                           and the broker probe.
+table.data + changelog     Stages write ``table.data`` and send changelog messages themselves
+  format                   (key and value JSON, partition = the event's), so batches and sweeps
+                           work outside the current event. Recovery relies on Faust reading
+                           that format back (the ``json`` key/value serializers of a Table).
+PrometheusMonitor._metrics  :func:`lean_monitor` rebuilds Faust's monitor without its per-event
+                           stream sensors (5% of a worker's time).
+AIOKafkaConsumer._client   :func:`fetch_all_metadata`: the partitions of a topic for a
+                           group-less consumer (no public call before assignment).
+mode Worker._on_sigterm /  :class:`StopDeadlineMixin` starts the stop deadline (``guard``)
+  _on_sigint               before mode's graceful stop, which can wait on Kafka for minutes.
+mode Worker._cry           SIGUSR1 task dump, without the local variables mode prints (they
+                           hold requests: phone numbers and IPs must not reach the logs).
+=========================  ================================================================
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from faust.transport.drivers import aiokafka as faust_aiokafka
+
+log = logging.getLogger("detector.stream")
+
+FETCH_MAX_WAIT_MS = 30  # default; Faust hard-codes 1500 ms: an idle partition would add that per hop
+FETCH_MIN_BYTES = 1 << 20  # a fetch returns at once when this much is ready (a backlog), else
+#                            after the max wait: work arrives in batches at moderate load
+
+
+class FaustContractError(RuntimeError):
+    """The installed faust-streaming/aiokafka no longer behave as this module relies on."""
+
+
+# --------------------------------------------------------------------------- consumer
+
+
+class DeliverAll(dict):  # type: ignore[type-arg]
+    """Faust's per-partition read offsets, as its drain loop sees them: never known, so the
+    loop hands every fetched record to the streams (the stages' gates order them).
+
+    Works only because ``Consumer._drain_messages`` reads it through ``__getitem__`` (bound once
+    as ``get_read_offset``) and treats None as "take it"; the contract test checks both."""
+
+    def __getitem__(self, key: Any) -> None:
+        return None
+
+
+class LowLatencyConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+    def _create_worker_consumer(self, transport: Any) -> Any:
+        consumer = super()._create_worker_consumer(transport)
+        rt = getattr(transport.app, "rt", None)  # DetectorApp's runtime: the worker's settings
+        # Read by the fetcher created in start(). Batching matters on small VMs: the same request
+        # costs ~3x the CPU when the worker sleeps between single events (cold caches, CPU
+        # frequency); measured 3.0 ms/request at 300 req/s unbatched, 2.1 ms with 50 ms fetches.
+        consumer._fetch_max_wait_ms = rt.settings.batch_ms if rt is not None else FETCH_MAX_WAIT_MS
+        consumer._fetch_min_bytes = FETCH_MIN_BYTES
+        return consumer
+
+
+class DeliveryConsumer(faust_aiokafka.Consumer):
+    """Faust's aiokafka consumer: short fetch waits, every record delivered, commits only over
+    acked offsets that follow the committed one."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._read_offset = DeliverAll()
+
+    def _new_consumer_thread(self) -> Any:
+        return LowLatencyConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+    async def _add_gap(self, tp: Any, offset_from: int, offset_to: int) -> None:
+        """Never called (read offsets are unknown to the drain loop); a gap is never acked."""
+
+    def _new_offset(self, tp: Any) -> int | None:
+        acked = self._acked[tp]
+        committed = self._committed_offset[tp]
+        if acked and committed is not None and min(acked) > committed:
+            return None  # the record at the committed offset is not acked yet
+        result: int | None = super()._new_offset(tp)
+        return result
+
+
+class DeliveryTransport(faust_aiokafka.Transport):
+    Consumer = DeliveryConsumer
+
+
+class DeliveryTransportMixin:
+    """Mixed into the app class: its consumer transport is :class:`DeliveryTransport`."""
+
+    conf: Any
+
+    def _new_transport(self) -> Any:
+        return DeliveryTransport(self.conf.broker_consumer, self)
+
+
+class ClosedWebMixin:
+    """``App._new_web`` (faust/app/base.py) is the only hook that picks the web server class; the
+    stock one registers Faust's own views (/table/..., /router/..., /graph/, /stats/, ...), which
+    expose table contents to anyone who can reach the port (no upstream option turns all of them
+    off in faust-streaming 0.15.3). :class:`~detector.stream.web_surface.ClosedWeb` registers
+    none. The contract test checks the hook still exists and is called."""
+
+    def _new_web(self) -> Any:
+        from detector.stream.web_surface import ClosedWeb
+
+        return ClosedWeb(self)  # type: ignore[arg-type]  # mixed into a faust.App
+
+
+def check_app(app: Any) -> None:
+    """Refuse to run when the app's consumer is not :class:`DeliveryConsumer` (a Faust upgrade
+    that stopped calling ``_new_transport`` would otherwise run the stock consumer silently,
+    with none of the delivery guarantees)."""
+    consumer = app.consumer
+    if not isinstance(consumer, DeliveryConsumer):
+        raise FaustContractError(
+            f"the app's consumer is {type(consumer).__module__}.{type(consumer).__qualname__}, "
+            f"expected {DeliveryConsumer.__qualname__}: faust-streaming no longer builds its "
+            "consumer through App._new_transport; see detector/stream/faust_internals.py")
+    if not isinstance(consumer._read_offset, DeliverAll):
+        raise FaustContractError("Consumer._read_offset was replaced after __init__: Faust's drain "
+                                 "loop would drop re-read records again (faust-streaming #606)")
+
+
+# --------------------------------------------------------------------------- producer
+
+
+def aiokafka_producer(app: Any) -> Any:
+    """The aiokafka producer behind ``app.producer`` (None before it started)."""
+    return getattr(app.producer, "_producer", None)
+
+
+async def track_producer_topics(app: Any, topics: list[str], timeout: float = 10.0) -> None:
+    """Make the producer's client track the metadata of every topic the worker writes to.
+
+    Why: an aiokafka client with no tracked topics asks for the metadata of *all* topics; once
+    a send meets a topic missing from that answer (one created a moment ago, e.g. a changelog
+    whose leader was not elected yet), the client tracks only that topic and the next refresh
+    drops every other one. A batch already queued for a dropped topic then has no leader and
+    waits, without a log line, until the producer's request timeout, and with it the range
+    stage's flush and every commit (Faust flushes the producer before committing). Tracking
+    every output topic before the first send removes the case. ``add_topic`` is public; what
+    it protects against is aiokafka's metadata behaviour (``AIOKafkaClient._topics``).
+    """
+    producer = aiokafka_producer(app)
+    if producer is not None:
+        await track_client_topics(producer.client, topics, timeout)
+
+
+async def track_client_topics(client: Any, topics: list[str], timeout: float = 10.0) -> None:
+    """:func:`track_producer_topics` for an aiokafka client (``AIOKafkaProducer.client``)."""
+    futures = [client.add_topic(t) for t in dict.fromkeys(topics) if t not in client._topics]
+    if futures:
+        await asyncio.wait_for(asyncio.gather(*futures), timeout)
+
+
+def pending_without_leader(app: Any) -> list[str]:
+    """Topic-partitions with queued batches whose leader the producer does not know (for the
+    stall report; empty when unknown)."""
+    producer = aiokafka_producer(app)
+    try:
+        acc = producer._message_accumulator
+        cluster = producer.client.cluster
+        return sorted(f"{tp.topic}[{tp.partition}]" for tp, batches in acc._batches.items()
+                      if batches and cluster.leader_for_partition(tp) in (None, -1))
+    except Exception:  # diagnostics only
+        return []
+
+
+# --------------------------------------------------------------------------- the rest
+
+
+async def fetch_all_metadata(consumer: Any) -> Any:
+    """Cluster metadata through an aiokafka consumer's client (``AIOKafkaConsumer._client``)."""
+    return await consumer._client.fetch_all_metadata()
+
+
+def lean_monitor(monitor: Any) -> Any:
+    """Faust's Prometheus monitor without its per-event stream sensors (two calls, three metric
+    updates and a label computed from the stream's repr for every event of every hop: ~5% of a
+    worker's time). Per-stage processing time is ``detector_stage_seconds``; Faust's message,
+    commit and rebalance metrics stay."""
+    from faust.sensors.prometheus import PrometheusMonitor
+
+    class LeanPrometheusMonitor(PrometheusMonitor):
+        def on_stream_event_in(self, tp: Any, offset: int, stream: Any, event: Any) -> None:
+            return None
+
+        def on_stream_event_out(self, tp: Any, offset: int, stream: Any, event: Any,
+                                state: Any = None) -> None:
+            return None
+
+    return LeanPrometheusMonitor(metrics=monitor._metrics)
+
+
+# --------------------------------------------------------------------------- worker
+
+
+class StopDeadlineMixin:
+    """Mixed into the Faust Worker class: SIGTERM/SIGINT start :func:`guard.start_shutdown_deadline`
+    before mode's graceful stop; SIGUSR1 dumps task stacks without local variables."""
+
+    stderr: Any
+
+    def _on_sigterm(self) -> None:
+        from detector.stream.guard import start_shutdown_deadline
+
+        start_shutdown_deadline()
+        super()._on_sigterm()  # type: ignore[misc]
+
+    def _on_sigint(self) -> None:
+        from detector.stream.guard import start_shutdown_deadline
+
+        start_shutdown_deadline()
+        super()._on_sigint()  # type: ignore[misc]
+
+    async def _cry(self) -> None:
+        dump_tasks(self.stderr)
+
+
+def dump_tasks(file: Any) -> None:
+    """Every asyncio task's stack, file and line only (no local variables: they hold requests)."""
+    import traceback
+
+    for task in asyncio.all_tasks():
+        print(f"--- {task.get_name()} {task.get_coro()!r}", file=file)
+        frames = task.get_stack()
+        for line in traceback.format_list(
+                [(f.f_code.co_filename, f.f_lineno, f.f_code.co_name, None) for f in frames]):
+            print(line.rstrip(), file=file)
+    file.flush()

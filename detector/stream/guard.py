@@ -1,0 +1,292 @@
+"""Liveness of a worker: no silent hang, no silent loss, a bounded stop.
+
+* **Deliveries.** Every message a stage sends is watched (:func:`watch_delivery`): if Kafka
+  does not take it within the producer's timeout (``DELIVERY_TIMEOUT_S``, Faust's default is
+  1,200 s), the worker exits at once (:func:`crash`, exit code 75) instead of letting Faust's
+  next commit pass over the lost message; a restart resumes from the committed offsets, which
+  the idempotent stages make safe (the same path as a SIGKILL). Waits on deliveries
+  (:func:`wait_delivered`) log one line every ``WARN_EVERY_S`` while they last.
+* **Stalls.** :class:`StageWatch` records each stage's last progress. A stage with input
+  (consumer lag, or an undecided range batch) and no progress for ``STALL_AFTER_S`` is stalled:
+  ``/healthz`` answers 503 with the reason, ``detector_stage_stalled{stage}`` is 1.
+* **Broker.** :class:`BrokerProbe` asks the broker for one topic's metadata every
+  ``PROBE_INTERVAL_S``; no answer for ``UNREACHABLE_AFTER_S`` makes ``/healthz`` 503 and
+  ``detector_broker_reachable`` 0.
+* **Stop.** :func:`start_shutdown_deadline`: after SIGTERM the worker has ``SHUTDOWN_DEADLINE_S``
+  to drain (Faust stops the agents, commits acked offsets, leaves the group); then it exits
+  anyway. Whatever was not committed is redelivered to the next owner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from detector import metrics
+
+log = logging.getLogger("detector.stream")
+
+STAGES = ("ingest", "ip", "range", "outcome")
+STALL_AFTER_S = 30.0
+DELIVERY_TIMEOUT_S = 90.0  # producer request timeout: one produce request, one queued batch
+WARN_EVERY_S = 10.0
+PROBE_INTERVAL_S = 5.0
+PROBE_TIMEOUT_S = 5.0
+UNREACHABLE_AFTER_S = 10.0
+SHUTDOWN_DEADLINE_S = 9.0
+PREPARE_TIMEOUT_S = 30.0  # reading committed offsets, seeking: admin and consumer calls
+SESSION_TIMEOUT_S = 10.0  # the consumer group's session timeout (make_app)
+EXIT_DELIVERY_FAILED = 75  # EX_TEMPFAIL: restart me
+EXIT_SHUTDOWN_DEADLINE = 1
+
+_exit: Callable[[int], Any] = os._exit  # tests replace it
+
+
+def crash(reason: str, code: int = EXIT_DELIVERY_FAILED) -> None:
+    """Exit now, without Faust's graceful stop (which would commit acked offsets whose output
+    may be lost). A supervisor restarts the worker; it resumes from the committed offsets."""
+    log.critical("%s: exiting with code %d so that a restart resumes from the committed offsets",
+                 reason, code)
+    for handler in logging.getLogger().handlers:
+        try:
+            handler.flush()
+        except Exception:  # noqa: S110 - best effort before exiting
+            pass
+    sys.stderr.flush()
+    _exit(code)
+
+
+def _on_delivered(fut: asyncio.Future[Any]) -> None:
+    if fut.cancelled():
+        return
+    exc = fut.exception()
+    if exc is not None and _deadline is not None:  # stopping: what was committed was flushed
+        log.warning("stop: a message was not delivered (%s); its source is not committed and "
+                    "will be redelivered", type(exc).__name__)
+        return
+    if exc is not None:
+        # Runs before the task that waits on the same batch (e.g. Faust's commit after its
+        # producer flush) resumes, so no commit can pass over this message.
+        crash(f"Kafka did not accept a message ({type(exc).__name__})")
+
+
+def watch_delivery(fut: Any) -> Any:
+    """Crash the worker if this delivery future fails (see :func:`crash`); returns ``fut``."""
+    add = getattr(fut, "add_done_callback", None)
+    if add is not None:
+        add(_on_delivered)
+    return fut
+
+
+async def wait_delivered(futs: Iterable[Any], *, stage: str, what: str,
+                         diagnose: Callable[[], list[str]] | None = None,
+                         warn_every: float = WARN_EVERY_S,
+                         give_up_after: float = DELIVERY_TIMEOUT_S + 30.0) -> None:
+    """Wait until Kafka acknowledged every future; one warning per ``warn_every`` while it does
+    not, and :func:`crash` after ``give_up_after`` (the producer should have failed them before)."""
+    pending = {f for f in futs if not f.done()}
+    total = len(pending)
+    t0 = time.monotonic()
+    while pending:
+        done, pending = await asyncio.wait(pending, timeout=warn_every)
+        for f in done:
+            f.result()  # a failure raised here was already handled by watch_delivery
+        if not pending:
+            break
+        waited = time.monotonic() - t0
+        metrics.KAFKA_WAITS.labels(what.replace(" ", "_")).inc()
+        stuck = diagnose() if diagnose is not None else []
+        log.warning("%s: %d of %d %s not acknowledged by Kafka after %.0f s%s", stage,
+                    len(pending), total, what, waited,
+                    f" (no leader known for {', '.join(stuck[:8])})" if stuck else "")
+        if waited >= give_up_after:
+            crash(f"{stage}: {len(pending)} {what} not acknowledged after {waited:.0f} s")
+            return
+
+
+# --------------------------------------------------------------------------- stalls
+
+
+class StageWatch:
+    """Last progress per stage, and which stages are stalled (input but no progress)."""
+
+    def __init__(self, stall_after: float = STALL_AFTER_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.stall_after = stall_after
+        self.clock = clock
+        now = clock()
+        self.last: dict[str, float] = dict.fromkeys(STAGES, now)
+        self.stalled: dict[str, str] = {}  # stage -> reason
+        for stage in STAGES:  # every series exists from the start
+            metrics.STAGE_STALLED.labels(stage).set(0)
+            metrics.STAGE_PROGRESS_AGE.labels(stage).set(0)
+            metrics.INTERNAL_ERRORS.labels(stage)
+        metrics.KAFKA_WAITS.labels("changelog_writes")
+
+    def progress(self, stage: str) -> None:
+        self.last[stage] = self.clock()
+
+    def check(self, inputs: dict[str, str]) -> dict[str, str]:
+        """``inputs``: stage -> what input it has ("" = none). Updates and returns the stalled
+        stages with their reasons, and the metrics."""
+        now = self.clock()
+        stalled: dict[str, str] = {}
+        for stage in STAGES:
+            has = inputs.get(stage, "")
+            if not has:  # idle counts as up to date
+                self.last[stage] = now
+            age = now - self.last[stage]
+            metrics.STAGE_PROGRESS_AGE.labels(stage).set(round(age, 1))
+            if has and age >= self.stall_after:
+                stalled[stage] = f"{stage} stage: no progress for {age:.0f} s with {has}"
+            metrics.STAGE_STALLED.labels(stage).set(1 if stage in stalled else 0)
+        for stage, reason in stalled.items():
+            if stage not in self.stalled:
+                log.error("%s", reason)
+        for stage in self.stalled:
+            if stage not in stalled:
+                log.warning("%s stage: progressing again", stage)
+        self.stalled = stalled
+        return stalled
+
+
+def stage_inputs(app: Any, rt: Any, stage_of: dict[str, str]) -> dict[str, str]:
+    """stage -> a description of the input it has waiting ("" = none): consumer lag on its
+    input partitions (high watermark - the next offset its gate expects), and for the range
+    stage the events of an unflushed batch."""
+    out: dict[str, str] = dict.fromkeys(STAGES, "")
+    try:
+        consumer = app.consumer
+        from faust.types import TP
+
+        for key, gate in rt.gates.items():
+            lag = 0
+            for p in rt.active.get(key, ()):
+                hw, nxt = consumer.highwater(TP(gate.topic, p)), gate.expected(p)
+                if hw is not None and nxt is not None and hw > nxt:
+                    lag += int(hw) - nxt
+            if lag:
+                stage = stage_of[key]
+                out[stage] = f"{lag} messages waiting on {gate.topic}"
+    except Exception as exc:  # rebalancing: nothing reliable to say
+        log.debug("stage inputs unavailable: %r", exc)
+    batcher = getattr(rt, "batcher", None)
+    if batcher is not None and len(batcher):
+        out["range"] = f"{len(batcher)} events in an undecided batch" + (
+            f"; {out['range']}" if out["range"] else "")
+    return out
+
+
+# --------------------------------------------------------------------------- broker
+
+
+class BrokerProbe:
+    """Is the broker answering? A one-topic metadata request every ``PROBE_INTERVAL_S``."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.last_ok = clock()
+        self.last_error = ""
+        self.reachable = True
+        metrics.BROKER_REACHABLE.set(1)
+
+    def record(self, ok: bool, error: str = "") -> bool:
+        now = self.clock()
+        if ok:
+            self.last_ok = now
+        else:
+            self.last_error = error
+        reachable = now - self.last_ok < UNREACHABLE_AFTER_S
+        if reachable != self.reachable:
+            if reachable:
+                log.warning("kafka: broker reachable again")
+            else:
+                log.error("kafka: broker unreachable for %.0f s (%s)", now - self.last_ok, error)
+        self.reachable = reachable
+        metrics.BROKER_REACHABLE.set(1 if reachable else 0)
+        return reachable
+
+    def problem(self) -> str | None:
+        if self.reachable:
+            return None
+        return (f"kafka broker unreachable for {self.clock() - self.last_ok:.0f} s "
+                f"({self.last_error or 'no answer'})")
+
+    async def probe_once(self, client: Any, topic: str) -> bool:
+        from aiokafka.protocol.metadata import MetadataRequest
+
+        try:
+            node = client.get_random_node()
+            if node is None:
+                raise ConnectionError("no broker known")
+            await asyncio.wait_for(client.send(node, MetadataRequest([topic])), PROBE_TIMEOUT_S)
+        except Exception as exc:
+            return self.record(False, type(exc).__name__)
+        return self.record(True)
+
+
+# --------------------------------------------------------------------------- freeze
+
+
+class FreezeWatch:
+    """Was this process frozen (SIGSTOP, a paused VM) for longer than the group's session timeout?
+
+    Then the group may have given its partitions to another worker, which decides the same
+    requests again: a decision this process computed before the freeze must not be sent after
+    it (measured: SIGSTOP for 14 s gave two different decisions for one request). The main loop
+    ticks every ``TICK_S``; no tick for ``freeze_after`` seconds means the process was frozen
+    (Kafka waits do not stop the ticks; heartbeats run in the consumer's own thread), and the
+    worker exits before sending anything more. A restart resumes from the committed offsets.
+    """
+
+    TICK_S = 0.5
+
+    def __init__(self, freeze_after: float = SESSION_TIMEOUT_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.freeze_after = freeze_after
+        self.clock = clock
+        self.last_tick: float | None = None  # None: not running (tests without the app's tasks)
+
+    def check(self) -> None:
+        if self.last_tick is None:
+            return
+        gap = self.clock() - self.last_tick
+        if gap >= self.freeze_after:
+            crash(f"the process did not run for {gap:.0f} s (frozen?): its partitions may belong "
+                  "to another worker now, so nothing decided before is sent")
+        self.last_tick = self.clock()
+
+    async def run(self) -> None:
+        self.last_tick = self.clock()
+        while True:
+            await asyncio.sleep(self.TICK_S)
+            self.check()
+
+
+FREEZE = FreezeWatch()
+
+
+# --------------------------------------------------------------------------- stop
+
+
+_deadline: threading.Timer | None = None
+
+
+def start_shutdown_deadline(seconds: float = SHUTDOWN_DEADLINE_S) -> None:
+    """From now, the process exits within ``seconds`` whatever the graceful stop is waiting on."""
+    global _deadline
+    if _deadline is not None:
+        return
+
+    def expire() -> None:
+        crash(f"stop: still draining after {seconds:.0f} s", EXIT_SHUTDOWN_DEADLINE)
+
+    _deadline = threading.Timer(seconds, expire)
+    _deadline.daemon = True
+    _deadline.start()

@@ -1,0 +1,303 @@
+"""Fault injection against a real broker: every valid request gets exactly one decision message.
+
+Each scenario streams requests keyed by IP through real worker subprocesses, injects a fault
+mid-stream and then checks, from the decisions topic: every request has a decision, exactly one
+decision *message* (the dialer never sees two), and the per-pair counts are exact (each request
+counted once: the n-th request of a pair sees pair_24h == n, as replay does).
+
+Faults: SIGKILL of the only worker; SIGKILL of one of two workers while they rebalance; a clean
+broker restart and a broker SIGKILL (the worker must say so on /healthz, log a bounded number of
+lines, and recover by itself); a worker paused (SIGSTOP) past the session timeout, then resumed.
+
+Short by default (CI: ``pytest -m faults``); ``make soak`` sets DETECTOR_SOAK=1 for more requests
+and several rounds per scenario.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_pipeline import (  # tests/integration is on sys.path (no package)
+    REPO,
+    T0,
+    WorkerProc,
+    _read_all,
+    decisions_for,
+    detector_env,
+    one_each,
+    produce_by_ip,
+    req,
+    wait_owned,
+    workers,
+)
+
+from detector.config import load_settings
+from detector.stream.app import RANGE_BATCH
+
+pytestmark = [pytest.mark.integration, pytest.mark.faults]
+
+SOAK = os.environ.get("DETECTOR_SOAK", "") not in ("", "0")
+N_REQUESTS = 20000 if SOAK else 4000
+ROUNDS = 3 if SOAK else 1
+N_PAIR = 30
+KAFKA_SH = REPO / "tools" / "kafka" / "kafka.sh"
+
+
+def traffic(tag: str, n: int = N_REQUESTS) -> tuple[list[dict[str, Any]], list[str]]:
+    """``n`` requests from many IPs to many numbers, plus N_PAIR from one IP to one number."""
+    rows: list[dict[str, Any]] = []
+    pair: list[str] = []
+    step = max(n // N_PAIR, 1)
+    for i in range(n):
+        rows.append(req(f"{tag}{i}", T0 + i * 0.5, f"+3314268{i % 5000:04d}",
+                        f"82.{i % 200}.{i % 7}.{i % 97 + 1}"))
+        if i % step == 3 and len(pair) < N_PAIR:
+            pair.append(f"{tag}p{len(pair)}")
+            rows.append(req(pair[-1], T0 + i * 0.5 + 0.1, "+447700900124", "81.2.69.201"))
+    return rows, pair
+
+
+def check_exactly_one(settings: Any, rows: list[dict[str, Any]], pair: list[str],
+                      timeout: float = 180.0, identical_copies_ok: int = 0) -> dict[str, int]:
+    ids = {r["request_id"] for r in rows}
+    got = decisions_for(settings, ids, timeout=timeout, require_all=False, idle_stop=25.0)
+    copies = sum(len(v) for v in got.values())
+    decided = one_each(got)
+    missing = ids - set(decided)
+    assert not missing, f"{len(missing)} of {len(ids)} requests without a decision"
+    # one_each above: never two *different* decisions for one request
+    assert copies - len(decided) <= identical_copies_ok, (
+        f"{copies - len(decided)} duplicate decision messages")
+    counts = [decided[r]["counts"]["pair_24h"] for r in pair]
+    assert counts == list(range(1, len(pair) + 1)), counts  # each request counted once
+    return {"requests": len(ids), "decision_messages": copies,
+            "identical_copies": copies - len(decided)}
+
+
+def wait_decided(settings: Any, n: int, timeout: float = 120.0) -> None:
+    """Until at least ``n`` decision messages exist (the fault then hits mid-stream)."""
+    recs = asyncio.run(_read_all(settings, settings.topic_decisions, lambda r: len(r) >= n,
+                                 timeout, linger=0))
+    assert len(recs) >= n, f"only {len(recs)} decisions after {timeout}s"
+
+
+def health_status(w: WorkerProc) -> tuple[int, dict[str, Any] | None]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{w.port}/healthz", timeout=2) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"null")
+    except OSError:
+        return 0, None
+
+
+def log_lines(w: WorkerProc) -> int:
+    return len(w.log_path.read_bytes().splitlines()) if w.log_path.is_file() else 0
+
+
+# --------------------------------------------------------------------------- worker faults
+
+
+def test_sigkill_of_the_only_worker(kafka_bootstrap: str, fresh_topic_prefix: str,
+                                    tmp_path: Path) -> None:
+    env = detector_env(kafka_bootstrap, fresh_topic_prefix, 2, tmp_path)
+    settings = load_settings(env=env)
+    with workers(env, tmp_path, n=1, partitions=2) as (w,):
+        for k in range(ROUNDS):
+            rows, pair = traffic(f"k{k}-")
+            produce_by_ip(settings, rows)
+            wait_decided(settings, (k + 0.3) * len(rows))
+            w.kill()
+            w.start()
+            stats = check_exactly_one(settings, rows, pair)
+    sys.stderr.write(f"sigkill: {stats}\n")
+
+
+def test_sigkill_of_one_of_two_workers_during_a_rebalance(
+        kafka_bootstrap: str, fresh_topic_prefix: str, tmp_path: Path) -> None:
+    env = detector_env(kafka_bootstrap, fresh_topic_prefix, 4, tmp_path)
+    settings = load_settings(env=env)
+    with workers(env, tmp_path, n=1, partitions=4) as (w0,):
+        w1 = WorkerProc(env, tmp_path, "w1")
+        try:
+            for k in range(ROUNDS):
+                rows, pair = traffic(f"r{k}-")
+                produce_by_ip(settings, rows)
+                wait_decided(settings, (k + 0.2) * len(rows))
+                w1.start()  # a second worker joins: the group rebalances ...
+                deadline = time.monotonic() + 60
+                while "Joined group" not in w1.log_path.read_text(errors="replace"):
+                    assert time.monotonic() < deadline, w1.log_tail()
+                    time.sleep(0.05)
+                w1.kill()  # ... and dies in the middle of it
+                stats = check_exactly_one(settings, rows, pair)
+        finally:
+            w1.kill()
+    sys.stderr.write(f"sigkill during rebalance: {stats}\n")
+
+
+def test_worker_paused_past_the_session_timeout_then_resumed(
+        kafka_bootstrap: str, fresh_topic_prefix: str, tmp_path: Path) -> None:
+    env = detector_env(kafka_bootstrap, fresh_topic_prefix, 4, tmp_path)
+    settings = load_settings(env=env)
+    with workers(env, tmp_path, n=2, partitions=4) as (w0, w1):
+        for k in range(ROUNDS):
+            rows, pair = traffic(f"s{k}-")
+            produce_by_ip(settings, rows)
+            wait_decided(settings, (k + 0.3) * len(rows))
+            assert w0.proc is not None
+            w0.proc.send_signal(signal.SIGSTOP)
+            time.sleep(14)  # session timeout 10 s: w1 takes over w0's partitions
+            w0.proc.send_signal(signal.SIGCONT)
+            try:  # frozen past the session timeout: it exits rather than send stale decisions
+                exit_code = w0.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                exit_code = None
+            assert exit_code in (None, 75), w0.log_tail()
+            if exit_code is not None:
+                w0.start()  # what the supervisor does (compose: restart unless-stopped)
+            # Known limit: decisions already in the frozen worker's producer buffer when it froze
+            # go out when it resumes (no producer fencing without Kafka transactions): identical
+            # copies of what its successor re-sends, at most one range batch (measured: 0, or
+            # 18 of 4,030 in 1 run of 7).
+            stats = check_exactly_one(settings, rows, pair, identical_copies_ok=RANGE_BATCH)
+            wait_owned([w0, w1], 4, 90)  # both back in the group
+    sys.stderr.write(f"sigstop: {stats}, paused worker exit code {exit_code}\n")
+
+
+# --------------------------------------------------------------------------- the stall's cause
+
+
+def test_aiokafka_forgets_untracked_topics_and_tracking_them_prevents_the_stall(
+        kafka_bootstrap: str, fresh_topic_prefix: str) -> None:
+    """The range-stage stall of issue 13, reduced: a producer that fetched all topics' metadata
+    sends to a known topic x, then to a topic y created after its last refresh. The send to y
+    makes the client track y only and forget x, so x's queued batch waits for a leader until
+    the request timeout. faust_internals.track_client_topics (every output topic tracked before
+    the first send) prevents it."""
+    from aiokafka import AIOKafkaProducer
+    from kafka_broker import create_topics
+
+    from detector.stream.faust_internals import track_client_topics
+
+    async def x_delivered_within_5s(track: bool) -> bool:
+        x, y = f"{fresh_topic_prefix}-x{int(track)}", f"{fresh_topic_prefix}-y{int(track)}"
+        create_topics(kafka_bootstrap, {x: 1})
+        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, linger_ms=500,
+                                    request_timeout_ms=60000)
+        await producer.start()
+        try:
+            await producer.client.force_metadata_update()  # all topics, as after Faust's create_topic
+            await asyncio.to_thread(create_topics, kafka_bootstrap, {y: 1})
+            await asyncio.sleep(1.0)
+            if track:
+                await track_client_topics(producer.client, [x, y])
+            fx = await producer.send(x, b"x", partition=0)  # lingers 500 ms in the accumulator
+            await producer.send(y, b"y", partition=0)
+            await asyncio.wait([fx], timeout=5)
+            delivered = fx.done() and fx.exception() is None
+            await producer.send(x, b"x again", partition=0)  # re-tracks x: the batch goes out
+            await asyncio.wait_for(fx, 30)
+            return delivered
+        finally:
+            await producer.stop()
+
+    assert not asyncio.run(x_delivered_within_5s(track=False)), (
+        "aiokafka no longer forgets untracked topics: track_producer_topics may be unnecessary")
+    assert asyncio.run(x_delivered_within_5s(track=True))
+
+
+# --------------------------------------------------------------------------- broker faults
+
+
+class OwnBroker:
+    """A broker of this test alone (it is stopped and restarted on the same ports and data)."""
+
+    def __init__(self, path: Path) -> None:
+        self.dir = path
+        self.bootstrap = ""
+
+    def _sh(self, *args: str, timeout: float = 180) -> str:
+        env = {**os.environ, "KAFKA_PYTHON": sys.executable}
+        proc = subprocess.run(["bash", str(KAFKA_SH), *args], capture_output=True, text=True,  # noqa: S603,S607
+                              timeout=timeout, env=env, check=False)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+    def start(self) -> str:
+        out = self._sh("start", "--dir", str(self.dir), "--timeout", "120", "--keep-data",
+                       "--owner-pid", str(os.getpid()))
+        self.bootstrap = out.strip().splitlines()[-1].split("=", 1)[1]
+        return self.bootstrap
+
+    def stop(self) -> None:
+        self._sh("stop", "--dir", str(self.dir))
+
+    def kill(self) -> None:
+        pid = int((self.dir / "broker.pid").read_text())
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        self._sh("stop", "--dir", str(self.dir))  # clears the pid file and the watchdog
+
+
+@pytest.mark.parametrize("how", ["clean", "sigkill"])
+def test_broker_outage_is_visible_bounded_and_recovered(
+        how: str, fresh_topic_prefix: str, tmp_path: Path) -> None:
+    broker = OwnBroker(tmp_path / "kafka")
+    bootstrap = broker.start()
+    try:
+        env = detector_env(bootstrap, fresh_topic_prefix, 2, tmp_path)
+        settings = load_settings(env=env)
+        rows, pair = traffic(f"b{how}-")
+        with workers(env, tmp_path, n=1, partitions=2) as (w,):
+            produce_by_ip(settings, rows)
+            wait_decided(settings, len(rows) // 4)
+            lines0, t0 = log_lines(w), time.monotonic()
+            broker.stop() if how == "clean" else broker.kill()
+            unhealthy: dict[str, Any] | None = None
+            while time.monotonic() - t0 < 60 and unhealthy is None:
+                code, body = health_status(w)
+                if code == 503 and body and any("kafka broker unreachable" in p
+                                                for p in body["problems"]):
+                    unhealthy = body
+                time.sleep(0.5)
+            assert unhealthy is not None, "healthz never said the broker was unreachable"
+            seen_after = time.monotonic() - t0
+            time.sleep(max(0.0, 20 - (time.monotonic() - t0)))  # a 20 s outage at least
+            outage_s = time.monotonic() - t0
+            outage_lines = log_lines(w) - lines0
+            assert w.alive(), w.log_tail()
+            broker.start()
+            deadline = time.monotonic() + 90
+            while health_status(w)[0] != 200:
+                assert time.monotonic() < deadline, f"not healthy again: {health_status(w)}"
+                time.sleep(0.5)
+            recovered_s = time.monotonic() - t0
+            stats = check_exactly_one(settings, rows, pair)
+            assert w.proc is not None
+            t_stop = time.monotonic()
+            w.proc.send_signal(signal.SIGTERM)
+            w.proc.wait(timeout=30)
+            stop_s = time.monotonic() - t_stop
+        per_s = outage_lines / outage_s
+        sys.stderr.write(
+            f"broker {how}: unhealthy after {seen_after:.1f} s, {outage_lines} log lines in "
+            f"{outage_s:.0f} s of outage ({per_s:.1f}/s), healthy again {recovered_s:.0f} s after "
+            f"the fault, SIGTERM stop {stop_s:.1f} s (exit {w.proc.returncode}), {stats}\n")
+        assert per_s < 5, f"{outage_lines} log lines in {outage_s:.0f} s of outage"
+        assert stop_s < 10, f"SIGTERM took {stop_s:.1f} s"
+    finally:
+        broker.stop()

@@ -1,0 +1,221 @@
+"""The private faust-streaming / aiokafka / mode behaviour detector/stream/faust_internals.py relies on.
+
+Each test names the override it protects. A failure here after an upgrade means: read the new
+upstream code, adapt faust_internals.py (or drop the override if upstream fixed the bug), then
+update the pins in pyproject.toml. Never silence a failure here: the override it guards would
+fail silently in production (lost or duplicated requests, or a 20-minute stall).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from types import SimpleNamespace
+from typing import Any
+
+import aiokafka
+import faust
+import mode
+import pytest
+from aiokafka.client import AIOKafkaClient
+from aiokafka.producer.message_accumulator import MessageAccumulator
+from faust.sensors.prometheus import PrometheusMonitor
+from faust.transport import consumer as faust_consumer
+from faust.transport.drivers import aiokafka as faust_aiokafka
+
+from detector.stream import codec, faust_internals
+
+PINNED = {"faust-streaming": "0.15.3", "aiokafka": "0.14.0", "mode-streaming": "0.7.1"}
+
+
+def source(obj: Any) -> str:
+    return inspect.getsource(obj)
+
+
+def params(fn: Any) -> list[str]:
+    return list(inspect.signature(fn).parameters)
+
+
+def test_pinned_versions_are_the_ones_checked_here() -> None:
+    from importlib.metadata import version
+
+    assert {name: version(name) for name in PINNED} == PINNED, (
+        "faust-streaming/aiokafka/mode changed: re-check every test in this file against the new "
+        "sources and update faust_internals.py before changing PINNED")
+
+
+# --- Consumer._read_offset (DeliverAll) ------------------------------------------------------
+
+
+def test_drain_loop_reads_the_read_offset_mapping_by_subscript_and_takes_none() -> None:
+    src = source(faust_consumer.Consumer._drain_messages)
+    assert "get_read_offset = self._read_offset.__getitem__" in src
+    assert "r_offset = get_read_offset(tp)" in src
+    assert "if r_offset is None or offset >= r_offset:" in src  # None: every record delivered
+    assert "await self._add_gap(tp, r_offset + 1, offset)" in src
+    # DeliverAll makes that subscript None, whatever was stored
+    offsets = faust_internals.DeliverAll()
+    offsets["tp"] = 5
+    assert offsets["tp"] is None
+
+
+def test_consumer_init_creates_read_offset_that_we_replace_after_super() -> None:
+    assert "self._read_offset = defaultdict(lambda: None)" in source(faust_consumer.Consumer.__init__)
+    assert inspect.iscoroutinefunction(faust_consumer.Consumer._add_gap)
+    assert params(faust_consumer.Consumer._add_gap) == ["self", "tp", "offset_from", "offset_to"]
+
+
+def test_new_offset_reads_acked_and_committed_offsets() -> None:
+    init = source(faust_consumer.Consumer.__init__)
+    assert "self._acked = defaultdict(list)" in init
+    assert "self._committed_offset = defaultdict(lambda: None)" in init
+    assert params(faust_consumer.Consumer._new_offset) == ["self", "tp"]
+    assert "offset = self._new_offset(tp)" in source(faust_consumer.Consumer._filter_committable_offsets)
+
+
+def test_consumer_thread_and_fetch_settings_hooks() -> None:
+    assert "_new_consumer_thread" in vars(faust_aiokafka.Consumer)
+    assert params(faust_aiokafka.AIOKafkaConsumerThread._create_worker_consumer) == ["self", "transport"]
+    start = source(aiokafka.AIOKafkaConsumer.start)
+    assert "fetch_max_wait_ms=self._fetch_max_wait_ms" in start  # read when start() builds the
+    assert "fetch_min_bytes=self._fetch_min_bytes" in start  # fetcher: we set both before
+
+
+# --- App._new_transport and the start-up check ----------------------------------------------
+
+
+def test_app_builds_its_consumer_through_new_transport() -> None:
+    assert "_new_transport" in vars(faust.App)
+    assert "self._new_transport()" in source(faust.App.transport.fget)  # type: ignore[attr-defined]
+    assert issubclass(faust_internals.DeliveryTransport, faust_aiokafka.Transport)
+    assert faust_internals.DeliveryTransport.Consumer is faust_internals.DeliveryConsumer
+
+
+def test_app_builds_its_web_server_through_new_web() -> None:
+    """ClosedWebMixin replaces the web server through App._new_web: if Faust stopped calling
+    it, the stock server with its /table/ and /router/ views would come back silently."""
+    from detector.stream.app import DetectorApp
+    from detector.stream.web_surface import ClosedWeb
+
+    assert "_new_web" in vars(faust.App)
+    assert "self._new_web()" in source(faust.App.web.fget)  # type: ignore[attr-defined]
+    app = DetectorApp("t-contract-web", broker="kafka://127.0.0.1:1", autodiscover=False)
+    assert isinstance(app.web, ClosedWeb)
+
+
+def test_check_app_accepts_the_detector_app_and_refuses_the_stock_consumer() -> None:
+    from detector.config import load_settings
+    from detector.core.ipintel import IpIntel
+    from detector.runtime import build_context
+    from detector.stream.app import StreamRuntime, make_app
+
+    s = load_settings(env={}, app_id="t-contract", partitions=2)
+    app = make_app(s, rt=StreamRuntime(s, build_context(s), IpIntel(), None), web=False,
+                   prometheus=False)
+    faust_internals.check_app(app)
+    assert isinstance(app.consumer._read_offset, faust_internals.DeliverAll)
+    plain = faust.App("t-contract-plain", broker="kafka://127.0.0.1:1", autodiscover=False)
+    with pytest.raises(faust_internals.FaustContractError, match="expected DeliveryConsumer"):
+        faust_internals.check_app(plain)
+
+
+# --- the producer's metadata (track_producer_topics) ----------------------------------------
+
+
+def test_faust_producer_keeps_the_aiokafka_producer_in_producer_attribute() -> None:
+    assert "producer = self._producer = self._new_producer()" in source(faust_aiokafka.Producer.on_start)
+    assert "self.client = AIOKafkaClient(" in source(aiokafka.AIOKafkaProducer.__init__)
+    assert "self._message_accumulator = MessageAccumulator(" in source(aiokafka.AIOKafkaProducer.__init__)
+    assert "self._batches = collections.defaultdict(collections.deque)" in source(MessageAccumulator.__init__)
+
+
+def test_aiokafka_client_still_narrows_metadata_to_the_tracked_topics() -> None:
+    """The behaviour track_producer_topics protects against: with any tracked topic, a refresh
+    asks for the tracked topics only and replaces the cluster metadata with the answer."""
+    assert "self._topics = set()  # empty set will fetch all topic metadata" in source(AIOKafkaClient.__init__)
+    assert "MetadataRequest(list(topics) if topics else None)" in source(AIOKafkaClient._metadata_update)
+    assert "self._topics.add(topic)" in source(AIOKafkaClient.add_topic)
+    assert params(AIOKafkaClient.add_topic) == ["self", "topic"]
+    assert "self.add_topic(topic)" in source(AIOKafkaClient._wait_on_metadata)
+    # a queued batch without a known leader waits (no error) until it expires
+    drain = source(MessageAccumulator.drain_by_nodes)
+    assert "if leader is None or leader == -1:" in drain and ".expired()" in drain
+
+
+# --- changelog format (table.data written directly, changelog messages sent by hand) --------
+
+
+def test_changelog_messages_we_send_are_what_faust_recovery_reads() -> None:
+    from detector.config import load_settings
+    from detector.core.ipintel import IpIntel
+    from detector.runtime import build_context
+    from detector.stream.app import StreamRuntime, make_app
+
+    s = load_settings(env={}, app_id="t-contract-cl", partitions=2)
+    rt = StreamRuntime(s, build_context(s), IpIntel(), None)
+    make_app(s, rt=rt, web=False, prometheus=False)
+    table = rt.tables["number"]
+    ct = table.changelog_topic
+    assert (ct.key_serializer, ct.value_serializer) == ("json", "json")
+    value = {"c": {"m": [[1, 2]]}, "_": {"o": 7, "p": 1}}
+    key_b, value_b = codec.dumps("+441234567890"), codec.dumps(value)
+    from faust.serializers import codecs
+
+    events = [
+        SimpleNamespace(key=codecs.loads("json", key_b), value=codecs.loads("json", value_b),
+                        message=SimpleNamespace(value=value_b, partition=1)),
+        SimpleNamespace(key=codecs.loads("json", codec.dumps("gone")), value=None,
+                        message=SimpleNamespace(value=None, partition=1)),  # a tombstone
+    ]
+    table.data["gone"] = {"x": 1}
+    table.apply_changelog_batch(events)  # what Faust's recovery calls for a changelog batch
+    assert table.data["+441234567890"] == json.loads(value_b)
+    assert "gone" not in table.data
+
+
+# --- PrometheusMonitor._metrics --------------------------------------------------------------
+
+
+def test_prometheus_monitor_keeps_its_metrics_and_event_hooks() -> None:
+    assert "self._metrics = metrics" in source(PrometheusMonitor.__init__)
+    assert params(PrometheusMonitor.on_stream_event_in) == ["self", "tp", "offset", "stream", "event"]
+    assert params(PrometheusMonitor.on_stream_event_out)[:5] == ["self", "tp", "offset", "stream", "event"]
+
+
+def test_group_less_consumer_client_fetches_metadata() -> None:
+    assert "self._client = AIOKafkaClient(" in source(aiokafka.AIOKafkaConsumer.__init__)
+    assert inspect.iscoroutinefunction(AIOKafkaClient.fetch_all_metadata)
+
+
+# --- mode Worker signal hooks (StopDeadlineMixin) ---------------------------------------------
+
+
+def test_mode_worker_signal_handlers_call_the_methods_we_override() -> None:
+    install = source(mode.Worker._install_signal_handlers_unix)
+    assert "signal.SIGTERM, self._on_sigterm" in install
+    assert "signal.SIGINT, self._on_sigint" in install
+    assert "self._cry()" in source(mode.Worker._on_sigusr1)
+    assert "self._schedule_shutdown(signal.SIGTERM)" in source(mode.Worker._on_sigterm)
+
+
+def test_dump_tasks_prints_stacks_without_local_values() -> None:
+    import asyncio
+    import io
+
+    secret = "+447700900123"
+
+    async def holder() -> None:
+        phone = secret  # noqa: F841 - a local mode's own dump would print
+        await asyncio.sleep(10)
+
+    async def main() -> str:
+        task = asyncio.create_task(holder(), name="holder")
+        await asyncio.sleep(0)
+        out = io.StringIO()
+        faust_internals.dump_tasks(out)
+        task.cancel()
+        return out.getvalue()
+
+    text = asyncio.run(main())
+    assert "holder" in text and "test_faust_contract.py" in text
+    assert secret not in text
