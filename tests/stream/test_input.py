@@ -169,5 +169,5 @@ async def test_an_internal_failure_logs_no_message_content(caplog: pytest.LogCap
             app_module.parse_request = original
         dl = h.sent[h.topic("dlq")][0].json()
     assert dl["error_kind"] == "internal_error" and "+44" not in dl["error"]
-    assert "KeyError at test_input.py" in caplog.text
+    assert "KeyError at " in caplog.text  # the type and where, never the message
     assert "+442079460018" not in caplog.text and "81.2.69.160" not in caplog.text
