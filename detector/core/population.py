@@ -13,19 +13,24 @@ IPs and numbers, and loud when innocent customers share one IP. Population count
 
 Signals (:func:`read`), all pure functions of the counts at the request's time ``ts``:
 
-* **surge** of a country or of everything: the last 10 minutes against a baseline, the larger of
-  (a) the median 10-minute count of the two hours before the last 10 minutes, (b) the mean 10-minute
-  count over the last 24 h (once that much history exists, so it also works from the first hours),
-  (c) the policy's ``min_baseline_10m`` (so a quiet scope does not fire on a handful of requests).
-  A declared campaign multiplies the baseline by its factor. *Hysteresis*: a scope enters its surge
-  at ``surge_enter`` x baseline and stays in it while it is above ``surge_exit`` x baseline and the
-  last 30 minutes held at least ``surge_enter`` x baseline: it ends by itself within ~10 minutes of
-  the flood's end.
-* **concentration** of a block: its 24 h (and 1 h) count against what a spread-out population of the
-  same country would put in one block: the country's count divided by the number of blocks of that
-  size the country's traffic touched (at least 1). A block fires when it holds at least
-  ``prefix_floor`` requests, ``concentration_factor`` times its expected share, and most of them
-  from fresh IPs (an office asking on its own DDI block from one NAT address is not a pump).
+* **surge** of a country or of everything: the last 10 minutes against a baseline, the largest
+  of (a) the median 10-minute count of the two hours before the last 10 minutes (an hour of surge
+  in that history does not become the baseline; before a deployment has that much history, what
+  there is), (b) the mean 10-minute count of the last day and the same hour yesterday (once a
+  day of history exists), (c) the policy's ``*_min_baseline_10m`` (a quiet scope does not fire on
+  a handful of requests). A declared campaign multiplies the baseline by its factor. A scope
+  enters its surge at ``surge_enter`` x baseline over the last 10 minutes, or over the last 2
+  (a flood is caught within a minute; at least ``surge_short_min`` requests). *Hysteresis*: it
+  stays in it while above ``surge_exit`` x baseline if the 20 minutes before the current 10 held
+  an entering surge's volume, so it never enters on a ramp and ends by itself within ~10
+  minutes of the flood's end.
+* **concentration** of a block: its distinct numbers in 24 h (and 1 h) against what a spread-out
+  population of the same country would put in one block: the country's count divided by the
+  number of blocks of that size the country's traffic touched (at least 1). A block fires when it
+  holds at least ``prefix_floor_*`` numbers, ``concentration_factor`` times its expected share,
+  and most of them from fresh IPs (an office asking on its own DDI block from one NAT address is
+  not a pump); a larger block only where the request's own smaller block holds ``child_share`` of
+  it (a pump in one 100,000 block does not condemn its 900,000 neighbours).
 
 In the stream every worker counts its own requests at once and merges the other workers' deltas,
 published every second (:class:`PopulationView` ``merge``); the replay path counts every request

@@ -217,16 +217,21 @@ def _legit_household(ctx: _Ctx, n: int | None) -> None:
             produced += _emit_visit(ctx, ts, number, ip, ua, _user(ctx))
 
 
+def _customer_at_home(ctx: _Ctx) -> tuple[str, bool, _Number, str]:
+    """A customer of a business country: (country, mobile?, their number, their home IP)."""
+    country = _country(ctx)
+    mobile = ctx.rng.random() < 0.75
+    number = random_number(ctx.rng, country, MOBILE if mobile else FIXED_LINE)
+    return country, mobile, number, _home_ip(ctx, country, mobile)
+
+
 def _legit_retry(ctx: _Ctx, n: int | None) -> None:
     """A customer missed the callback and asks again 20-60 minutes later (sometimes twice)."""
     rng = ctx.rng
     target = n or 0
     produced = 0
     while produced < target:
-        country = _country(ctx)
-        mobile = rng.random() < 0.75
-        number = random_number(rng, country, MOBILE if mobile else FIXED_LINE)
-        ip = _home_ip(ctx, country, mobile)
+        country, mobile, number, ip = _customer_at_home(ctx)
         ua, user = ctx.browser_ua(), _user(ctx)
         hint = country if rng.random() < 0.3 else None
         ts = ctx.local_ts(country, span=3600.0)
@@ -246,10 +251,7 @@ def _legit_returning(ctx: _Ctx, n: int | None) -> None:
     target = n or 0
     produced = 0
     while produced < target:
-        country = _country(ctx)
-        mobile = rng.random() < 0.75
-        number = random_number(rng, country, MOBILE if mobile else FIXED_LINE)
-        ip = _home_ip(ctx, country, mobile)
+        country, mobile, number, ip = _customer_at_home(ctx)
         user = _user(ctx)
         gap = rng.uniform(2 * 3600.0, 10 * 3600.0)
         ts = ctx.local_ts(country, span=gap)

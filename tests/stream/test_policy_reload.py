@@ -4,43 +4,19 @@ keeps deciding. Monitored hits reach the decision and the metric."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
-import uuid
-from typing import Any
 
 import pytest
 
 from detector import metrics
-from detector.config import load_settings
-from detector.core.ipintel import IpIntel
-from detector.runtime import build_context
-from detector.stream.app import StreamRuntime, make_app
-from tests.stream.test_agents import PARTITIONS, T0, Harness, Sent, request, running
+from tests.stream.test_agents import T0, Harness, make_harness, request, running
 
 pytestmark = pytest.mark.asyncio
 
 
 def _harness(policy_path) -> Harness:
-    settings = load_settings(env={}, app_id=f"t-{uuid.uuid4().hex[:8]}", partitions=PARTITIONS,
-                             policy=policy_path, max_past_skew_s=0.0)  # T0 is days ago
-    rt = StreamRuntime(settings, build_context(settings), IpIntel(), None)
-    app = make_app(settings, rt=rt, web=False, prometheus=False)
-    app.conf.store = "memory://"
-    h = Harness(rt, app)
-
-    async def publish(channel: Any, key: bytes | None, value: bytes | None, partition: int | None = None) -> Any:
-        h.sent[channel.get_topic_name()].append(Sent(key, value, partition))
-        fut = asyncio.get_running_loop().create_future()
-        fut.set_result(None)
-        return fut
-
-    rt.publish = publish
-    rt.lists_ready.set()
-    rt.generation = app.consumer_generation_id
-    rt.gate_offsets = False
-    return h
+    return make_harness(policy=policy_path)
 
 
 def _write(path, text: str) -> None:
