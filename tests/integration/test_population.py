@@ -67,12 +67,13 @@ def test_a_surge_spread_over_all_partitions_is_seen_by_both_workers(
     for row in SURGE + PROBES:
         d = det.process(parse_request(row))
         replay[d.request_id] = d.to_dict()
-    valid = sum(1 for r in SURGE if replay[r["request_id"]]["enrichment"]["number_valid"])
-    assert valid >= 290
+    # valid GB numbers (a few +44 7... numbers are Jersey, Guernsey or the Isle of Man: other regions)
+    gb = sum(1 for r in SURGE if replay[r["request_id"]]["enrichment"]["number_country"] == "GB")
+    assert gb >= 280
     for probe in PROBES:
         stream_counts = got[probe["request_id"]]["counts"]
         replay_counts = replay[probe["request_id"]]["counts"]
-        # every valid surge request was counted by one worker or the other; both see all of them
-        assert stream_counts["country_10m"] > valid, (probe["request_id"], stream_counts)
+        # every GB surge request was counted by one worker or the other; both see all of them
+        assert stream_counts["country_10m"] > gb, (probe["request_id"], stream_counts)
         assert {k: stream_counts[k] for k in POP_KEYS} == {k: replay_counts[k] for k in POP_KEYS}
         assert "country_surge" in got[probe["request_id"]]["reasons"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_pipeline import list_keys
 
 from detector.config import load_settings
 from detector.stream import io, retention
@@ -68,10 +70,16 @@ def tmp_module(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("security")
 
 
+PII_HASH_KEY = secrets.token_hex(32)
+
+
 def secure_env(broker: Any, prefix: str, tmp: Path, mechanism: str = "SCRAM-SHA-512",
                password: str = PASSWORD) -> dict[str, str]:
     (tmp / "models").mkdir(exist_ok=True)
     return {
+        # a deployment as it should be: a real PII hash key (no development mode) and signed lists
+        "DETECTOR_PII_HASH_KEY": PII_HASH_KEY,
+        **list_keys(tmp),
         "DETECTOR_KAFKA_BOOTSTRAP": broker.tls.bootstrap,
         "DETECTOR_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
         "DETECTOR_KAFKA_SASL_MECHANISM": mechanism,
