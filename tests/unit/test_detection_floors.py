@@ -1,5 +1,5 @@
 """The release floors on a simulator day never used for tuning (seed 401; the policy was tuned on
-seeds 1, 2 and 201, the model trained on 101-104): every attack scenario >= 80% stopped and >= 90%
+seeds 1, 2, 201 and 501-503, the model trained on 101-104): every attack scenario >= 80% stopped and >= 90%
 on average, every legitimate population >= 97% served, no legitimate request blocked silently by a
 shared-IP signal, the unannounced marketing surge deflected at most. The shipped policy and model,
 combined, as a worker runs them. ``bench/bench_detection.py`` measures a second seed set."""
