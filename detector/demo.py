@@ -54,7 +54,18 @@ def run_demo(
     ``out_dir``: also write the day's requests and labels there (``detector backtest`` input)."""
     from detector.sim import SimConfig, build_ip_databases, simulate
 
-    items = simulate(SimConfig(seed=seed, legit_per_day=legit_per_day, attack_scale=attack_scale))
+    cfg = SimConfig(seed=seed, legit_per_day=legit_per_day, attack_scale=attack_scale)
+    items = simulate(cfg)
+    # The business declared its marketing campaign for the day, as it should (`[[campaigns]]`):
+    # the announced surge is expected traffic; the unannounced one puts its country in
+    # under-attack mode (its unauthenticated requests are deflected, never blocked).
+    from dataclasses import replace
+
+    from detector.evaluate import policy_with_campaigns
+    from detector.sim import campaign_windows
+
+    policy, _ = policy_with_campaigns(ctx.policy, {}, campaign_windows(cfg))
+    ctx = replace(ctx, policy=policy)
     with tempfile.TemporaryDirectory(prefix="detector-demo-") as tmp:
         dbs = build_ip_databases(Path(tmp))
         intel = IpIntel.from_paths(
@@ -126,7 +137,7 @@ def summarize(
         n = sum(c.values())
         stopped = n - c["allow"]
         stop[scn] = stopped / n if n else 0.0
-        if scn.startswith("legit"):
+        if scn.startswith("legit") and scn != "legit_surge":  # the unannounced surge: below
             legit_n += n
             legit_allowed += c["allow"]
             legit_dup += dup_pending[scn]
@@ -142,6 +153,11 @@ def summarize(
         f"Legitimate requests served:  {100 * served:.2f}% (allowed, or a silent duplicate of a callback "
         f"already on its way: {legit_dup:,})",
     ]
+    if "legit_surge" in per_scn:
+        c = per_scn["legit_surge"]
+        out.append(f"Unannounced marketing surge (not in the figures above): {sum(c.values()):,} requests, "
+                   f"{c['deflect']:,} deflected to chat while its country was in under-attack mode "
+                   "(declare campaigns in the policy's [[campaigns]])")
     out += ["", "Top offending number ranges (masked):"]
     for rk, n in ranges.most_common(8):
         out.append(f"  {mask_range(rk):<22} {range_cc.get(rk, '??'):<3} {n:>6,} stopped")
