@@ -1,7 +1,8 @@
 """End-to-end stream benchmark through a real Kafka broker (not a test).
 
     .venv/bin/python bench/bench_stream.py [--bootstrap HOST:PORT] [--requests 30000]
-        [--rates 500,1000] [--seconds 20] [--no-model] [--no-ip-key] [--skip-ceiling]
+        [--rounds 3] [--rates half] [--seconds 20] [--no-model] [--no-ip-key] [--skip-ceiling]
+        [--py-spy FILE]
 
 Measures, in one run, against one worker (``python -m detector.stream.worker``, all tables on,
 the shipped model in models/ unless --no-model; requests keyed by IP as the README asks of the
@@ -10,8 +11,15 @@ web tier unless --no-ip-key):
 1. ceiling: a bare Faust pass-through agent (topic -> topic, no tables) draining a backlog;
 2. throughput: the detector draining a backlog of simulated requests (decisions/s between the
    first and the last decision's Kafka timestamps);
-3. latency at each offered rate: requests sent at that pace with ``ts`` = send time; latency =
-   decision's Kafka timestamp - request's Kafka timestamp; p50 / p95 / p99.
+   each round runs 1 then 2 back to back and prints their **ratio** (the machine's load changes
+   between rounds; within a round both see about the same); the summary gives the median round;
+3. latency at each offered rate (``half``: half the median sustained rate): requests sent at
+   that pace with ``ts`` = send time; latency = decision's Kafka timestamp - request's Kafka
+   timestamp; p50 / p95 / p99.
+
+The run fails with a clear message (``the detector worker made no progress for 30 s``) when no
+new decision arrives for 30 s, instead of waiting. ``--py-spy FILE`` records the worker's
+profile (py-spy, raw collapsed stacks) during the first throughput round.
 
 Starts its own broker with tests/kafka_broker.py unless ``--bootstrap`` (or
 DETECTOR_KAFKA_BOOTSTRAP) names one. Against a secured cluster, set the DETECTOR_KAFKA_SECURITY_*,
@@ -250,7 +258,7 @@ def run_ceiling(bootstrap: str, n: int, tmp: Path) -> float:
     return float(json.loads(out.read_text())["passthrough_per_s"])
 
 
-def run_throughput(bootstrap: str, n: int, tmp: Path) -> dict[str, float]:
+def run_throughput(bootstrap: str, n: int, tmp: Path, py_spy: str | None = None) -> dict[str, float]:
     settings_env = env_for(bootstrap, f"bench-tp-{uuid.uuid4().hex[:8]}", tmp)
     s = load_settings(env=settings_env)
     rows = sim_rows(n)
@@ -258,13 +266,26 @@ def run_throughput(bootstrap: str, n: int, tmp: Path) -> dict[str, float]:
         cpu0 = w.cpu_seconds()
         t0 = time.monotonic()
         asyncio.run(produce(bootstrap, s.topic_requests, rows))
+        spy = None if py_spy is None else start_py_spy(w, py_spy)
         recs = asyncio.run(consume(bootstrap, s.topic_decisions, n, timeout=600, log=w.log))
         wall = time.monotonic() - t0
         cpu = w.cpu_seconds() - cpu0  # includes the tail of the consume loop (<= 0.2 s idle)
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+            spy.wait(timeout=60)
     ts = sorted(r.timestamp for r in recs)
     rate = (len(ts) - 1) / ((ts[-1] - ts[0]) / 1000.0) if len(ts) > 1 else 0.0
     return {"requests": n, "decisions": len(recs), "decisions_per_s": rate,
             "wall_s": wall, "worker_cpu_s": cpu}
+
+
+def start_py_spy(w: Worker, out: str) -> subprocess.Popen[bytes]:
+    """py-spy sampling the worker (raw collapsed stacks, 200 Hz) until SIGINT."""
+    assert w.proc is not None
+    exe = Path(sys.executable).with_name("py-spy")
+    return subprocess.Popen(  # noqa: S603
+        [str(exe if exe.is_file() else "py-spy"), "record", "-f", "raw", "-r", "200", "-o", out,
+         "--pid", str(w.proc.pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def run_latency(bootstrap: str, rate: float, seconds: float, tmp: Path) -> dict[str, float]:
@@ -286,6 +307,11 @@ def run_latency(bootstrap: str, rate: float, seconds: float, tmp: Path) -> dict[
             "worker_cpu_share": cpu / took}
 
 
+def median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--passthrough":
         passthrough_main(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), sys.argv[6])
@@ -293,12 +319,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bootstrap", default=os.environ.get("DETECTOR_KAFKA_BOOTSTRAP"))
     ap.add_argument("--requests", type=int, default=30000)
-    ap.add_argument("--rates", default="500,1000")
+    ap.add_argument("--rounds", type=int, default=3, help="ceiling + throughput rounds (ratio each)")
+    ap.add_argument("--rates", default="half",
+                    help="offered rates for the latency runs, comma-separated; 'half': half the "
+                         "median sustained rate")
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--skip-ceiling", action="store_true")
     ap.add_argument("--no-model", action="store_true", help="rules only (no isolation forest)")
     ap.add_argument("--no-ip-key", action="store_true",
                     help="produce requests without a key (every request takes the by-ip hop)")
+    ap.add_argument("--py-spy", metavar="FILE", help="profile the worker in the first round")
     args = ap.parse_args()
     global KEY_BY_IP, NO_MODEL
     KEY_BY_IP, NO_MODEL = not args.no_ip_key, args.no_model
@@ -311,20 +341,34 @@ def main() -> None:
         bootstrap = broker.start()
     tmp = Path(tempfile.mkdtemp(prefix="bench-stream-"))
     results: dict[str, Any] = {"bootstrap": bootstrap, "cpus": os.cpu_count(), "model": not NO_MODEL,
-                               "requests_keyed_by_ip": KEY_BY_IP}
+                               "requests_keyed_by_ip": KEY_BY_IP, "rounds": []}
     try:
-        if not args.skip_ceiling:
-            results["ceiling_passthrough_per_s"] = run_ceiling(bootstrap, args.requests, tmp)
-            print(f"ceiling: bare Faust pass-through agent {results['ceiling_passthrough_per_s']:,.0f} msg/s",
-                  flush=True)
-        tp = run_throughput(bootstrap, args.requests, tmp)
-        results["throughput"] = tp
-        print(f"throughput: {tp['decisions']:,} decisions, {tp['decisions_per_s']:,.0f} decisions/s "
-              f"sustained (worker CPU {tp['worker_cpu_s']:.1f} s over {tp['wall_s']:.1f} s wall)",
-              flush=True)
+        for i in range(max(args.rounds, 1)):
+            rnd: dict[str, Any] = {}
+            if not args.skip_ceiling:
+                rnd["ceiling_passthrough_per_s"] = run_ceiling(bootstrap, args.requests, tmp)
+            tp = rnd["throughput"] = run_throughput(bootstrap, args.requests, tmp,
+                                                    args.py_spy if i == 0 else None)
+            line = (f"round {i + 1}: detector {tp['decisions_per_s']:,.0f} decisions/s "
+                    f"({tp['decisions']:,} decisions, worker CPU {tp['worker_cpu_s']:.1f} s = "
+                    f"{1000 * tp['worker_cpu_s'] / max(tp['decisions'], 1):.2f} ms per decision)")
+            if "ceiling_passthrough_per_s" in rnd:
+                rnd["ratio"] = tp["decisions_per_s"] / rnd["ceiling_passthrough_per_s"]
+                line += (f"; bare Faust pass-through {rnd['ceiling_passthrough_per_s']:,.0f} msg/s; "
+                         f"ratio {rnd['ratio']:.0%}")
+            print(line, flush=True)
+            results["rounds"].append(rnd)
+        rates = [r["throughput"]["decisions_per_s"] for r in results["rounds"]]
+        results["sustained_per_s"] = median(rates)
+        ratios = [r["ratio"] for r in results["rounds"] if "ratio" in r]
+        if ratios:
+            results["ratio_median"] = median(ratios)
+            print(f"ratio (detector / bare Faust, same run): median {median(ratios):.0%} "
+                  f"(rounds: {', '.join(f'{r:.0%}' for r in ratios)}); target >= 50%", flush=True)
         results["latency"] = []
-        for rate in (float(r) for r in args.rates.split(",") if r):
-            lat = run_latency(bootstrap, rate, args.seconds, tmp)
+        for r in (r for r in args.rates.split(",") if r):
+            rate = results["sustained_per_s"] / 2 if r == "half" else float(r)
+            lat = run_latency(bootstrap, round(rate), args.seconds, tmp)
             results["latency"].append(lat)
             print(f"latency @ {lat['offered_per_s']:,.0f} req/s offered "
                   f"({lat['achieved_offered_per_s']:,.0f} achieved, {lat['decisions']:,} decisions): "
