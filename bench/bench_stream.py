@@ -88,18 +88,20 @@ def passthrough_main(bootstrap: str, src: str, dst: str, n: int, out: str) -> No
     raw: dict[str, Any] = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw",
                            "value_serializer": "raw"}
     source, sink = app.topic(src, **raw), app.topic(dst, **raw)
-    state = {"n": 0, "t0": 0.0}
+    state = {"n": 0, "t0": 0.0, "cpu0": 0.0}
 
     @app.agent(source)
     async def copy(stream: Any) -> None:
         async for event in stream.events():
             if state["n"] == 0:
-                state["t0"] = time.monotonic()
+                state["t0"], state["cpu0"] = time.monotonic(), time.process_time()
             await sink.send(key=event.message.key, value=event.message.value)
             state["n"] += 1
             if state["n"] >= n:
                 rate = (n - 1) / (time.monotonic() - state["t0"])
-                Path(out).write_text(json.dumps({"passthrough_per_s": rate}))
+                cpu_ms = 1000 * (time.process_time() - state["cpu0"]) / (n - 1)
+                Path(out).write_text(json.dumps({"passthrough_per_s": rate,
+                                                 "passthrough_cpu_ms": cpu_ms}))
                 os._exit(0)
 
     sys.argv = [sys.argv[0], "worker", "-l", "warn", "--without-web"]
@@ -241,7 +243,7 @@ def env_for(bootstrap: str, prefix: str, tmp: Path) -> dict[str, str]:
 # --------------------------------------------------------------------------- runs
 
 
-def run_ceiling(bootstrap: str, n: int, tmp: Path) -> float:
+def run_ceiling(bootstrap: str, n: int, tmp: Path) -> dict[str, float]:
     from kafka_broker import create_topics
 
     tag = uuid.uuid4().hex[:8]
@@ -255,7 +257,7 @@ def run_ceiling(bootstrap: str, n: int, tmp: Path) -> float:
         cwd=REPO, timeout=600, capture_output=True, check=False)
     if not out.is_file():
         raise RuntimeError(f"pass-through failed: {proc.stderr.decode()[-2000:]}")
-    return float(json.loads(out.read_text())["passthrough_per_s"])
+    return {k: float(v) for k, v in json.loads(out.read_text()).items()}
 
 
 def run_throughput(bootstrap: str, n: int, tmp: Path, py_spy: str | None = None) -> dict[str, float]:
@@ -346,7 +348,9 @@ def main() -> None:
         for i in range(max(args.rounds, 1)):
             rnd: dict[str, Any] = {}
             if not args.skip_ceiling:
-                rnd["ceiling_passthrough_per_s"] = run_ceiling(bootstrap, args.requests, tmp)
+                ceiling = run_ceiling(bootstrap, args.requests, tmp)
+                rnd["ceiling_passthrough_per_s"] = ceiling["passthrough_per_s"]
+                rnd["ceiling_cpu_ms_per_msg"] = ceiling["passthrough_cpu_ms"]
             tp = rnd["throughput"] = run_throughput(bootstrap, args.requests, tmp,
                                                     args.py_spy if i == 0 else None)
             line = (f"round {i + 1}: detector {tp['decisions_per_s']:,.0f} decisions/s "
@@ -354,8 +358,11 @@ def main() -> None:
                     f"{1000 * tp['worker_cpu_s'] / max(tp['decisions'], 1):.2f} ms per decision)")
             if "ceiling_passthrough_per_s" in rnd:
                 rnd["ratio"] = tp["decisions_per_s"] / rnd["ceiling_passthrough_per_s"]
-                line += (f"; bare Faust pass-through {rnd['ceiling_passthrough_per_s']:,.0f} msg/s; "
-                         f"ratio {rnd['ratio']:.0%}")
+                cpu_ms = 1000 * tp["worker_cpu_s"] / max(tp["decisions"], 1)
+                rnd["cpu_ratio"] = rnd["ceiling_cpu_ms_per_msg"] / cpu_ms
+                line += (f"; bare Faust pass-through {rnd['ceiling_passthrough_per_s']:,.0f} msg/s "
+                         f"({rnd['ceiling_cpu_ms_per_msg']:.2f} ms CPU per message); "
+                         f"ratio {rnd['ratio']:.0%} (CPU per message: {rnd['cpu_ratio']:.0%})")
             print(line, flush=True)
             results["rounds"].append(rnd)
         rates = [r["throughput"]["decisions_per_s"] for r in results["rounds"]]
@@ -363,8 +370,12 @@ def main() -> None:
         ratios = [r["ratio"] for r in results["rounds"] if "ratio" in r]
         if ratios:
             results["ratio_median"] = median(ratios)
+            cpu_ratios = [r["cpu_ratio"] for r in results["rounds"] if "cpu_ratio" in r]
+            results["cpu_ratio_median"] = median(cpu_ratios)
             print(f"ratio (detector / bare Faust, same run): median {median(ratios):.0%} "
-                  f"(rounds: {', '.join(f'{r:.0%}' for r in ratios)}); target >= 50%", flush=True)
+                  f"(rounds: {', '.join(f'{r:.0%}' for r in ratios)}); target >= 50%; "
+                  f"CPU per message, pass-through / detector: median {median(cpu_ratios):.0%}",
+                  flush=True)
         results["latency"] = []
         for r in (r for r in args.rates.split(",") if r):
             rate = results["sustained_per_s"] / 2 if r == "half" else float(r)

@@ -32,6 +32,19 @@ def hash_id(text: str, key: bytes) -> str:
     return h.digest()[:8].hex()
 
 
+@lru_cache(maxsize=65536)
+def hash_int(text: str, key: bytes) -> int:
+    """:func:`hash_id` as an integer (the same 64 bits): the compact form kept in distinct-count
+    sets.
+
+    >>> hash_int("203.0.113.9", b"k") == int(hash_id("203.0.113.9", b"k"), 16)
+    True
+    """
+    h = _keyed(key).copy()
+    h.update(text.encode("utf-8", "surrogatepass"))
+    return int.from_bytes(h.digest()[:8], "big")
+
+
 @lru_cache(maxsize=8)
 def _keyed(key: bytes) -> hmac.HMAC:
     """HMAC state after the key (its inner and outer pads), copied per message."""

@@ -1,27 +1,33 @@
-"""Per-key state of the two processing stages, over any ``MutableMapping`` (dict or Faust table).
+"""Per-key state of the two processing stages, over any ``MutableMapping`` (dict or a stream table).
 
 The stream is processed in two stages so that every table is fed by a stream keyed by its key:
 
-* **IP stage** (partitioned by IP): table ``ip`` -> ``{"c": counts, "n": distinct numbers,
-  "k": distinct number countries}``.
+* **IP stage** (partitioned by IP): table ``ip`` -> :class:`IpState` (requests, distinct numbers,
+  distinct number countries, distinct number ranges).
 * **Range stage** (partitioned by the number's range key, which also co-partitions the number and
-  every IP x number pair on it): tables ``number`` -> ``{"c": counts, "i": distinct IPs,
-  "p": pending callback, "m": machine answers}``, ``pair`` -> counts, ``range`` ->
-  ``{"c": counts, "i": distinct IPs, "n": distinct numbers}``.
+  every IP x number pair on it): ``number`` -> :class:`NumberState` (requests, distinct IPs, the
+  outstanding callback, answering-machine outcomes, the last learned deny), ``pair`` ->
+  :class:`~detector.core.windows.Window` (requests of one IP for one number), ``range`` ->
+  :class:`RangeState` (requests, distinct IPs, distinct numbers).
 
-Each update reads a value, changes it and writes it back with ``store[key] = value`` (a Faust table
-logs that write to its changelog). The replay path calls both stages in turn on plain dicts.
+Each update reads a value, changes it and writes it back with ``store[key] = value`` (the stream's
+table view records that write for the changelog). The replay path calls both stages in turn on
+plain dicts. Values are small slotted objects with named fields; :func:`pack` / :func:`unpack`
+give their compact binary form (what a stream table keeps in memory and on its changelog: about
+20 bytes per counted key and 16 per distinct member, instead of a Python dict of lists each).
 """
 
 from __future__ import annotations
 
+import struct
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from detector.core import windows as w
-from detector.core.pii import hash_id
+from detector.core.pii import hash_id, hash_int
 from detector.core.records import CallbackRequest, Enrichment, IpCounts, PhoneInfo, RangeCounts
+from detector.core.windows import Distinct, Window
 
 if TYPE_CHECKING:
     from detector.core.policy import SharedIpPolicy
@@ -30,7 +36,8 @@ Store = MutableMapping[str, Any]
 
 
 def short_hash(text: str, key: bytes) -> str:
-    """Distinct-set member of an identifier: the one keyed hash, :func:`detector.core.pii.hash_id`.
+    """The one keyed hash of an identifier, :func:`detector.core.pii.hash_id`; distinct sets keep
+    the same 64 bits as an integer (:func:`member`).
 
     >>> short_hash("203.0.113.9", b"k") == pii_hash("203.0.113.9", b"k")
     True
@@ -39,6 +46,7 @@ def short_hash(text: str, key: bytes) -> str:
 
 
 pii_hash = hash_id  # the decision's ip_hash (same function: one keyed hash for every identifier)
+member = hash_int  # a distinct-set member: the keyed hash's 64 bits as an integer
 
 
 def number_key(enr: Enrichment, raw: str) -> str:
@@ -57,16 +65,60 @@ def pair_key(ip: str, num_key: str) -> str:
     return f"{ip}|{num_key}"
 
 
-@dataclass
+# --------------------------------------------------------------------------- values
+
+
+@dataclass(slots=True)
+class IpState:
+    """Table ``ip``: one requesting address."""
+
+    requests: Window = field(default_factory=Window)
+    numbers: Distinct = field(default_factory=dict)  # keyed hashes of the numbers asked for
+    countries: Distinct = field(default_factory=dict)  # the numbers' regions (w.code_int)
+    ranges: Distinct = field(default_factory=dict)  # keyed hashes of the numbers' ranges
+
+
+@dataclass(slots=True)
+class Pending:
+    """An outstanding callback: an allowed request the dialer has not reported on yet."""
+
+    until: float  # event time it stops counting as outstanding
+    request_id: str
+
+
+@dataclass(slots=True)
+class NumberState:
+    """Table ``number``: one dialled number (E.164)."""
+
+    requests: Window = field(default_factory=Window)
+    ips: Distinct = field(default_factory=dict)  # keyed hashes of the requesting IPs
+    pending: Pending | None = None
+    machine_answers: Window | None = None  # dialer outcomes "machine"
+    learned_deny_at: float | None = None  # event time of the last learned deny entry
+
+
+@dataclass(slots=True)
+class RangeState:
+    """Table ``range``: one number range (E.164 minus its last digits)."""
+
+    requests: Window = field(default_factory=Window)
+    ips: Distinct = field(default_factory=dict)
+    numbers: Distinct = field(default_factory=dict)
+
+
+@dataclass(slots=True)
 class IpStores:
     ip: Store = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(slots=True)
 class RangeStores:
     number: Store = field(default_factory=dict)
     pair: Store = field(default_factory=dict)
     range: Store = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- stages
 
 
 def ip_stage(
@@ -77,19 +129,20 @@ def ip_stage(
     ``key``: the PII hash key (distinct-set members are keyed hashes); ``shared``: the policy's
     shared-IP section (None: never shared)."""
     ts = req.ts
-    value = stores.ip.get(req.ip) or {}
-    value = dict(value)
-    value["c"] = w.count_add(value.get("c"), ts)
-    value["n"] = w.distinct_add(value.get("n"), short_hash(number_key(enr, req.phone_number), key), ts)
+    value = stores.ip.get(req.ip)
+    if value is None:
+        value = IpState()
+    w.count_add(value.requests, ts)
+    w.distinct_add(value.numbers, member(number_key(enr, req.phone_number), key), ts)
     if enr.phone.region:
-        value["k"] = w.distinct_add(value.get("k"), enr.phone.region, ts)
+        w.distinct_add(value.countries, w.code_int(enr.phone.region), ts)
     if enr.phone.range_key:
-        value["r"] = w.distinct_add(value.get("r"), short_hash(enr.phone.range_key, key), ts)
+        w.distinct_add(value.ranges, member(enr.phone.range_key, key), ts)
     stores.ip[req.ip] = value
-    c15, c1h, c24 = w.count_read(value["c"], ts)
-    n1h, n24 = w.distinct_read(value["n"], ts)
-    _, k24 = w.distinct_read(value.get("k"), ts)
-    _, r24 = w.distinct_read(value.get("r"), ts)
+    c15, c1h, c24 = w.count_read(value.requests, ts)
+    n1h, n24 = w.distinct_read(value.numbers, ts)
+    _, k24 = w.distinct_read(value.countries, ts)
+    _, r24 = w.distinct_read(value.ranges, ts)
     is_shared = shared is not None and shared_ip(enr, c15, c1h, n24, k24, shared, r24)
     return IpCounts(c15, c1h, c24, n1h, n24, k24, 1 if c24 == 1 else 0, 1 if is_shared else 0)
 
@@ -125,13 +178,13 @@ def shared_ip(
     return n24 >= pol.min_numbers_24h or ip.cellular
 
 
-@dataclass
+@dataclass(slots=True)
 class RangeUpdate:
     """Range-stage counts plus the per-number value still to be written by :func:`range_commit`."""
 
     counts: RangeCounts
     number_key: str
-    number_value: dict[str, Any]
+    number_value: NumberState
 
 
 def range_stage(
@@ -140,30 +193,34 @@ def range_stage(
     """Count ``req`` per number, pair and range; the number's value is written by :func:`range_commit`."""
     ts = req.ts
     nkey = number_key(enr, req.phone_number)
-    ip_member = short_hash(req.ip, key)
+    ip_member = member(req.ip, key)
 
-    num = dict(stores.number.get(nkey) or {})
-    num["c"] = w.count_add(num.get("c"), ts)
-    num["i"] = w.distinct_add(num.get("i"), ip_member, ts)
-    pend = num.get("p")
-    pending = pend is not None and float(pend["until"]) > ts and pend.get("rid") != req.request_id
+    num = stores.number.get(nkey)
+    if num is None:
+        num = NumberState()
+    w.count_add(num.requests, ts)
+    w.distinct_add(num.ips, ip_member, ts)
+    pend = num.pending
+    pending = pend is not None and pend.until > ts and pend.request_id != req.request_id
 
     pkey = pair_key(req.ip, nkey)
     pair = w.count_add(stores.pair.get(pkey), ts)
     stores.pair[pkey] = pair
 
-    rng = dict(stores.range.get(range_key) or {})
-    rng["c"] = w.count_add(rng.get("c"), ts)
-    rng["i"] = w.distinct_add(rng.get("i"), ip_member, ts)
-    rng["n"] = w.distinct_add(rng.get("n"), short_hash(nkey, key), ts)
+    rng = stores.range.get(range_key)
+    if rng is None:
+        rng = RangeState()
+    w.count_add(rng.requests, ts)
+    w.distinct_add(rng.ips, ip_member, ts)
+    w.distinct_add(rng.numbers, member(nkey, key), ts)
     stores.range[range_key] = rng
 
-    n15, n1h, n24 = w.count_read(num["c"], ts)
+    n15, n1h, n24 = w.count_read(num.requests, ts)
     _, p1h, p24 = w.count_read(pair, ts)
-    _, r1h, r24 = w.count_read(rng["c"], ts)
-    ni1h, ni24 = w.distinct_read(num["i"], ts)
-    _, ri24 = w.distinct_read(rng["i"], ts)
-    _, rn24 = w.distinct_read(rng["n"], ts)
+    _, r1h, r24 = w.count_read(rng.requests, ts)
+    ni1h, ni24 = w.distinct_read(num.ips, ts)
+    _, ri24 = w.distinct_read(rng.ips, ts)
+    _, rn24 = w.distinct_read(rng.numbers, ts)
     counts = RangeCounts(n15, n1h, n24, p1h, p24, r1h, r24, ni1h, ni24, ri24, rn24, pending)
     return RangeUpdate(counts, nkey, num)
 
@@ -178,29 +235,30 @@ def range_commit(
 ) -> None:
     """Write the number's value; an allowed request marks a callback outstanding for ``pending_ttl``."""
     if allowed:
-        update.number_value["p"] = {"until": req.ts + pending_ttl, "rid": req.request_id}
+        update.number_value.pending = Pending(req.ts + pending_ttl, req.request_id)
     stores.number[update.number_key] = update.number_value
 
 
 def clear_pending(stores: RangeStores, nkey: str, request_id: str | None) -> bool:
     """The dialer finished a callback: clear the outstanding mark (if it is that request's)."""
     value = stores.number.get(nkey)
-    if not value or not value.get("p"):
+    if value is None or value.pending is None:
         return False
-    if request_id is not None and value["p"].get("rid") not in (None, request_id):
+    if request_id is not None and value.pending.request_id not in ("", request_id):
         return False
-    value = dict(value)
-    value.pop("p", None)
+    value.pending = None
     stores.number[nkey] = value
     return True
 
 
 def record_machine(stores: RangeStores, nkey: str, ts: float) -> int:
     """Count an answering-machine outcome for a number; returns machine answers in the last 24 h."""
-    value = dict(stores.number.get(nkey) or {})
-    value["m"] = w.count_add(value.get("m"), ts)
+    value = stores.number.get(nkey)
+    if value is None:
+        value = NumberState()
+    value.machine_answers = w.count_add(value.machine_answers, ts)
     stores.number[nkey] = value
-    return w.count_read(value["m"], ts)[2]
+    return w.count_read(value.machine_answers, ts)[2]
 
 
 LEARNED_MARK_KEEP_S = 86400.0  # a number's last learned deny is remembered this long
@@ -208,39 +266,151 @@ LEARNED_MARK_KEEP_S = 86400.0  # a number's last learned deny is remembered this
 
 def learned_deny_due(stores: RangeStores, nkey: str, ts: float, interval_s: float) -> bool:
     """Whether a learned deny for ``nkey`` at ``ts`` may be issued (none within ``interval_s``);
-    if so, remember ``ts`` in the number's value (``ld``)."""
-    value = dict(stores.number.get(nkey) or {})
-    last = value.get("ld")
-    if isinstance(last, int | float) and abs(ts - float(last)) < interval_s:
+    if so, remember ``ts`` in the number's value (``learned_deny_at``)."""
+    value = stores.number.get(nkey)
+    if value is None:
+        value = NumberState()
+    last = value.learned_deny_at
+    if last is not None and abs(ts - last) < interval_s:
         return False
-    value["ld"] = ts
+    value.learned_deny_at = ts
     stores.number[nkey] = value
     return True
 
 
+# --------------------------------------------------------------------------- expiry
+
+
+def expires_at(value: Any) -> float:
+    """The event time from which ``value`` (any table's) can no longer count: safe to delete."""
+    if isinstance(value, Window):
+        return w.count_expires_at(value)
+    if isinstance(value, IpState):
+        return max(w.count_expires_at(value.requests), w.distinct_expires_at(value.numbers),
+                   w.distinct_expires_at(value.countries), w.distinct_expires_at(value.ranges))
+    if isinstance(value, NumberState):
+        return max(w.count_expires_at(value.requests), w.distinct_expires_at(value.ips),
+                   value.pending.until if value.pending is not None else float("-inf"),
+                   w.count_expires_at(value.machine_answers),
+                   value.learned_deny_at + LEARNED_MARK_KEEP_S
+                   if value.learned_deny_at is not None else float("-inf"))
+    if isinstance(value, RangeState):
+        return max(w.count_expires_at(value.requests), w.distinct_expires_at(value.ips),
+                   w.distinct_expires_at(value.numbers))
+    return float("-inf")
+
+
 def sweep(store: Store, now: float) -> int:
     """Delete keys whose state can no longer count at ``now`` (event time). Returns keys deleted."""
-    dead = [k for k, v in list(store.items()) if _dead(v, now)]
+    dead = [k for k, v in list(store.items()) if expires_at(v) <= now]
     for k in dead:
         del store[k]
     return len(dead)
 
 
-def _dead(value: Any, now: float) -> bool:
-    if isinstance(value, dict) and "m" in value and "h" in value and isinstance(value["m"], list):
-        return w.count_expired(value, now)  # a bare count value (pair table)
-    if not isinstance(value, dict):
-        return True
-    for part, v in value.items():
-        if part == "p":
-            if float(v["until"]) > now:
-                return False
-        elif part == "ld":
-            if float(v) + LEARNED_MARK_KEEP_S > now:
-                return False
-        elif part in ("c", "m"):
-            if not w.count_expired(v, now):
-                return False
-        elif not w.distinct_expired(v, now):
-            return False
-    return True
+# --------------------------------------------------------------------------- binary form
+# One kind byte, then the fields in declaration order (windows and distinct sets as in
+# detector.core.windows; optional parts behind a flags byte). Little-endian throughout.
+
+KIND_WINDOW, KIND_IP, KIND_NUMBER, KIND_RANGE = 1, 2, 3, 4
+_F64 = struct.Struct("<d")
+_PENDING = struct.Struct("<dH")  # until, request id length (then the id, UTF-8)
+_HAS_PENDING, _HAS_MACHINE, _HAS_LEARNED = 1, 2, 4
+
+
+def pack(value: Any) -> bytes:
+    """The binary form of a table value (:func:`unpack` is its inverse).
+
+    >>> v = NumberState(pending=Pending(1.5e9, "r-1"))
+    >>> w.count_add(v.requests, 1.5e9) and unpack(pack(v)) == v
+    True
+    """
+    out = bytearray()
+    if isinstance(value, Window):
+        out.append(KIND_WINDOW)
+        w.pack_window(value, out)
+    elif isinstance(value, IpState):
+        out.append(KIND_IP)
+        w.pack_window(value.requests, out)
+        w.pack_distinct(value.numbers, out)
+        w.pack_distinct(value.countries, out)
+        w.pack_distinct(value.ranges, out)
+    elif isinstance(value, NumberState):
+        out.append(KIND_NUMBER)
+        w.pack_window(value.requests, out)
+        w.pack_distinct(value.ips, out)
+        flags = ((_HAS_PENDING if value.pending is not None else 0)
+                 | (_HAS_MACHINE if value.machine_answers is not None else 0)
+                 | (_HAS_LEARNED if value.learned_deny_at is not None else 0))
+        out.append(flags)
+        if value.pending is not None:
+            rid = value.pending.request_id.encode("utf-8", "surrogatepass")
+            out += _PENDING.pack(value.pending.until, len(rid))
+            out += rid
+        if value.machine_answers is not None:
+            w.pack_window(value.machine_answers, out)
+        if value.learned_deny_at is not None:
+            out += _F64.pack(value.learned_deny_at)
+    elif isinstance(value, RangeState):
+        out.append(KIND_RANGE)
+        w.pack_window(value.requests, out)
+        w.pack_distinct(value.ips, out)
+        w.pack_distinct(value.numbers, out)
+    else:
+        raise TypeError(f"not a table value: {type(value).__name__}")
+    return bytes(out)
+
+
+def pending_until(buf: bytes | memoryview, pos: int = 0) -> float | None:
+    """The outstanding callback's end in a packed :class:`NumberState` (None: none), read
+    without unpacking the rest (a sweep pass counts them for a gauge).
+
+    >>> v = NumberState(pending=Pending(1.5e9, "r-1"))
+    >>> pending_until(pack(v)), pending_until(pack(NumberState()))
+    (1500000000.0, None)
+    """
+    if buf[pos] != KIND_NUMBER:
+        return None
+    nm, nh = buf[pos + 1], buf[pos + 2]
+    pos += 3 + 8 * (nm + nh)
+    n = buf[pos] | buf[pos + 1] << 8
+    pos += 2 + 16 * n
+    if not buf[pos] & _HAS_PENDING:
+        return None
+    return float(_F64.unpack_from(buf, pos + 1)[0])
+
+
+def unpack(buf: bytes | memoryview, pos: int = 0) -> Any:
+    """The table value packed in ``buf`` from ``pos`` on (a new object)."""
+    kind = buf[pos]
+    pos += 1
+    if kind == KIND_WINDOW:
+        return w.unpack_window(buf, pos)[0]
+    if kind == KIND_IP:
+        requests, pos = w.unpack_window(buf, pos)
+        numbers, pos = w.unpack_distinct(buf, pos)
+        countries, pos = w.unpack_distinct(buf, pos)
+        ranges, pos = w.unpack_distinct(buf, pos)
+        return IpState(requests, numbers, countries, ranges)
+    if kind == KIND_NUMBER:
+        requests, pos = w.unpack_window(buf, pos)
+        ips, pos = w.unpack_distinct(buf, pos)
+        flags = buf[pos]
+        pos += 1
+        value = NumberState(requests, ips)
+        if flags & _HAS_PENDING:
+            until, n = _PENDING.unpack_from(buf, pos)
+            pos += _PENDING.size
+            value.pending = Pending(until, bytes(buf[pos:pos + n]).decode("utf-8", "surrogatepass"))
+            pos += n
+        if flags & _HAS_MACHINE:
+            value.machine_answers, pos = w.unpack_window(buf, pos)
+        if flags & _HAS_LEARNED:
+            (value.learned_deny_at,) = _F64.unpack_from(buf, pos)
+        return value
+    if kind == KIND_RANGE:
+        requests, pos = w.unpack_window(buf, pos)
+        ips, pos = w.unpack_distinct(buf, pos)
+        numbers, pos = w.unpack_distinct(buf, pos)
+        return RangeState(requests, ips, numbers)
+    raise ValueError(f"unknown table value kind {kind}")

@@ -1,32 +1,42 @@
 """Event-time sliding counts that a plain key-value table can hold (dict in replay, Faust table in
-the stream), with exact, deterministic semantics and bounded memory.
+the stream), with exact, deterministic semantics, bounded memory and a compact binary form.
 
-**Counts.** A value is ``{"m": [[minute, n], ...], "h": [[hour, n], ...]}``: tumbling sub-windows of
-one minute (kept 60 min) and one hour (kept 24 h), summed at read time. A *15-minute count at t*
-is the sum of the minute bucket holding t and the 14 before it; *1 h* is 60 minute buckets;
-*24 h* is the hour bucket holding t and the 23 before it. Replay and stream use these functions on
-the same values, so they agree exactly.
+**Counts** (:class:`Window`): tumbling sub-windows of one minute (the last 60 kept) and one hour
+(the last 24 kept), summed at read time. A *15-minute count at t* is the sum of the minute bucket
+holding t and the 14 before it; *1 h* is 60 minute buckets; *24 h* is the hour bucket holding t
+and the 23 before it. Replay and stream use these functions on the same values, so they agree
+exactly.
 
-**Distinct counts.** A value is ``{member: last_seen}``; the distinct count over H at t counts the
-members last seen in ``(t - H, t]``. Members older than the longest horizon are dropped on write and
-at most ``cap`` members are kept (oldest evicted), so a flood saturates at ``cap`` instead of growing.
+**Distinct counts** (:data:`Distinct`): ``{member: last_seen}``; the distinct count over H at t
+counts the members last seen in ``(t - H, t]``. Members are integers (64-bit keyed hashes, see
+:func:`detector.core.pii.hash_int`, or a short code such as a region's :func:`code_int`).
+Members older than the longest horizon are dropped on write and at most ``cap`` members are kept
+(oldest evicted), so a flood saturates at ``cap`` instead of growing.
 
-Values are JSON-friendly (lists, str keys) so a changelog can carry them.
+**Binary form** (:func:`pack_window`, :func:`pack_distinct` and their inverses): a table keeps
+its values packed (a few bytes per bucket or member instead of a Python object each) and the
+same bytes go to the changelog; a value is unpacked only while a batch works on it.
 
 >>> v = None
 >>> for t in (0, 30, 61, 3000, 3700):
 ...     v = count_add(v, t)
 >>> count_read(v, 3700)
 (2, 2, 5)
->>> d = distinct_add(None, "a", 0.0)
->>> d = distinct_add(d, "b", 4000.0)
+>>> d = distinct_add(None, 1, 0.0)
+>>> d = distinct_add(d, 2, 4000.0)
 >>> distinct_read(d, 4000.0)
 (1, 2)
+>>> buf = bytearray()
+>>> pack_window(v, buf)
+>>> unpack_window(bytes(buf), 0)[0] == v
+True
 """
 
 from __future__ import annotations
 
-from typing import Any
+import struct
+from array import array
+from functools import lru_cache
 
 MINUTE, HOUR = 60, 3600
 MINUTE_BUCKETS_KEPT = 60
@@ -34,81 +44,116 @@ HOUR_BUCKETS_KEPT = 24
 DAY = 86_400
 DISTINCT_CAP = 5_000
 
-CountValue = dict[str, list[list[int]]]
-DistinctValue = dict[str, float]
+Distinct = dict[int, float]  # member -> last seen (event time, epoch seconds)
 
 
-def _bump(buckets: list[list[int]], b: int, keep: int) -> None:
-    if buckets and buckets[-1][0] == b:
-        buckets[-1][1] += 1
-    elif not buckets or buckets[-1][0] < b:
-        buckets.append([b, 1])
+class Window:
+    """Events counted per minute bucket and per hour bucket (bucket = epoch seconds // 60 or
+    // 3600), oldest first, as parallel lists of bucket ids and counts."""
+
+    __slots__ = ("minutes", "minute_counts", "hours", "hour_counts")
+
+    def __init__(self, minutes: list[int] | None = None, minute_counts: list[int] | None = None,
+                 hours: list[int] | None = None, hour_counts: list[int] | None = None) -> None:
+        self.minutes = minutes if minutes is not None else []
+        self.minute_counts = minute_counts if minute_counts is not None else []
+        self.hours = hours if hours is not None else []
+        self.hour_counts = hour_counts if hour_counts is not None else []
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Window) and (
+            self.minutes, self.minute_counts, self.hours, self.hour_counts
+        ) == (other.minutes, other.minute_counts, other.hours, other.hour_counts)
+
+    def __repr__(self) -> str:
+        return (f"Window(minutes={list(zip(self.minutes, self.minute_counts, strict=True))}, "
+                f"hours={list(zip(self.hours, self.hour_counts, strict=True))})")
+
+    def copy(self) -> Window:
+        return Window(self.minutes[:], self.minute_counts[:], self.hours[:], self.hour_counts[:])
+
+
+def _bump(ids: list[int], counts: list[int], b: int, keep: int) -> None:
+    if ids and ids[-1] == b:
+        counts[-1] += 1
+    elif not ids or ids[-1] < b:
+        ids.append(b)
+        counts.append(1)
     else:  # out-of-order event: insert in place (rare)
-        for i in range(len(buckets) - 1, -1, -1):
-            if buckets[i][0] == b:
-                buckets[i][1] += 1
+        for i in range(len(ids) - 1, -1, -1):
+            if ids[i] == b:
+                counts[i] += 1
                 break
-            if buckets[i][0] < b:
-                buckets.insert(i + 1, [b, 1])
+            if ids[i] < b:
+                ids.insert(i + 1, b)
+                counts.insert(i + 1, 1)
                 break
         else:
-            buckets.insert(0, [b, 1])
-    newest = buckets[-1][0]
+            ids.insert(0, b)
+            counts.insert(0, 1)
+    oldest_kept = ids[-1] - keep
     cut = 0
-    while cut < len(buckets) and buckets[cut][0] <= newest - keep:
+    while cut < len(ids) and ids[cut] <= oldest_kept:
         cut += 1
     if cut:
-        del buckets[:cut]
+        del ids[:cut]
+        del counts[:cut]
 
 
-def count_add(value: CountValue | None, ts: float) -> CountValue:
+def count_add(value: Window | None, ts: float) -> Window:
     """Count one event at ``ts`` (epoch seconds). Returns the (possibly new) value to store."""
     if value is None:
-        value = {"m": [], "h": []}
+        value = Window()
     t = int(ts)
-    _bump(value["m"], t // MINUTE, MINUTE_BUCKETS_KEPT)
-    _bump(value["h"], t // HOUR, HOUR_BUCKETS_KEPT)
+    _bump(value.minutes, value.minute_counts, t // MINUTE, MINUTE_BUCKETS_KEPT)
+    _bump(value.hours, value.hour_counts, t // HOUR, HOUR_BUCKETS_KEPT)
     return value
 
 
-def _sum_since(buckets: list[list[int]], first: int, last: int) -> int:
+def _sum_since(ids: list[int], counts: list[int], first: int, last: int) -> int:
     total = 0
-    for b, n in reversed(buckets):
+    for i in range(len(ids) - 1, -1, -1):
+        b = ids[i]
         if b < first:
             break
         if b <= last:
-            total += n
+            total += counts[i]
     return total
 
 
-def count_read(value: CountValue | None, ts: float) -> tuple[int, int, int]:
+def count_read(value: Window | None, ts: float) -> tuple[int, int, int]:
     """(15 min, 1 h, 24 h) counts at ``ts``."""
-    if not value:
+    if value is None or not value.hours:
         return 0, 0, 0
     t = int(ts)
     m, h = t // MINUTE, t // HOUR
     return (
-        _sum_since(value["m"], m - 14, m),
-        _sum_since(value["m"], m - 59, m),
-        _sum_since(value["h"], h - 23, h),
+        _sum_since(value.minutes, value.minute_counts, m - 14, m),
+        _sum_since(value.minutes, value.minute_counts, m - 59, m),
+        _sum_since(value.hours, value.hour_counts, h - 23, h),
     )
 
 
-def count_expired(value: CountValue | None, now: float) -> bool:
+def count_expires_at(value: Window | None) -> float:
+    """The event time from which nothing in ``value`` can count any more."""
+    if value is None or not value.hours:
+        return float("-inf")
+    return float((value.hours[-1] + HOUR_BUCKETS_KEPT) * HOUR)
+
+
+def count_expired(value: Window | None, now: float) -> bool:
     """True when nothing in ``value`` can count at ``now`` or later (safe to delete the key)."""
-    if not value or not value.get("h"):
-        return True
-    return value["h"][-1][0] <= int(now) // HOUR - HOUR_BUCKETS_KEPT
+    return count_expires_at(value) <= now
 
 
 def distinct_add(
-    value: DistinctValue | None,
-    member: str,
+    value: Distinct | None,
+    member: int,
     ts: float,
     *,
     horizon: float = DAY,
     cap: int = DISTINCT_CAP,
-) -> DistinctValue:
+) -> Distinct:
     """Record ``member`` seen at ``ts``; drop members older than ``horizon``; keep at most ``cap``."""
     if value is None:
         value = {}
@@ -127,7 +172,7 @@ def distinct_add(
 
 
 def distinct_read(
-    value: DistinctValue | None, ts: float, short: float = HOUR, long: float = DAY
+    value: Distinct | None, ts: float, short: float = HOUR, long: float = DAY
 ) -> tuple[int, int]:
     """(distinct over ``short``, distinct over ``long``) at ``ts``; counts members seen up to ``ts``."""
     if not value:
@@ -142,16 +187,74 @@ def distinct_read(
     return s, lo
 
 
-def distinct_expired(value: DistinctValue | None, now: float, horizon: float = DAY) -> bool:
-    return not value or max(value.values()) <= now - horizon
+def distinct_expires_at(value: Distinct | None, horizon: float = DAY) -> float:
+    """The event time from which no member of ``value`` counts any more."""
+    return max(value.values()) + horizon if value else float("-inf")
 
 
-def expired(value: Any, now: float) -> bool:
-    """Whether a stored state value of any kind here can be deleted at ``now``."""
-    if isinstance(value, dict) and "m" in value and "h" in value:
-        return count_expired(value, now)
-    if isinstance(value, dict) and "until" in value:
-        return float(value["until"]) <= now
-    if isinstance(value, dict):
-        return distinct_expired(value, now)
-    return True
+def distinct_expired(value: Distinct | None, now: float, horizon: float = DAY) -> bool:
+    return distinct_expires_at(value, horizon) <= now
+
+
+def code_int(code: str) -> int:
+    """A short ASCII code (a region such as ``GB`` or ``001``) as a distinct-set member.
+
+    >>> code_int("GB")
+    18242
+    """
+    return int.from_bytes(code.encode("ascii", "replace")[:8], "big")
+
+
+# --------------------------------------------------------------------------- binary form
+# Little-endian. Window: u8 minute buckets, u8 hour buckets, then i32 minute ids, u32 counts,
+# i32 hour ids, u32 counts. Distinct: u16 members, then u64 members, f64 last-seen times.
+
+
+@lru_cache(maxsize=4096)
+def _window_struct(nm: int, nh: int) -> struct.Struct:
+    return struct.Struct(f"<BB{nm}i{nm}I{nh}i{nh}I")
+
+
+_U8X2 = struct.Struct("<BB")
+_U16 = struct.Struct("<H")
+
+
+def pack_window(w: Window | None, out: bytearray) -> None:
+    """Append the binary form of ``w`` (None: an empty window) to ``out``."""
+    if w is None:
+        out += b"\0\0"
+        return
+    nm, nh = len(w.minutes), len(w.hours)
+    out += _window_struct(nm, nh).pack(nm, nh, *w.minutes, *w.minute_counts, *w.hours,
+                                        *w.hour_counts)
+
+
+def unpack_window(buf: bytes | memoryview, pos: int) -> tuple[Window, int]:
+    """The window packed at ``pos`` and the position after it."""
+    nm, nh = _U8X2.unpack_from(buf, pos)
+    st = _window_struct(nm, nh)
+    v = st.unpack_from(buf, pos)
+    a, b, c = 2 + nm, 2 + 2 * nm, 2 + 2 * nm + nh
+    return Window(list(v[2:a]), list(v[a:b]), list(v[b:c]), list(v[c:])), pos + st.size
+
+
+def pack_distinct(d: Distinct | None, out: bytearray) -> None:
+    """Append the binary form of ``d`` (None: an empty set) to ``out``."""
+    if not d:
+        out += b"\0\0"
+        return
+    out += _U16.pack(len(d))
+    out += array("Q", d.keys()).tobytes()
+    out += array("d", d.values()).tobytes()
+
+
+def unpack_distinct(buf: bytes | memoryview, pos: int) -> tuple[Distinct, int]:
+    """The distinct set packed at ``pos`` (a new dict) and the position after it."""
+    (n,) = _U16.unpack_from(buf, pos)
+    pos += 2
+    if not n:
+        return {}, pos
+    members, seen = array("Q"), array("d")
+    members.frombytes(buf[pos:pos + 8 * n])
+    seen.frombytes(buf[pos + 8 * n:pos + 16 * n])
+    return dict(zip(members, seen, strict=True)), pos + 16 * n

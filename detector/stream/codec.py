@@ -8,27 +8,42 @@ Internal topics carry an envelope around the validated request:
 * ``<app>-by-ip`` (key = IP): ``{"r": request, "src": [partition, offset], "kts": kafka_ts}``
   where ``src`` locates the original message on ``callback-requests`` (used to recognise
   redeliveries) and ``kts`` is its Kafka timestamp in seconds (for decision latency).
-* ``<app>-by-range`` (key = range routing key): ``{"k": "req", "r": ..., "ipc": [6 ints], "kts": ...}``
-  for requests and ``{"k": "out", "o": outcome}`` for dialer outcomes.
+* ``<app>-by-range`` (key = range routing key): ``{"k": "req", "r": ..., "e": enrichment,
+  "ipc": [8 ints], "kts": ...}`` for requests (the ip stage's enrichment and counts travel with
+  the request: the range stage parses the number and looks the IP up no second time) and
+  ``{"k": "out", "o": outcome}`` for dialer outcomes.
 
 >>> req = CallbackRequest("r1", 1.8e9, "+442079460018", "203.0.113.9")
 >>> request_from_wire(request_to_wire(req)) == req
 True
->>> ip_counts_to_wire(ip_counts_from_wire([1, 2, 3, 1, 1, 1]))
-[1, 2, 3, 1, 1, 1]
+>>> ip_counts_to_wire(ip_counts_from_wire([1, 2, 3, 1, 1, 1, 0, 0]))
+[1, 2, 3, 1, 1, 1, 0, 0]
+>>> from detector.core.records import IpInfo, PhoneInfo
+>>> enr = Enrichment(PhoneInfo("+442079460018", True, True, True, "GB", 44, "FIXED_LINE",
+...                            "+442079460"), IpInfo("203.0.113.9", 4, "global", "GB", 64500))
+>>> enrichment_from_wire(enrichment_to_wire(enr), "203.0.113.9") == enr
+True
 """
 
 from __future__ import annotations
 
 import base64
-from dataclasses import astuple
+from dataclasses import fields
 from typing import Any
 
 import orjson
 
 from detector.core.lists import ListEntry, entry_from_dict
 from detector.core.parse import decode_json
-from detector.core.records import CallbackRequest, Decision, IpCounts, Outcome
+from detector.core.records import (
+    CallbackRequest,
+    Decision,
+    Enrichment,
+    IpCounts,
+    IpInfo,
+    Outcome,
+    PhoneInfo,
+)
 
 MAX_DLQ_ORIGINAL = 64 * 1024  # bytes of the original message kept in a dead letter
 
@@ -67,8 +82,26 @@ def request_from_wire(d: dict[str, Any]) -> CallbackRequest:
     )
 
 
+_IP_COUNTS = tuple(f.name for f in fields(IpCounts))
+_PHONE = tuple(f.name for f in fields(PhoneInfo))
+_IP_INFO = tuple(f.name for f in fields(IpInfo) if f.name != "ip")  # the request has the IP
+
+
 def ip_counts_to_wire(c: IpCounts) -> list[int]:
-    return list(astuple(c))
+    return [getattr(c, name) for name in _IP_COUNTS]
+
+
+def enrichment_to_wire(enr: Enrichment) -> list[Any]:
+    """The phone and IP enrichment as one flat list (field order of PhoneInfo, then IpInfo
+    without its ``ip``)."""
+    p, i = enr.phone, enr.ip
+    return [*(getattr(p, n) for n in _PHONE), *(getattr(i, n) for n in _IP_INFO)]
+
+
+def enrichment_from_wire(v: list[Any], ip: str) -> Enrichment:
+    """Inverse of :func:`enrichment_to_wire` for the request's ``ip``."""
+    k = len(_PHONE)
+    return Enrichment(PhoneInfo(*v[:k]), IpInfo(ip, *v[k:]))
 
 
 def ip_counts_from_wire(v: list[int]) -> IpCounts:

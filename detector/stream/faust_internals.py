@@ -38,9 +38,11 @@ aiokafka producer client   See :func:`track_producer_topics`: aiokafka forgets t
 Faust producer            ``Producer._producer`` (the aiokafka producer) for the two items above
                            and the broker probe.
 table.data + changelog     Stages write ``table.data`` and send changelog messages themselves
-  format                   (key and value JSON, partition = the event's), so batches and sweeps
-                           work outside the current event. Recovery relies on Faust reading
-                           that format back (the ``json`` key/value serializers of a Table).
+  format                   (key and value bytes, partition = the event's), so batches and sweeps
+                           work outside the current event. Recovery relies on Faust putting
+                           those bytes back as they are (a Table with ``key_type=bytes`` and
+                           ``value_type=bytes`` has ``raw`` serializers; see
+                           :mod:`detector.stream.tables` for the value format).
 PrometheusMonitor._metrics  :func:`lean_monitor` rebuilds Faust's monitor without its per-event
                            stream sensors (5% of a worker's time).
 AIOKafkaConsumer._client   :func:`fetch_all_metadata`: the partitions of a topic for a

@@ -22,6 +22,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from detector.config import load_settings
+from detector.core import state
 from detector.core.ipintel import IpIntel
 from detector.core.lists import make_entry
 from detector.core.pipeline import Detector
@@ -29,7 +30,9 @@ from detector.core.records import decision_from_dict
 from detector.core.signing import Signer, Verifier
 from detector.runtime import build_context, build_model_watcher
 from detector.stream import codec
-from detector.stream.app import META, StreamRuntime, Sweeper, make_app, sweep_tables
+from detector.stream.app import StreamRuntime, Sweeper, make_app, sweep_tables
+from detector.stream.ledger import DIRECT
+from detector.stream.tables import read_head, unpack_value
 
 pytestmark = pytest.mark.asyncio
 
@@ -55,6 +58,19 @@ class Sent:
 
     def json(self) -> Any:
         return None if self.value is None else json.loads(self.value)
+
+    def table_value(self) -> tuple[int, dict[int, int], Any]:
+        """A changelog message's (partition, watermarks, core value)."""
+        assert self.value is not None
+        partition, marks, pos = unpack_value(self.value)
+        return partition, marks, state.unpack(self.value, pos)
+
+
+def stored(h: Harness, table: str, key: str) -> tuple[int, dict[int, int], Any]:
+    """A table's stored (partition, watermarks, core value) for ``key``."""
+    raw = h.rt.tables[table].data[key.encode()]
+    partition, marks, pos = unpack_value(raw)
+    return partition, marks, state.unpack(raw, pos) if table != "seen" else json.loads(raw[pos:])
 
 
 @dataclass
@@ -145,10 +161,10 @@ def make_harness(policy_ctx: Any = None, **overrides: Any) -> Harness:
 
 @asynccontextmanager
 async def running(h: Harness) -> AsyncIterator[Harness]:
-    async def flusher() -> None:  # the app's range_flusher task (app tasks do not run in tests)
+    async def flusher() -> None:  # the app's flusher task (app tasks do not run in tests)
         while True:
             await asyncio.sleep(0.002)
-            await h.rt.batcher.flush()
+            await h.rt.flush_batches()
 
     async with AsyncExitStack() as stack:
         h.app.flow_control.resume()
@@ -216,15 +232,19 @@ async def test_counts_accumulate_per_ip_number_and_pair_across_partitions() -> N
 async def test_table_writes_carry_partition_and_watermark_in_one_changelog_message() -> None:
     async with running(make_harness()) as h:
         await h.decide(request("r1", T0), partition=3)
+        await h.wait(lambda: bool(h.changelog("ip")))
         ip_log = h.changelog("ip")
         assert len(ip_log) == 1
-        value = ip_log[0].json()
         ip_partition = partition_of(b"81.2.69.160")
-        assert ip_log[0].partition == ip_partition and ip_log[0].key == b'"81.2.69.160"'
-        assert value[META] == {"s": {"3": 0}, "p": ip_partition}
+        assert ip_log[0].partition == ip_partition and ip_log[0].key == b"81.2.69.160"
+        partition, marks, value = ip_log[0].table_value()
+        assert (partition, marks) == (ip_partition, {3: 0})  # by-ip hop from requests partition 3
+        assert isinstance(value, state.IpState) and value.requests.minute_counts == [1]
+        assert ip_log[0].value == h.rt.tables["ip"].data[b"81.2.69.160"]  # the same bytes
         for table in ("number", "pair", "range", "seen"):
             (msg,) = h.changelog(table)
-            assert msg.json()[META]["p"] == msg.partition == partition_of(b"+442079460")
+            assert read_head(msg.value or b"")[0] == msg.partition == partition_of(b"+442079460")
+            assert unpack_value(msg.value or b"")[1] == {0: 0}  # the by-range offset
 
 
 async def test_redelivered_source_message_is_not_counted_twice_at_the_ip_stage() -> None:
@@ -236,7 +256,8 @@ async def test_redelivered_source_message_is_not_counted_twice_at_the_ip_stage()
         await h.wait(lambda: len(h.sent[h.topic("by_range")]) > n)
         first, again = (s.json() for s in h.sent[h.topic("by_range")][n - 1:])
         assert again["ipc"] == first["ipc"] == [1, 1, 1, 1, 1, 1, 1, 0]
-        assert h.rt.tables["ip"].data["81.2.69.160"]["c"]["m"][0][1] == 1
+        await h.wait(lambda: len(h.rt.ip) == 0)
+        assert stored(h, "ip", "81.2.69.160")[2].requests.minute_counts == [1]
         assert len(h.changelog("ip")) == 1  # nothing written for the redelivery
 
 
@@ -248,8 +269,9 @@ async def test_request_keyed_by_ip_on_its_by_ip_partition_is_counted_without_the
         await h.put("ingest", ip, request("d1", T0), p, T0)
         await h.wait(lambda: bool(h.sent[h.topic("by_range")]))
         assert not h.sent[h.topic("by_ip")]  # no hop
+        await h.wait(lambda: bool(h.changelog("ip")))
         (log,) = h.changelog("ip")
-        assert log.partition == p and log.json()[META] == {"s": {f"d{p}": 0}, "p": p}
+        assert log.partition == p and log.table_value()[:2] == (p, {DIRECT + p: 0})
         assert h.sent[h.topic("by_range")][0].json()["ipc"][:3] == [1, 1, 1]
         h.agents["ingest"].sent_offset = 0  # test_context numbers puts: offset 0 once more
         await h.put("ingest", ip, request("d1", T0), p, T0)  # the same message redelivered ...
@@ -276,7 +298,7 @@ async def test_request_seen_again_gets_the_identical_stored_decision_and_no_reco
         assert first is not None
         # The same request in a new by-range message (an upstream stage was redelivered) and after
         # this process forgot what it sent (as after a restart): the stored decision goes out again.
-        h.rt.sent.clear()
+        h.rt.decisions.clear_sent()
         n = len(h.sent[h.topic("decisions")])
         env = h.sent[h.topic("by_range")][-1]
         await h.put("range", env.key, env.value, partition_of(env.key))
@@ -342,9 +364,9 @@ async def test_sweep_deletes_dead_keys_with_tombstones_in_their_own_partition() 
         assert sweep_tables(h.rt, T0 + 600) == []  # nothing is dead yet
         writes = sweep_tables(h.rt, T0 + 3 * 86400)
         assert {(w.table.name, w.key, w.value) for w in writes} == {
-            ("ip", "81.2.69.160", None), ("number", "+442079460018", None),
-            ("pair", "81.2.69.160|+442079460018", None), ("range", "+442079460", None),
-            ("seen", "r1", None),
+            ("ip", b"81.2.69.160", None), ("number", b"+442079460018", None),
+            ("pair", b"81.2.69.160|+442079460018", None), ("range", b"+442079460", None),
+            ("seen", b"r1", None),
         }
         assert {w.partition for w in writes if w.table.name != "ip"} == {partition_of(b"+442079460")}
         assert all(len(t.data) == 0 for t in h.rt.tables.values())
@@ -429,7 +451,7 @@ async def test_a_batch_decided_in_one_model_call_equals_the_replay_path() -> Non
 
 
 async def test_a_batch_that_fails_to_decide_is_decided_one_by_one(monkeypatch: pytest.MonkeyPatch) -> None:
-    from detector.stream import app as app_module
+    from detector.stream import range_stage as app_module
 
     real = app_module.decide_many
 
@@ -464,12 +486,14 @@ async def test_fast_decision_encoding_equals_to_dict() -> None:
         assert json.loads(codec.dumps(codec.decision_to_wire(d))) == json.loads(json.dumps(d.to_dict()))
 
 
-async def test_stored_decision_bytes_decode_to_the_stored_value() -> None:
+async def test_stored_decision_bytes_are_the_decision_sent() -> None:
     async with running(make_harness()) as h:
         await h.decide(request("r1", T0))
         (msg,) = h.changelog("seen")
-        assert msg.json() == h.rt.tables["seen"].data["r1"]
-        assert msg.json()["d"] == h.sent[h.topic("decisions")][0].json()
+        assert msg.value == h.rt.tables["seen"].data[b"r1"]
+        partition, marks, pos = unpack_value(msg.value or b"")
+        assert (msg.value or b"")[pos:] == h.sent[h.topic("decisions")][0].value
+        assert read_head(msg.value or b"")[1] == T0 + 3600  # expires with the seen TTL
 
 
 async def test_invalid_list_entry_is_ignored_without_logging_its_value(caplog: pytest.LogCaptureFixture) -> None:
@@ -519,7 +543,7 @@ def assert_internal_dead_letter(h: Harness, dl: dict[str, Any], stage: str, topi
 
 async def test_an_exception_in_the_range_stage_dead_letters_the_request_and_the_next_is_decided(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    from detector.stream import app as app_module
+    from detector.stream import range_stage as app_module
 
     real = app_module.range_one
 
@@ -544,7 +568,7 @@ async def test_an_exception_in_the_range_stage_dead_letters_the_request_and_the_
 
 async def test_a_request_that_fails_alone_after_its_batch_failed_is_dead_lettered(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    from detector.stream import app as app_module
+    from detector.stream import range_stage as app_module
 
     real = app_module.decide_many
 
@@ -572,16 +596,16 @@ async def test_a_request_that_fails_alone_after_its_batch_failed_is_dead_lettere
 
 async def test_an_exception_in_the_ip_stage_dead_letters_the_request(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    from detector.stream import app as app_module
+    from detector.stream.ip_stage import IpStage
 
-    real = app_module.ip_stage
+    real = IpStage.count
 
-    async def failing(rt: Any, req: Any, *args: Any, **kwargs: Any) -> Any:
+    async def failing(self: Any, req: Any, *args: Any, **kwargs: Any) -> Any:
         if req.request_id == "bad":
             raise RuntimeError(f"boom {SECRET_PHONE}")
-        return await real(rt, req, *args, **kwargs)
+        return await real(self, req, *args, **kwargs)
 
-    monkeypatch.setattr(app_module, "ip_stage", failing)
+    monkeypatch.setattr(IpStage, "count", failing)
     before = internal_errors("ip")
     async with running(make_harness()) as h:
         n_ip = len(h.sent[h.topic("by_ip")])
@@ -613,19 +637,18 @@ async def test_health_reports_a_stalled_stage_and_an_unreachable_broker() -> Non
 async def test_a_request_counted_but_not_decided_before_a_crash_is_not_counted_twice() -> None:
     """A crash or freeze between the changelog writes of one batch can leave a request's counts
     stored but not its decision: processing it again gives the same counts, not one more."""
-    from detector.stream.app import decide_pending, range_one
+    from detector.stream.range_stage import decide_pending, range_one
 
     async with running(make_harness()) as h:
         for i in range(3):
             first = await h.decide(request(f"c{i}", T0 + i))
         assert first is not None
         env = h.sent[h.topic("by_range")][-1]
-        seen = h.rt.tables["seen"].data.pop("c2")  # its decision was not stored
-        writes: dict[Any, Any] = {}
+        seen = unpack_value(h.rt.tables["seen"].data.pop(b"c2"))  # its decision was not stored
         undecided: list[Any] = []
-        result = range_one(h.rt, env.json(), partition=seen[META]["p"], offset=seen[META]["o"],
-                           writes=writes, undecided=undecided)
-        decide_pending(h.rt, undecided, writes)
+        result = range_one(h.rt, env.json(), partition=seen[0], offset=seen[1][0],
+                           undecided=undecided)
+        decide_pending(h.rt, undecided)
     assert result.decision is not None
     assert result.decision["counts"] == first["counts"]
     assert first["counts"]["pair_24h"] == first["counts"]["number_24h"] == 3

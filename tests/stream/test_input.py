@@ -152,7 +152,7 @@ async def test_learned_denies_from_outcomes_are_signed_and_rate_limited() -> Non
 
 
 async def test_an_internal_failure_logs_no_message_content(caplog: pytest.LogCaptureFixture) -> None:
-    from detector.stream import app as app_module
+    from detector.stream import ingest as app_module
 
     async with running(make_harness()) as h:
         original = app_module.parse_request

@@ -1,0 +1,265 @@
+"""Delivery bookkeeping in one place, and the one de-duplication story.
+
+Kafka delivers at least once: after a crash, a rebalance or a freeze, a stage can see a message
+again (its offset was not committed), and an upstream stage can send the same request again in a
+new message (it was redelivered itself). The detector makes every effect of a request happen
+once with four rules, each kept by one piece of this module:
+
+1. **In order, no holes** (:class:`StageDelivery`, with :class:`~detector.stream.delivery.OffsetGate`).
+   Per stage input partition, the next offset to process, reset at each assignment from the
+   group's committed offset. A stage processes that offset, acks one it already processed (a
+   redelivery within the generation), and holds a later one while it reads the skipped ones
+   again. The consumer commits only acked offsets that follow the committed one.
+2. **Counted once** (watermarks, :mod:`detector.stream.tables`). Each table value carries, per
+   source of its stage's input, the highest offset it counted, in the same changelog message
+   as the counts. A message at or below the watermark is not counted again; the counts it saw
+   the first time are given back (one less where a value already held it). Sources: the range
+   stage's tables count ``by-range`` offsets (source 0); the ``ip`` table counts
+   ``callback-requests`` offsets per partition, separately for requests counted in ingest and
+   requests that took the ``by-ip`` hop (:func:`ip_source`; the two paths interleave).
+3. **Decided once** (:class:`DecisionStore`, table ``seen``). The range stage stores each
+   decision under its request id, waits until Kafka has acknowledged the stored copies and the
+   counts, then sends the decisions, then acks its input. A request that arrives again (same or
+   new message) gets its stored decision: never a second, different one.
+4. **Sent once** (:class:`DecisionStore` ``sent``). A stored decision is re-sent only if this
+   worker has not sent it and it is not on ``callback-decisions`` already: at each assignment
+   the worker reads the request ids of the last :data:`SENT_LOOKBACK_S` of that topic
+   (:meth:`DecisionStore.load_sent`), since the previous owner may have crashed after sending.
+
+Acks (all stages): an event is acked only after everything it caused is handed to the producer
+(range stage: after its decision is sent), and Faust's commit flushes the producer before it
+commits, so a committed offset never has an effect still in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from detector import metrics
+from detector.stream import guard
+from detector.stream.delivery import Admit, OffsetGate, start_offsets
+from detector.stream.io import stop_consumer, topic_partitions
+from detector.stream.kafka_security import client_kwargs
+from detector.stream.tables import Write, pack_value, sweep_keys, unpack_value
+
+log = logging.getLogger("detector.stream")
+
+SEEN_TTL_S = 3600.0  # event-time seconds a decision is kept for redeliveries
+SENT_LOOKBACK_S = 900.0  # on assignment: request ids decided in the last 15 min are "sent"
+STAGE_INPUTS = {"requests": "ingest", "outcomes": "outcome", "by_ip": "ip", "by_range": "range"}
+#               ^ the topics the agents consume -> the stage (agent) consuming it
+DIRECT = 1 << 16  # ip-table source of requests counted in ingest (+ the requests partition)
+
+
+def ip_source(partition: int, *, direct: bool) -> int:
+    """The ``ip`` table's watermark source of a ``callback-requests`` partition: requests
+    counted in ingest and requests that took the ``by-ip`` hop are ordered separately."""
+    return DIRECT + partition if direct else partition
+
+
+# --------------------------------------------------------------------------- decided and sent once
+
+
+class DecisionStore:
+    """Table ``seen``: request id -> the decision made for it (kept :data:`SEEN_TTL_S` of event
+    time), and the request ids whose decision is known to be on ``callback-decisions``."""
+
+    def __init__(self, table: Any) -> None:
+        self.table = table
+        self.pending: dict[str, tuple[int, int, float, bytes]] = {}  # rid -> partition, offset, ts, raw
+        # Request ids sent, per wall-clock minute (whole minutes are forgotten at once). Python's
+        # hash of the id: 64 bits, in memory only, so a busy worker keeps ~60 bytes per id.
+        self._sent: dict[int, set[int]] = {}
+
+    # -- stored decisions
+
+    def stored(self, request_id: str) -> tuple[int, bytes] | None:
+        """(by-range offset, decision JSON) stored for ``request_id``, or None."""
+        p = self.pending.get(request_id)
+        if p is not None:
+            return p[1], p[3]
+        raw = self.table.data.get(request_id.encode("utf-8", "surrogatepass"))
+        if raw is None:
+            return None
+        try:
+            _, marks, pos = unpack_value(raw)
+        except ValueError:
+            return None
+        return marks.get(0, -1), raw[pos:]
+
+    def store(self, request_id: str, partition: int, offset: int, ts: float, decision: bytes) -> None:
+        """Keep a decision (made from the by-range message at ``offset``) for this batch's flush."""
+        self.pending[request_id] = (partition, offset, ts, decision)
+
+    def take_writes(self) -> list[Write]:
+        out = []
+        data = self.table.data
+        for rid, (partition, offset, ts, raw) in self.pending.items():
+            kb = rid.encode("utf-8", "surrogatepass")
+            value = pack_value(partition, ts + SEEN_TTL_S, {0: offset}, raw)
+            data[kb] = value
+            out.append(Write(self.table, kb, value, partition))
+        self.pending = {}
+        return out
+
+    def busy(self, key: bytes) -> bool:
+        return key.decode("utf-8", "surrogatepass") in self.pending
+
+    # -- sent
+
+    def mark_sent(self, request_id: str, now: float | None = None) -> None:
+        minute = int((time.time() if now is None else now) // 60)
+        bucket = self._sent.get(minute)
+        if bucket is None:
+            bucket = self._sent[minute] = set()
+        bucket.add(hash(request_id))
+
+    def was_sent(self, request_id: str) -> bool:
+        h = hash(request_id)
+        return any(h in bucket for bucket in self._sent.values())
+
+    def forget_sent(self, now: float | None = None, lookback_s: float = SENT_LOOKBACK_S) -> None:
+        """Forget ids sent before the lookback (wall clock)."""
+        cutoff = int(((time.time() if now is None else now) - lookback_s) // 60)
+        for minute in [m for m in self._sent if m < cutoff]:
+            del self._sent[minute]
+
+    def clear_sent(self) -> None:
+        self._sent.clear()
+
+    def sent_count(self) -> int:
+        return sum(len(b) for b in self._sent.values())
+
+    async def load_sent(self, settings: Any, lookback_s: float = SENT_LOOKBACK_S) -> int:
+        """Mark as sent the request ids of the decisions on ``callback-decisions`` of the last
+        ``lookback_s`` (message keys only, nothing parsed), so a redelivered request whose
+        decision is already out is not sent again."""
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+
+        s = settings
+        consumer = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, group_id=None,
+                                    enable_auto_commit=False, fetch_max_wait_ms=50,
+                                    **client_kwargs(s))
+        n = 0
+        t0 = time.monotonic()
+        try:
+            await consumer.start()
+            parts = await topic_partitions(consumer, s.topic_decisions)
+            tps = [TopicPartition(s.topic_decisions, p) for p in sorted(parts)]
+            if tps:
+                consumer.assign(tps)
+                since = int((time.time() - lookback_s) * 1000)
+                starts = await consumer.offsets_for_times({tp: since for tp in tps})
+                end = await consumer.end_offsets(tps)
+                for tp in tps:
+                    start = starts.get(tp)
+                    consumer.seek(tp, start.offset if start is not None else end[tp])
+                now = time.time()
+                deadline = time.monotonic() + guard.PREPARE_TIMEOUT_S
+                while not all([await consumer.position(tp) >= end[tp] for tp in tps]):
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"still reading after {guard.PREPARE_TIMEOUT_S:.0f} s")
+                    for recs in (await consumer.getmany(timeout_ms=200, max_records=10000)).values():
+                        for rec in recs:
+                            if rec.key is not None:
+                                self.mark_sent(rec.key.decode("utf-8", "replace"), now)
+                                n += 1
+            log.info("decisions: %d recent request ids loaded in %.2f s", n, time.monotonic() - t0)
+        except Exception as exc:
+            log.warning("decisions: could not load recent ids (%r); may re-send some", exc)
+        finally:
+            await stop_consumer(consumer)
+        return n
+
+    def sweep(self, keys: list[bytes] | None, now: float, owned: set[int]) -> list[Write]:
+        """Drop decisions past their TTL (tombstones) and those of partitions not owned."""
+        return sweep_keys(self.table, keys, now, owned, self.busy)
+
+
+# --------------------------------------------------------------------------- in order, no holes
+
+
+class StageDelivery:
+    """The offset gate of each stage input and the per-generation preparation."""
+
+    def __init__(self, app: Any, rt: Any) -> None:
+        self.app = app
+        self.rt = rt
+        self.gates = {key: OffsetGate(rt.topics[key].get_topic_name()) for key in STAGE_INPUTS}
+        self.lock = asyncio.Lock()
+
+    async def prepare(self, generation: int) -> None:
+        """Before processing in a new generation: lists caught up, pending batches flushed, each
+        stage's gate set to the group's committed offsets, recent decision ids loaded."""
+        app, rt, s = self.app, self.rt, self.rt.settings
+        async with self.lock:
+            if rt.generation == generation:
+                return
+            if not rt.lists_ready.is_set():
+                try:
+                    await asyncio.wait_for(rt.lists_ready.wait(), timeout=30.0)
+                except TimeoutError:
+                    log.warning("lists: not caught up after 30 s; deciding without them")
+                    rt.lists_ready.set()
+            await rt.flush_batches()
+            rt.update_assignment(app)
+            gates = self.gates
+            n_req = app.consumer.topic_partitions(gates["requests"].topic)
+            n_ip = app.consumer.topic_partitions(gates["by_ip"].topic)
+            rt.ip_partitions = n_ip if n_ip and n_req == n_ip else 0
+            if rt.gate_offsets:
+                assigned = {gates[k].topic: rt.active.get(k, set()) for k in STAGE_INPUTS}
+                try:
+                    starts = await asyncio.wait_for(
+                        start_offsets(s.kafka_bootstrap, app.conf.id, list(assigned), assigned,
+                                      **client_kwargs(s)),
+                        guard.PREPARE_TIMEOUT_S)
+                except Exception as exc:
+                    log.warning("offsets: could not read the committed offsets (%r); each stage "
+                                "starts where the consumer delivers", exc)
+                    starts = {}
+                for gate in gates.values():
+                    gate.reset(starts.get(gate.topic, {}))
+            # Partitions may come with uncommitted offsets whose decisions are already on the
+            # topic (the previous owner crashed after sending them).
+            await rt.decisions.load_sent(s)
+            rt.generation = generation
+
+    async def admitted(self, event: Any, key: str) -> bool:
+        """Whether the stage processes this event now (see :class:`OffsetGate`); an event
+        already processed is acked here."""
+        app, rt = self.app, self.rt
+        if rt.generation != app.consumer_generation_id:
+            await self.prepare(app.consumer_generation_id)
+        if not rt.gate_offsets:
+            return True
+        m = event.message
+        gate = self.gates[key]
+        verdict = gate.admit(m.partition, m.offset)
+        if verdict is Admit.PROCESS:
+            return True
+        if verdict is Admit.SKIP:
+            metrics.DUPLICATES.labels(STAGE_INPUTS[key]).inc()
+            event.ack()
+        elif verdict is Admit.SEEK:
+            expected = gate.expected(m.partition)
+            assert expected is not None
+            log.warning("%s[%d]: got offset %d, expected %d: reading %d-%d again",
+                        gate.topic, m.partition, m.offset, expected, expected, m.offset - 1)
+            metrics.REREADS.labels(STAGE_INPUTS[key]).inc()
+            from faust.types import TP
+
+            try:
+                await asyncio.wait_for(app.consumer.seek_wait({TP(m.topic, m.partition): expected}),
+                                       guard.PREPARE_TIMEOUT_S)
+            except Exception as exc:  # e.g. revoked meanwhile: the next assignment resets the gate
+                log.warning("%s[%d]: seek to %d failed: %r", gate.topic, m.partition, expected, exc)
+                gate.forget_hole(m.partition)  # the next event past the hole seeks again
+        return False
+
+
+Ack = Callable[[], Any]
