@@ -117,7 +117,7 @@ class _Scope:
     # Sums over buckets *before* the minute ``memo_at`` (and its hour), which no request of that
     # minute changes; any write to an earlier minute (a late delta, an out-of-order event) drops it.
     memo_at: int = -1
-    memo: dict[tuple[str, int, int], tuple[int, int]] = field(default_factory=dict)
+    memo: dict[tuple[Any, ...], tuple[Any, int]] = field(default_factory=dict)
 
 
 def _bump(buckets: dict[int, list[int]], b: int, n: int, fresh: int, keep: int) -> bool:
@@ -209,9 +209,11 @@ class PopulationView:
         hour = minute // 60
         evicted = _bump(sc.minutes, minute, n, fresh, MINUTES_KEPT)
         evicted = _bump(sc.hours, hour, n, fresh, HOURS_KEPT) or evicted
-        if evicted or minute < sc.memo_at:  # a bucket the memo summed has changed
+        if evicted:  # a bucket the memo may have summed is gone
             sc.memo_at = -1
             sc.memo.clear()
+        elif minute < sc.memo_at:  # a late event: forget the sums over its minute or hour
+            _forget(sc, minute, hour)
         if hour > sc.newest_hour:
             sc.newest_hour = hour
         if key[0] == "B":
@@ -231,6 +233,24 @@ class PopulationView:
             for prefix in [p for p, h in seen.items() if h <= hour - 24]:
                 del seen[prefix]
         return len(dead)
+
+
+def _forget(sc: _Scope, minute: int, hour: int) -> None:
+    """Drop the memoized sums that include ``minute`` (or its ``hour``): a late event changed
+    them. Events across partitions and workers arrive slightly out of order, so dropping every
+    sum each time would recompute the baselines for most requests."""
+    m0 = sc.memo_at
+    h0 = m0 // 60
+    for key in list(sc.memo):
+        kind = key[0]
+        if kind == "m":
+            stale = m0 + key[1] <= minute <= m0 + key[2]
+        elif kind == "h":
+            stale = h0 + key[1] <= hour <= h0 + key[2]
+        else:  # "base": minutes m0-129..m0-10 and hours h0-24..h0-1 (see baseline_10m)
+            stale = (m0 - 10 * BASELINE_BLOCKS - 9 <= minute <= m0 - 10) or h0 - 24 <= hour < h0
+        if stale:
+            del sc.memo[key]
 
 
 def _sum(buckets: Mapping[int, list[int]], first: int, last: int) -> tuple[int, int]:
@@ -294,6 +314,13 @@ def baseline_10m(sc: _Scope, ts: float, start_minute: int, min_baseline: float) 
     hour of surge in that history does not become the baseline), the day's mean and the same
     hour yesterday once a day of history exists, never below ``min_baseline``."""
     m, h = int(ts) // MINUTE, int(ts) // HOUR
+    if sc.memo_at != m:
+        sc.memo_at = m
+        sc.memo.clear()
+    key = ("base", start_minute, min_baseline)  # only buckets before the minute m: memoized
+    hit = sc.memo.get(key)
+    if hit is not None:
+        return float(hit[0])
     blocks = []
     for k in range(1, BASELINE_BLOCKS + 1):
         first = m - 10 * k - 9
@@ -308,6 +335,7 @@ def baseline_10m(sc: _Scope, ts: float, start_minute: int, min_baseline: float) 
         day, _ = _hsum(sc, h - 24, h - 1, h, m)
         yesterday, _ = _hsum(sc, h - 24, h - 24, h, m)
         base = max(base, day / 144.0, yesterday / 6.0)
+    sc.memo[key] = (base, 0)
     return base
 
 

@@ -39,6 +39,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import faust
+from aiokafka.partitioner import murmur2
 from faust.types import TP
 
 from detector import metrics
@@ -57,7 +58,7 @@ from detector.stream.ledger import (
     StageDelivery,
 )
 from detector.stream.range_stage import RANGE_BATCH, RangeStage
-from detector.stream.runtime import StreamRuntime
+from detector.stream.runtime import Message, Publish, PublishBatch, StreamRuntime
 from detector.stream.sweep import SWEEP_TICK_S, Sweeper, sweep_now, sweep_tables
 from detector.stream.tables import StateTable
 from detector.stream.web_surface import CLOSED_WEB_SETTINGS
@@ -65,6 +66,7 @@ from detector.stream.web_surface import CLOSED_WEB_SETTINGS
 log = logging.getLogger("detector.stream")
 
 GAUGE_INTERVAL_S = 5.0
+BATCH_BYTES = 512 * 1024  # a record batch's size limit (the broker takes 1 MiB by default)
 TABLES = (  # name, what a value holds (all: detector.stream.tables format)
     ("ip", "per IP: counts, distinct numbers, countries and ranges (ip stage)"),
     ("number", "per number: counts, distinct IPs, outstanding callback, machine answers"),
@@ -101,7 +103,7 @@ def make_app(settings: Settings, *, rt: StreamRuntime | None = None, web: bool =
     app = _faust_app(s, web)
     app.rt = rt
     _topics_and_tables(app, rt, s)
-    rt.publish = _publisher(app, rt)
+    rt.publish, rt.publish_batch = _publishers(app, rt)
     rt.diagnose = lambda: faust_internals.pending_without_leader(app)
     rt.ip = IpStage(rt, rt.state_tables["ip"])
     rt.batcher = RangeStage(rt)
@@ -145,6 +147,7 @@ def _faust_app(s: Settings, web: bool) -> DetectorApp:
         **CLOSED_WEB_SETTINGS,
         consumer_auto_offset_reset="earliest",
         producer_linger=s.batch_ms / 2000.0,  # fewer, larger produce requests
+        producer_max_batch_size=BATCH_BYTES,  # a stage's flush: one record batch per partition
         broker_commit_interval=1.0,
         broker_session_timeout=guard.SESSION_TIMEOUT_S,  # a killed worker's partitions move on
         broker_heartbeat_interval=2.0,
@@ -185,22 +188,65 @@ def _topics_and_tables(app: DetectorApp, rt: StreamRuntime, s: Settings) -> None
     rt.decisions = DecisionStore(rt.tables["seen"])
 
 
-def _publisher(app: DetectorApp, rt: StreamRuntime) -> Callable[..., Awaitable[Any]]:
+def _publishers(app: DetectorApp, rt: StreamRuntime) -> tuple[Publish, PublishBatch]:
+    """``publish`` (one message) and ``publish_batch`` (many: one batch per topic-partition)."""
     names: dict[int, str] = {}
+    partitions: dict[str, int] = {}
+
+    async def topic_name(channel: Any) -> str:
+        name = names.get(id(channel))
+        if name is None:
+            name = names[id(channel)] = channel.get_topic_name()
+            await _track_outputs(app, rt, name)
+        return name
 
     async def publish(channel: Any, key: bytes | None, value: bytes | None,
                       partition: int | None = None) -> Any:
         # Straight to the transport's producer: Topic.send() builds a FutureMessage, a
         # PendingMessage and runs the codecs for each message, which costs more than the rest of
         # a stage. Keys and values are bytes already. Returns the delivery future.
-        name = names.get(id(channel))
-        if name is None:
-            name = names[id(channel)] = channel.get_topic_name()
-            await _track_outputs(app, rt, name)
+        name = await topic_name(channel)
         metrics.child(metrics.MESSAGES_SENT, name).inc()
         return guard.watch_delivery(await app.producer.send(name, key, value, partition, None, None))
 
-    return publish
+    async def publish_batch(messages: list[Message]) -> list[Any]:
+        # aiokafka's batch API: one record batch per topic-partition, appended without a future
+        # or a coroutine per message, and handed to the sender closed, so it goes in the next
+        # produce request instead of lingering. Keyed messages go to the partition the default
+        # partitioner (murmur2, as Java's) would choose.
+        producer = faust_internals.aiokafka_producer(app)
+        if producer is None:
+            return [await publish(*m) for m in messages]
+        groups: dict[tuple[str, int], list[tuple[bytes | None, bytes | None]]] = {}
+        futs: list[Any] = []
+        for channel, key, value, partition in messages:
+            name = await topic_name(channel)
+            if partition is None:
+                if key is None:  # no key: the producer picks a partition
+                    futs.append(await publish(channel, key, value))
+                    continue
+                n = partitions.get(name)
+                if n is None:
+                    n = partitions[name] = len(producer.client.cluster.partitions_for_topic(name) or ())
+                if not n:
+                    futs.append(await publish(channel, key, value))
+                    continue
+                partition = (murmur2(key) & 0x7FFFFFFF) % n
+            groups.setdefault((name, partition), []).append((key, value))
+        for (name, partition), msgs in groups.items():
+            batch = producer.create_batch()
+            for key, value in msgs:
+                if batch.append(key=key, value=value, timestamp=None) is None:  # full
+                    futs.append(guard.watch_delivery(
+                        await producer.send_batch(batch, name, partition=partition)))
+                    batch = producer.create_batch()
+                    batch.append(key=key, value=value, timestamp=None)
+            futs.append(guard.watch_delivery(
+                await producer.send_batch(batch, name, partition=partition)))
+            metrics.child(metrics.MESSAGES_SENT, name).inc(len(msgs))
+        return futs
+
+    return publish, publish_batch
 
 
 def _agents(app: DetectorApp, rt: StreamRuntime, delivery: StageDelivery) -> None:

@@ -20,6 +20,14 @@ Consumer._add_gap          Never reached once read offsets are unknown; a no-op 
                            never be committed over (#606, history in #312/#313/#378).
 Consumer._new_offset       Reads ``_acked`` and ``_committed_offset``: never commit when the
                            record at the committed offset is not acked (#606).
+Consumer.wait_first        The drain loop awaits ``wait_first(callback(message),
+  (drain loop's call)      suspend_flow.wait())`` for every record: four tasks and an
+                           ``asyncio.wait`` per record, a fifth of a bare pass-through agent's
+                           CPU. :meth:`DeliveryConsumer.wait_first` runs the callback up to its
+                           first suspension and returns at once when it finished (the usual
+                           case: its stream's queue had room); otherwise the started callback
+                           races ``suspend_flow`` in Faust's own ``wait_first``. No upstream
+                           issue found; the contract test checks the loop's call.
 Consumer._new_consumer_    Swap in :class:`LowLatencyConsumerThread` (below).
   thread
 AIOKafkaConsumerThread.    Faust hard-codes ``fetch_max_wait_ms=1500`` and gives no setting;
@@ -57,6 +65,7 @@ mode Worker._cry           SIGUSR1 task dump, without the local variables mode p
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from typing import Any
 
@@ -99,13 +108,63 @@ class LowLatencyConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         return consumer
 
 
+def _is_event_wait(coro: Any) -> bool:
+    from mode.utils.locks import Event
+
+    return getattr(coro, "cr_code", None) is Event.wait.__code__
+
+
+async def resume_started(coro: Any, yielded: Any) -> Any:
+    """Drive to its end a coroutine that was started by hand and suspended on ``yielded`` (an
+    asyncio future, or None for a bare yield), as an asyncio Task would; a cancellation or the
+    future's exception is thrown into it."""
+    while True:
+        try:
+            if yielded is None:
+                await asyncio.sleep(0)
+            else:
+                yielded._asyncio_future_blocking = False  # taken over, as Task.__step does
+                await yielded
+        except BaseException as exc:  # noqa: BLE001 - whatever it is, the coroutine decides
+            try:
+                yielded = coro.throw(exc)
+            except StopIteration as done:
+                return done.value
+            continue
+        try:
+            yielded = coro.send(None)
+        except StopIteration as done:
+            return done.value
+
+
 class DeliveryConsumer(faust_aiokafka.Consumer):
     """Faust's aiokafka consumer: short fetch waits, every record delivered, commits only over
-    acked offsets that follow the committed one."""
+    acked offsets that follow the committed one, and no task per record in the drain loop."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._read_offset = DeliverAll()
+
+    async def wait_first(self, *coros: Any, timeout: Any = None) -> Any:
+        """The drain loop's ``wait_first(callback(message), self.suspend_flow.wait())`` without
+        a task per record when the callback finishes without suspending; any other call, and a
+        callback that suspends, is Faust's ``wait_first`` (see the module doc)."""
+        if (len(coros) == 2 and timeout is None and inspect.iscoroutine(coros[0])
+                and inspect.getcoroutinestate(coros[0]) == inspect.CORO_CREATED
+                and _is_event_wait(coros[1]) and not self.should_stop):
+            callback, flow = coros
+            try:
+                yielded = callback.send(None)
+            except StopIteration as done:
+                flow.close()  # never started: nothing to cancel
+                from mode.services import WaitResults
+
+                return WaitResults([callback], [done.value], False)
+            except BaseException:
+                flow.close()
+                raise
+            return await super().wait_first(resume_started(callback, yielded), flow)
+        return await super().wait_first(*coros, timeout=timeout)
 
     def _new_consumer_thread(self) -> Any:
         return LowLatencyConsumerThread(self, loop=self.loop, beacon=self.beacon)

@@ -84,8 +84,7 @@ class IpStage:
                 return 0
             writes, acks = self.table.take_writes(), self.acks
             self.acks = []
-            for w in writes:
-                await self.rt.publish_write(w)
+            await self.rt.send_all(self.rt.changelog(writes))
             for ack in acks:
                 ack()
             self.rt.watch.progress("ip")

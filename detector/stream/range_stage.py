@@ -286,7 +286,7 @@ class RangeStage:
                 return 0
             writes, results, acks = self._take()
             rt = self.rt
-            futs = [await rt.publish_write(w) for w in writes]
+            futs = await rt.send_all(rt.changelog(writes))
             if futs:  # state and stored decisions durable before any send (bounded, loud wait)
                 await guard.wait_delivered(futs, stage="range", what="changelog writes",
                                            diagnose=rt.diagnose)
@@ -294,6 +294,8 @@ class RangeStage:
             sent = 0
             now = time.time()
             store = rt.decisions
+            out: list[Any] = []  # the decisions, sent together
+            decisions = rt.topics["decisions"]
             for res in results:
                 if res.dead_letter is not None:
                     key = res.dead_letter["key_b64"]
@@ -309,12 +311,14 @@ class RangeStage:
                 rid = d["request_id"]
                 if res.resend and store.was_sent(rid):
                     continue  # already on the decisions topic
-                await rt.send("decisions", rid.encode("utf-8"),
-                              res.raw if res.raw is not None else codec.dumps(d))
+                out.append((decisions, rid.encode("utf-8"),
+                            res.raw if res.raw is not None else codec.dumps(d), None))
                 store.mark_sent(rid, now)
                 sent += 1
                 if not res.resend:
                     metrics.observe_decision(d, None if res.kts is None else now - float(res.kts))
+            if out:
+                await rt.send_all(out)
             for ack in acks:
                 ack()
             rt.watch.progress("range")

@@ -27,6 +27,8 @@ from detector.stream.tables import StateTable, Write
 log = logging.getLogger("detector.stream")
 
 Publish = Callable[..., Awaitable[Any]]
+Message = tuple[Any, bytes | None, bytes | None, int | None]  # channel, key, value, partition
+PublishBatch = Callable[[list[Message]], Awaitable[list[Any]]]
 
 
 @dataclass
@@ -38,6 +40,7 @@ class StreamRuntime:
     intel: IpIntel
     model_watcher: Any = None
     publish: Publish | None = None  # set by make_app; tests replace it to capture sends
+    publish_batch: PublishBatch | None = None  # many messages at once (None: one by one)
     max_ts: float = 0.0  # highest event time seen (drives the sweep)
     lists_ready: asyncio.Event = field(default_factory=asyncio.Event)
     generation: int | None = None  # consumer generation the stages are prepared for
@@ -88,6 +91,17 @@ class StreamRuntime:
         """Send one changelog message (a table write or a tombstone); its delivery future."""
         assert self.publish is not None
         return await self.publish(w.table.changelog_topic, w.key, w.value, w.partition)
+
+    async def send_all(self, messages: list[Message]) -> list[Any]:
+        """Send messages together (one batch per topic-partition); their delivery futures."""
+        if self.publish_batch is not None:
+            return await self.publish_batch(messages)
+        assert self.publish is not None
+        return [await self.publish(*m) for m in messages]
+
+    @staticmethod
+    def changelog(writes: list[Write]) -> list[Message]:
+        return [(w.table.changelog_topic, w.key, w.value, w.partition) for w in writes]
 
     async def flush_batches(self) -> None:
         """Flush the ip stage's and the range stage's pending batches (rebalance, stop)."""

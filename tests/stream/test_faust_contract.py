@@ -82,6 +82,76 @@ def test_consumer_thread_and_fetch_settings_hooks() -> None:
     assert "fetch_min_bytes=self._fetch_min_bytes" in start  # fetcher: we set both before
 
 
+# --- Consumer.wait_first (the drain loop's call) ---------------------------------------------
+
+
+def test_drain_loop_awaits_wait_first_of_the_callback_and_the_flow_event() -> None:
+    src = " ".join(source(faust_consumer.Consumer._drain_messages).split())
+    assert "await self.wait_first( callback(message), self.suspend_flow.wait() )" in src
+    from mode.utils.locks import Event
+
+    assert inspect.iscoroutinefunction(Event.wait)
+    assert "async def wait_first(" in source(mode.Service.wait_first)
+    assert params(mode.Service.wait_first) == ["self", "coros", "timeout"]
+
+
+def _consumer() -> Any:
+    from mode.utils.locks import Event
+
+    c = object.__new__(faust_internals.DeliveryConsumer)  # only wait_first's state
+    mode.Service.__init__(c)
+    c.suspend_flow = Event()
+    return c
+
+
+def test_wait_first_returns_a_callback_that_did_not_suspend_without_a_task() -> None:
+    import asyncio
+
+    ran: list[int] = []
+
+    async def callback() -> str:
+        ran.append(1)
+        return "done"
+
+    async def main() -> Any:
+        c = _consumer()
+        tasks_before = len(asyncio.all_tasks())
+        result = await c.wait_first(callback(), c.suspend_flow.wait())
+        return result, len(asyncio.all_tasks()) - tasks_before
+
+    result, new_tasks = asyncio.run(main())
+    assert ran == [1] and result.results == ["done"] and not result.stopped and new_tasks == 0
+
+
+def test_wait_first_finishes_a_callback_that_suspends_and_propagates_its_error() -> None:
+    import asyncio
+
+    async def slow(fut: asyncio.Future[int]) -> int:
+        await asyncio.sleep(0)
+        return await fut + 1
+
+    async def failing() -> None:
+        await asyncio.sleep(0)
+        raise KeyError("x")
+
+    async def main() -> Any:
+        c = _consumer()
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_later(0.01, fut.set_result, 41)
+        ok = await c.wait_first(slow(fut), c.suspend_flow.wait())
+        with pytest.raises(KeyError):
+            await c.wait_first(failing(), c.suspend_flow.wait())
+        # a callback still waiting when the flow is suspended is abandoned, as in Faust
+        never: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_later(0.01, c.suspend_flow.set)
+        suspended = await c.wait_first(slow(never), c.suspend_flow.wait())
+        return ok, suspended, never
+
+    ok, suspended, never = asyncio.run(main())
+    assert ok.results == [42]
+    assert len(suspended.done) == 1 and never.cancelled()
+
+
 # --- App._new_transport and the start-up check ----------------------------------------------
 
 
