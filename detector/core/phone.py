@@ -45,14 +45,14 @@ def _clean(raw: str) -> str:
     return text
 
 
-@lru_cache(maxsize=200_000)
+@lru_cache(maxsize=20_000)  # the recurring numbers; 200,000 entries held ~80 MB in a flood
 def enrich_phone(
     raw: str, country_hint: str | None, range_digits: int = DEFAULT_RANGE_DIGITS
 ) -> PhoneInfo:
     """Parse and classify a number as typed. Never raises: failures are in ``error``.
 
     Numbers in national format need ``country_hint``; E.164 (``+...`` or ``00...``) does not.
-    Results are cached by (raw, hint): parsing costs ~60 us.
+    Results are cached by (raw, hint) (the 20,000 most recent): parsing costs ~60 us.
     """
     text = _clean(raw)
     if not text.startswith("+") and not country_hint:

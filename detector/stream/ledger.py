@@ -176,8 +176,17 @@ class DecisionStore:
         return n
 
     def sweep(self, keys: list[bytes] | None, now: float, owned: set[int]) -> list[Write]:
-        """Drop decisions past their TTL (tombstones) and those of partitions not owned."""
-        return sweep_keys(self.table, keys, now, owned, self.busy)
+        """Drop decisions past their TTL (tombstones) and those of partitions not owned, and
+        their ids from ``sent``: without a stored decision there is nothing to re-send."""
+        writes = sweep_keys(self.table, keys, now, owned, self.busy)
+        for w in writes:
+            self.forget(w.key.decode("utf-8", "surrogatepass"))
+        return writes
+
+    def forget(self, request_id: str) -> None:
+        h = hash(request_id)
+        for bucket in self._sent.values():
+            bucket.discard(h)
 
 
 # --------------------------------------------------------------------------- in order, no holes

@@ -19,8 +19,9 @@ from detector.core.clock import sweep_time
 from detector.stream.tables import Write, read_head, sweep_keys
 
 SWEEP_INTERVAL_S = 30.0  # a full sweep pass starts at most this often ...
-SWEEP_TICK_S = 0.5  # ... and proceeds SWEEP_SLICE keys per tick
-SWEEP_SLICE = 2000
+SWEEP_TICK_S = 0.5  # ... and proceeds a slice of keys per tick:
+SWEEP_SLICE = 2000  # at least this many, more for big tables (a pass in SWEEP_INTERVAL_S) ...
+SWEEP_SLICE_MAX = 20_000  # ... but never more than this (~20 ms of the loop per tick)
 CORE_TABLES = ("ip", "number", "pair", "range")
 
 
@@ -58,7 +59,7 @@ class Sweeper:
 
     def __init__(self, rt: Any, slice_size: int = SWEEP_SLICE) -> None:
         self.rt = rt
-        self.slice_size = slice_size
+        self.min_slice = self.slice_size = slice_size
         self.queue: list[tuple[str, list[bytes]]] = []  # (table, its keys at the pass's start)
         self.pass_started = float("-inf")
         self.pending = 0  # numbers with an outstanding callback seen in the current pass
@@ -76,6 +77,10 @@ class Sweeper:
             metrics.OUTSTANDING.set(self.pending)
             self.pending = 0
             self.queue = [(name, list(t.data.keys())) for name, t in self._tables().items()]
+            total = sum(len(keys) for _, keys in self.queue)
+            ticks = SWEEP_INTERVAL_S / SWEEP_TICK_S
+            self.slice_size = min(max(self.min_slice, int(total / ticks) + 1),
+                                  max(self.min_slice, SWEEP_SLICE_MAX))
             self.rt.decisions.forget_sent()
         only: dict[str, list[bytes]] = {}
         budget = self.slice_size

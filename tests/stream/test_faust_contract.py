@@ -247,6 +247,16 @@ def test_changelog_messages_we_send_are_what_faust_recovery_reads() -> None:
 # --- PrometheusMonitor._metrics --------------------------------------------------------------
 
 
+def test_the_consumer_stall_check_reads_the_monitor_inbound_time_we_still_stamp() -> None:
+    src = source(faust_aiokafka.AIOKafkaConsumerThread.verify_event_path)
+    assert "inbound = monitor.stream_inbound_time.get(tp)" in src
+    assert "self.stream_inbound_time[tp] = monotonic()" in source(
+        faust.sensors.Monitor.on_stream_event_in)
+    monitor = faust_internals.lean_monitor(PrometheusMonitor(metrics=None))  # type: ignore[arg-type]
+    monitor.on_stream_event_in("tp", 1, None, None)  # type: ignore[arg-type]
+    assert "tp" in monitor.stream_inbound_time
+
+
 def test_prometheus_monitor_keeps_its_metrics_and_event_hooks() -> None:
     assert "self._metrics = metrics" in source(PrometheusMonitor.__init__)
     assert params(PrometheusMonitor.on_stream_event_in) == ["self", "tp", "offset", "stream", "event"]
