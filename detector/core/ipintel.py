@@ -107,7 +107,7 @@ class IpIntel:
     anonymous_db: Path | None = None
     cidr_lists: Mapping[str, Iterable[str]] = field(default_factory=dict)  # kind -> CIDRs
     hosting_asns: set[int] = field(default_factory=set)
-    cache_size: int = 20_000  # ~5 MB; 200,000 held ~50 MB of a worker in a unique-IP flood
+    cache_size: int = 200_000  # ~50 MB when full; a worker keeps fewer (stream/worker.py)
     connection_type_db: Path | None = None  # MaxMind GeoIP2 Connection-Type: "Cellular" = mobile
     mobile_asns: set[int] = field(default_factory=set)  # mobile carriers' ASNs (CGNAT pools)
 

@@ -45,15 +45,25 @@ def _clean(raw: str) -> str:
     return text
 
 
-@lru_cache(maxsize=20_000)  # the recurring numbers; 200,000 entries held ~80 MB in a flood
 def enrich_phone(
     raw: str, country_hint: str | None, range_digits: int = DEFAULT_RANGE_DIGITS
 ) -> PhoneInfo:
     """Parse and classify a number as typed. Never raises: failures are in ``error``.
 
     Numbers in national format need ``country_hint``; E.164 (``+...`` or ``00...``) does not.
-    Results are cached by (raw, hint) (the 20,000 most recent): parsing costs ~60 us.
+    Results are cached by (raw, hint) (see :func:`set_cache_size`): parsing costs ~60 us.
     """
+    return _cached(raw, country_hint, range_digits)
+
+
+def set_cache_size(entries: int) -> None:
+    """Keep the ``entries`` most recent numbers parsed (200,000 by default: ~80 MB when full,
+    which a replay can afford; a worker keeps fewer, see ``detector.stream.worker``)."""
+    global _cached
+    _cached = lru_cache(maxsize=entries)(_enrich_phone)
+
+
+def _enrich_phone(raw: str, country_hint: str | None, range_digits: int) -> PhoneInfo:
     text = _clean(raw)
     if not text.startswith("+") and not country_hint:
         return _unparsed("national-format number without country_hint")
@@ -78,6 +88,9 @@ def enrich_phone(
         number_type=number_type,
         range_key=range_key_of(e164, range_digits),
     )
+
+
+_cached = lru_cache(maxsize=200_000)(_enrich_phone)
 
 
 def _unparsed(error: str) -> PhoneInfo:
