@@ -346,8 +346,11 @@ def _timers(app: DetectorApp, rt: StreamRuntime) -> None:
         if not rt.active:
             rt.update_assignment(app)
         started = sweeper.pass_started
-        for w in sweeper.tick(sweep_now(rt)):
-            await rt.publish_write(w)
+        tombstones = sweeper.tick(sweep_now(rt))
+        if tombstones:  # in batches, as every changelog write: aiokafka's send_batch waits for
+            # a partition's pending batch, and one-by-one sends here kept one pending for long
+            # (a flood's expired day: the range stage's flush waited behind them)
+            await rt.send_all(rt.changelog(tombstones))
         if sweeper.pass_started != started:  # a new pass (every SWEEP_INTERVAL_S at most)
             rt.population.prune(pop_stream.prune_clock(rt.max_ts))
 
