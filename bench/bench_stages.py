@@ -74,7 +74,6 @@ def build(no_model: bool) -> tuple[Any, dict[str, list[tuple[bytes | None, bytes
         return fut
 
     rt.publish = publish
-    rt.publish_batch = None
     rt.lists_ready.set()
     rt.gate_offsets = False
     rt.ip_partitions = PARTITIONS

@@ -28,7 +28,6 @@ log = logging.getLogger("detector.stream")
 
 Publish = Callable[..., Awaitable[Any]]
 Message = tuple[Any, bytes | None, bytes | None, int | None]  # channel, key, value, partition
-PublishBatch = Callable[[list[Message]], Awaitable[list[Any]]]
 
 
 @dataclass
@@ -40,7 +39,6 @@ class StreamRuntime:
     intel: IpIntel
     model_watcher: Any = None
     publish: Publish | None = None  # set by make_app; tests replace it to capture sends
-    publish_batch: PublishBatch | None = None  # many messages at once (None: one by one)
     max_ts: float = 0.0  # highest event time seen (drives the sweep)
     lists_ready: asyncio.Event = field(default_factory=asyncio.Event)
     generation: int | None = None  # consumer generation the stages are prepared for
@@ -93,9 +91,7 @@ class StreamRuntime:
         return await self.publish(w.table.changelog_topic, w.key, w.value, w.partition)
 
     async def send_all(self, messages: list[Message]) -> list[Any]:
-        """Send messages together (one batch per topic-partition); their delivery futures."""
-        if self.publish_batch is not None:
-            return await self.publish_batch(messages)
+        """Send messages in order; their delivery futures."""
         assert self.publish is not None
         return [await self.publish(*m) for m in messages]
 

@@ -153,7 +153,6 @@ def make_harness(policy_ctx: Any = None, **overrides: Any) -> Harness:
         return fut
 
     rt.publish = publish
-    rt.publish_batch = None  # every message through publish (captured)
     rt.lists_ready.set()
     rt.generation = app.consumer_generation_id
     rt.gate_offsets = False  # test_context numbers offsets per agent, not per partition
