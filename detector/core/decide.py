@@ -17,6 +17,7 @@ from detector.core.features import denied_prefix, features, geo_mismatch
 from detector.core.lists import ListIndex
 from detector.core.pii import random_key
 from detector.core.policy import Policy, Rule
+from detector.core.rates import RateDeck, packaged_rate_deck
 from detector.core.records import (
     Action,
     CallbackRequest,
@@ -73,6 +74,8 @@ class DecisionContext:
     # The PII hash key. Never a known default: a context built without one gets the process's
     # random key (its hashes match no other process's); runtime.build_context passes the configured one.
     pii_key: bytes = field(default_factory=random_key, repr=False)
+    # The rate deck (core/rates.py, DETECTOR_RATE_DECK) pricing decisions for core/spend.py.
+    rates: RateDeck | None = field(default_factory=packaged_rate_deck, repr=False)
 
 
 def _hit(

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from detector.core import population, state
+from detector.core import population, spend, state
 from detector.core.clock import EventClock
 from detector.core.decide import DecisionContext, decide, decide_many
 from detector.core.errors import InvalidField, MissingField
@@ -183,6 +183,7 @@ class Detector:
             self.ctx,
             decided_at=req.ts if decided_at is None else decided_at,
         )
+        decision = spend.settle(decision, req, enr, self.ctx, self.population)  # price, breakers
         state.range_commit(
             self.range_stores,
             upd,
@@ -233,7 +234,8 @@ class Detector:
         decisions = decide_many([(r, e, c) for r, e, c, _ in todo], self.ctx, decided_at=0.0,
                                 decided_ats=[r.ts for r, _, _, _ in todo])
         ttl = self.ctx.policy.pending_ttl
-        for (req, _, _, upd), d in zip(todo, decisions, strict=True):
+        for i, ((req, enr, _, upd), d) in enumerate(zip(todo, decisions, strict=True)):
+            d = decisions[i] = spend.settle(d, req, enr, self.ctx, self.population)  # in commit order
             state.range_commit(self.range_stores, upd, req, allowed=d.action == Action.ALLOW,
                                pending_ttl=ttl)
         todo.clear()

@@ -23,6 +23,7 @@ from detector.core.errors import PolicyError, _shown
 from detector.core.parse import parse_ts
 from detector.core.population import Campaign, PopulationPolicy
 from detector.core.records import Action
+from detector.core.spend import SpendPolicy, parse_spend_policy
 
 DEFAULT_POLICY_TEXT = (
     resources.files("detector.core").joinpath("default_policy.toml").read_text("utf-8")
@@ -85,6 +86,7 @@ class Policy:
     soft_codes: frozenset[str] = frozenset()
     recombination_min: int = 3
     auth_deflect_codes: frozenset[str] = frozenset()
+    spend: SpendPolicy = field(default_factory=SpendPolicy)  # [spend]: cost at risk, spend breakers
 
     def rule(self, code: str) -> Rule:
         return self.rules[code]
@@ -282,6 +284,7 @@ def parse_policy(overrides: Mapping[str, Any]) -> Policy:
         ),
         deny=lists["deny"],
         allow=lists["allow"],
+        spend=parse_spend_policy(raw["spend"]),
     )
 
 

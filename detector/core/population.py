@@ -5,7 +5,9 @@ IPs and numbers, and loud when innocent customers share one IP. Population count
 
 * **scopes**: ``*`` (everything), ``C:<region>`` (destination country) and ``B<k>:<region>:<prefix>``
   (a block of 10^k numbers: the E.164 form minus its last *k* digits, e.g. ``B5:GB:+4477009`` holds the
-  100,000 numbers +447700900000-+447700999999, the size an IRSF seller leases).
+  100,000 numbers +447700900000-+447700999999, the size an IRSF seller leases); and the spend
+  scopes ``$C:<region>`` / ``$P:<prefix>`` of :mod:`detector.core.spend` (allowed expected spend in
+  integer units instead of requests, allowed requests instead of fresh ones).
 * each scope keeps minute buckets (the last :data:`MINUTES_KEPT`) and hour buckets (the last
   :data:`HOURS_KEPT`) of two counts: requests, and requests from *fresh* IPs (the IP's first
   request in 24 h). Buckets are bounded in number, never aged against one event's time: a request
@@ -169,17 +171,18 @@ class PopulationView:
     def __len__(self) -> int:
         return len(self.scopes)
 
-    def observe(self, keys: Sequence[str], ts: float, *, fresh: bool) -> None:
-        """Count one request (and record it as a delta for :meth:`take_delta`)."""
+    def observe(self, keys: Sequence[str], ts: float, *, fresh: bool, n: int = 1) -> None:
+        """Count one request (and record it as a delta for :meth:`take_delta`). Spend scopes
+        (``$...``, core/spend.py) count ``n`` units of allowed spend, and the request as "fresh"."""
         minute = int(ts) // MINUTE
         f = 1 if fresh else 0
         for key in keys:
-            self._add(key, minute, 1, f)
+            self._add(key, minute, n, f)
             cell = self.pending.get((key, minute))
             if cell is None:
-                self.pending[(key, minute)] = [1, f]
+                self.pending[(key, minute)] = [n, f]
             else:
-                cell[0] += 1
+                cell[0] += n
                 cell[1] += f
 
     def take_delta(self) -> list[list[Any]]:

@@ -71,7 +71,7 @@ from faust.types import TP
 
 from detector import metrics
 from detector.config import Settings
-from detector.core import state
+from detector.core import spend, state
 from detector.core.clock import sweep_time
 from detector.core.decide import DecisionContext, decide_many
 from detector.core.errors import InputError, UntrustedEntry
@@ -535,6 +535,7 @@ def decide_pending(rt: StreamRuntime, undecided: list[Undecided],
     seen = rt.tables["seen"]
     for u, decision in zip(undecided, decisions, strict=True):
         req = u.req
+        decision = spend.settle(decision, req, u.enr, rt.ctx, rt.population)  # price, breakers
         state.range_commit(u.stores, u.update, req, allowed=decision.action == Action.ALLOW,
                            pending_ttl=rt.policy.pending_ttl)
         d = codec.decision_to_wire(decision)
@@ -1056,7 +1057,8 @@ def make_app(settings: Settings, *, rt: StreamRuntime | None = None, web: bool =
 
     from detector.policy_watch import PolicyWatcher
 
-    policy_watcher = app.policy_watcher = PolicyWatcher(s.policy, rt.ctx)  # type: ignore[attr-defined]
+    policy_watcher = PolicyWatcher(s.policy, rt.ctx, s.rate_deck)  # the rate deck too
+    app.policy_watcher = policy_watcher  # type: ignore[attr-defined]
 
     @app.timer(s.policy_reload_s)
     async def policy_reload() -> None:  # a changed policy file, without a restart
@@ -1166,6 +1168,9 @@ def _static_gauges(rt: StreamRuntime) -> None:
     metrics.POLICY_INFO.info({"version": rt.policy.version,
                               "path": str(rt.settings.policy or "packaged default")})
     metrics.set_known_reasons(rt.policy.reason_codes())
+    metrics.set_spend_countries(rt.policy)
+    if rt.ctx.rates is not None:
+        metrics.set_rate_deck_info(rt.ctx.rates)
     rt.update_list_gauges()
     _model_gauges(rt)
 
