@@ -65,6 +65,7 @@ class Settings:
     policy: Path | None = None
     lists_file: Path | None = None
     policy_reload_s: float = 5.0  # how often a worker checks the policy file for changes
+    rate_deck: Path | None = None  # CSV prefix -> cost per minute (None: the packaged ILLUSTRATIVE sample)
     geoip_country_db: Path | None = None
     geoip_asn_db: Path | None = None
     anonymous_ip_db: Path | None = None
@@ -119,7 +120,7 @@ class Settings:
 
 
 _FILES = ("policy", "lists_file", "geoip_country_db", "geoip_asn_db", "anonymous_ip_db", "hosting_asn_file",
-          "connection_type_db", "mobile_asn_file", "soc_private_key", "worker_private_key")
+          "rate_deck", "connection_type_db", "mobile_asn_file", "soc_private_key", "worker_private_key")
 _PATHS = {*_FILES, "models_dir", "data_dir"}
 _PATH_LISTS = {"soc_public_keys", "worker_public_keys"}  # comma-separated
 _INTS = {"partitions", "replication", "web_port", "batch_ms", "sink_batch"}
