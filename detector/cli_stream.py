@@ -106,6 +106,9 @@ def cmd_lists(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     if args.lists_command == "add":
+        if args.kind == "budget" and not args.ttl:
+            raise ConfigError("lists add ... budget: give --ttl (a spend breaker override must expire, "
+                              "e.g. --ttl 1h)")
         ttl = parse_duration(args.ttl) if args.ttl else None
         e = io.lists_add(settings, args.action, args.kind, args.value, reason=args.reason, ttl_s=ttl)
         print(
@@ -179,7 +182,9 @@ def add_commands(sub: Any, add_core_flags: Callable[[argparse.ArgumentParser], N
     for q in (add, rem):
         q.add_argument("action", choices=("deny", "allow"))
         q.add_argument("kind", choices=KINDS,
-                       help="surge: under-attack mode for '*', a country or +prefix (deny: on, allow: off)")
+                       help="surge: under-attack mode for '*', a country or +prefix (deny: on, allow: off); "
+                            "budget: a spend breaker of '*', a country or a spend scope's +prefix (allow: "
+                            "held closed, allow SCOPE:x3: budgets x3, deny: forced open; needs --ttl)")
         q.add_argument("value")
         _kafka_flags(q)
     add.add_argument("--reason", default="")

@@ -38,6 +38,9 @@ class DemoResult:
     legit_allow: float
     legit_served: float
     decisions: int
+    money_saved: float = 0.0  # expected cost of the attack requests stopped (rate deck, core/spend.py)
+    money_leaked: float = 0.0  # ... of the attack requests allowed
+    currency: str | None = None
 
 
 def run_demo(
@@ -86,7 +89,11 @@ def run_demo(
         reqs.sort(key=lambda r: r.ts)
         decisions: list[Decision] = list(det.process_many(reqs))
         intel.close()
-    result = summarize(decisions, label, model_note=model_note)
+    deck = ctx.rates
+    deck_note = "" if deck is None else f"{deck.currency}, " + (
+        "the packaged ILLUSTRATIVE sample rate deck, not a real tariff" if "packaged" in deck.source
+        else f"rate deck {deck.source}")
+    result = summarize(decisions, label, model_note=model_note, deck_note=deck_note)
     if log_db is not None or out_dir is not None:
         from detector.demo_log import write_demo_outputs
 
@@ -95,7 +102,7 @@ def run_demo(
 
 
 def summarize(
-    decisions: list[Decision], label: dict[str, str], *, model_note: str = ""
+    decisions: list[Decision], label: dict[str, str], *, model_note: str = "", deck_note: str = ""
 ) -> DemoResult:
     by_action = Counter(str(d.action) for d in decisions)
     silent = sum(1 for d in decisions if d.silent)
@@ -161,4 +168,51 @@ def summarize(
     out += ["", "Top offending number ranges (masked):"]
     for rk, n in ranges.most_common(8):
         out.append(f"  {mask_range(rk):<22} {range_cc.get(rk, '??'):<3} {n:>6,} stopped")
-    return DemoResult("\n".join(out), stop, legit_allow, served, total)
+    money = _money_lines(decisions, label, deck_note)
+    out += money.lines
+    return DemoResult("\n".join(out), stop, legit_allow, served, total, money.saved, money.leaked,
+                      money.currency)
+
+
+@dataclass
+class _Money:
+    lines: list[str]
+    saved: float
+    leaked: float
+    currency: str | None
+
+
+def _money_lines(decisions: list[Decision], label: dict[str, str], deck_note: str) -> _Money:
+    """Estimated money saved: the expected cost (rate deck x risk-weighted minutes) of the attack
+    requests stopped; and what was allowed, by whom."""
+    currency = next((d.currency for d in decisions if d.currency), None)
+    if currency is None:
+        return _Money([], 0.0, 0.0, None)
+    saved_by: dict[str, float] = defaultdict(float)
+    leaked, legit_allowed, legit_stopped = 0.0, 0.0, 0.0
+    breaker: Counter[str] = Counter()
+    for d in decisions:
+        scn = label.get(d.request_id, "?")
+        attack = not scn.startswith("legit")
+        if d.action == "allow":
+            if attack:
+                leaked += d.expected_cost
+            else:
+                legit_allowed += d.expected_cost
+        elif attack:
+            saved_by[scn] += d.expected_cost
+        else:
+            legit_stopped += d.expected_cost
+        if "spend_budget_exceeded" in d.reasons:
+            breaker["attack" if attack else "surge" if scn == "legit_surge" else "legit"] += 1
+    saved = sum(saved_by.values())
+    top = ", ".join(f"{s} {v:,.0f}" for s, v in sorted(saved_by.items(), key=lambda kv: -kv[1])[:3])
+    lines = ["", f"Estimated money ({deck_note}; expected cost = rate x risk-weighted minutes):",
+             f"  saved: attack callbacks stopped   {saved:>12,.2f} {currency}  ({top})",
+             f"  leaked: attack callbacks allowed  {leaked:>12,.2f} {currency}",
+             f"  legitimate callbacks allowed      {legit_allowed:>12,.2f} {currency}"
+             f"  (legitimate requests deflected or blocked: {legit_stopped:,.2f})",
+             f"  spend circuit breakers: {sum(breaker.values()):,} requests deflected "
+             f"(spend_budget_exceeded: {breaker['attack']:,} attack, {breaker['surge']:,} unannounced "
+             f"surge, {breaker['legit']:,} other legitimate)"]
+    return _Money(lines, saved, leaked, currency)

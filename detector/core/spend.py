@@ -22,8 +22,11 @@ scope has a budget per hour (the last 60 minutes) and per day (the last 24 hours
 ``[[spend.budgets]]``, else a default derived from the scope's own baseline::
 
     typical_hour = median allowed spend per hour over the complete hours of the last 24 (0 if none)
-    hour budget  = max(floor_hour, hour_factor * typical_hour)       x a declared campaign's factor
-    day budget   = max(floor_day,  day_factor * 24 * typical_hour)   x a declared campaign's factor
+    hour budget  = max(floor_hour, hour_factor * typical_hour)       x campaign boost (last hour)
+    day budget   = max(floor_day,  day_factor * 24 * typical_hour)   x campaign boost (last day)
+
+(campaign boost: 1 + (factor - 1) x the share of the window a declared campaign covers,
+:func:`campaign_boost`)
 
 (floors per country and per prefix; the median keeps up to 12 hours of pumping out of the baseline).
 When a scope's spend is at or over a budget, an allowed request to it gets ``spend_budget_exceeded``
@@ -46,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 import phonenumbers
 
 from detector.core.errors import ConfigError, PolicyError, _shown
-from detector.core.population import MINUTE, Campaign, PopulationView, _campaign_factor, _hsum, _msum
+from detector.core.population import MINUTE, Campaign, PopulationView, _hsum, _msum
 from detector.core.records import Action
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -222,6 +225,27 @@ def typical_hour(view: PopulationView, key: str, ts: float) -> float:
     return float(typical)
 
 
+def campaign_boost(campaigns: Sequence[Campaign], region: str | None, ts: float, window_s: float) -> float:
+    """How much declared campaigns raise a default budget over the window ``(ts - window_s, ts]``:
+    ``1 + (factor - 1) x`` the share of the window the campaign covers (the largest over the
+    campaigns of the region or ``*``). Its spend stays in the window after it ends, and so does
+    the raise; a budget is not multiplied for a whole day by a 30-minute campaign.
+
+    >>> c = Campaign("GB", 0.0, 1800.0, 30.0)
+    >>> campaign_boost((c,), "GB", 1800.0, 3600.0), campaign_boost((c,), "GB", 5400.0, 3600.0)
+    (15.5, 1.0)
+    """
+    if not region or not campaigns:
+        return 1.0
+    best = 1.0
+    for c in campaigns:
+        if c.country in (region, "*"):
+            overlap = min(c.end, ts) - max(c.start, ts - window_s)
+            if overlap > 0:
+                best = max(best, 1.0 + (c.factor - 1.0) * overlap / window_s)
+    return best
+
+
 def breaker(view: PopulationView, key: str, ts: float, policy: SpendPolicy,
             campaigns: Sequence[Campaign] = (), override: tuple[str, float] | None = None) -> BreakerState:
     """The breaker of spend scope ``key`` at ``ts`` (see the module doc); ``override`` is the
@@ -242,13 +266,14 @@ def breaker(view: PopulationView, key: str, ts: float, policy: SpendPolicy,
     if lim_h is None or lim_d is None:
         typ = typical_hour(view, key, ts)
         region = scope_region(key)
-        camp = _campaign_factor(campaigns, region, ts) if region else 1.0
         floor_h, floor_d = ((policy.country_floor_hour, policy.country_floor_day) if country
                             else (policy.prefix_floor_hour, policy.prefix_floor_day))
         if lim_h is None:
-            lim_h = max(floor_h * SPEND_UNIT, policy.hour_factor * typ) * camp
+            lim_h = max(floor_h * SPEND_UNIT, policy.hour_factor * typ) * campaign_boost(
+                campaigns, region, ts, 3600.0)
         if lim_d is None:
-            lim_d = max(floor_d * SPEND_UNIT, policy.day_factor * 24.0 * typ) * camp
+            lim_d = max(floor_d * SPEND_UNIT, policy.day_factor * 24.0 * typ) * campaign_boost(
+                campaigns, region, ts, 86400.0)
     is_open = spend_h >= lim_h or spend_d >= lim_d
     if override is not None:
         what, factor = override
