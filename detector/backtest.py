@@ -24,7 +24,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from detector.core import spend
 from detector.core.decide import DecisionContext, Scorer, decide_many
 from detector.core.errors import ConfigError, InputError
 from detector.core.ipintel import IpIntel
@@ -296,13 +295,12 @@ def _from_row(row: dict[str, Any]) -> tuple[CallbackRequest, Enrichment, Counts]
 
 def redecide_rows(rows: Sequence[dict[str, Any]], base: DecisionContext, cand: DecisionContext
                   ) -> list[tuple[Decision, Decision]]:
+    """Re-decide decision-log rows under both contexts. Decisions are priced, but no spend
+    breaker acts: the log holds no spend history to replay them against."""
     items = [_from_row(r) for r in rows]
     ats = [r["decided_at"] for r in rows]
     a = decide_many(items, base, decided_at=0.0, decided_ats=ats)
     b = decide_many(items, cand, decided_at=0.0, decided_ats=ats)
-    # Priced (no breakers: the log has no spend history to replay them against).
-    a = [spend.settle(d, req, enr, base, None) for d, (req, enr, _) in zip(a, items, strict=True)]
-    b = [spend.settle(d, req, enr, cand, None) for d, (req, enr, _) in zip(b, items, strict=True)]
     return list(zip(a, b, strict=True))
 
 

@@ -27,6 +27,7 @@ from detector.core.records import (
     Hit,
     ModelResult,
 )
+from detector.core.spend import price_decision
 from detector.core.state import pii_hash
 
 SEVERITY = {Action.ALLOW: 0, Action.DEFLECT: 1, Action.BLOCK: 2}
@@ -289,6 +290,7 @@ def _decide_one(
         monitored = list(dict.fromkeys(h.code for h in hits if h.monitored))
         hits = [h for h in hits if not h.monitored]
     action, silent, risk, reasons = combine(hits, ctx.policy)
+    cost_per_min, expected_cost, currency = price_decision(enr, risk, ctx)  # core/spend.py
     model_block = None
     if result is not None:
         model_block = {
@@ -316,4 +318,7 @@ def _decide_one(
         ip_hash=pii_hash(req.ip, ctx.pii_key),
         model=model_block,
         monitored_reasons=tuple(monitored),
+        cost_per_min=cost_per_min,
+        expected_cost=expected_cost,
+        currency=currency,
     )

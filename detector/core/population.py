@@ -120,21 +120,25 @@ class _Scope:
     # minute changes; any write to an earlier minute (a late delta, an out-of-order event) drops it.
     memo_at: int = -1
     memo: dict[tuple[str, int, int], tuple[int, int]] = field(default_factory=dict)
+    # Spend scopes (core/spend.py): window sums rolled forward minute by minute; any write
+    # before its minute (or an eviction) drops it.
+    roll: list[int] | None = None
 
 
-def _bump(buckets: dict[int, list[int]], b: int, n: int, fresh: int, keep: int) -> bool:
-    """Add to bucket ``b``; True when an old bucket had to go (bounded by count, never aged
-    against one event's time)."""
+def _bump(buckets: dict[int, list[int]], b: int, n: int, fresh: int, keep: int) -> int | None:
+    """Add to bucket ``b``; returns the old bucket that had to go, if one did (bounded by count,
+    never aged against one event's time)."""
     cell = buckets.get(b)
     if cell is not None:
         cell[0] += n
         cell[1] += fresh
-        return False
+        return None
     buckets[b] = [n, fresh]
     if len(buckets) > keep:
-        del buckets[min(buckets)]
-        return True
-    return False
+        gone = min(buckets)
+        del buckets[gone]
+        return gone
+    return None
 
 
 def scopes(e164: str | None, region: str | None, policy: PopulationPolicy) -> tuple[str, ...]:
@@ -210,11 +214,15 @@ class PopulationView:
         if sc is None:
             sc = self.scopes[key] = _Scope()
         hour = minute // 60
-        evicted = _bump(sc.minutes, minute, n, fresh, MINUTES_KEPT)
-        evicted = _bump(sc.hours, hour, n, fresh, HOURS_KEPT) or evicted
-        if evicted or minute < sc.memo_at:  # a bucket the memo summed has changed
+        gone_m = _bump(sc.minutes, minute, n, fresh, MINUTES_KEPT)
+        gone_h = _bump(sc.hours, hour, n, fresh, HOURS_KEPT)
+        if gone_m is not None or gone_h is not None or minute < sc.memo_at:  # a summed bucket changed
             sc.memo_at = -1
             sc.memo.clear()
+        roll = sc.roll
+        if roll is not None and (minute < roll[0] or (gone_m is not None and gone_m >= roll[0] - 60)
+                                 or (gone_h is not None and gone_h >= roll[2] - 24)):
+            sc.roll = None  # a bucket inside the rolled windows changed
         if hour > sc.newest_hour:
             sc.newest_hour = hour
         if key[0] == "B":

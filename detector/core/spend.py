@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 import phonenumbers
 
 from detector.core.errors import ConfigError, PolicyError, _shown
-from detector.core.population import MINUTE, Campaign, PopulationView, _hsum, _msum
+from detector.core.population import MINUTE, Campaign, PopulationView, _Scope
 from detector.core.records import Action
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -197,32 +197,65 @@ def scope_region(key: str) -> str | None:
     return None
 
 
+def _typical(sc: _Scope, h: int, start: int) -> int:
+    values = []
+    for b in range(h - 24, h):
+        if b * 60 >= start:  # an hour the view saw from its start
+            cell = sc.hours.get(b)
+            values.append(cell[0] if cell is not None else 0)
+    if not values:
+        return 0
+    values.sort()
+    return values[(len(values) - 1) // 2]  # the lower median: half the hours may be a pump
+
+
+def _rolled(sc: _Scope, m: int, start: int) -> list[int]:
+    """``[m, spend of minutes m-59..m-1, h, spend of hours h-23..h-1, typical hour, start]`` of a spend
+    scope, rolled forward from the last read (a few look-ups a minute instead of 80): integer
+    sums, equal to summing the buckets (a write before ``m`` drops the roll, see ``_add``)."""
+    h = m // 60
+    roll = sc.roll
+    minutes, hours = sc.minutes, sc.hours
+    if roll is None or not 0 <= m - roll[0] < 60 or not 0 <= h - roll[2] < 24 or roll[5] != start:
+        hour = sum(c[0] for b, c in minutes.items() if m - 59 <= b < m)
+        day = sum(c[0] for b, c in hours.items() if h - 23 <= b < h)
+        roll = sc.roll = [m, hour, h, day, _typical(sc, h, start), start]
+        return roll
+    if roll[0] != m:
+        hour = roll[1]
+        for x in range(roll[0], m):  # the window moves one minute: x comes in, x - 59 goes out
+            cin, cout = minutes.get(x), minutes.get(x - 59)
+            hour += (cin[0] if cin is not None else 0) - (cout[0] if cout is not None else 0)
+        roll[0], roll[1] = m, hour
+    if roll[2] != h:
+        day = roll[3]
+        for x in range(roll[2], h):
+            cin, cout = hours.get(x), hours.get(x - 23)
+            day += (cin[0] if cin is not None else 0) - (cout[0] if cout is not None else 0)
+        roll[2], roll[3], roll[4] = h, day, _typical(sc, h, start)
+    return roll
+
+
 def typical_hour(view: PopulationView, key: str, ts: float) -> float:
     """Median allowed spend per hour (units) over the complete hours of the last 24 that the
-    view has seen from their start (0 when there is none yet). Memoized per scope and minute."""
+    view has seen from their start (0 when there is none yet)."""
     sc = view.scopes.get(key)
     if sc is None:
         return 0.0
     m = int(ts) // MINUTE
-    h = m // 60
-    if sc.memo_at != m:  # the population memo: sums of buckets before this minute
-        sc.memo_at = m
-        sc.memo.clear()
-    hit = sc.memo.get(("typ", 0, 0))
-    if hit is not None:
-        return float(hit[0])
-    start = view.start_minute if view.start_minute is not None else m
-    values = []
-    for b in range(h - 24, h):
-        if b * 60 >= start:
-            cell = sc.hours.get(b)
-            values.append(cell[0] if cell is not None else 0)
-    typical = 0
-    if values:
-        values.sort()
-        typical = values[(len(values) - 1) // 2]  # the lower median: half the hours may be a pump
-    sc.memo[("typ", 0, 0)] = (typical, 0)
-    return float(typical)
+    return float(_rolled(sc, m, view.start_minute if view.start_minute is not None else m)[4])
+
+
+def window_spend(view: PopulationView, key: str, ts: float) -> tuple[int, int]:
+    """(allowed spend in the last 60 minutes, in the last 24 hours) of a spend scope, in units."""
+    sc = view.scopes.get(key)
+    if sc is None:
+        return 0, 0
+    m = int(ts) // MINUTE
+    roll = _rolled(sc, m, view.start_minute if view.start_minute is not None else m)
+    now_m, now_h = sc.minutes.get(m), sc.hours.get(m // 60)
+    return (roll[1] + (now_m[0] if now_m is not None else 0),
+            roll[3] + (now_h[0] if now_h is not None else 0))
 
 
 def campaign_boost(campaigns: Sequence[Campaign], region: str | None, ts: float, window_s: float) -> float:
@@ -250,12 +283,7 @@ def breaker(view: PopulationView, key: str, ts: float, policy: SpendPolicy,
             campaigns: Sequence[Campaign] = (), override: tuple[str, float] | None = None) -> BreakerState:
     """The breaker of spend scope ``key`` at ``ts`` (see the module doc); ``override`` is the
     SOC's (:meth:`ListIndex.budget_overrides`): ("closed" | "open" | "raise", factor)."""
-    sc = view.scopes.get(key)
-    m = int(ts) // MINUTE
-    spend_h = spend_d = 0
-    if sc is not None:
-        spend_h = _msum(sc, m - 59, m, m)[0]
-        spend_d = _hsum(sc, m // 60 - 23, m // 60, m // 60, m)[0]
+    spend_h, spend_d = window_spend(view, key, ts)
     country = key.startswith(COUNTRY)
     configured = (policy.countries if country else policy.prefixes).get(key[3:])
     lim_h = lim_d = None
@@ -299,53 +327,68 @@ def breakers(view: PopulationView, ts: float, policy: SpendPolicy, campaigns: Se
 # --------------------------------------------------------------------------- the breaker step
 
 
+def price_decision(enr: Enrichment, risk: float,
+                   ctx: DecisionContext) -> tuple[float | None, float, str | None]:
+    """(cost_per_min, expected_cost, currency) of a decision (``decide`` fills them in)."""
+    deck = ctx.rates
+    if deck is None:
+        return None, 0.0, None
+    ph = enr.phone
+    rate = deck.lookup(ph.e164) if ph.valid else None
+    if rate is None:
+        return None, 0.0, deck.currency
+    return rate.cost_per_min, price(rate.cost_per_min, risk, ctx.policy.spend) / SPEND_UNIT, deck.currency
+
+
+REPORT_RATIO = 0.5  # an allowed decision names its tightest breaker from half its budget on
+
+
 def settle(d: Decision, req: CallbackRequest, enr: Enrichment, ctx: DecisionContext,
            view: PopulationView | None) -> Decision:
-    """Price decision ``d`` and, if the rules allowed it, apply the spend breakers of its scopes:
-    an open breaker makes it ``spend_budget_exceeded`` (deflected, or blocked per policy; an
-    authenticated customer deflected); otherwise its expected spend is counted in ``view``.
+    """Apply the spend breakers of an allowed decision's scopes: an open breaker makes it
+    ``spend_budget_exceeded`` (deflected, or blocked per policy; an authenticated customer
+    deflected); otherwise its expected spend (priced by ``decide``) is counted in ``view``.
+    ``budget`` names the tightest breaker when it is open or at least half spent (or a SOC
+    override applies).
 
     Call it once per decision, in commit order (the replay path and the range stage both do,
     before the outstanding-callback commit): the result does not depend on how requests were
-    batched. ``view`` None: price only."""
+    batched. Returns ``d`` itself when nothing changes (most decisions)."""
+    if d.action != Action.ALLOW or not d.expected_cost or view is None or not ctx.use_rules:
+        return d
     pol = ctx.policy
     sp: SpendPolicy = pol.spend
-    deck: RateDeck | None = ctx.rates
     ph = enr.phone
-    rate = deck.lookup(ph.e164) if deck is not None and ph.valid else None
-    cost = None if rate is None else rate.cost_per_min
-    units = price(cost, d.risk, sp)
-    changes: dict[str, Any] = {"cost_per_min": cost, "expected_cost": units / SPEND_UNIT,
-                               "currency": None if deck is None else deck.currency}
-    if d.action == Action.ALLOW and units > 0 and view is not None and ctx.use_rules:
-        keys = spend_scopes(ph.e164, ph.region, rate.prefix if rate is not None else None, sp)
-        forced = ctx.lists.budget_overrides(keys, now=req.ts)
-        campaigns = pol.population.campaigns
-        states = [breaker(view, k, req.ts, sp, campaigns, forced.get(k)) for k in keys]
-        opened = [s for s in states if s.open]
-        shown = max(states, key=lambda s: s.ratio) if states else None
-        allowed = True
-        if opened:
-            rule = pol.rules[CODE]
-            shown = max(opened, key=lambda s: s.ratio)
-            if rule.mode == "monitor":
-                changes["monitored_reasons"] = (*d.monitored_reasons, CODE)
-            else:
-                action = rule.action
-                for s in opened:
-                    if s.action is not None and SEVERITY[s.action] > SEVERITY[action]:
-                        action = s.action
-                if action == Action.BLOCK and req.authenticated:
-                    action = Action.DEFLECT  # a customer we know is offered chat, never ignored
-                if action != Action.ALLOW:
-                    allowed = False
-                    changes.update(action=action, silent=rule.silent and action == Action.BLOCK,
-                                   reasons=(CODE, *d.reasons))
-        if shown is not None:
-            changes["budget"] = shown.to_dict()
-        if allowed:
-            view.observe(keys, req.ts, fresh=True, n=units)
-    return dataclasses.replace(d, **changes)
+    rate = ctx.rates.lookup(ph.e164) if ctx.rates is not None else None
+    units = round(d.expected_cost * SPEND_UNIT)
+    keys = spend_scopes(ph.e164, ph.region, rate.prefix if rate is not None else None, sp)
+    forced = ctx.lists.budget_overrides(keys, now=req.ts)
+    campaigns = pol.population.campaigns
+    states = [breaker(view, k, req.ts, sp, campaigns, forced.get(k)) for k in keys]
+    opened = [s for s in states if s.open]
+    changes: dict[str, Any] = {}
+    if opened:
+        rule = pol.rules[CODE]
+        if rule.mode == "monitor":
+            changes["monitored_reasons"] = (*d.monitored_reasons, CODE)
+        else:
+            action = rule.action
+            for s in opened:
+                if s.action is not None and SEVERITY[s.action] > SEVERITY[action]:
+                    action = s.action
+            if action == Action.BLOCK and req.authenticated:
+                action = Action.DEFLECT  # a customer we know is offered chat, never ignored
+            if action != Action.ALLOW:
+                changes.update(action=action, silent=rule.silent and action == Action.BLOCK,
+                               reasons=(CODE, *d.reasons))
+        changes["budget"] = max(opened, key=lambda s: s.ratio).to_dict()
+    elif states:
+        tightest = max(states, key=lambda s: (s.ratio, s.source == "soc"))
+        if tightest.ratio >= REPORT_RATIO or forced:
+            changes["budget"] = tightest.to_dict()
+    if "action" not in changes:
+        view.observe(keys, req.ts, fresh=True, n=units)
+    return dataclasses.replace(d, **changes) if changes else d
 
 
 # --------------------------------------------------------------------------- policy section
