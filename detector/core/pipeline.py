@@ -183,7 +183,7 @@ class Detector:
             self.ctx,
             decided_at=req.ts if decided_at is None else decided_at,
         )
-        decision = spend.settle(decision, req, enr, self.ctx, self.population)  # price, breakers
+        decision = spend.settle(decision, req, enr, self.ctx, self.population)  # spend breakers
         state.range_commit(
             self.range_stores,
             upd,

@@ -1,6 +1,7 @@
 """Cost at risk and spend circuit breakers (policy ``[spend]``, README "Money").
 
-**Expected cost.** Every decision is priced with the rate deck (:mod:`detector.core.rates`):
+**Expected cost.** ``decide`` prices every decision with the rate deck (:func:`price_decision`,
+:mod:`detector.core.rates`):
 ``cost_per_min`` is the deck's rate for the number (longest prefix; None for a number that is not
 valid or that no line matches) and the expected cost of calling it back is::
 
@@ -25,10 +26,9 @@ scope has a budget per hour (the last 60 minutes) and per day (the last 24 hours
     hour budget  = max(floor_hour, hour_factor * typical_hour)       x campaign boost (last hour)
     day budget   = max(floor_day,  day_factor * 24 * typical_hour)   x campaign boost (last day)
 
-(campaign boost: 1 + (factor - 1) x the share of the window a declared campaign covers,
-:func:`campaign_boost`)
-
-(floors per country and per prefix; the median keeps up to 12 hours of pumping out of the baseline).
+(floors per country and per prefix; the median keeps up to 12 hours of pumping out of the baseline;
+campaign boost: 1 + (factor - 1) x the share of the window a declared campaign covers,
+:func:`campaign_boost`).
 When a scope's spend is at or over a budget, an allowed request to it gets ``spend_budget_exceeded``
 and is deflected (or blocked, per rule or per budget; an authenticated customer is deflected, never
 blocked) until spend in the window falls below the budget again: the breaker caps spend at the

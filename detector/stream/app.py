@@ -535,7 +535,7 @@ def decide_pending(rt: StreamRuntime, undecided: list[Undecided],
     seen = rt.tables["seen"]
     for u, decision in zip(undecided, decisions, strict=True):
         req = u.req
-        decision = spend.settle(decision, req, u.enr, rt.ctx, rt.population)  # price, breakers
+        decision = spend.settle(decision, req, u.enr, rt.ctx, rt.population)  # spend breakers
         state.range_commit(u.stores, u.update, req, allowed=decision.action == Action.ALLOW,
                            pending_ttl=rt.policy.pending_ttl)
         d = codec.decision_to_wire(decision)
