@@ -354,3 +354,33 @@ def test_rolled_window_sums_equal_summing_the_buckets_whatever_the_order_of_writ
         start = view.start_minute
         vals = sorted(sc.hours.get(b, [0])[0] for b in range(m // 60 - 24, m // 60) if b * 60 >= start)
         assert typical_hour(view, key, now) == (vals[(len(vals) - 1) // 2] if vals else 0), step
+
+
+def test_a_new_policy_in_another_currency_than_the_running_deck_is_rejected(tmp_path: Path) -> None:
+    from detector.policy_watch import PolicyWatcher
+
+    path = tmp_path / "policy.toml"
+    path.write_text('version = "eur-1"\n')
+    ctx = DecisionContext(load_policy(path))
+    watcher = PolicyWatcher(path, ctx)
+    path.write_text('version = "usd-1"\n[spend]\ncurrency = "USD"\n')
+    assert watcher.check() is None and ctx.policy.version == "eur-1"
+    assert "currency EUR differs from the policy's spend.currency USD" in str(watcher.last_error)
+
+
+def test_the_worker_settings_load_the_deck_and_refuse_a_currency_mismatch(tmp_path: Path) -> None:
+    from detector.config import load_settings
+    from detector.runtime import build_context
+
+    deck = tmp_path / "deck.csv"
+    deck.write_text("+44,0.01,GBP,UK\n")
+    settings = load_settings(env={"DETECTOR_RATE_DECK": str(deck)})
+    with pytest.raises(ConfigError, match="currency GBP differs"):
+        build_context(settings)
+    policy = tmp_path / "policy.toml"
+    policy.write_text('[spend]\ncurrency = "GBP"\n')
+    ctx = build_context(load_settings(env={"DETECTOR_RATE_DECK": str(deck), "DETECTOR_POLICY": str(policy)}))
+    assert ctx.rates is not None and ctx.rates.currency == "GBP"
+    with pytest.raises(ConfigError, match="DETECTOR_RATE_DECK: file"):
+        load_settings(env={"DETECTOR_RATE_DECK": str(tmp_path / "missing.csv")})
+    assert build_context(load_settings(env={})).rates is packaged_rate_deck()
