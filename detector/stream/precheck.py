@@ -173,6 +173,8 @@ def install(app: Any, rt: Any) -> Precheck | None:
     token = rt.settings.precheck_token
     for result in metrics.PRECHECK_RESULTS:  # every series exists from the start, at 0
         metrics.child(metrics.PRECHECK_REQUESTS, result)
+    for route in ("local", "forwarded"):
+        metrics.child(metrics.PRECHECK_SECONDS, route)
     if token is None:
         return None
     handler = Precheck(app, rt, token.get_secret_value())
