@@ -27,6 +27,8 @@ SENTENCES = {
     "duplicate_pending": "a callback to this number was already on its way",
     "anomalous_pattern": "the model found the request unlike normal traffic",
     "combined_risk": "several weaker signals together crossed the risk threshold",
+    "agent_capacity": "the callback queue was over what the agents could serve in time "
+                      "(agent-capacity protection): the visitor was offered chat instead",
 }
 LIST_KINDS = {"ip": "IP address", "cidr": "IP network", "asn": "network (ASN)", "number": "number",
               "prefix": "number prefix", "country": "country"}

@@ -236,8 +236,13 @@ def observe_decision(d: dict, latency_s: float | None = None) -> None:
     child(DECISIONS, action, "true" if d["silent"] else "false").inc()
     for reason in d["reasons"]:
         child(DECISION_REASONS, reason, action).inc()
-    for reason in d.get("monitored_reasons") or ():
+    monitored = d.get("monitored_reasons") or ()
+    for reason in monitored:
         child(MONITORED_HITS, reason_label(reason)).inc()
+    if "agent_capacity" in d["reasons"]:
+        child(CAPACITY_DEFLECTIONS, "enforce").inc()
+    elif "agent_capacity" in monitored:
+        child(CAPACITY_DEFLECTIONS, "monitor").inc()
     enr = d.get("enrichment") or {}
     child(DECISIONS_BY_DEST, country_label(enr.get("number_country")),
           str(enr.get("number_type") or "UNKNOWN"), action).inc()
@@ -398,3 +403,68 @@ def observe_spend(d: dict) -> None:
 for _kind in ("country", "prefix"):  # present from the start (0: nothing open)
     SPEND_BREAKERS_OPEN.labels(_kind, "other").set(0)
     SPEND_BUDGET_RATIO.labels(_kind, "other").set(0)
+# --- agent capacity (detector.stream.capacity) and the web tier's pre-check (stream.precheck)
+CAPACITY_TIER = Gauge(
+    f"{NS}_capacity_tier",
+    "Agent-capacity tier in force (0 normal; 1 deflects low-trust requests, 2 every "
+    "unauthenticated one, 3 authenticated customers too); 0 while the queue state is stale.",
+    registry=REGISTRY,
+)
+CAPACITY_PRESSURE = Gauge(
+    f"{NS}_capacity_pressure",
+    "Callbacks waiting over what the available agents can serve within the allowed time "
+    "(last queue state; > 1 = over capacity).",
+    registry=REGISTRY,
+)
+CAPACITY_STALE = Gauge(
+    f"{NS}_capacity_state_stale",
+    "1 when no dialer queue state is fresh (none received, or none for stale_after_s): capacity "
+    "unknown, decisions fail open to normal.",
+    registry=REGISTRY,
+)
+CAPACITY_DIALERS = Gauge(
+    f"{NS}_capacity_dialers",
+    "Dialers whose latest queue state this worker holds.",
+    registry=REGISTRY,
+)
+CAPACITY_STATE_AGE = Gauge(
+    f"{NS}_capacity_state_age_seconds",
+    "Seconds since the newest queue state (-1: none received).",
+    registry=REGISTRY,
+)
+CAPACITY_DEFLECTIONS = Counter(
+    f"{NS}_capacity_deflections_total",
+    "Callbacks deflected for agent capacity (reason agent_capacity; mode monitor: would have "
+    "been), requests that would otherwise have been allowed.",
+    ["mode"],
+    registry=REGISTRY,
+)
+QUEUE_STATES = Counter(
+    f"{NS}_queue_states_total",
+    "Dialer queue states verified and applied.",
+    registry=REGISTRY,
+)
+QUEUE_STATE_REJECTED = Counter(
+    f"{NS}_queue_state_rejected_total",
+    "Queue-state messages refused (unsigned, badly signed, unknown key, replayed...), by reason.",
+    ["reason"],
+    registry=REGISTRY,
+)
+PRECHECK_RESULTS = ("shown", "hidden", "forwarded", "unauthorized", "bad_request", "unavailable",
+                    "error")
+PRECHECK_REQUESTS = Counter(
+    f"{NS}_precheck_requests_total",
+    "GET /v1/precheck answers of this worker: shown / hidden (answered here), forwarded (to the "
+    "worker owning the IP's partition), unauthorized, bad_request, unavailable (rebalancing), "
+    "error (a bug).",
+    ["result"],
+    registry=REGISTRY,
+)
+PRECHECK_SECONDS = Histogram(
+    f"{NS}_precheck_seconds",
+    "Time to answer GET /v1/precheck in the worker (route local: answered here; forwarded: "
+    "including the hop to the owning worker).",
+    ["route"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0),
+    registry=REGISTRY,
+)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from detector.core.capacity import CapacityGate, deflects, trust_class
 from detector.core.features import denied_prefix, features, geo_mismatch
 from detector.core.lists import ListIndex
 from detector.core.pii import random_key
@@ -77,6 +78,8 @@ class DecisionContext:
     pii_key: bytes = field(default_factory=random_key, repr=False)
     # The rate deck (core/rates.py, DETECTOR_RATE_DECK) pricing decisions for core/spend.py.
     rates: RateDeck | None = field(default_factory=packaged_rate_deck, repr=False)
+    # The dialers' queue state (agent capacity); None: capacity is not watched (always normal).
+    capacity: CapacityGate | None = None
 
 
 def _hit(
@@ -181,6 +184,19 @@ def population_hits(
             hit = Hit(code, hit.weight * pol.auth_weight_factor, Action.DEFLECT, False, hit.monitored)
         out.append(hit)
     return out
+
+
+def capacity_deflects(authenticated: bool, new_ip: bool, risk: float, ctx: DecisionContext,
+                      now: float) -> bool:
+    """Whether agent-capacity protection takes this (otherwise allowed) callback away at ``now``:
+    the dialers' queue is over capacity and the request's trust class is deflected at the
+    current tier (see :mod:`detector.core.capacity`). False when the queue state is stale."""
+    gate = ctx.capacity
+    if gate is None:
+        return False
+    pol = ctx.policy.capacity
+    tier = gate.level(now, pol).tier
+    return tier > 0 and deflects(tier, trust_class(authenticated, new_ip, risk, pol))
 
 
 def combine(hits: list[Hit], policy: Policy) -> tuple[Action, bool, float, list[str]]:
@@ -291,6 +307,14 @@ def _decide_one(
         hits = [h for h in hits if not h.monitored]
     action, silent, risk, reasons = combine(hits, ctx.policy)
     cost_per_min, expected_cost, currency = price_decision(enr, risk, ctx)  # core/spend.py
+    if action == Action.ALLOW and capacity_deflects(req.authenticated, counts.ip.ip_fresh == 1,
+                                                    risk, ctx, decided_at):
+        rule = ctx.policy.rules["agent_capacity"]
+        if rule.mode == "monitor":
+            monitored.append("agent_capacity")
+        elif rule.action == Action.DEFLECT:
+            action, silent = Action.DEFLECT, False
+            reasons.insert(0, "agent_capacity")
     model_block = None
     if result is not None:
         model_block = {

@@ -270,6 +270,7 @@ class StreamRuntime:
     watch: guard.StageWatch = field(default_factory=guard.StageWatch)  # progress per stage
     probe: guard.BrokerProbe = field(default_factory=guard.BrokerProbe)  # broker reachable?
     diagnose: Callable[[], list[str]] | None = None  # why Kafka deliveries wait (for the log)
+    capacity: Any = None  # the queue-state reader's state (stream/capacity.py)
 
     @property
     def policy(self) -> Policy:
@@ -840,7 +841,7 @@ def make_app(settings: Settings, *, rt: StreamRuntime | None = None, web: bool =
         web_enabled=web,
         web_port=s.web_port,
         web_bind=s.web_bind,  # DETECTOR_WEB_BIND: loopback unless deployed (compose: 0.0.0.0)
-        web_host="127.0.0.1",
+        web_host=s.web_host,  # DETECTOR_WEB_HOST: the URL other workers forward pre-checks to
         **CLOSED_WEB_SETTINGS,
         consumer_auto_offset_reset="earliest",
         producer_linger=s.batch_ms / 2000.0,  # fewer, larger produce requests
@@ -1083,6 +1084,12 @@ def make_app(settings: Settings, *, rt: StreamRuntime | None = None, web: bool =
         _update_assignment(app, rt)
         body = health(app, rt)  # 503 when a stage is stalled or the broker unreachable
         return self.json(body, status=200 if body["status"] == "ok" else 503)
+
+    from detector.stream import capacity, precheck
+
+    capacity.install(app, rt, s)  # the dialers' queue states -> rt.ctx.capacity (agent capacity)
+    if web:
+        precheck.install(app, rt)  # GET /v1/precheck, only with DETECTOR_PRECHECK_TOKEN
 
     if prometheus:
         from faust.sensors.prometheus import setup_prometheus_sensors

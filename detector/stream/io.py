@@ -56,6 +56,8 @@ async def topic_partitions(consumer: Any, topic: str, timeout: float = 10.0) -> 
 
 def topic_specs(settings: Settings) -> dict[str, tuple[int, dict[str, str]]]:
     """Every topic the detector uses: name -> (partitions, config)."""
+    from detector.stream.capacity import queue_state_topic
+
     s = settings
     n = s.partitions
     return {
@@ -66,6 +68,7 @@ def topic_specs(settings: Settings) -> dict[str, tuple[int, dict[str, str]]]:
         s.topic_lists: (1, retention.lists_config(s)),
         f"{s.app_id}-by-ip": (n, retention.internal_config(s)),
         f"{s.app_id}-by-range": (n, retention.internal_config(s)),
+        queue_state_topic(s): (1, retention.queue_state_config(s)),  # the dialers' queue states
         # Faust creates these too; created here, they exist with their retention before it
         # starts (and an operator can create every topic with admin rights, the workers without).
         **{retention.changelog_topic(s, t): (n, retention.changelog_config(s))

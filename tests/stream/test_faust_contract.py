@@ -103,6 +103,27 @@ def test_app_builds_its_web_server_through_new_web() -> None:
     assert isinstance(app.web, ClosedWeb)
 
 
+def test_every_page_goes_through_web_route_so_the_allow_list_sees_it() -> None:
+    """web_surface.ClosedWeb.route refuses paths outside SERVED_PATHS: that holds only while
+    ``App.page`` -> ``Web.add_view`` -> ``Web.route`` (public methods, relied on for a guarantee)."""
+    from faust.web import base as web_base
+
+    assert "self.web.add_view(" in source(faust.App.page)
+    assert "self.route(path, view" in source(web_base.Web.add_view)
+
+
+def test_router_table_metadata_maps_worker_urls_to_table_partitions() -> None:
+    """stream/precheck.py forwards a pre-check to the owner of the IP's ``ip`` table partition
+    from ``app.router.table_metadata("ip")``: {worker URL: {changelog topic: [partitions]}} of
+    the active assignment (faust/assignor/partition_assignor.py)."""
+    from faust.app.router import Router
+    from faust.assignor.partition_assignor import PartitionAssignor
+
+    assert "self._assignor.table_metadata(topic)" in source(Router.table_metadata)
+    assert "self._topics_filtered(assignment, {topic})" in source(PartitionAssignor.table_metadata)
+    assert "assignment.actives" in source(PartitionAssignor._get_changelog_distribution)
+
+
 def test_check_app_accepts_the_detector_app_and_refuses_the_stock_consumer() -> None:
     from detector.config import load_settings
     from detector.core.ipintel import IpIntel
