@@ -94,6 +94,9 @@ def test_sink_kafka_to_database(kafka_bootstrap, fresh_topic_prefix, sink_db, tm
     create_topics(kafka_bootstrap, {s.topic_decisions: 4, s.topic_outcomes: 4, s.topic_dead_letter: 4})
     reqs, decisions = _decisions()
     allowed = [d for d in decisions if d["action"] == "allow"]
+    # A decision near its spend budget names the breaker (JSON column); far from it, null.
+    allowed[7]["budget"] = {"scope": "+447", "kind": "prefix", "spend_1h": 61.5, "limit_1h": 100.0,
+                            "spend_24h": 80.25, "limit_24h": 600.0, "open": False, "source": "default"}
     outcomes = [{"request_id": d["request_id"], "phone_number": d["enrichment"]["e164"],
                  "outcome": "completed", "ts": d["request_ts"] + 120, "duration_s": 95.0} for d in allowed[:50]]
     msgs = [(d["request_id"].encode(), json.dumps(d).encode()) for d in decisions]
@@ -140,7 +143,8 @@ def test_sink_kafka_to_database(kafka_bootstrap, fresh_topic_prefix, sink_db, tm
         assert o["outcome"] == "completed" and o["outcome_duration_s"] == 95.0
 
         # Cost at risk (migration 0002): the money columns round-trip and add up in SQL.
-        priced = next(d for d in decisions if d["action"] == "allow" and d["budget"])
+        priced = allowed[7]
+        assert priced["cost_per_min"] is not None
         prow = store.get(priced["request_id"])
         assert (prow["cost_per_min"], prow["currency"], prow["budget"]) == (
             priced["cost_per_min"], "EUR", priced["budget"])
