@@ -1,13 +1,15 @@
 """Fault injection against a real broker: every valid request gets exactly one decision message.
 
 Each scenario streams requests keyed by IP through real worker subprocesses, injects a fault
-mid-stream and then checks, from the decisions topic: every request has a decision, exactly one
-decision *message* (the dialer never sees two), and the per-pair counts are exact (each request
-counted once: the n-th request of a pair sees pair_24h == n, as replay does).
+mid-stream and then checks, from the decisions topic as the dialer reads it (committed records):
+every request has a decision, exactly one decision *message* (the dialer never sees two), and
+the window counts equal the replay path's (every request's per-IP counts, every count of one
+IP x number pair's requests: each request counted once).
 
-Faults: SIGKILL of the only worker; SIGKILL of one of two workers while they rebalance; a clean
-broker restart and a broker SIGKILL (the worker must say so on /healthz, log a bounded number of
-lines, and recover by itself); a worker paused (SIGSTOP) past the session timeout, then resumed.
+Faults: SIGKILL of the only worker; SIGTERM under load (the stop must take under 10 s); SIGKILL
+of one of two workers while they rebalance; a worker paused (SIGSTOP) past the session timeout,
+then resumed; a clean broker restart and a broker SIGKILL (the worker must say so on /healthz,
+log a bounded number of lines, and recover by itself).
 
 Short by default (CI: ``pytest -m faults``); ``make soak`` sets DETECTOR_SOAK=1 for more requests
 and several rounds per scenario.
@@ -43,6 +45,11 @@ from test_pipeline import (  # tests/integration is on sys.path (no package)
 )
 
 from detector.config import load_settings
+from detector.core.ipintel import IpIntel
+from detector.core.parse import parse_request
+from detector.core.pipeline import Detector
+from detector.core.records import IpCounts, RangeCounts
+from detector.runtime import build_context
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
@@ -68,11 +75,22 @@ def traffic(tag: str, n: int = N_REQUESTS, k: int = 0) -> tuple[list[dict[str, A
     return rows, pair
 
 
+def replayer(settings: Any) -> Detector:
+    """The replay path (no Kafka) over the same settings: the counts the stream must equal."""
+    return Detector(ctx=build_context(settings), intel=IpIntel())
+
+
+IP_COUNTS = IpCounts.__slots__
+PAIR_COUNTS = (*IpCounts.__slots__, *RangeCounts.__slots__)
+
+
 def check_exactly_one(settings: Any, rows: list[dict[str, Any]], pair: list[str],
-                      timeout: float = 180.0) -> dict[str, int]:
+                      replay: Detector, timeout: float = 180.0) -> dict[str, int]:
     """What the dialer sees (committed decisions, as it reads them): one decision message per
-    request, exact pair counts. Also counts the decision messages of aborted transactions (a
-    fenced zombie's, invisible to the dialer) for the report."""
+    request, and window counts equal to replay's (``replay`` has seen the earlier rounds):
+    every request's per-IP counts (each IP's requests are ordered on one partition), and every
+    count of the pair's requests (one IP, one number, one range). Also counts the decision
+    messages of aborted transactions (a fenced zombie's, invisible to the dialer)."""
     ids = {r["request_id"] for r in rows}
     got = decisions_for(settings, ids, timeout=timeout, require_all=False, idle_stop=25.0)
     copies = sum(len(v) for v in got.values())
@@ -83,6 +101,16 @@ def check_exactly_one(settings: Any, rows: list[dict[str, Any]], pair: list[str]
     assert not dup, f"{copies - len(decided)} duplicate decision messages, e.g. {dup[:5]}"
     counts = [decided[r]["counts"]["pair_24h"] for r in pair]
     assert counts == list(range(1, len(pair) + 1)), counts  # each request counted once
+    pairs = set(pair)
+    wrong = []
+    for row in rows:
+        want = replay.process(parse_request(json.dumps(row).encode())).to_dict()["counts"]
+        have = decided[row["request_id"]]["counts"]
+        fields = PAIR_COUNTS if row["request_id"] in pairs else IP_COUNTS
+        if any(have[f] != want[f] for f in fields):
+            wrong.append((row["request_id"], {f: (have[f], want[f]) for f in fields
+                                               if have[f] != want[f]}))
+    assert not wrong, f"{len(wrong)} requests' counts differ from replay's (stream, replay): {wrong[:3]}"
     everything = asyncio.run(_read_all(settings, settings.topic_decisions, lambda r: False,
                                        timeout=60.0, idle_stop=2.0,
                                        isolation_level="read_uncommitted"))
@@ -118,6 +146,7 @@ def test_sigkill_of_the_only_worker(kafka_bootstrap: str, fresh_topic_prefix: st
                                     tmp_path: Path) -> None:
     env = detector_env(kafka_bootstrap, fresh_topic_prefix, 2, tmp_path)
     settings = load_settings(env=env)
+    replay = replayer(settings)
     with workers(env, tmp_path, n=1, partitions=2) as (w,):
         for k in range(ROUNDS):
             rows, pair = traffic(f"k{k}-", k=k)
@@ -125,14 +154,42 @@ def test_sigkill_of_the_only_worker(kafka_bootstrap: str, fresh_topic_prefix: st
             wait_decided(settings, (k + 0.3) * len(rows))
             w.kill()
             w.start()
-            stats = check_exactly_one(settings, rows, pair)
+            stats = check_exactly_one(settings, rows, pair, replay)
     sys.stderr.write(f"sigkill: {stats}\n")
+
+
+def test_sigterm_under_load_drains_and_stops_within_10_s(
+        kafka_bootstrap: str, fresh_topic_prefix: str, tmp_path: Path) -> None:
+    """SIGTERM while the worker has a backlog: it stops within 10 s (SHUTDOWN_DEADLINE_S is 9 s:
+    exit 0 if the graceful stop finished, 1 if the deadline cut it short), and its successor
+    decides the rest: still one decision per request."""
+    env = detector_env(kafka_bootstrap, fresh_topic_prefix, 2, tmp_path)
+    settings = load_settings(env=env)
+    replay = replayer(settings)
+    stops: list[tuple[float, int | None]] = []
+    with workers(env, tmp_path, n=1, partitions=2) as (w,):
+        for k in range(ROUNDS):
+            rows, pair = traffic(f"t{k}-", k=k)
+            produce_by_ip(settings, rows)
+            wait_decided(settings, (k + 0.3) * len(rows))
+            assert w.proc is not None
+            t0 = time.monotonic()
+            w.proc.send_signal(signal.SIGTERM)
+            try:
+                w.proc.wait(timeout=30)
+            finally:
+                stops.append((time.monotonic() - t0, w.proc.returncode))
+            w.start()
+            stats = check_exactly_one(settings, rows, pair, replay)
+    sys.stderr.write(f"sigterm under load: stops (s, exit code) {stops}, {stats}\n")
+    assert all(t < 10 and code in (0, 1) for t, code in stops), stops
 
 
 def test_sigkill_of_one_of_two_workers_during_a_rebalance(
         kafka_bootstrap: str, fresh_topic_prefix: str, tmp_path: Path) -> None:
     env = detector_env(kafka_bootstrap, fresh_topic_prefix, 4, tmp_path)
     settings = load_settings(env=env)
+    replay = replayer(settings)
     with workers(env, tmp_path, n=1, partitions=4) as (w0,):
         w1 = WorkerProc(env, tmp_path, "w1")
         try:
@@ -146,7 +203,7 @@ def test_sigkill_of_one_of_two_workers_during_a_rebalance(
                     assert time.monotonic() < deadline, w1.log_tail()
                     time.sleep(0.05)
                 w1.kill()  # ... and dies in the middle of it
-                stats = check_exactly_one(settings, rows, pair)
+                stats = check_exactly_one(settings, rows, pair, replay)
         finally:
             w1.kill()
     sys.stderr.write(f"sigkill during rebalance: {stats}\n")
@@ -156,6 +213,7 @@ def test_worker_paused_past_the_session_timeout_then_resumed(
         kafka_bootstrap: str, fresh_topic_prefix: str, tmp_path: Path) -> None:
     env = detector_env(kafka_bootstrap, fresh_topic_prefix, 4, tmp_path)
     settings = load_settings(env=env)
+    replay = replayer(settings)
     with workers(env, tmp_path, n=2, partitions=4) as (w0, w1):
         for k in range(ROUNDS):
             rows, pair = traffic(f"s{k}-", k=k)
@@ -174,7 +232,7 @@ def test_worker_paused_past_the_session_timeout_then_resumed(
                 w0.start()  # what the supervisor does (compose: restart unless-stopped)
             # What the frozen worker queued before the freeze is fenced (its transactions are
             # aborted by its successor) or never sent (it exits before its sender runs).
-            stats = check_exactly_one(settings, rows, pair)
+            stats = check_exactly_one(settings, rows, pair, replay)
             wait_owned([w0, w1], 4, 90)  # both back in the group
     sys.stderr.write(f"sigstop: {stats}, paused worker exit code {exit_code}\n")
 
@@ -264,6 +322,7 @@ def test_broker_outage_is_visible_bounded_and_recovered(
     try:
         env = detector_env(bootstrap, fresh_topic_prefix, 2, tmp_path)
         settings = load_settings(env=env)
+        replay = replayer(settings)
         rows, pair = traffic(f"b{how}-")
         with workers(env, tmp_path, n=1, partitions=2) as (w,):
             produce_by_ip(settings, rows)
@@ -289,7 +348,7 @@ def test_broker_outage_is_visible_bounded_and_recovered(
                 assert time.monotonic() < deadline, f"not healthy again: {health_status(w)}"
                 time.sleep(0.5)
             recovered_s = time.monotonic() - t0
-            stats = check_exactly_one(settings, rows, pair)
+            stats = check_exactly_one(settings, rows, pair, replay)
             assert w.proc is not None
             t_stop = time.monotonic()
             w.proc.send_signal(signal.SIGTERM)
