@@ -972,7 +972,7 @@ def make_app(settings: Settings, *, rt: StreamRuntime | None = None, web: bool =
             # Partitions may come with uncommitted offsets whose decisions are already on the topic
             # (the previous owner crashed after sending them). Read after the fence above: a
             # previous owner can commit no decision any more that this does not see.
-            await load_sent(rt)
+            await load_sent_or_exit(rt)
             rt.generation = generation
 
     @app.on_partitions_assigned.connect  # type: ignore[arg-type]
@@ -1307,11 +1307,23 @@ async def load_sent(rt: StreamRuntime, lookback_s: float = SENT_LOOKBACK_S) -> i
                             rt.sent[rec.key.decode("utf-8", "replace")] = now
                             n += 1
         log.info("decisions: %d recent request ids loaded in %.2f s", n, time.monotonic() - t0)
-    except Exception as exc:
-        log.warning("decisions: could not load recent ids (%r); may re-send some", exc)
     finally:
         await stop_consumer(consumer)
     return n
+
+
+async def load_sent_or_exit(rt: StreamRuntime, attempts: int = 3) -> int:
+    """:func:`load_sent`, bounded and retried; a worker that cannot read the ids already decided
+    exits (a restart tries again) rather than re-send decisions the dialer already has."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return await asyncio.wait_for(load_sent(rt), guard.PREPARE_TIMEOUT_S + 5.0)
+        except Exception as exc:
+            log.warning("decisions: could not load the recent request ids (attempt %d of %d: %s)",
+                        attempt, attempts, type(exc).__name__)
+            await asyncio.sleep(1.0)
+    guard.crash("decisions: could not read the request ids already decided")
+    return 0
 
 
 async def read_lists_forever(app: faust.App, rt: StreamRuntime) -> None:
