@@ -29,13 +29,15 @@ and a request never gets two different decisions:
   sent, and its input offsets are acked only after that. So a
   decision on the wire always has its stored twin, and a redelivered request gets the stored
   decision, never a new one.
-* Re-sending: a worker that is assigned partitions first loads the request ids already on the
-  decisions topic (message keys of the last SENT_LOOKBACK_S), and re-sends a stored decision
-  only when its id is not among them. Measured with SIGKILL mid-stream: every request exactly one
-  decision message. (Kafka transactions, Faust's ``exactly_once``, do not work for this topology
-  in faust-streaming 0.15.3: the transactional producer is chosen by the *destination*
-  partition, so re-keying to a partition owned by another worker fails with "No transaction
-  producer found".)
+* Re-sending: a worker that is assigned partitions first fences their previous owner, then
+  loads the request ids already on the decisions topic (message keys of the last
+  SENT_LOOKBACK_S, committed records), and sends no decision whose id is among them.
+* Fencing: each batch's decisions go out in one Kafka transaction per by-range partition, by that
+  partition's own transactional producer (:class:`~detector.stream.delivery.FencedDecisions`),
+  so a worker frozen past the session timeout cannot publish what its successor re-sends. (Faust's
+  ``exactly_once`` does not work for this topology in faust-streaming 0.15.3: its transactional
+  producer is chosen by the *destination* partition, so re-keying to a partition owned by
+  another worker fails with "No transaction producer found".)
 
 Ordering: every stage passes its events through an :class:`~detector.stream.delivery.OffsetGate`
 (per partition, the next offset to process, reset at each assignment from the group's committed

@@ -237,6 +237,50 @@ def test_worker_paused_past_the_session_timeout_then_resumed(
     sys.stderr.write(f"sigstop: {stats}, paused worker exit code {exit_code}\n")
 
 
+def test_a_fenced_zombie_commits_no_decision(kafka_bootstrap: str, fresh_topic_prefix: str,
+                                            tmp_path: Path) -> None:
+    """The mechanism under the SIGSTOP test, without timing: a worker's decision producer for a
+    partition has a transaction open (as when it froze); the partition's next owner starts its
+    own producer for it; whatever the first one sent is aborted, and its commit fails."""
+    from aiokafka.errors import ProducerFenced
+    from kafka_broker import create_topics
+
+    from detector.stream.delivery import FencedDecisions
+
+    env = detector_env(kafka_bootstrap, fresh_topic_prefix, 2, tmp_path)
+    settings = load_settings(env=env)
+    create_topics(kafka_bootstrap, {settings.topic_decisions: 2})
+
+    async def scenario() -> tuple[type[BaseException] | None, list[Any], list[Any]]:
+        zombie = FencedDecisions(settings, settings.topic_decisions)
+        successor = FencedDecisions(settings, settings.topic_decisions)
+        await zombie.assign({0})
+        producer = zombie.producers[0]
+        await producer.begin_transaction()
+        sent = await producer.send(settings.topic_decisions, b"{}", key=b"zombie-1")
+        await sent  # on the log, in an open transaction
+        await producer.send(settings.topic_decisions, b"{}", key=b"zombie-2")  # queued
+        await successor.assign({0})  # fences the zombie: its transaction is aborted
+        await successor.send({0: [(b"successor-1", b"{}")]})
+        error: type[BaseException] | None = None
+        try:
+            await producer.commit_transaction()
+        except BaseException as exc:  # noqa: BLE001 - what the zombie gets is the point
+            error = type(exc)
+        committed = await _read_all(settings, settings.topic_decisions, lambda r: False, 20.0,
+                                    idle_stop=2.0)
+        everything = await _read_all(settings, settings.topic_decisions, lambda r: False, 20.0,
+                                     idle_stop=2.0, isolation_level="read_uncommitted")
+        await successor.stop()
+        await zombie.stop()
+        return error, committed, everything
+
+    error, committed, everything = asyncio.run(scenario())
+    assert error is ProducerFenced
+    assert [r.key for r in committed] == [b"successor-1"]
+    assert b"zombie-1" in {r.key for r in everything}  # written, then aborted: never seen
+
+
 # --------------------------------------------------------------------------- the stall's cause
 
 
