@@ -61,6 +61,7 @@ class Settings:
     replication: int = 1
     web_port: int = 6066
     batch_ms: int = 30  # time a stage may wait to gather work (fetch wait, flush, 2x linger)
+    fence_decisions: bool = True  # decisions in per-partition Kafka transactions (zombie fencing)
     data_dir: Path = Path("var/worker")
     # Policy, lists, IP data
     policy: Path | None = None
@@ -132,7 +133,7 @@ _PATH_LISTS = {"soc_public_keys", "worker_public_keys", "dialer_public_keys"}  #
 _INTS = {"partitions", "replication", "web_port", "batch_ms", "sink_batch"}
 _FLOATS = {"model_reload_s", "policy_reload_s", "sink_retention_days", "max_future_skew_s", "max_past_skew_s",
            "learned_deny_interval_s"}
-_BOOLS = {"sink_store_numbers", "dev_mode"}
+_BOOLS = {"sink_store_numbers", "dev_mode", "fence_decisions"}
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 

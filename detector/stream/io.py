@@ -175,9 +175,11 @@ def produce(settings: Settings, jsonl_path: Path | str, rate: float | None = Non
 
 async def _read_topic(settings: Settings, topic: str, *, follow: bool, from_beginning: bool,
                       idle_s: float = 1.0) -> AsyncIterator[Any]:
-    """Yield aiokafka records of every partition of ``topic`` (no consumer group)."""
+    """Yield aiokafka records of every partition of ``topic`` (no consumer group). Committed
+    records only: decisions are written in transactions (an aborted one is never a decision)."""
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None,
                                 enable_auto_commit=False, fetch_max_wait_ms=100,
+                                isolation_level="read_committed",
                                 auto_offset_reset="earliest" if from_beginning else "latest",
                                 **client_kwargs(settings))
     await start_client(consumer, settings, f"read {topic}")
