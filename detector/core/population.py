@@ -317,20 +317,63 @@ def _surge(sc: _Scope | None, ts: float, start_minute: int, min_baseline: float,
     if sc is None:
         return 0, 0.0, False
     m = int(ts) // MINUTE
-    c10, _ = _msum(sc, m - 9, m, m)
-    base = baseline_10m(sc, ts, start_minute, min_baseline) * factor
+    c10p, c2p, earlier, base = _surge_past(sc, ts, m, start_minute, min_baseline)
+    cell = sc.minutes.get(m)
+    live = cell[0] if cell is not None else 0
+    c10 = c10p + live
+    base = base * factor
     ratio = c10 / base
     if ratio >= policy.surge_enter:
         return c10, round(ratio, 3), True
     # A flood is caught within a minute: the last two minutes at the same factor (and a floor).
-    c2, _ = _msum(sc, m - 1, m, m)
+    c2 = c2p + live
     if c2 >= max(policy.surge_short_min, policy.surge_enter * base / 5.0):
         return c10, round(max(ratio, 5.0 * c2 / base), 3), True
     # Hysteresis: still elevated, and the 20 minutes before the current 10 held at least an
     # entering surge's volume (so the mode holds a surge; it never enters on a ramp).
-    earlier, _ = _msum(sc, m - 29, m - 10, m)
     surging = ratio >= policy.surge_exit and earlier >= policy.surge_enter * base
     return c10, round(ratio, 3), surging
+
+
+def _surge_past(sc: _Scope, ts: float, m: int, start_minute: int, min_baseline: float
+                ) -> tuple[int, int, int, float]:
+    """What :func:`_surge` reads from before the minute ``m``, memoized for that minute: the
+    last 10 and last 2 minutes without the current one, the 20 minutes before the last 10, and
+    the baseline (before the campaign factor)."""
+    if sc.memo_at != m:
+        sc.memo_at = m
+        sc.memo.clear()
+    key = ("s", start_minute, min_baseline)
+    hit = sc.memo.get(key)
+    if hit is None:
+        hit = sc.memo[key] = (
+            _msum(sc, m - 9, m - 1, m)[0],
+            _msum(sc, m - 1, m - 1, m)[0],
+            _msum(sc, m - 29, m - 10, m)[0],
+            baseline_10m(sc, ts, start_minute, min_baseline),
+        )
+    return hit  # type: ignore[return-value]
+
+
+def _day_hour(sc: _Scope, m: int, h: int) -> tuple[int, int, int, int]:
+    """(requests, fresh) over the 24 h and (requests, fresh) over the 60 minutes ending with the
+    request's hour ``h`` and minute ``m``: the memoized part before them plus the live buckets."""
+    if sc.memo_at != m:
+        sc.memo_at = m
+        sc.memo.clear()
+    hit = sc.memo.get(("d",))
+    if hit is None:
+        hit = sc.memo[("d",)] = _sum(sc.hours, h - 23, h - 1) + _sum(sc.minutes, m - 59, m - 1)
+    n24, f24, n1h, f1h = hit
+    cell = sc.hours.get(h)
+    if cell is not None:
+        n24 += cell[0]
+        f24 += cell[1]
+    cell = sc.minutes.get(m)
+    if cell is not None:
+        n1h += cell[0]
+        f1h += cell[1]
+    return n24, f24, n1h, f1h
 
 
 def surging_scopes(view: PopulationView, ts: float, policy: PopulationPolicy
@@ -362,8 +405,7 @@ def read(view: PopulationView, keys: Sequence[str], ts: float, region: str | Non
     c10, cf, cs = _surge(country, ts, start, policy.country_min_baseline_10m,
                          _campaign_factor(policy.campaigns, region, ts), policy)
     m, h = int(ts) // MINUTE, int(ts) // HOUR
-    c24 = _hsum(country, h - 23, h, h, m)[0] if country is not None else 0
-    c1h = _msum(country, m - 59, m, m)[0] if country is not None else 0
+    c24, _, c1h, _ = _day_hour(country, m, h) if country is not None else (0, 0, 0, 0)
     best = (0, 0.0, 0.0)
     concentrated = surging_prefix = False
     child24 = child1h = -1  # the request's sub-block at the next finer level (scopes() order)
@@ -374,8 +416,7 @@ def read(view: PopulationView, keys: Sequence[str], ts: float, region: str | Non
         if sc is None:
             continue
         touched = max(len(view.blocks.get((region, key.split(":", 1)[0]), ())), 1)
-        n24, f24 = _hsum(sc, h - 23, h, h, m)
-        n1h, f1h = _msum(sc, m - 59, m, m)
+        n24, f24, n1h, f1h = _day_hour(sc, m, h)
         # A block is this request's business only if the request's own sub-block holds a fair
         # share of it: a pump in one 100,000-number block must not condemn its 900,000 neighbours.
         mine24 = child24 < 0 or child24 >= max(2.0, policy.child_share * n24)
