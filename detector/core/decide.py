@@ -235,21 +235,29 @@ def decide_many(
     shadows: list[ModelResult | None] = [None] * n
     if n and (ctx.model is not None or ctx.shadow is not None):
         xs = [features(req, enr, counts, ctx.policy) for req, enr, counts in items]
-        if ctx.model is not None:
-            results = list(_score_all(ctx.model, xs))
-        if ctx.shadow is not None:
-            shadows = list(_score_all(ctx.shadow, xs))
+        results, shadows = score_rows(xs, ctx)
     ats = decided_ats if decided_ats is not None else [decided_at] * n
-    return [_decide_one(req, enr, counts, ctx, ats[i], results[i], shadows[i])
+    return [decide_scored(req, enr, counts, ctx, ats[i], results[i], shadows[i])
             for i, (req, enr, counts) in enumerate(items)]
 
 
-def _score_all(model: Scorer, xs: list[list[float]]) -> Sequence[ModelResult]:
+def score_rows(
+    xs: list[list[float]], ctx: DecisionContext
+) -> tuple[list[ModelResult | None], list[ModelResult | None]]:
+    """The model's and the shadow model's results for feature rows ``xs`` (one call each; None
+    where there is no such model). A row scores identically in any batch."""
+    none: list[ModelResult | None] = [None] * len(xs)
+    results = list(_score_all(ctx.model, xs)) if ctx.model is not None and xs else none
+    shadows = list(_score_all(ctx.shadow, xs)) if ctx.shadow is not None and xs else none
+    return results, shadows
+
+
+def _score_all(model: Scorer, xs: list[list[float]]) -> Sequence[ModelResult | None]:
     batch = getattr(model, "score_batch", None)  # ForestScorer has one; a plain Scorer may not
     return batch(xs) if batch is not None else [model.score(x) for x in xs]
 
 
-def _decide_one(
+def decide_scored(
     req: CallbackRequest,
     enr: Enrichment,
     counts: Counts,
@@ -258,6 +266,8 @@ def _decide_one(
     result: ModelResult | None,
     shadow: ModelResult | None,
 ) -> Decision:
+    """:func:`decide` with the model's (and shadow's) result for this request already computed
+    (:func:`score_rows` on its :func:`~detector.core.features.features` row)."""
     count_map = counts.to_dict()
     hits = rule_hits(req, enr, counts, ctx, count_map) if ctx.use_rules else []
     if shadow is not None:
