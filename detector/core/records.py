@@ -61,6 +61,7 @@ class PhoneInfo:
     number_type: str  # MOBILE, FIXED_LINE, VOIP, PREMIUM_RATE, ..., UNKNOWN
     range_key: str | None  # E.164 minus its last N digits: the leased block IRSF sellers rotate in
     error: str | None = None  # why parsing failed, when it did
+    time_zone: str | None = None  # IANA name of the number's (first) time zone, when phonenumbers knows it
 
 
 @dataclass(frozen=True, slots=True)
