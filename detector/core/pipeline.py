@@ -178,7 +178,7 @@ class Detector:
     ip_stores: state.IpStores = field(default_factory=state.IpStores)
     range_stores: state.RangeStores = field(default_factory=state.RangeStores)
     seen: dict[str, float] = field(default_factory=dict)
-    population: PopulationView = field(default_factory=PopulationView)
+    population: PopulationView = field(default_factory=lambda: PopulationView(deltas=False))
     sweep_every_s: float = 6 * 3600.0  # event time between sweeps of dead keys
     clock: EventClock = field(default_factory=EventClock)  # the sweeps' time (see core.clock)
     learned_deny_interval_s: float = DEFAULT_LEARNED_DENY_INTERVAL_S

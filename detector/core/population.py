@@ -55,6 +55,7 @@ from typing import Any
 MINUTE, HOUR = 60, 3600
 MINUTES_KEPT = 136  # > 130: the baseline reads the two hours before the last 10 minutes
 BASELINE_BLOCKS = 12  # 10-minute blocks of history whose median is the baseline
+PAST_MINUTES = 10 * BASELINE_BLOCKS + 9  # minutes before the current one that a surge reads
 HOURS_KEPT = 26
 GLOBAL = "*"
 
@@ -117,7 +118,8 @@ class _Scope:
     # Sums over buckets *before* the minute ``memo_at`` (and its hour), which no request of that
     # minute changes; any write to an earlier minute (a late delta, an out-of-order event) drops it.
     memo_at: int = -1
-    memo: dict[tuple[str, int, int], tuple[int, int]] = field(default_factory=dict)
+    memo: dict[tuple[Any, ...], tuple[Any, ...]] = field(default_factory=dict)
+    block: tuple[tuple[str, str], str] | None = None  # ((region, "B5"), prefix) of a block scope
 
 
 def _bump(buckets: dict[int, list[int]], b: int, n: int, fresh: int, keep: int) -> bool:
@@ -160,11 +162,12 @@ class PopulationView:
     denominator of concentration), and the first minute it saw (so that a baseline is computed
     from the history there is, from the first minutes of a deployment)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, deltas: bool = True) -> None:
         self.scopes: dict[str, _Scope] = {}
         self.blocks: dict[tuple[str, str], dict[str, int]] = {}  # (region, "B5") -> prefix -> hour
         self.pending: dict[tuple[str, int], list[int]] = {}  # unpublished (scope, minute) deltas
         self.start_minute: int | None = None
+        self.deltas = deltas  # False: nobody takes deltas (one process counts everything, replay)
 
     def __len__(self) -> int:
         return len(self.scopes)
@@ -175,6 +178,8 @@ class PopulationView:
         f = 1 if fresh else 0
         for key in keys:
             self._add(key, minute, 1, f)
+            if not self.deltas:
+                continue
             cell = self.pending.get((key, minute))
             if cell is None:
                 self.pending[(key, minute)] = [1, f]
@@ -206,6 +211,9 @@ class PopulationView:
         sc = self.scopes.get(key)
         if sc is None:
             sc = self.scopes[key] = _Scope()
+            if key[0] == "B":
+                level, region, prefix = key.split(":", 2)
+                sc.block = ((region, level), prefix)
         hour = minute // 60
         evicted = _bump(sc.minutes, minute, n, fresh, MINUTES_KEPT)
         evicted = _bump(sc.hours, hour, n, fresh, HOURS_KEPT) or evicted
@@ -214,9 +222,11 @@ class PopulationView:
             sc.memo.clear()
         if hour > sc.newest_hour:
             sc.newest_hour = hour
-        if key[0] == "B":
-            level, region, prefix = key.split(":", 2)
-            seen = self.blocks.setdefault((region, level), {})
+        if sc.block is not None:
+            level_key, prefix = sc.block
+            seen = self.blocks.get(level_key)
+            if seen is None:
+                seen = self.blocks[level_key] = {}
             if seen.get(prefix, -1) < hour:
                 seen[prefix] = hour
 
@@ -249,35 +259,15 @@ def _sum(buckets: Mapping[int, list[int]], first: int, last: int) -> tuple[int, 
     return n, f
 
 
-def _msum(sc: _Scope, first: int, last: int, m: int) -> tuple[int, int]:
-    """Minute buckets ``first..last`` (``last <= m``, the request's minute), memoized but for ``m``."""
-    return _memo_sum(sc, "m", sc.minutes, first, last, m, m)
-
-
-def _hsum(sc: _Scope, first: int, last: int, h: int, m: int) -> tuple[int, int]:
-    """Hour buckets ``first..last`` (``last <= h``, the request's hour), memoized but for ``h``."""
-    return _memo_sum(sc, "h", sc.hours, first, last, h, m)
-
-
-def _memo_sum(sc: _Scope, kind: str, buckets: Mapping[int, list[int]], first: int, last: int,
-              now: int, m: int) -> tuple[int, int]:
-    if sc.memo_at != m:
-        sc.memo_at = m
-        sc.memo.clear()
-    done = min(last, now - 1)
-    n = f = 0
-    if done >= first:
-        key = (kind, first - now, done - now)
-        hit = sc.memo.get(key)
-        if hit is None:
-            hit = sc.memo[key] = _sum(buckets, first, done)
-        n, f = hit
-    if last >= now:
-        cell = buckets.get(now)
-        if cell is not None:
-            n += cell[0]
-            f += cell[1]
-    return n, f
+def _past_minutes(sc: _Scope, m: int) -> list[int]:
+    """Requests per minute over the :data:`PAST_MINUTES` minutes before ``m`` (index 0 is
+    ``m - PAST_MINUTES``), in one pass over the scope's (at most :data:`MINUTES_KEPT`) buckets."""
+    first = m - PAST_MINUTES
+    out = [0] * PAST_MINUTES
+    for b, cell in sc.minutes.items():
+        if first <= b < m:
+            out[b - first] = cell[0]
+    return out
 
 
 def _campaign_factor(campaigns: Sequence[Campaign], region: str, ts: float) -> float:
@@ -293,20 +283,27 @@ def baseline_10m(sc: _Scope, ts: float, start_minute: int, min_baseline: float) 
     the median of the 10-minute blocks of the two hours before the last 10 minutes (up to an
     hour of surge in that history does not become the baseline), the day's mean and the same
     hour yesterday once a day of history exists, never below ``min_baseline``."""
-    m, h = int(ts) // MINUTE, int(ts) // HOUR
+    m = int(ts) // MINUTE
+    return _baseline(sc, _past_minutes(sc, m), m, start_minute, min_baseline)
+
+
+def _baseline(sc: _Scope, past: list[int], m: int, start_minute: int, min_baseline: float) -> float:
+    """:func:`baseline_10m` from the minutes before ``m`` (:func:`_past_minutes`)."""
     blocks = []
     for k in range(1, BASELINE_BLOCKS + 1):
         first = m - 10 * k - 9
         if first < start_minute:
             break  # before the deployment started: unknown, not zero
-        blocks.append(_msum(sc, first, first + 9, m)[0])
+        j = PAST_MINUTES - 10 * k - 9
+        blocks.append(sum(past[j:j + 10]))
     base = min_baseline
     if blocks:  # the (lower) median: up to an hour of surge among 12 blocks is not the baseline
         blocks.sort()
         base = max(base, float(blocks[(len(blocks) - 1) // 2]))
     if m - start_minute >= 24 * 60:  # a day of history: its mean, and the same hour yesterday
-        day, _ = _hsum(sc, h - 24, h - 1, h, m)
-        yesterday, _ = _hsum(sc, h - 24, h - 24, h, m)
+        h = m // 60
+        day, _ = _sum(sc.hours, h - 24, h - 1)
+        yesterday, _ = _sum(sc.hours, h - 24, h - 24)
         base = max(base, day / 144.0, yesterday / 6.0)
     return base
 
@@ -317,7 +314,7 @@ def _surge(sc: _Scope | None, ts: float, start_minute: int, min_baseline: float,
     if sc is None:
         return 0, 0.0, False
     m = int(ts) // MINUTE
-    c10p, c2p, earlier, base = _surge_past(sc, ts, m, start_minute, min_baseline)
+    c10p, c2p, earlier, base = _surge_past(sc, m, start_minute, min_baseline)
     cell = sc.minutes.get(m)
     live = cell[0] if cell is not None else 0
     c10 = c10p + live
@@ -335,7 +332,7 @@ def _surge(sc: _Scope | None, ts: float, start_minute: int, min_baseline: float,
     return c10, round(ratio, 3), surging
 
 
-def _surge_past(sc: _Scope, ts: float, m: int, start_minute: int, min_baseline: float
+def _surge_past(sc: _Scope, m: int, start_minute: int, min_baseline: float
                 ) -> tuple[int, int, int, float]:
     """What :func:`_surge` reads from before the minute ``m``, memoized for that minute: the
     last 10 and last 2 minutes without the current one, the 20 minutes before the last 10, and
@@ -346,11 +343,12 @@ def _surge_past(sc: _Scope, ts: float, m: int, start_minute: int, min_baseline: 
     key = ("s", start_minute, min_baseline)
     hit = sc.memo.get(key)
     if hit is None:
+        past = _past_minutes(sc, m)
         hit = sc.memo[key] = (
-            _msum(sc, m - 9, m - 1, m)[0],
-            _msum(sc, m - 1, m - 1, m)[0],
-            _msum(sc, m - 29, m - 10, m)[0],
-            baseline_10m(sc, ts, start_minute, min_baseline),
+            sum(past[-9:]),  # m-9 .. m-1
+            past[-1],  # m-1
+            sum(past[-29:-9]),  # m-29 .. m-10
+            _baseline(sc, past, m, start_minute, min_baseline),
         )
     return hit  # type: ignore[return-value]
 
@@ -415,7 +413,8 @@ def read(view: PopulationView, keys: Sequence[str], ts: float, region: str | Non
         sc = view.scopes.get(key)
         if sc is None:
             continue
-        touched = max(len(view.blocks.get((region, key.split(":", 1)[0]), ())), 1)
+        level_key = sc.block[0] if sc.block is not None else (region, key.split(":", 1)[0])
+        touched = max(len(view.blocks.get(level_key, ())), 1)
         n24, f24, n1h, f1h = _day_hour(sc, m, h)
         # A block is this request's business only if the request's own sub-block holds a fair
         # share of it: a pump in one 100,000-number block must not condemn its 900,000 neighbours.
