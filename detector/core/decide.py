@@ -233,11 +233,13 @@ def decide_many(
     n = len(items)
     results: list[ModelResult | None] = [None] * n
     shadows: list[ModelResult | None] = [None] * n
+    maps = [counts.to_dict() for _, _, counts in items]
     if n and (ctx.model is not None or ctx.shadow is not None):
-        xs = [features(req, enr, counts, ctx.policy) for req, enr, counts in items]
+        xs = [features(req, enr, counts, ctx.policy, maps[i])
+              for i, (req, enr, counts) in enumerate(items)]
         results, shadows = score_rows(xs, ctx)
     ats = decided_ats if decided_ats is not None else [decided_at] * n
-    return [decide_scored(req, enr, counts, ctx, ats[i], results[i], shadows[i])
+    return [decide_scored(req, enr, counts, ctx, ats[i], results[i], shadows[i], maps[i])
             for i, (req, enr, counts) in enumerate(items)]
 
 
@@ -265,10 +267,13 @@ def decide_scored(
     decided_at: float,
     result: ModelResult | None,
     shadow: ModelResult | None,
+    count_map: dict[str, Any] | None = None,
 ) -> Decision:
     """:func:`decide` with the model's (and shadow's) result for this request already computed
-    (:func:`score_rows` on its :func:`~detector.core.features.features` row)."""
-    count_map = counts.to_dict()
+    (:func:`score_rows` on its :func:`~detector.core.features.features` row). ``count_map``:
+    ``counts.to_dict()`` if the caller has it (the decision keeps it as its ``counts``)."""
+    if count_map is None:
+        count_map = counts.to_dict()
     hits = rule_hits(req, enr, counts, ctx, count_map) if ctx.use_rules else []
     if shadow is not None:
         base = result or ModelResult(version="none", anomaly=0.0, is_anomalous=False)

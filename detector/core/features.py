@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from datetime import UTC, datetime
 from functools import lru_cache
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from detector.core.policy import Policy
@@ -110,9 +111,11 @@ def geo_mismatch(enr: Enrichment) -> bool:
     return bool(enr.ip.country and enr.phone.region and enr.ip.country != enr.phone.region)
 
 
-def features(req: CallbackRequest, enr: Enrichment, counts: Counts, policy: Policy) -> list[float]:
-    """Feature vector in ``FEATURE_NAMES`` order."""
-    c = counts.to_dict()
+def features(req: CallbackRequest, enr: Enrichment, counts: Counts, policy: Policy,
+             count_map: dict[str, Any] | None = None) -> list[float]:
+    """Feature vector in ``FEATURE_NAMES`` order (``count_map``: ``counts.to_dict()``, if the
+    caller has it already)."""
+    c = count_map if count_map is not None else counts.to_dict()
     out = [math.log1p(c[name]) for name in COUNT_FEATURES]
     r24 = max(c["range_24h"], 1)
     out.append(c["range_distinct_ips_24h"] / r24)

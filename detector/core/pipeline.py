@@ -269,8 +269,9 @@ class Detector:
         results: list[ModelResult | None] = []
         shadows: list[ModelResult | None] = []
         flipped: dict[int, int] = {}  # todo index -> row of its other-pending variant
+        maps = [s.counts.to_dict() for s in todo]
         if scored:
-            xs = [features(s.req, s.enr, s.counts, ctx.policy) for s in todo]
+            xs = [features(s.req, s.enr, s.counts, ctx.policy, maps[i]) for i, s in enumerate(todo)]
             for i, s in enumerate(todo):
                 if s.dependent:
                     x = list(xs[i])
@@ -286,13 +287,13 @@ class Detector:
             req, upd, counts = s.req, s.update, s.counts
             nkey, value = upd.number_key, upd.number_value
             mark = marks[nkey] if nkey in marks else value.get("p")
-            row = i
+            row, count_map = i, maps[i]
             if s.dependent and state.is_pending(mark, req.ts, req.request_id) != counts.rng.pending:
                 counts = Counts(counts.ip, replace(counts.rng, pending=not counts.rng.pending),
                                 counts.pop)
-                row = flipped.get(i, i)
-            d = decide_scored(req, s.enr, counts, ctx, req.ts,
-                              results[row] if scored else None, shadows[row] if scored else None)
+                row, count_map = flipped.get(i, i), counts.to_dict()
+            d = decide_scored(req, s.enr, counts, ctx, req.ts, results[row] if scored else None,
+                              shadows[row] if scored else None, count_map)
             if d.action == Action.ALLOW:
                 mark = {"until": req.ts + ttl, "rid": req.request_id}
             if mark is None:

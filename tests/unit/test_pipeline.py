@@ -173,3 +173,14 @@ def test_process_many_decides_a_number_in_order_within_a_batch():
     assert list(many.process_many(reqs, batch=64)) == expected
     assert {d.counts["pending"] for d in expected} == {True, False}
     assert one.range_stores == many.range_stores
+
+
+def test_replay_serializes_the_dataclass_as_its_wire_dict():
+    """replay writes orjson.dumps(decision): byte for byte the wire dict (Decision.to_dict)."""
+    import orjson
+
+    det = Detector(DecisionContext(POLICY, model=_CountingModel()), IpIntel())
+    reqs = [req(i, NUMBERS[i % len(NUMBERS)], IPS[i % len(IPS)], i * 60.0, authenticated=i % 2 == 0)
+            for i in range(30)]
+    for d in det.process_many(reqs):
+        assert orjson.dumps(d) == orjson.dumps(d.to_dict())
