@@ -355,7 +355,20 @@ def _surge_past(sc: _Scope, m: int, start_minute: int, min_baseline: float
 
 def _day_hour(sc: _Scope, m: int, h: int) -> tuple[int, int, int, int]:
     """(requests, fresh) over the 24 h and (requests, fresh) over the 60 minutes ending with the
-    request's hour ``h`` and minute ``m``: the memoized part before them plus the live buckets."""
+    request's hour ``h`` and minute ``m``: the memoized part before them plus the live buckets
+    (a scope with few buckets, like most number blocks, is summed directly)."""
+    hours, minutes = sc.hours, sc.minutes
+    if len(hours) + len(minutes) <= 16:
+        n24 = f24 = n1h = f1h = 0
+        for b, cell in hours.items():
+            if h - 23 <= b <= h:
+                n24 += cell[0]
+                f24 += cell[1]
+        for b, cell in minutes.items():
+            if m - 59 <= b <= m:
+                n1h += cell[0]
+                f1h += cell[1]
+        return n24, f24, n1h, f1h
     if sc.memo_at != m:
         sc.memo_at = m
         sc.memo.clear()
