@@ -140,9 +140,7 @@ def rule_hits(
         add("duplicate_pending")
     c = count_map if count_map is not None else counts.to_dict()
     fired: set[str] = set()
-    relaxed: tuple[str, ...] = pol.shared_ip.relaxed if counts.ip.ip_shared else ()
-    for key, attr, code in VELOCITY_RULES:
-        limit = pol.velocity[key] * (pol.shared_ip.factor if key in relaxed else 1)
+    for attr, code, limit in _velocity_limits(pol)[1 if counts.ip.ip_shared else 0]:
         if code not in fired and c[attr] > limit:
             fired.add(code)
             add(code)
@@ -150,6 +148,27 @@ def rule_hits(
         add("ip_number_recombination")
     hits.extend(population_hits(req, enr, counts, ctx))
     return hits
+
+
+_LIMITS: dict[int, tuple[Policy, tuple[tuple[str, str, float], ...], tuple[tuple[str, str, float], ...]]] = {}
+
+
+def _velocity_limits(
+    pol: Policy,
+) -> tuple[tuple[tuple[str, str, float], ...], tuple[tuple[str, str, float], ...]]:
+    """(counts attribute, reason code, limit) of each velocity rule, for a requester that is not
+    and one that is a shared IP (its per-IP limits multiplied by ``shared_ip.factor``); computed
+    once per policy object."""
+    hit = _LIMITS.get(id(pol))
+    if hit is None or hit[0] is not pol:
+        def limits(relaxed: tuple[str, ...]) -> tuple[tuple[str, str, float], ...]:
+            return tuple((attr, code, pol.velocity[key] * (pol.shared_ip.factor if key in relaxed else 1))
+                         for key, attr, code in VELOCITY_RULES)
+
+        if len(_LIMITS) > 16:
+            _LIMITS.clear()
+        hit = _LIMITS[id(pol)] = (pol, limits(()), limits(pol.shared_ip.relaxed))
+    return hit[1], hit[2]
 
 
 def population_hits(

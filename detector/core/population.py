@@ -408,13 +408,14 @@ def read(view: PopulationView, keys: Sequence[str], ts: float, region: str | Non
          policy: PopulationPolicy) -> PopulationCounts:
     """The population signals for a request counted in ``keys`` at ``ts`` (see the module doc)."""
     start = view.start_minute if view.start_minute is not None else int(ts) // MINUTE
+    campaigns = policy.campaigns
     g10, gf, gs = _surge(view.scopes.get(GLOBAL), ts, start, policy.global_min_baseline_10m,
-                         _campaign_factor(policy.campaigns, GLOBAL, ts), policy)
+                         _campaign_factor(campaigns, GLOBAL, ts) if campaigns else 1.0, policy)
     if region is None:
         return PopulationCounts(global_10m=g10, global_surge_factor=gf, global_surging=gs)
     country = view.scopes.get(f"C:{region}")
     c10, cf, cs = _surge(country, ts, start, policy.country_min_baseline_10m,
-                         _campaign_factor(policy.campaigns, region, ts), policy)
+                         _campaign_factor(campaigns, region, ts) if campaigns else 1.0, policy)
     m, h = int(ts) // MINUTE, int(ts) // HOUR
     c24, _, c1h, _ = _day_hour(country, m, h) if country is not None else (0, 0, 0, 0)
     best = (0, 0.0, 0.0)
