@@ -87,12 +87,12 @@ def _time_zone(num: phonenumbers.PhoneNumber, ntype: int) -> str | None:
     """The first time zone ``phonenumbers.timezone.time_zones_for_number`` gives a valid number,
     reusing its type (which that function would compute a second time): the prefix's zones for
     a geographic type, the country's otherwise."""
-    if phonenumbers.is_number_type_geographical(ntype, num.country_code):
+    cc: int = num.country_code or 0  # never 0: a valid number has a calling code
+    if phonenumbers.is_number_type_geographical(ntype, cc):
         zones = pn_timezone.time_zones_for_geographical_number(num)
         return next((z for z in zones if z != pn_timezone.UNKNOWN_TIMEZONE), None)
     # Mobile (in most countries), VoIP, premium, ...: the country's zones, which depend on the
     # calling code alone; asked of the library once per calling code.
-    cc = num.country_code
     if cc not in _COUNTRY_ZONE:
         zones = pn_timezone.time_zones_for_number(num)
         _COUNTRY_ZONE[cc] = next((z for z in zones if z != pn_timezone.UNKNOWN_TIMEZONE), None)

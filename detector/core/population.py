@@ -360,14 +360,14 @@ def _day_hour(sc: _Scope, m: int, h: int) -> tuple[int, int, int, int]:
     hours, minutes = sc.hours, sc.minutes
     if len(hours) + len(minutes) <= 16:
         n24 = f24 = n1h = f1h = 0
-        for b, cell in hours.items():
+        for b, bucket in hours.items():
             if h - 23 <= b <= h:
-                n24 += cell[0]
-                f24 += cell[1]
-        for b, cell in minutes.items():
+                n24 += bucket[0]
+                f24 += bucket[1]
+        for b, bucket in minutes.items():
             if m - 59 <= b <= m:
-                n1h += cell[0]
-                f1h += cell[1]
+                n1h += bucket[0]
+                f1h += bucket[1]
         return n24, f24, n1h, f1h
     if sc.memo_at != m:
         sc.memo_at = m
