@@ -30,6 +30,7 @@ from detector.core.ipintel import IpIntel
 from detector.core.lists import ListIndex
 from detector.core.mask import mask_number
 from detector.core.parse import parse_request, parse_ts
+from detector.core.phone import time_zone_of
 from detector.core.pipeline import Detector
 from detector.core.policy import Policy, load_policy
 from detector.core.population import PopulationCounts
@@ -275,7 +276,7 @@ def _from_row(row: dict[str, Any]) -> tuple[CallbackRequest, Enrichment, Counts]
     e164 = row.get("number_e164")
     phone = PhoneInfo(e164, True, True, bool(enr.get("number_valid")), enr.get("number_country"), None,
                       str(enr.get("number_type") or "UNKNOWN"),
-                      e164[:-3] if e164 else None)  # fmt: skip
+                      e164[:-3] if e164 else None, time_zone=time_zone_of(e164))  # fmt: skip
     flags = set(enr.get("anonymity") or ())
     ip = IpInfo("", 4, str(enr.get("ip_scope") or "global"), enr.get("ip_country"), enr.get("asn"),
                 anonymous_vpn="anonymous_vpn" in flags, tor_exit="tor_exit" in flags,

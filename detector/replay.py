@@ -154,8 +154,8 @@ def replay(
         summary.decisions += 1
         summary.by_action[decision.action] += 1
         summary.by_reason.update(decision.reasons)
-        if out is not None:
-            out.write(dumps(decision.to_dict()).decode() + "\n")
+        if out is not None:  # orjson writes the dataclass as to_dict() would, without the dict
+            out.write(dumps(decision).decode() + "\n")
         if on_decision is not None and by_id is not None:
             on_decision(by_id.pop(decision.request_id), decision)
     summary.seconds = time.perf_counter() - t0

@@ -147,9 +147,7 @@ def rule_hits(
         add("duplicate_pending")
     c = count_map if count_map is not None else counts.to_dict()
     fired: set[str] = set()
-    relaxed: tuple[str, ...] = pol.shared_ip.relaxed if counts.ip.ip_shared else ()
-    for key, attr, code in VELOCITY_RULES:
-        limit = pol.velocity[key] * (pol.shared_ip.factor if key in relaxed else 1)
+    for attr, code, limit in _velocity_limits(pol)[1 if counts.ip.ip_shared else 0]:
         if code not in fired and c[attr] > limit:
             fired.add(code)
             add(code)
@@ -157,6 +155,27 @@ def rule_hits(
         add("ip_number_recombination")
     hits.extend(population_hits(req, enr, counts, ctx))
     return hits
+
+
+_LIMITS: dict[int, tuple[Policy, tuple[tuple[str, str, float], ...], tuple[tuple[str, str, float], ...]]] = {}
+
+
+def _velocity_limits(
+    pol: Policy,
+) -> tuple[tuple[tuple[str, str, float], ...], tuple[tuple[str, str, float], ...]]:
+    """(counts attribute, reason code, limit) of each velocity rule, for a requester that is not
+    and one that is a shared IP (its per-IP limits multiplied by ``shared_ip.factor``); computed
+    once per policy object."""
+    hit = _LIMITS.get(id(pol))
+    if hit is None or hit[0] is not pol:
+        def limits(relaxed: tuple[str, ...]) -> tuple[tuple[str, str, float], ...]:
+            return tuple((attr, code, pol.velocity[key] * (pol.shared_ip.factor if key in relaxed else 1))
+                         for key, attr, code in VELOCITY_RULES)
+
+        if len(_LIMITS) > 16:
+            _LIMITS.clear()
+        hit = _LIMITS[id(pol)] = (pol, limits(()), limits(pol.shared_ip.relaxed))
+    return hit[1], hit[2]
 
 
 def population_hits(
@@ -253,23 +272,33 @@ def decide_many(
     n = len(items)
     results: list[ModelResult | None] = [None] * n
     shadows: list[ModelResult | None] = [None] * n
+    maps = [counts.to_dict() for _, _, counts in items]
     if n and (ctx.model is not None or ctx.shadow is not None):
-        xs = [features(req, enr, counts, ctx.policy) for req, enr, counts in items]
-        if ctx.model is not None:
-            results = list(_score_all(ctx.model, xs))
-        if ctx.shadow is not None:
-            shadows = list(_score_all(ctx.shadow, xs))
+        xs = [features(req, enr, counts, ctx.policy, maps[i])
+              for i, (req, enr, counts) in enumerate(items)]
+        results, shadows = score_rows(xs, ctx)
     ats = decided_ats if decided_ats is not None else [decided_at] * n
-    return [_decide_one(req, enr, counts, ctx, ats[i], results[i], shadows[i])
+    return [decide_scored(req, enr, counts, ctx, ats[i], results[i], shadows[i], maps[i])
             for i, (req, enr, counts) in enumerate(items)]
 
 
-def _score_all(model: Scorer, xs: list[list[float]]) -> Sequence[ModelResult]:
+def score_rows(
+    xs: list[list[float]], ctx: DecisionContext
+) -> tuple[list[ModelResult | None], list[ModelResult | None]]:
+    """The model's and the shadow model's results for feature rows ``xs`` (one call each; None
+    where there is no such model). A row scores identically in any batch."""
+    none: list[ModelResult | None] = [None] * len(xs)
+    results = list(_score_all(ctx.model, xs)) if ctx.model is not None and xs else none
+    shadows = list(_score_all(ctx.shadow, xs)) if ctx.shadow is not None and xs else none
+    return results, shadows
+
+
+def _score_all(model: Scorer, xs: list[list[float]]) -> Sequence[ModelResult | None]:
     batch = getattr(model, "score_batch", None)  # ForestScorer has one; a plain Scorer may not
     return batch(xs) if batch is not None else [model.score(x) for x in xs]
 
 
-def _decide_one(
+def decide_scored(
     req: CallbackRequest,
     enr: Enrichment,
     counts: Counts,
@@ -277,8 +306,13 @@ def _decide_one(
     decided_at: float,
     result: ModelResult | None,
     shadow: ModelResult | None,
+    count_map: dict[str, Any] | None = None,
 ) -> Decision:
-    count_map = counts.to_dict()
+    """:func:`decide` with the model's (and shadow's) result for this request already computed
+    (:func:`score_rows` on its :func:`~detector.core.features.features` row). ``count_map``:
+    ``counts.to_dict()`` if the caller has it (the decision keeps it as its ``counts``)."""
+    if count_map is None:
+        count_map = counts.to_dict()
     hits = rule_hits(req, enr, counts, ctx, count_map) if ctx.use_rules else []
     if shadow is not None:
         base = result or ModelResult(version="none", anomaly=0.0, is_anomalous=False)

@@ -29,16 +29,10 @@ if TYPE_CHECKING:
 Store = MutableMapping[str, Any]
 
 
-def short_hash(text: str, key: bytes) -> str:
-    """Distinct-set member of an identifier: the one keyed hash, :func:`detector.core.pii.hash_id`.
-
-    >>> short_hash("203.0.113.9", b"k") == pii_hash("203.0.113.9", b"k")
-    True
-    """
-    return hash_id(text, key)
-
-
-pii_hash = hash_id  # the decision's ip_hash (same function: one keyed hash for every identifier)
+# A distinct-set member of an identifier is its one keyed hash (detector.core.pii.hash_id), and
+# so is the decision's ip_hash: the same function (memoized), without a wrapper call.
+short_hash = hash_id
+pii_hash = hash_id
 
 
 def number_key(enr: Enrichment, raw: str) -> str:
@@ -145,8 +139,7 @@ def range_stage(
     num = dict(stores.number.get(nkey) or {})
     num["c"] = w.count_add(num.get("c"), ts)
     num["i"] = w.distinct_add(num.get("i"), ip_member, ts)
-    pend = num.get("p")
-    pending = pend is not None and float(pend["until"]) > ts and pend.get("rid") != req.request_id
+    pending = is_pending(num.get("p"), ts, req.request_id)
 
     pkey = pair_key(req.ip, nkey)
     pair = w.count_add(stores.pair.get(pkey), ts)
@@ -166,6 +159,12 @@ def range_stage(
     _, rn24 = w.distinct_read(rng["n"], ts)
     counts = RangeCounts(n15, n1h, n24, p1h, p24, r1h, r24, ni1h, ni24, ri24, rn24, pending)
     return RangeUpdate(counts, nkey, num)
+
+
+def is_pending(mark: Any, ts: float, request_id: str) -> bool:
+    """Whether a number's outstanding-callback mark (its value's ``p``) holds at ``ts`` for another
+    request than ``request_id``."""
+    return mark is not None and float(mark["until"]) > ts and mark.get("rid") != request_id
 
 
 def range_commit(

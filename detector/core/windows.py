@@ -87,11 +87,17 @@ def count_read(value: CountValue | None, ts: float) -> tuple[int, int, int]:
         return 0, 0, 0
     t = int(ts)
     m, h = t // MINUTE, t // HOUR
-    return (
-        _sum_since(value["m"], m - 14, m),
-        _sum_since(value["m"], m - 59, m),
-        _sum_since(value["h"], h - 23, h),
-    )
+    # one backward pass over the (ascending) minute buckets for both 15 min and 1 h
+    c15 = c60 = 0
+    f15, f60 = m - 14, m - 59
+    for b, n in reversed(value["m"]):
+        if b < f60:
+            break
+        if b <= m:
+            c60 += n
+            if b >= f15:
+                c15 += n
+    return c15, c60, _sum_since(value["h"], h - 23, h)
 
 
 def count_expired(value: CountValue | None, now: float) -> bool:

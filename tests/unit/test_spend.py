@@ -226,6 +226,7 @@ def test_spend_is_shared_through_the_population_deltas() -> None:
     """Two workers' views: the spend one counted reaches the other through the published delta
     (the same rows as request counts), so both see the breaker open."""
     a, b = detector(BUDGET), detector(BUDGET)
+    a.population = PopulationView(deltas=True)  # a stream worker's view (replay keeps no deltas)
     run(a, gb_mobiles(8), T0)
     b.population.merge(a.population.take_delta())
     (seen_by_b,) = run(b, gb_mobiles(1, 500), T0 + 600, first=500)
