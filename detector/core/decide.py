@@ -13,10 +13,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from detector.core.capacity import CapacityGate, deflects, trust_class
 from detector.core.features import denied_prefix, features, geo_mismatch
 from detector.core.lists import ListIndex
 from detector.core.pii import random_key
 from detector.core.policy import Policy, Rule
+from detector.core.rates import RateDeck, packaged_rate_deck
 from detector.core.records import (
     Action,
     CallbackRequest,
@@ -26,6 +28,7 @@ from detector.core.records import (
     Hit,
     ModelResult,
 )
+from detector.core.spend import price_decision
 from detector.core.state import pii_hash
 
 SEVERITY = {Action.ALLOW: 0, Action.DEFLECT: 1, Action.BLOCK: 2}
@@ -73,6 +76,10 @@ class DecisionContext:
     # The PII hash key. Never a known default: a context built without one gets the process's
     # random key (its hashes match no other process's); runtime.build_context passes the configured one.
     pii_key: bytes = field(default_factory=random_key, repr=False)
+    # The rate deck (core/rates.py, DETECTOR_RATE_DECK) pricing decisions for core/spend.py.
+    rates: RateDeck | None = field(default_factory=packaged_rate_deck, repr=False)
+    # The dialers' queue state (agent capacity); None: capacity is not watched (always normal).
+    capacity: CapacityGate | None = None
 
 
 def _hit(
@@ -198,6 +205,19 @@ def population_hits(
     return out
 
 
+def capacity_deflects(authenticated: bool, new_ip: bool, risk: float, ctx: DecisionContext,
+                      now: float) -> bool:
+    """Whether agent-capacity protection takes this (otherwise allowed) callback away at ``now``:
+    the dialers' queue is over capacity and the request's trust class is deflected at the
+    current tier (see :mod:`detector.core.capacity`). False when the queue state is stale."""
+    gate = ctx.capacity
+    if gate is None:
+        return False
+    pol = ctx.policy.capacity
+    tier = gate.level(now, pol).tier
+    return tier > 0 and deflects(tier, trust_class(authenticated, new_ip, risk, pol))
+
+
 def combine(hits: list[Hit], policy: Policy) -> tuple[Action, bool, float, list[str]]:
     """(action, silent, risk, reasons) from hits. Reasons: most severe action first, then weight."""
     keep = 1.0
@@ -320,6 +340,15 @@ def decide_scored(
         monitored = list(dict.fromkeys(h.code for h in hits if h.monitored))
         hits = [h for h in hits if not h.monitored]
     action, silent, risk, reasons = combine(hits, ctx.policy)
+    cost_per_min, expected_cost, currency = price_decision(enr, risk, ctx)  # core/spend.py
+    if action == Action.ALLOW and capacity_deflects(req.authenticated, counts.ip.ip_fresh == 1,
+                                                    risk, ctx, decided_at):
+        rule = ctx.policy.rules["agent_capacity"]
+        if rule.mode == "monitor":
+            monitored.append("agent_capacity")
+        elif rule.action == Action.DEFLECT:
+            action, silent = Action.DEFLECT, False
+            reasons.insert(0, "agent_capacity")
     model_block = None
     if result is not None:
         model_block = {
@@ -347,4 +376,7 @@ def decide_scored(
         ip_hash=pii_hash(req.ip, ctx.pii_key),
         model=model_block,
         monitored_reasons=tuple(monitored),
+        cost_per_min=cost_per_min,
+        expected_cost=expected_cost,
+        currency=currency,
     )

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from detector.core import population, state
+from detector.core import population, spend, state
 from detector.core.clock import EventClock
 from detector.core.decide import DecisionContext, decide, decide_scored, score_rows
 from detector.core.errors import InvalidField, MissingField
@@ -199,6 +199,7 @@ class Detector:
             self.ctx,
             decided_at=req.ts if decided_at is None else decided_at,
         )
+        decision = spend.settle(decision, req, enr, self.ctx, self.population)  # spend breakers
         state.range_commit(
             self.range_stores,
             upd,
@@ -294,6 +295,7 @@ class Detector:
                 row, count_map = flipped.get(i, i), counts.to_dict()
             d = decide_scored(req, s.enr, counts, ctx, req.ts, results[row] if scored else None,
                               shadows[row] if scored else None, count_map)
+            d = spend.settle(d, req, s.enr, ctx, self.population)  # spend breakers, in commit order
             if d.action == Action.ALLOW:
                 mark = {"until": req.ts + ttl, "rid": req.request_id}
             if mark is None:

@@ -5,7 +5,9 @@ IPs and numbers, and loud when innocent customers share one IP. Population count
 
 * **scopes**: ``*`` (everything), ``C:<region>`` (destination country) and ``B<k>:<region>:<prefix>``
   (a block of 10^k numbers: the E.164 form minus its last *k* digits, e.g. ``B5:GB:+4477009`` holds the
-  100,000 numbers +447700900000-+447700999999, the size an IRSF seller leases).
+  100,000 numbers +447700900000-+447700999999, the size an IRSF seller leases); and the spend
+  scopes ``$C:<region>`` / ``$P:<prefix>`` of :mod:`detector.core.spend` (allowed expected spend in
+  integer units instead of requests, allowed requests instead of fresh ones).
 * each scope keeps minute buckets (the last :data:`MINUTES_KEPT`) and hour buckets (the last
   :data:`HOURS_KEPT`) of two counts: requests, and requests from *fresh* IPs (the IP's first
   request in 24 h). Buckets are bounded in number, never aged against one event's time: a request
@@ -120,21 +122,25 @@ class _Scope:
     memo_at: int = -1
     memo: dict[tuple[Any, ...], tuple[Any, ...]] = field(default_factory=dict)
     block: tuple[tuple[str, str], str] | None = None  # ((region, "B5"), prefix) of a block scope
+    # Spend scopes (core/spend.py): window sums rolled forward minute by minute; any write
+    # before its minute (or an eviction) drops it.
+    roll: list[int] | None = None
 
 
-def _bump(buckets: dict[int, list[int]], b: int, n: int, fresh: int, keep: int) -> bool:
-    """Add to bucket ``b``; True when an old bucket had to go (bounded by count, never aged
-    against one event's time)."""
+def _bump(buckets: dict[int, list[int]], b: int, n: int, fresh: int, keep: int) -> int | None:
+    """Add to bucket ``b``; returns the old bucket that had to go, if one did (bounded by count,
+    never aged against one event's time)."""
     cell = buckets.get(b)
     if cell is not None:
         cell[0] += n
         cell[1] += fresh
-        return False
+        return None
     buckets[b] = [n, fresh]
     if len(buckets) > keep:
-        del buckets[min(buckets)]
-        return True
-    return False
+        gone = min(buckets)
+        del buckets[gone]
+        return gone
+    return None
 
 
 def scopes(e164: str | None, region: str | None, policy: PopulationPolicy) -> tuple[str, ...]:
@@ -172,19 +178,20 @@ class PopulationView:
     def __len__(self) -> int:
         return len(self.scopes)
 
-    def observe(self, keys: Sequence[str], ts: float, *, fresh: bool) -> None:
-        """Count one request (and record it as a delta for :meth:`take_delta`)."""
+    def observe(self, keys: Sequence[str], ts: float, *, fresh: bool, n: int = 1) -> None:
+        """Count one request (and record it as a delta for :meth:`take_delta`). Spend scopes
+        (``$...``, core/spend.py) count ``n`` units of allowed spend, and the request as "fresh"."""
         minute = int(ts) // MINUTE
         f = 1 if fresh else 0
         for key in keys:
-            self._add(key, minute, 1, f)
+            self._add(key, minute, n, f)
             if not self.deltas:
                 continue
             cell = self.pending.get((key, minute))
             if cell is None:
-                self.pending[(key, minute)] = [1, f]
+                self.pending[(key, minute)] = [n, f]
             else:
-                cell[0] += 1
+                cell[0] += n
                 cell[1] += f
 
     def take_delta(self) -> list[list[Any]]:
@@ -215,11 +222,15 @@ class PopulationView:
                 level, region, prefix = key.split(":", 2)
                 sc.block = ((region, level), prefix)
         hour = minute // 60
-        evicted = _bump(sc.minutes, minute, n, fresh, MINUTES_KEPT)
-        evicted = _bump(sc.hours, hour, n, fresh, HOURS_KEPT) or evicted
-        if evicted or minute < sc.memo_at:  # a bucket the memo summed has changed
+        gone_m = _bump(sc.minutes, minute, n, fresh, MINUTES_KEPT)
+        gone_h = _bump(sc.hours, hour, n, fresh, HOURS_KEPT)
+        if gone_m is not None or gone_h is not None or minute < sc.memo_at:  # a summed bucket changed
             sc.memo_at = -1
             sc.memo.clear()
+        roll = sc.roll
+        if roll is not None and (minute < roll[0] or (gone_m is not None and gone_m >= roll[0] - 60)
+                                 or (gone_h is not None and gone_h >= roll[2] - 24)):
+            sc.roll = None  # a bucket inside the rolled windows changed
         if hour > sc.newest_hour:
             sc.newest_hour = hour
         if sc.block is not None:

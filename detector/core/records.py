@@ -212,6 +212,13 @@ class Decision:
     ip_hash: str
     model: dict[str, Any] | None = None
     monitored_reasons: tuple[str, ...] = ()  # codes of monitor-mode rules that fired (not acted on)
+    # Cost at risk (core/spend.py): the rate deck's price of the destination (None: unknown, or
+    # not a valid number), the risk-weighted expected cost of the callback, and the tightest
+    # spend breaker of an allowed request's scopes (None when none was checked).
+    cost_per_min: float | None = None
+    expected_cost: float = 0.0
+    currency: str | None = None
+    budget: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The wire dict: the same as ``asdict`` (fresh containers, tuples as lists) at a fraction
@@ -248,6 +255,10 @@ def decision_from_dict(d: dict[str, Any]) -> Decision:
         ip_hash=d["ip_hash"],
         model=d.get("model"),
         monitored_reasons=tuple(d.get("monitored_reasons") or ()),
+        cost_per_min=None if d.get("cost_per_min") is None else float(d["cost_per_min"]),
+        expected_cost=float(d.get("expected_cost") or 0.0),
+        currency=d.get("currency"),
+        budget=d.get("budget"),
     )
 
 

@@ -29,13 +29,15 @@ and a request never gets two different decisions:
   sent, and its input offsets are acked only after that. So a
   decision on the wire always has its stored twin, and a redelivered request gets the stored
   decision, never a new one.
-* Re-sending: a worker that is assigned partitions first loads the request ids already on the
-  decisions topic (message keys of the last SENT_LOOKBACK_S), and re-sends a stored decision
-  only when its id is not among them. Measured with SIGKILL mid-stream: every request exactly one
-  decision message. (Kafka transactions, Faust's ``exactly_once``, do not work for this topology
-  in faust-streaming 0.15.3: the transactional producer is chosen by the *destination*
-  partition, so re-keying to a partition owned by another worker fails with "No transaction
-  producer found".)
+* Re-sending: a worker that is assigned partitions first fences their previous owner, then
+  loads the request ids already on the decisions topic (message keys of the last
+  SENT_LOOKBACK_S, committed records), and sends no decision whose id is among them.
+* Fencing: each batch's decisions go out in one Kafka transaction per by-range partition, by that
+  partition's own transactional producer (:class:`~detector.stream.delivery.FencedDecisions`),
+  so a worker frozen past the session timeout cannot publish what its successor re-sends. (Faust's
+  ``exactly_once`` does not work for this topology in faust-streaming 0.15.3: its transactional
+  producer is chosen by the *destination* partition, so re-keying to a partition owned by
+  another worker fails with "No transaction producer found".)
 
 Ordering: every stage passes its events through an :class:`~detector.stream.delivery.OffsetGate`
 (per partition, the next offset to process, reset at each assignment from the group's committed
@@ -71,7 +73,7 @@ from faust.types import TP
 
 from detector import metrics
 from detector.config import Settings
-from detector.core import state
+from detector.core import spend, state
 from detector.core.clock import sweep_time
 from detector.core.decide import DecisionContext, decide_many
 from detector.core.errors import InputError, UntrustedEntry
@@ -86,7 +88,13 @@ from detector.core.records import OUTCOMES, Action, CallbackRequest, Counts, Enr
 from detector.core.signing import REJECT_REASONS, Signer, Verifier
 from detector.stream import codec, failures, faust_internals, guard, retention
 from detector.stream import population as pop_stream
-from detector.stream.delivery import Admit, OffsetGate, start_offsets
+from detector.stream.delivery import (
+    Admit,
+    DirectDecisions,
+    FencedDecisions,
+    OffsetGate,
+    start_offsets,
+)
 from detector.stream.io import stop_consumer, topic_partitions
 from detector.stream.kafka_security import client_kwargs, faust_credentials
 from detector.stream.web_surface import CLOSED_WEB_SETTINGS
@@ -270,6 +278,10 @@ class StreamRuntime:
     watch: guard.StageWatch = field(default_factory=guard.StageWatch)  # progress per stage
     probe: guard.BrokerProbe = field(default_factory=guard.BrokerProbe)  # broker reachable?
     diagnose: Callable[[], list[str]] | None = None  # why Kafka deliveries wait (for the log)
+    capacity: Any = None  # the queue-state reader's state (stream/capacity.py)
+    # How decisions reach the decisions topic: FencedDecisions (one transactional producer per
+    # owned by-range partition) or DirectDecisions; set by make_app (delivery.py).
+    decisions_out: Any = None
 
     @property
     def policy(self) -> Policy:
@@ -454,6 +466,7 @@ class RangeResult:
     entry: ListEntry | None = None
     raw: bytes | None = None  # the decision serialized
     dead_letter: dict[str, Any] | None = None  # an internal error: no decision, a dead letter
+    partition: int = -1  # the by-range partition of the event (its decisions' fencing unit)
 
 
 @dataclass
@@ -535,6 +548,7 @@ def decide_pending(rt: StreamRuntime, undecided: list[Undecided],
     seen = rt.tables["seen"]
     for u, decision in zip(undecided, decisions, strict=True):
         req = u.req
+        decision = spend.settle(decision, req, u.enr, rt.ctx, rt.population)  # spend breakers
         state.range_commit(u.stores, u.update, req, allowed=decision.action == Action.ALLOW,
                            pending_ttl=rt.policy.pending_ttl)
         d = codec.decision_to_wire(decision)
@@ -586,7 +600,7 @@ class RangeBatcher:
         self.rt = rt
         self.writes: dict[tuple[str, str], Write] = {}
         self.results: list[RangeResult] = []
-        self.acks: list[Callable[[], Any]] = []
+        self.acks: list[tuple[int, Callable[[], Any]]] = []  # (by-range partition, ack)
         self.undecided: list[Undecided] = []
         self.pending_keys: set[str] = set()  # number keys and request ids of ``undecided``
         self.lock = asyncio.Lock()
@@ -631,14 +645,17 @@ class RangeBatcher:
             if self.depends(env):
                 self.decide()
             n = len(self.undecided)
-            self.results.append(range_one(self.rt, env, partition=partition, offset=offset,
-                                          writes=self.writes, undecided=self.undecided))
+            result = range_one(self.rt, env, partition=partition, offset=offset,
+                               writes=self.writes, undecided=self.undecided)
+            result.partition = partition
+            self.results.append(result)
             if len(self.undecided) > n:
                 u = self.undecided[-1]
                 self.pending_keys.update((u.update.number_key, u.req.request_id))
         except Exception as exc:  # a bug must not stop the worker nor drop the request
-            self.results.append(RangeResult(dead_letter=self._failed(exc, value, partition, offset)))
-        self.acks.append(ack)
+            self.results.append(RangeResult(dead_letter=self._failed(exc, value, partition, offset),
+                                            partition=partition))
+        self.acks.append((partition, ack))
         metrics.child(metrics.STAGE_SECONDS, "range").observe(time.perf_counter() - t0)
 
     def _failed(self, exc: Exception, request: Any, partition: int, offset: int) -> dict[str, Any]:
@@ -678,9 +695,15 @@ class RangeBatcher:
             writes, results, acks = self.writes, self.results, self.acks
             self.writes, self.results, self.acks = {}, [], []
             rt = self.rt
+            # Only partitions still owned: the others' events go to their new owner unacked.
+            owns = rt.decisions_out.owns
+            lost = sorted({p for p, _ in acks if not owns(p)})
+            if lost:
+                log.info("range: %d events of partitions %s left to their new owner", sum(
+                    1 for p, _ in acks if not owns(p)), lost)
             # Serialize now: events processed while we wait below must not leak into this batch.
             frozen = [(w, w.raw if w.raw is not None or w.value is None else codec.dumps(w.value))
-                      for w in writes.values()]
+                      for w in writes.values() if owns(w.partition)]
             futs = [await rt.publish_raw_changelog(w, raw) for w, raw in frozen]
             if futs:  # state and stored decisions durable before any send (bounded, loud wait)
                 await guard.wait_delivered(futs, stage="range", what="changelog writes",
@@ -688,7 +711,11 @@ class RangeBatcher:
             guard.FREEZE.check()  # frozen past the session timeout: another worker may own these
             sent = 0
             now = time.time()
+            batch: dict[int, list[tuple[bytes, bytes]]] = {}
+            observe: list[tuple[dict[str, Any], float | None]] = []
             for res in results:
+                if not owns(res.partition):
+                    continue
                 if res.dead_letter is not None:
                     key = res.dead_letter["key_b64"]
                     await failures.send_dead_letter(
@@ -701,16 +728,22 @@ class RangeBatcher:
                 if d is None:
                     continue
                 rid = d["request_id"]
-                if res.resend and rid in rt.sent:
-                    continue  # already on the decisions topic
-                await rt.send("decisions", rid.encode("utf-8"),
-                              res.raw if res.raw is not None else codec.dumps(d))
+                if rid in rt.sent:
+                    continue  # already on the decisions topic (a re-send, or sent by a zombie
+                    #           before this worker fenced it: see load_sent)
+                batch.setdefault(res.partition, []).append(
+                    (rid.encode("utf-8"), res.raw if res.raw is not None else codec.dumps(d)))
                 rt.sent[rid] = now
                 sent += 1
                 if not res.resend:
-                    metrics.observe_decision(d, None if res.kts is None else now - float(res.kts))
-            for ack in acks:
-                ack()
+                    observe.append((d, res.kts))
+            await rt.decisions_out.send(batch)  # one transaction per partition when fenced
+            now = time.time()
+            for d, kts in observe:
+                metrics.observe_decision(d, None if kts is None else now - float(kts))
+            for p, ack in acks:
+                if owns(p):
+                    ack()
             rt.watch.progress("range")
             return sent
 
@@ -839,13 +872,13 @@ def make_app(settings: Settings, *, rt: StreamRuntime | None = None, web: bool =
         web_enabled=web,
         web_port=s.web_port,
         web_bind=s.web_bind,  # DETECTOR_WEB_BIND: loopback unless deployed (compose: 0.0.0.0)
-        web_host="127.0.0.1",
+        web_host=s.web_host,  # DETECTOR_WEB_HOST: the URL other workers forward pre-checks to
         **CLOSED_WEB_SETTINGS,
         consumer_auto_offset_reset="earliest",
         producer_linger=s.batch_ms / 2000.0,  # fewer, larger produce requests
         broker_commit_interval=1.0,
         broker_session_timeout=guard.SESSION_TIMEOUT_S,  # a killed worker's partitions move on
-        broker_heartbeat_interval=2.0,
+        broker_heartbeat_interval=guard.HEARTBEAT_INTERVAL_S,
         stream_buffer_maxsize=8192,
         stream_wait_empty=False,
         logging_config=None,
@@ -896,6 +929,8 @@ def make_app(settings: Settings, *, rt: StreamRuntime | None = None, web: bool =
 
     rt.publish = publish
     rt.diagnose = lambda: faust_internals.pending_without_leader(app)
+    if rt.decisions_out is None:
+        rt.decisions_out = decisions_output(app, rt)
 
     batcher = rt.batcher = RangeBatcher(rt)
     gates = rt.gates = {key: OffsetGate(rt.topics[key].get_topic_name()) for key in STAGE_INPUTS}
@@ -907,14 +942,21 @@ def make_app(settings: Settings, *, rt: StreamRuntime | None = None, web: bool =
         async with prepare_lock:
             if rt.generation == generation:
                 return
+            # A worker frozen past the session timeout exits before its sender sends anything
+            # queued before the freeze (guard.FreezeWatch).
+            faust_internals.check_before_sends(faust_internals.aiokafka_producer(app),
+                                               guard.FREEZE.check)
             if not rt.lists_ready.is_set():
                 try:
                     await asyncio.wait_for(rt.lists_ready.wait(), timeout=30.0)
                 except TimeoutError:
                     log.warning("lists: not caught up after 30 s; deciding without them")
                     rt.lists_ready.set()
-            await batcher.flush()
             _update_assignment(app, rt)
+            owned = rt.active.get("by_range", set())
+            await rt.decisions_out.release(owned)  # revoked: left unsent and unacked ...
+            await batcher.flush()  # ... the rest of the last batch completes
+            await rt.decisions_out.assign(owned)  # fences the previous owners of new partitions
             n_req = app.consumer.topic_partitions(gates["requests"].topic)
             n_ip = app.consumer.topic_partitions(gates["by_ip"].topic)
             rt.ip_partitions = n_ip if n_ip and n_req == n_ip else 0
@@ -932,14 +974,24 @@ def make_app(settings: Settings, *, rt: StreamRuntime | None = None, web: bool =
                 for gate in gates.values():
                     gate.reset(starts.get(gate.topic, {}))
             # Partitions may come with uncommitted offsets whose decisions are already on the topic
-            # (the previous owner crashed after sending them).
-            await load_sent(rt)
+            # (the previous owner crashed after sending them). Read after the fence above: a
+            # previous owner can commit no decision any more that this does not see.
+            await load_sent_or_exit(rt)
             rt.generation = generation
 
     @app.on_partitions_assigned.connect  # type: ignore[arg-type]
     async def on_assigned(sender: Any, *args: Any, **kwargs: Any) -> None:
         # Faust awaits this during the rebalance, before the streams resume.
         await prepare(app.consumer_generation_id)
+
+    @app.on_partitions_revoked.connect  # type: ignore[arg-type]
+    async def on_revoked(sender: Any, *args: Any, **kwargs: Any) -> None:
+        # Before the group re-forms: the pending batch completes while its partitions are ours.
+        await batcher.flush()
+
+    @app.on_before_shutdown.connect  # type: ignore[arg-type]
+    async def on_shutdown(sender: Any, *args: Any, **kwargs: Any) -> None:
+        await rt.decisions_out.stop()
 
     async def admitted(event: Any, key: str, ack: Callable[[Any], None]) -> bool:
         """Whether the stage processes this event now (see :class:`OffsetGate`)."""
@@ -973,7 +1025,7 @@ def make_app(settings: Settings, *, rt: StreamRuntime | None = None, web: bool =
         event.ack()
 
     def ack_after_flush(event: Any) -> None:  # the range stage acks a batch once it is durable
-        batcher.acks.append(event.ack)
+        batcher.acks.append((event.message.partition, event.ack))
 
     async def raw_input_stage(stream: Any, key: str, handle: Callable[..., Awaitable[None]]) -> None:
         """An agent over an external topic (requests, outcomes): validate, hand on, ack."""
@@ -1056,7 +1108,8 @@ def make_app(settings: Settings, *, rt: StreamRuntime | None = None, web: bool =
 
     from detector.policy_watch import PolicyWatcher
 
-    policy_watcher = app.policy_watcher = PolicyWatcher(s.policy, rt.ctx)  # type: ignore[attr-defined]
+    policy_watcher = PolicyWatcher(s.policy, rt.ctx, s.rate_deck)  # the rate deck too
+    app.policy_watcher = policy_watcher  # type: ignore[attr-defined]
 
     @app.timer(s.policy_reload_s)
     async def policy_reload() -> None:  # a changed policy file, without a restart
@@ -1081,6 +1134,12 @@ def make_app(settings: Settings, *, rt: StreamRuntime | None = None, web: bool =
         _update_assignment(app, rt)
         body = health(app, rt)  # 503 when a stage is stalled or the broker unreachable
         return self.json(body, status=200 if body["status"] == "ok" else 503)
+
+    from detector.stream import capacity, precheck
+
+    capacity.install(app, rt, s)  # the dialers' queue states -> rt.ctx.capacity (agent capacity)
+    if web:
+        precheck.install(app, rt)  # GET /v1/precheck, only with DETECTOR_PRECHECK_TOKEN
 
     if prometheus:
         from faust.sensors.prometheus import setup_prometheus_sensors
@@ -1131,6 +1190,20 @@ async def _check_liveness(app: faust.App, rt: StreamRuntime) -> None:
     rt.watch.check(guard.stage_inputs(app, rt, STAGE_INPUTS))
 
 
+def decisions_output(app: faust.App, rt: StreamRuntime) -> Any:
+    """Fenced decisions (delivery.FencedDecisions) unless DETECTOR_FENCE_DECISIONS=0."""
+    if not rt.settings.fence_decisions:
+        return DirectDecisions(lambda key, value: rt.send("decisions", key, value))
+    return FencedDecisions(
+        rt.settings, rt.topics["decisions"].get_topic_name(),
+        wrap=_guard_decision_producer)
+
+
+def _guard_decision_producer(producer: Any) -> None:
+    faust_internals.check_before_sends(producer, guard.FREEZE.check)
+    faust_internals.retry_coordinator_lookups(producer)
+
+
 def _update_assignment(app: faust.App, rt: StreamRuntime) -> None:
     try:
         assigned = app.consumer.assignment()
@@ -1166,6 +1239,9 @@ def _static_gauges(rt: StreamRuntime) -> None:
     metrics.POLICY_INFO.info({"version": rt.policy.version,
                               "path": str(rt.settings.policy or "packaged default")})
     metrics.set_known_reasons(rt.policy.reason_codes())
+    metrics.set_spend_countries(rt.policy)
+    if rt.ctx.rates is not None:
+        metrics.set_rate_deck_info(rt.ctx.rates)
     rt.update_list_gauges()
     _model_gauges(rt)
 
@@ -1218,7 +1294,8 @@ async def load_sent(rt: StreamRuntime, lookback_s: float = SENT_LOOKBACK_S) -> i
 
     s = rt.settings
     consumer = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, group_id=None,
-                                enable_auto_commit=False, fetch_max_wait_ms=50, **client_kwargs(s))
+                                enable_auto_commit=False, fetch_max_wait_ms=50,
+                                isolation_level="read_committed", **client_kwargs(s))
     n = 0
     t0 = time.monotonic()
     try:
@@ -1244,11 +1321,23 @@ async def load_sent(rt: StreamRuntime, lookback_s: float = SENT_LOOKBACK_S) -> i
                             rt.sent[rec.key.decode("utf-8", "replace")] = now
                             n += 1
         log.info("decisions: %d recent request ids loaded in %.2f s", n, time.monotonic() - t0)
-    except Exception as exc:
-        log.warning("decisions: could not load recent ids (%r); may re-send some", exc)
     finally:
         await stop_consumer(consumer)
     return n
+
+
+async def load_sent_or_exit(rt: StreamRuntime, attempts: int = 3) -> int:
+    """:func:`load_sent`, bounded and retried; a worker that cannot read the ids already decided
+    exits (a restart tries again) rather than re-send decisions the dialer already has."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return await asyncio.wait_for(load_sent(rt), guard.PREPARE_TIMEOUT_S + 5.0)
+        except Exception as exc:
+            log.warning("decisions: could not load the recent request ids (attempt %d of %d: %s)",
+                        attempt, attempts, type(exc).__name__)
+            await asyncio.sleep(1.0)
+    guard.crash("decisions: could not read the request ids already decided")
+    return 0
 
 
 async def read_lists_forever(app: faust.App, rt: StreamRuntime) -> None:

@@ -35,7 +35,16 @@ aiokafka producer client   See :func:`track_producer_topics`: aiokafka forgets t
                            ``request_timeout_ms`` (Faust: 1,200 s). This was the range-stage
                            stall of issue 13. No upstream issue found; reproduced in
                            ``tests/integration/test_faults.py``.
-Faust producer            ``Producer._producer`` (the aiokafka producer) for the two items above
+aiokafka producer         :func:`check_before_sends` wraps ``_message_accumulator.drain_by_nodes``
+  _message_accumulator     (what ``Sender._sender_routine`` calls before each produce request)
+                           so a worker frozen past the session timeout exits before it sends
+                           what it queued before the freeze. No public hook runs between a
+                           queued message and its produce request.
+aiokafka Sender.          :func:`retry_coordinator_lookups`: the transactional producers of
+  _find_coordinator        :class:`~detector.stream.delivery.FencedDecisions` would die at the
+                           first broker restart (a connection error during a coordinator lookup
+                           is fatal there); aio-libs/aiokafka#1151 is the same class of bug.
+Faust producer            ``Producer._producer`` (the aiokafka producer) for the items above
                            and the broker probe.
 table.data + changelog     Stages write ``table.data`` and send changelog messages themselves
   format                   (key and value JSON, partition = the event's), so batches and sweeps
@@ -56,6 +65,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from faust.transport.drivers import aiokafka as faust_aiokafka
@@ -191,6 +201,63 @@ async def track_client_topics(client: Any, topics: list[str], timeout: float = 1
     futures = [client.add_topic(t) for t in dict.fromkeys(topics) if t not in client._topics]
     if futures:
         await asyncio.wait_for(asyncio.gather(*futures), timeout)
+
+
+def check_before_sends(producer: Any, check: Callable[[], None]) -> None:
+    """Call ``check`` each time the aiokafka producer's sender is about to take queued batches
+    for produce requests (``MessageAccumulator.drain_by_nodes``, called once per turn of
+    ``Sender._sender_routine``). With :meth:`guard.FreezeWatch.check` it makes a worker that
+    was frozen past the session timeout exit before anything it queued before the freeze
+    reaches Kafka: after SIGCONT the sender may run before any other task of the worker (it
+    was the source of the duplicates after a freeze). Idempotent."""
+    if producer is None:
+        return
+    acc = producer._message_accumulator
+    if getattr(acc, "_detector_checked", False):
+        return
+    drain = acc.drain_by_nodes
+
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        check()
+        return drain(*args, **kwargs)
+
+    acc.drain_by_nodes = checked
+    acc._detector_checked = True
+
+
+COORDINATOR_RETRY_S = 0.5  # pause before the next coordinator lookup while the broker is away
+
+
+def retry_coordinator_lookups(producer: Any) -> None:
+    """Make a transactional aiokafka producer survive a broker restart.
+
+    aiokafka 0.14's ``Sender._find_coordinator`` retries a coordinator lookup only on
+    ``CoordinatorNotAvailable``/``NodeNotReady``/``RequestTimedOut``; any other error, such as
+    the ``KafkaConnectionError`` of a broker closing its connections on a clean stop, escapes
+    the sender routine, which then fails every queued message and leaves the producer dead
+    (measured: the worker exited at the first broker restart). Connection errors are retriable
+    (``KafkaConnectionError.retriable``), so the lookup (``AIOKafkaClient.coordinator_lookup``)
+    reports them as ``NodeNotReadyError`` after a short pause, and the sender retries until the
+    broker is back (the caller's own deadline still applies). Upstream: aio-libs/aiokafka#1151
+    (the same class of hard failure, on the group coordinator) was fixed for that path only."""
+    from aiokafka import errors
+
+    client = producer.client
+    if getattr(client, "_detector_retrying", False):
+        return
+    lookup = client.coordinator_lookup
+
+    async def retrying(coordinator_type: Any, coordinator_key: Any) -> Any:
+        try:
+            return await lookup(coordinator_type, coordinator_key)
+        except errors.KafkaError as exc:
+            if not getattr(exc, "retriable", False) or isinstance(exc, errors.NodeNotReadyError):
+                raise
+            await asyncio.sleep(COORDINATOR_RETRY_S)
+            raise errors.NodeNotReadyError(f"coordinator lookup: {type(exc).__name__}") from exc
+
+    client.coordinator_lookup = retrying
+    client._detector_retrying = True
 
 
 def pending_without_leader(app: Any) -> list[str]:

@@ -42,6 +42,10 @@ UNREACHABLE_AFTER_S = 10.0
 SHUTDOWN_DEADLINE_S = 9.0
 PREPARE_TIMEOUT_S = 30.0  # reading committed offsets, seeking: admin and consumer calls
 SESSION_TIMEOUT_S = 10.0  # the consumer group's session timeout (make_app)
+HEARTBEAT_INTERVAL_S = 2.0  # the consumer's heartbeat interval (make_app)
+# A process that did not run for this long may have lost its partitions: the group expires a
+# session SESSION_TIMEOUT_S after the last heartbeat, which may precede the freeze by an interval.
+FREEZE_AFTER_S = SESSION_TIMEOUT_S - HEARTBEAT_INTERVAL_S - 1.0
 EXIT_DELIVERY_FAILED = 75  # EX_TEMPFAIL: restart me
 EXIT_SHUTDOWN_DEADLINE = 1
 
@@ -243,11 +247,16 @@ class FreezeWatch:
     ticks every ``TICK_S``; no tick for ``freeze_after`` seconds means the process was frozen
     (Kafka waits do not stop the ticks; heartbeats run in the consumer's own thread), and the
     worker exits before sending anything more. A restart resumes from the committed offsets.
+    The producers' senders call :meth:`check` before each produce request
+    (:func:`faust_internals.check_before_sends`), so what was queued before the freeze does not
+    go out either. Decisions do not depend on this check: they are fenced by Kafka
+    (:class:`~detector.stream.delivery.FencedDecisions`); it keeps a zombie's table and
+    internal-topic writes off the log, which fencing does not cover.
     """
 
     TICK_S = 0.5
 
-    def __init__(self, freeze_after: float = SESSION_TIMEOUT_S,
+    def __init__(self, freeze_after: float = FREEZE_AFTER_S,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.freeze_after = freeze_after
         self.clock = clock

@@ -245,3 +245,10 @@ def test_freeze_watch_exits_after_a_gap_longer_than_the_session_timeout(exits: l
     with pytest.raises(Crashed):
         watch.check()
     assert exits == [guard.EXIT_DELIVERY_FAILED]
+
+
+def test_a_freeze_counts_from_the_last_heartbeat_that_may_precede_it() -> None:
+    """The group expires a session SESSION_TIMEOUT_S after the last heartbeat, which may have
+    been sent up to one heartbeat interval before the freeze began."""
+    assert guard.FREEZE_AFTER_S <= guard.SESSION_TIMEOUT_S - guard.HEARTBEAT_INTERVAL_S
+    assert guard.FreezeWatch().freeze_after == guard.FREEZE_AFTER_S
