@@ -295,7 +295,7 @@ class Detector:
                 row, count_map = flipped.get(i, i), counts.to_dict()
             d = decide_scored(req, s.enr, counts, ctx, req.ts, results[row] if scored else None,
                               shadows[row] if scored else None, count_map)
-            d = spend.settle(d, req, s.enr, ctx, self.population)  # in commit order
+            d = spend.settle(d, req, s.enr, ctx, self.population)  # spend breakers, in commit order
             if d.action == Action.ALLOW:
                 mark = {"until": req.ts + ttl, "rid": req.request_id}
             if mark is None:
