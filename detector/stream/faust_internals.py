@@ -334,4 +334,20 @@ def dump_tasks(file: Any) -> None:
         for line in traceback.format_list(
                 [(f.f_code.co_filename, f.f_lineno, f.f_code.co_name, None) for f in frames]):
             print(line.rstrip(), file=file)
+        for line in traceback.format_list(_awaited_frames(task.get_coro())):
+            print("  awaiting" + line.rstrip()[1:], file=file)
     file.flush()
+
+
+def _awaited_frames(coro: Any, limit: int = 40) -> list[tuple[str, int, str, None]]:
+    """The chain of coroutines a task's coroutine is awaiting (``cr_await``), innermost last:
+    ``Task.get_stack`` shows only the outermost frame, which says nothing about where a task
+    waits (e.g. an agent awaiting its handler awaiting a Kafka delivery)."""
+    out: list[tuple[str, int, str, None]] = []
+    current = getattr(coro, "cr_await", None)
+    while current is not None and len(out) < limit:
+        frame = getattr(current, "cr_frame", None) or getattr(current, "gi_frame", None)
+        if frame is not None:
+            out.append((frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name, None))
+        current = getattr(current, "cr_await", None) or getattr(current, "gi_yieldfrom", None)
+    return out

@@ -40,6 +40,8 @@ from test_pipeline import (  # tests/integration is on sys.path (no package)
     one_each,
     produce_by_ip,
     req,
+    stop_consumer,
+    topic_partitions,
     wait_owned,
     workers,
 )
@@ -84,19 +86,51 @@ IP_COUNTS = IpCounts.__slots__
 PAIR_COUNTS = (*IpCounts.__slots__, *RangeCounts.__slots__)
 
 
+async def _end_offsets(settings: Any, topic: str, isolation_level: str) -> dict[int, int]:
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None,
+                                enable_auto_commit=False, isolation_level=isolation_level)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in await topic_partitions(consumer, topic)]
+        return {tp.partition: int(o) for tp, o in (await consumer.end_offsets(tps)).items()}
+    finally:
+        await stop_consumer(consumer)
+
+
+def why_missing(settings: Any, missing: set[str], procs: list[WorkerProc]) -> str:
+    """What the broker and the workers say about requests without a committed decision: a
+    decision written but not committed (an open or aborted transaction: last stable offset below
+    the high watermark), or none written (a stage did not get there: /healthz)."""
+    topic = settings.topic_decisions
+    stable = asyncio.run(_end_offsets(settings, topic, "read_committed"))
+    high = asyncio.run(_end_offsets(settings, topic, "read_uncommitted"))
+    everything = asyncio.run(_read_all(settings, topic, lambda r: False, 60.0, idle_stop=3.0,
+                                       isolation_level="read_uncommitted"))
+    written = {json.loads(r.value)["request_id"] for r in everything} & missing
+    health = {p.name: p.health() for p in procs if p.alive()}
+    return (f"; decisions partitions' last stable offset {stable} vs high watermark {high}; "
+            f"{len(written)} of the missing have an uncommitted decision message; "
+            f"workers' /healthz: {health}")
+
+
 def check_exactly_one(settings: Any, rows: list[dict[str, Any]], pair: list[str],
-                      replay: Detector, timeout: float = 180.0) -> dict[str, int]:
+                      replay: Detector, timeout: float = 180.0,
+                      procs: tuple[WorkerProc, ...] | list[WorkerProc] = ()) -> dict[str, int]:
     """What the dialer sees (committed decisions, as it reads them): one decision message per
     request, and window counts equal to replay's (``replay`` has seen the earlier rounds):
     every request's per-IP counts (each IP's requests are ordered on one partition), and every
     count of the pair's requests (one IP, one number, one range). Also counts the decision
     messages of aborted transactions (a fenced zombie's, invisible to the dialer)."""
     ids = {r["request_id"] for r in rows}
-    got = decisions_for(settings, ids, timeout=timeout, require_all=False, idle_stop=25.0)
+    # idle_stop: longer than the stall detector takes to say so on /healthz (30 s + a probe)
+    got = decisions_for(settings, ids, timeout=timeout, require_all=False, idle_stop=40.0)
     copies = sum(len(v) for v in got.values())
     decided = one_each(got)  # never two *different* decisions for one request
     missing = ids - set(decided)
-    assert not missing, f"{len(missing)} of {len(ids)} requests without a decision"
+    assert not missing, (f"{len(missing)} of {len(ids)} requests without a decision, e.g. "
+                         f"{sorted(missing)[:5]}" + why_missing(settings, missing, list(procs)))
     dup = sorted(r for r, v in got.items() if len(v) > 1)
     assert not dup, f"{copies - len(decided)} duplicate decision messages, e.g. {dup[:5]}"
     counts = [decided[r]["counts"]["pair_24h"] for r in pair]
@@ -154,7 +188,7 @@ def test_sigkill_of_the_only_worker(kafka_bootstrap: str, fresh_topic_prefix: st
             wait_decided(settings, (k + 0.3) * len(rows))
             w.kill()
             w.start()
-            stats = check_exactly_one(settings, rows, pair, replay)
+            stats = check_exactly_one(settings, rows, pair, replay, procs=[w])
     sys.stderr.write(f"sigkill: {stats}\n")
 
 
@@ -180,7 +214,7 @@ def test_sigterm_under_load_drains_and_stops_within_10_s(
             finally:
                 stops.append((time.monotonic() - t0, w.proc.returncode))
             w.start()
-            stats = check_exactly_one(settings, rows, pair, replay)
+            stats = check_exactly_one(settings, rows, pair, replay, procs=[w])
     sys.stderr.write(f"sigterm under load: stops (s, exit code) {stops}, {stats}\n")
     assert all(t < 10 and code in (0, 1) for t, code in stops), stops
 
@@ -203,7 +237,7 @@ def test_sigkill_of_one_of_two_workers_during_a_rebalance(
                     assert time.monotonic() < deadline, w1.log_tail()
                     time.sleep(0.05)
                 w1.kill()  # ... and dies in the middle of it
-                stats = check_exactly_one(settings, rows, pair, replay)
+                stats = check_exactly_one(settings, rows, pair, replay, procs=[w0, w1])
         finally:
             w1.kill()
     sys.stderr.write(f"sigkill during rebalance: {stats}\n")
@@ -232,7 +266,7 @@ def test_worker_paused_past_the_session_timeout_then_resumed(
                 w0.start()  # what the supervisor does (compose: restart unless-stopped)
             # What the frozen worker queued before the freeze is fenced (its transactions are
             # aborted by its successor) or never sent (it exits before its sender runs).
-            stats = check_exactly_one(settings, rows, pair, replay)
+            stats = check_exactly_one(settings, rows, pair, replay, procs=[w0, w1])
             wait_owned([w0, w1], 4, 90)  # both back in the group
     sys.stderr.write(f"sigstop: {stats}, paused worker exit code {exit_code}\n")
 
@@ -392,7 +426,7 @@ def test_broker_outage_is_visible_bounded_and_recovered(
                 assert time.monotonic() < deadline, f"not healthy again: {health_status(w)}"
                 time.sleep(0.5)
             recovered_s = time.monotonic() - t0
-            stats = check_exactly_one(settings, rows, pair, replay)
+            stats = check_exactly_one(settings, rows, pair, replay, procs=[w])
             assert w.proc is not None
             t_stop = time.monotonic()
             w.proc.send_signal(signal.SIGTERM)

@@ -291,9 +291,12 @@ def test_dump_tasks_prints_stacks_without_local_values() -> None:
 
     secret = "+447700900123"
 
-    async def holder() -> None:
+    async def inner_wait() -> None:
         phone = secret  # noqa: F841 - a local mode's own dump would print
         await asyncio.sleep(10)
+
+    async def holder() -> None:
+        await inner_wait()
 
     async def main() -> str:
         task = asyncio.create_task(holder(), name="holder")
@@ -305,4 +308,5 @@ def test_dump_tasks_prints_stacks_without_local_values() -> None:
 
     text = asyncio.run(main())
     assert "holder" in text and "test_faust_contract.py" in text
+    assert "awaiting" in text and "inner_wait" in text  # where the task waits, not only its top
     assert secret not in text
