@@ -57,7 +57,6 @@ Level(tier=2, pressure=1.6, stale=False)
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import json
 import math
@@ -72,6 +71,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from detector.core.errors import InputError, InvalidField, MissingField, UntrustedEntry
 from detector.core.parse import decode_json, parse_ts
+from detector.core.signing import key_and_signature
 
 DOMAIN = b"detector-queue-state/v1\n"
 MAX_QUEUE_STATE_BYTES = 2048  # a valid message is about 250 bytes
@@ -262,18 +262,7 @@ class QueueStateVerifier:
 def _signature_block(sig: Any) -> tuple[str, bytes]:
     if not isinstance(sig, Mapping) or sig.get("alg") != "ed25519":
         raise UntrustedEntry("malformed", "sig: expected {alg: ed25519, kid, sig}")
-    kid, b64 = sig.get("kid"), sig.get("sig")
-    if not isinstance(kid, str) or len(kid) != 16:
-        raise UntrustedEntry("malformed", "sig.kid: expected 16 hex digits")
-    if not isinstance(b64, str) or len(b64) > 128:
-        raise UntrustedEntry("malformed", "sig.sig: expected base64 of 64 bytes")
-    try:
-        raw = base64.b64decode(b64, validate=True)
-    except (binascii.Error, ValueError):
-        raise UntrustedEntry("malformed", "sig.sig: expected base64 of 64 bytes") from None
-    if len(raw) != 64:
-        raise UntrustedEntry("malformed", "sig.sig: expected base64 of 64 bytes")
-    return kid, raw
+    return key_and_signature(sig.get("kid"), sig.get("sig"))
 
 
 # --------------------------------------------------------------------------- pressure and tiers
