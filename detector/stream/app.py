@@ -990,6 +990,8 @@ def make_app(settings: Settings, *, rt: StreamRuntime | None = None, web: bool =
     @app.on_before_shutdown.connect  # type: ignore[arg-type]
     async def on_shutdown(sender: Any, *args: Any, **kwargs: Any) -> None:
         await rt.decisions_out.stop()
+        if rt.watch.ends is not None:
+            await guard.stop_end_offsets_consumer(rt.watch.ends)
 
     async def admitted(event: Any, key: str, ack: Callable[[Any], None]) -> bool:
         """Whether the stage processes this event now (see :class:`OffsetGate`)."""
@@ -1178,7 +1180,7 @@ async def _check_liveness(app: faust.App, rt: StreamRuntime) -> None:
     if producer is not None:
         await rt.probe.probe_once(producer.client, rt.topics["decisions"].get_topic_name())
     _update_assignment(app, rt)
-    rt.watch.check(guard.stage_inputs(app, rt, STAGE_INPUTS))
+    await guard.check_stages(app, rt, STAGE_INPUTS)
 
 
 def decisions_output(app: faust.App, rt: StreamRuntime) -> Any:
