@@ -12,8 +12,10 @@
   range batch) and no progress for ``STALL_AFTER_S``, or one input partition with lag whose
   stage has not taken a record from it for that long while other partitions move, is stalled:
   ``/healthz`` answers 503 with the reason, ``detector_stage_stalled{stage}`` is 1, and the log
-  says what Faust's consumer does with the partition. A stalled partition is resumed and
-  re-read from the expected offset once (:func:`check_stages`).
+  says what Faust's consumer does with the partition. A partition with lag and no record taken
+  for ``REREAD_AFTER_S`` is resumed and re-read from the expected offset once
+  (:func:`check_stages`): Faust's stream silently drops records fetched around a rebalance,
+  and the offset gate sees such a hole only when a later record of the partition arrives.
 * **Broker.** :class:`BrokerProbe` asks the broker for one topic's metadata every
   ``PROBE_INTERVAL_S``; no answer for ``UNREACHABLE_AFTER_S`` makes ``/healthz`` 503 and
   ``detector_broker_reachable`` 0.
@@ -39,6 +41,7 @@ log = logging.getLogger("detector.stream")
 
 STAGES = ("ingest", "ip", "range", "outcome")
 STALL_AFTER_S = 30.0
+REREAD_AFTER_S = 10.0  # an input partition with lag and no record taken: read it again once
 DELIVERY_TIMEOUT_S = 90.0  # producer request timeout: one produce request, one queued batch
 WARN_EVERY_S = 10.0
 PROBE_INTERVAL_S = 5.0
@@ -218,17 +221,22 @@ async def check_stages(app: Any, rt: Any, stage_of: dict[str, str]) -> dict[str,
             end, expected = ends.get(tp), gate.expected(p)
             lag = end - expected if end is not None and expected is not None else 0
             age = watch.partition_stuck_for(tp, expected, lag) if ends else 0.0
-            if age < watch.stall_after:
+            if age < min(REREAD_AFTER_S, watch.stall_after):
                 continue
             state = faust_internals.partition_flow_state(app, TP(*tp))
-            stuck.setdefault(stage_of[key], []).append(
-                f"{gate.topic}[{p}] at offset {expected}, {lag} behind for {age:.0f} s "
-                f"(consumer: {state})")
+            if age >= watch.stall_after:
+                stuck.setdefault(stage_of[key], []).append(
+                    f"{gate.topic}[{p}] at offset {expected}, {lag} behind for {age:.0f} s "
+                    f"(consumer: {state})")
             if tp not in watch.kicked:
+                # Faust's stream drops records it fetched around a rebalance (flow stopped or
+                # an older generation, faust/streams.py) without acking them; when no later
+                # record of the partition arrives, the offset gate never sees the hole.
                 watch.kicked.add(tp)
-                log.error("%s[%d]: no record taken for %.0f s with %d waiting (consumer: %s); "
-                          "resuming it and reading again from offset %s", gate.topic, p, age,
-                          lag, state, expected)
+                metrics.REREADS.labels(stage_of[key]).inc()
+                log.warning("%s[%d]: no record taken for %.0f s with %d waiting (consumer: %s); "
+                            "resuming it and reading again from offset %s", gate.topic, p, age,
+                            lag, state, expected)
                 try:
                     app.consumer.resume_partitions({TP(*tp)})
                     await asyncio.wait_for(app.consumer.seek_wait({TP(*tp): expected}), PROBE_TIMEOUT_S)

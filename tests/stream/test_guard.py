@@ -277,7 +277,7 @@ async def _no_ends(rt: Any, tps: Any) -> dict[Any, int]:
     return {}
 
 
-def test_check_stages_resumes_and_rereads_a_stalled_partition_once(
+def test_check_stages_rereads_a_partition_once_then_reports_it_stalled(
         monkeypatch: pytest.MonkeyPatch) -> None:
     from types import SimpleNamespace
 
@@ -318,15 +318,15 @@ def test_check_stages_resumes_and_rereads_a_stalled_partition_once(
     monkeypatch.setattr(guard, "_end_offsets", ends)
     stage_of = {"by_range": "range"}
     assert asyncio.run(guard.check_stages(app, rt, stage_of)) == {}
-    clock.t += 31
+    clock.t += 11
     rt.watch.progress("range")  # partition 1 has nothing waiting; the stage itself is fine
+    assert asyncio.run(guard.check_stages(app, rt, stage_of)) == {}  # not stalled yet, but ...
+    assert calls == [("resume", [TP("by-range", 0)]), ("seek", {TP("by-range", 0): 100})]  # re-read
+    clock.t += 20
+    rt.watch.progress("range")
     stalled = asyncio.run(guard.check_stages(app, rt, stage_of))
     assert stalled["range"].startswith("range stage: no progress on by-range[0] at offset 100, 50 behind")
     assert "not fetched" in stalled["range"]
-    assert calls == [("resume", [TP("by-range", 0)]), ("seek", {TP("by-range", 0): 100})]
-    clock.t += 31
-    rt.watch.progress("range")
-    asyncio.run(guard.check_stages(app, rt, stage_of))
     assert len(calls) == 2  # once: a partition still stuck after that stays visible, no loop
     monkeypatch.setattr(guard, "_end_offsets", _no_ends)  # the broker does not answer:
     assert asyncio.run(guard.check_stages(app, rt, stage_of)) == {}  # nothing judged
