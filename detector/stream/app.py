@@ -727,6 +727,9 @@ class RangeBatcher:
                     continue
                 rid = d["request_id"]
                 if rid in rt.sent:
+                    if not res.resend:  # decided anew: its state had not counted it before
+                        log.warning("range: request %s decided again, its decision is already "
+                                    "on the topic; not sent", rid)
                     continue  # already on the decisions topic (a re-send, or sent by a zombie
                     #           before this worker fenced it: see load_sent)
                 batch.setdefault(res.partition, []).append(

@@ -200,6 +200,11 @@ def test_rate_limit_bounds_a_flood_and_reports_what_it_dropped() -> None:
 def test_rate_limit_caps_distinct_messages_too() -> None:
     flt = lograte.RateLimitFilter(per_key=5, total=20, window=10.0, clock=Clock())
     assert sum(flt.filter(record("faust", f"distinct {i}")) for i in range(500)) == 20
+    # the detector's own lines are capped per template only: Faust's start-up burst does not
+    # hide a stage's warning
+    assert flt.filter(record("detector.stream", "range: %s", logging.WARNING, "x"))
+    assert sum(flt.filter(record("detector.stream", "range: %s", logging.WARNING, str(i)))
+               for i in range(10)) == 4
 
 
 def test_install_puts_one_filter_on_every_root_handler() -> None:
