@@ -729,6 +729,9 @@ class RangeBatcher:
                     continue
                 rid = d["request_id"]
                 if rid in rt.sent:
+                    if not res.resend:  # decided anew: its state had not counted it before
+                        log.warning("range: request %s decided again, its decision is already "
+                                    "on the topic; not sent", rid)
                     continue  # already on the decisions topic (a re-send, or sent by a zombie
                     #           before this worker fenced it: see load_sent)
                 batch.setdefault(res.partition, []).append(
@@ -992,6 +995,8 @@ def make_app(settings: Settings, *, rt: StreamRuntime | None = None, web: bool =
     @app.on_before_shutdown.connect  # type: ignore[arg-type]
     async def on_shutdown(sender: Any, *args: Any, **kwargs: Any) -> None:
         await rt.decisions_out.stop()
+        if rt.watch.ends is not None:
+            await guard.stop_end_offsets_consumer(rt.watch.ends)
 
     async def admitted(event: Any, key: str, ack: Callable[[Any], None]) -> bool:
         """Whether the stage processes this event now (see :class:`OffsetGate`)."""
@@ -1187,7 +1192,7 @@ async def _check_liveness(app: faust.App, rt: StreamRuntime) -> None:
     if producer is not None:
         await rt.probe.probe_once(producer.client, rt.topics["decisions"].get_topic_name())
     _update_assignment(app, rt)
-    rt.watch.check(guard.stage_inputs(app, rt, STAGE_INPUTS))
+    await guard.check_stages(app, rt, STAGE_INPUTS)
 
 
 def decisions_output(app: faust.App, rt: StreamRuntime) -> Any:

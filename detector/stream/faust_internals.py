@@ -50,6 +50,8 @@ table.data + changelog     Stages write ``table.data`` and send changelog messag
   format                   (key and value JSON, partition = the event's), so batches and sweeps
                            work outside the current event. Recovery relies on Faust reading
                            that format back (the ``json`` key/value serializers of a Table).
+Consumer._active_/_paused_ :func:`partition_flow_state`: a stalled partition's state in Faust's
+  /_buffered_partitions    consumer, for the stall report only (nothing depends on it).
 PrometheusMonitor._metrics  :func:`lean_monitor` rebuilds Faust's monitor without its per-event
                            stream sensors (5% of a worker's time).
 AIOKafkaConsumer._client   :func:`fetch_all_metadata`: the partitions of a topic for a
@@ -271,6 +273,28 @@ def pending_without_leader(app: Any) -> list[str]:
                       if batches and cluster.leader_for_partition(tp) in (None, -1))
     except Exception:  # diagnostics only
         return []
+
+
+def partition_flow_state(app: Any, tp: Any) -> str:
+    """What Faust's consumer does with one assigned partition, for a stall report (diagnostics
+    only: ``Consumer._active_partitions`` are fetched, ``_paused_partitions`` were paused by a
+    rebalance or recovery, ``_buffered_partitions`` left the fetch set when their stream's buffer
+    filled and come back when it drains)."""
+    try:
+        consumer = app.consumer
+        if tp not in consumer.assignment():
+            return "not assigned"
+        states = []
+        if tp in consumer._paused_partitions:
+            states.append("paused")
+        if tp in consumer._buffered_partitions:
+            states.append("buffer full")
+        active = consumer._active_partitions
+        states.append("fetched" if active is None or tp in active else "not fetched")
+        hw = consumer.highwater(tp)
+        return ", ".join(states) + f", high watermark seen {hw}"
+    except Exception as exc:  # diagnostics only
+        return f"unknown ({type(exc).__name__})"
 
 
 # --------------------------------------------------------------------------- the rest

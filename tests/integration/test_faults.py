@@ -134,7 +134,11 @@ def check_exactly_one(settings: Any, rows: list[dict[str, Any]], pair: list[str]
     dup = sorted(r for r, v in got.items() if len(v) > 1)
     assert not dup, f"{copies - len(decided)} duplicate decision messages, e.g. {dup[:5]}"
     counts = [decided[r]["counts"]["pair_24h"] for r in pair]
-    assert counts == list(range(1, len(pair) + 1)), counts  # each request counted once
+    assert counts == list(range(1, len(pair) + 1)), (  # each request counted once
+        "pair counts differ from replay's: " + ", ".join(
+            f"{r}: pair_24h {d['counts']['pair_24h']} number_24h {d['counts']['number_24h']} "
+            f"ip_24h {d['counts']['ip_24h']} decided_at {d['decided_at']:.3f}"
+            for r in pair for d in [decided[r]]))
     pairs = set(pair)
     wrong = []
     for row in rows:

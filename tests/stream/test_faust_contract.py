@@ -229,6 +229,18 @@ async def test_coordinator_lookup_turns_connection_errors_into_not_ready(
     assert await producer.client.coordinator_lookup(1, "t") == 7
 
 
+# --- a stalled partition's state (partition_flow_state, diagnostics only) -------------------
+
+
+def test_consumer_keeps_the_partition_sets_the_stall_report_reads() -> None:
+    init = source(faust_consumer.Consumer._reset_state)
+    for name in ("_active_partitions", "_paused_partitions", "_buffered_partitions"):
+        assert f"self.{name} = set()" in init
+    assert "active_partitions.discard(tp)" in source(faust_consumer.Consumer.on_buffer_full)
+    assert params(faust_consumer.Consumer.resume_partitions) == ["self", "tps"]
+    assert params(faust_aiokafka.Consumer.seek_wait) == ["self", "partitions"]
+
+
 # --- changelog format (table.data written directly, changelog messages sent by hand) --------
 
 
