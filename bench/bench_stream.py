@@ -148,7 +148,8 @@ async def consume(bootstrap: str, topic: str, n: int, timeout: float,
     """The first ``n`` records of ``topic`` (from the beginning), or what came within ``timeout``;
     raises :class:`NoProgress` when nothing new arrives for ``no_progress_s``."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
-                                enable_auto_commit=False, fetch_max_wait_ms=50, **security())
+                                enable_auto_commit=False, fetch_max_wait_ms=50,
+                                isolation_level="read_committed", **security())
     await consumer.start()
     try:
         tps = [TopicPartition(topic, p) for p in await topic_partitions(consumer, topic)]

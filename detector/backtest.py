@@ -30,6 +30,7 @@ from detector.core.ipintel import IpIntel
 from detector.core.lists import ListIndex
 from detector.core.mask import mask_number
 from detector.core.parse import parse_request, parse_ts
+from detector.core.phone import time_zone_of
 from detector.core.pipeline import Detector
 from detector.core.policy import Policy, load_policy
 from detector.core.population import PopulationCounts
@@ -85,6 +86,12 @@ class BacktestReport:
     samples: dict[str, list[Change]] = field(default_factory=lambda: defaultdict(list))
     outcomes: dict[str, int] | None = None
     scenarios: dict[str, dict[str, Any]] | None = None
+    # Money (expected cost, core/spend.py): allowed under each policy, and what the changes move.
+    currency: str | None = None
+    money_allowed_before: float = 0.0
+    money_allowed_after: float = 0.0
+    money_newly_stopped: float = 0.0  # the baseline's expected cost of requests newly stopped
+    money_newly_allowed: float = 0.0  # the candidate's expected cost of requests newly allowed
 
     @property
     def newly_stopped(self) -> int:
@@ -106,6 +113,10 @@ class BacktestReport:
             "by_hour": {_hour_label(h): dict(v) for h, v in sorted(self.by_hour.items())},
             "samples": {k: [c.to_dict() for c in v] for k, v in self.samples.items()},
             "outcomes": self.outcomes, "scenarios": self.scenarios,
+            "money": {"currency": self.currency, "allowed_before": round(self.money_allowed_before, 4),
+                      "allowed_after": round(self.money_allowed_after, 4),
+                      "newly_stopped": round(self.money_newly_stopped, 4),
+                      "newly_allowed": round(self.money_newly_allowed, 4)},
         }
 
     def render_text(self) -> str:
@@ -119,6 +130,12 @@ class BacktestReport:
             f"newly stopped: {self.newly_stopped:,}   newly allowed: {self.newly_allowed:,}",
             "changes: " + (", ".join(f"{k}={v:,}" for k, v in self.transitions.most_common()) or "none"),
         ]
+        if self.currency:
+            cur = self.currency
+            lines.append(f"money (expected cost): allowed {self.money_allowed_before:,.2f} {cur} -> "
+                         f"{self.money_allowed_after:,.2f} {cur}; newly stopped "
+                         f"{self.money_newly_stopped:,.2f} {cur}, newly allowed "
+                         f"{self.money_newly_allowed:,.2f} {cur}")
         if self.newly_stopped_by_reason:
             lines.append("newly stopped, by reason: " + ", ".join(
                 f"{r}={v:,}" for r, v in self.newly_stopped_by_reason.most_common(10)))
@@ -163,6 +180,9 @@ def compare(
         before, after = str(a.action), str(b.action)
         report.stopped_before += before != "allow"
         report.stopped_after += after != "allow"
+        report.currency = report.currency or a.currency or b.currency
+        report.money_allowed_before += a.expected_cost if before == "allow" else 0.0
+        report.money_allowed_after += b.expected_cost if after == "allow" else 0.0
         if labels is not None:
             c = scen[labels.get(a.request_id, "unlabelled")]
             c["requests"] += 1
@@ -175,6 +195,7 @@ def compare(
         report.transitions[change.kind] += 1
         hour = int(a.request_ts // 3600)
         if before == "allow":
+            report.money_newly_stopped += a.expected_cost
             report.newly_stopped_by_reason.update(b.reasons)
             report.by_country[change.country]["newly_stopped"] += 1
             report.by_hour[hour]["newly_stopped"] += 1
@@ -182,6 +203,7 @@ def compare(
             if o and o.get("outcome") == "completed" and float(o.get("duration_s") or 0) > 0:
                 o_fp += 1
         elif after == "allow":
+            report.money_newly_allowed += b.expected_cost
             report.newly_allowed_by_reason.update(a.reasons)
             report.by_country[change.country]["newly_allowed"] += 1
             report.by_hour[hour]["newly_allowed"] += 1
@@ -254,7 +276,7 @@ def _from_row(row: dict[str, Any]) -> tuple[CallbackRequest, Enrichment, Counts]
     e164 = row.get("number_e164")
     phone = PhoneInfo(e164, True, True, bool(enr.get("number_valid")), enr.get("number_country"), None,
                       str(enr.get("number_type") or "UNKNOWN"),
-                      e164[:-3] if e164 else None)  # fmt: skip
+                      e164[:-3] if e164 else None, time_zone=time_zone_of(e164))  # fmt: skip
     flags = set(enr.get("anonymity") or ())
     ip = IpInfo("", 4, str(enr.get("ip_scope") or "global"), enr.get("ip_country"), enr.get("asn"),
                 anonymous_vpn="anonymous_vpn" in flags, tor_exit="tor_exit" in flags,
@@ -274,6 +296,8 @@ def _from_row(row: dict[str, Any]) -> tuple[CallbackRequest, Enrichment, Counts]
 
 def redecide_rows(rows: Sequence[dict[str, Any]], base: DecisionContext, cand: DecisionContext
                   ) -> list[tuple[Decision, Decision]]:
+    """Re-decide decision-log rows under both contexts. Decisions are priced, but no spend
+    breaker acts: the log holds no spend history to replay them against."""
     items = [_from_row(r) for r in rows]
     ats = [r["decided_at"] for r in rows]
     a = decide_many(items, base, decided_at=0.0, decided_ats=ats)
@@ -284,12 +308,16 @@ def redecide_rows(rows: Sequence[dict[str, Any]], base: DecisionContext, cand: D
 # --------------------------------------------------------------------------- CLI glue
 
 
-def _ctx(policy: Policy, base_lists: ListIndex, model: Scorer | None, pii_key: bytes) -> DecisionContext:
+def _ctx(policy: Policy, base_lists: ListIndex, model: Scorer | None, pii_key: bytes,
+         rates: Any = None) -> DecisionContext:
     lists = ListIndex.from_policy(dict(policy.deny), dict(policy.allow))
     for e in base_lists.entries():
         if e.source != "policy":
             lists.add(e)
-    return DecisionContext(policy=policy, lists=lists, model=model, pii_key=pii_key)
+    ctx = DecisionContext(policy=policy, lists=lists, model=model, pii_key=pii_key)
+    if rates is not None:
+        ctx.rates = rates
+    return ctx
 
 
 def _epoch(text: str) -> float:
@@ -315,8 +343,8 @@ def backtest_cli(settings: Any, args: Any) -> BacktestReport:
         cand_model = (load_model(settings.models_dir, args.candidate_model)
                       if args.candidate_model else base_model)
     key = settings.pii_hash_key.encode("utf-8")
-    base = _ctx(base_ctx.policy, base_ctx.lists, base_model, key)
-    cand = _ctx(candidate, base_ctx.lists, cand_model, key)
+    base = _ctx(base_ctx.policy, base_ctx.lists, base_model, key, base_ctx.rates)
+    cand = _ctx(candidate, base_ctx.lists, cand_model, key, base_ctx.rates)
     outcomes = read_jsonl_by_id(args.outcomes, "outcome") if args.outcomes else None
     labels = ({k: str(v.get("scenario")) for k, v in read_jsonl_by_id(args.labels, "label").items()}
               if args.labels else None)

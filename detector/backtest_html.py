@@ -130,6 +130,11 @@ def render_html(report: BacktestReport) -> str:
         f"<div class='card'>newly stopped<b class='stop'>{report.newly_stopped:,}</b>allow &rarr; deflect/block</div>",
         f"<div class='card'>newly allowed<b class='allow'>{report.newly_allowed:,}</b>deflect/block &rarr; allow</div>",
     ]
+    if report.currency:
+        cur = escape(report.currency)
+        body.append(f"<div class='card'>spend newly stopped<b class='stop'>{report.money_newly_stopped:,.2f}"
+                    f"</b>{cur}, expected cost</div><div class='card'>spend newly allowed<b class='allow'>"
+                    f"{report.money_newly_allowed:,.2f}</b>{cur}, expected cost</div>")
     if report.outcomes is not None:
         body.append(f"<div class='card'>likely false positives<b class='stop'>"
                     f"{report.outcomes['newly_stopped_completed']:,}</b>newly stopped, call had completed</div>"

@@ -107,10 +107,20 @@ def cmd_replay(args: argparse.Namespace) -> int:
     event_time = None
     if args.check_event_time:
         event_time = (time.time(), settings.max_future_skew_s, settings.max_past_skew_s)
+    states = []
+    if args.queue_states is not None:
+        from detector.replay import load_queue_states
+
+        try:
+            data = args.queue_states.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"--queue-states: cannot read {str(args.queue_states)!r}: "
+                              f"{exc.strerror}") from None
+        states = load_queue_states(data.splitlines(), str(args.queue_states))
     try:
         summary = replay(
             src, det, out=out, rejects=rej, progress=sys.stderr.isatty() and out is not sys.stdout,
-            event_time=event_time,
+            event_time=event_time, queue_states=states,
         )
     finally:
         for fh in (src, out, rej):
@@ -250,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--check-event-time", dest="check_event_time", action="store_true",
                    help="reject requests whose ts is outside DETECTOR_MAX_FUTURE_SKEW_S / "
                         "DETECTOR_MAX_PAST_SKEW_S of the wall clock (off: replay reads history)")
+    r.add_argument("--queue-states", dest="queue_states", type=Path, default=None,
+                   help="dialer queue states JSONL (agent capacity), applied in time order; "
+                        "without it the queue is normal throughout")
     _add_core_flags(r)
     r.set_defaults(func=cmd_replay)
 

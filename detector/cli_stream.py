@@ -106,6 +106,9 @@ def cmd_lists(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     if args.lists_command == "add":
+        if args.kind == "budget" and not args.ttl:
+            raise ConfigError("lists add ... budget: give --ttl (a spend breaker override must expire, "
+                              "e.g. --ttl 1h)")
         ttl = parse_duration(args.ttl) if args.ttl else None
         e = io.lists_add(settings, args.action, args.kind, args.value, reason=args.reason, ttl_s=ttl)
         print(
@@ -130,6 +133,26 @@ def cmd_lists(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_queue_state(args: argparse.Namespace) -> int:
+    from detector.core.capacity import parse_queue_state
+    from detector.keys import dialer_signer
+    from detector.stream.capacity import publish_queue_state, queue_state_topic
+
+    settings = _settings(args)
+    signer = dialer_signer(settings)
+    fields: dict[str, Any] = {
+        "dialer_id": args.dialer_id, "ts": time.time() if args.ts is None else args.ts,
+        "callbacks_waiting": args.waiting, "agents_available": args.agents,
+        "avg_handle_s": args.handle_s}
+    if args.serve_within_s is not None:
+        fields["serve_within_s"] = args.serve_within_s
+    state = parse_queue_state(fields)  # the same checks as the workers': a clear error here
+    publish_queue_state(settings, state, signer)
+    print(f"published the queue state of {state.dialer_id} to {queue_state_topic(settings)} "
+          f"(signed by key {signer.kid})")
+    return 0
+
+
 def cmd_topics(args: argparse.Namespace) -> int:
     from detector.stream import io
 
@@ -147,6 +170,9 @@ def add_commands(sub: Any, add_core_flags: Callable[[argparse.ArgumentParser], N
     )
     w.add_argument("--web-bind", dest="web_bind",
                    help="address of /metrics and /healthz (env DETECTOR_WEB_BIND, default 127.0.0.1)")
+    w.add_argument("--web-host", dest="web_host",
+                   help="host other workers reach this one at, for /v1/precheck forwarding "
+                        "(env DETECTOR_WEB_HOST, default 127.0.0.1)")
     w.add_argument("--data-dir", dest="data_dir", type=Path, help="worker state dir (env DETECTOR_DATA_DIR)")
     w.add_argument("--partitions", type=int, help="partitions of topics it creates (env DETECTOR_PARTITIONS)")
     w.add_argument("--batch-ms", dest="batch_ms", type=int,
@@ -179,7 +205,9 @@ def add_commands(sub: Any, add_core_flags: Callable[[argparse.ArgumentParser], N
     for q in (add, rem):
         q.add_argument("action", choices=("deny", "allow"))
         q.add_argument("kind", choices=KINDS,
-                       help="surge: under-attack mode for '*', a country or +prefix (deny: on, allow: off)")
+                       help="surge: under-attack mode for '*', a country or +prefix (deny: on, allow: off); "
+                            "budget: a spend breaker of '*', a country or a spend scope's +prefix (allow: "
+                            "held closed, allow SCOPE:x3: budgets x3, deny: forced open; needs --ttl)")
         q.add_argument("value")
         _kafka_flags(q)
     add.add_argument("--reason", default="")
@@ -188,6 +216,24 @@ def add_commands(sub: Any, add_core_flags: Callable[[argparse.ArgumentParser], N
     show.add_argument("--all", action="store_true", help="include expired entries")
     _kafka_flags(show)
     lists.set_defaults(func=cmd_lists)
+
+    qs = sub.add_parser("queue-state", help="dialer side: publish a signed queue state (agent capacity)")
+    qsub = qs.add_subparsers(dest="queue_state_command", required=True)
+    pub = qsub.add_parser("publish", help="sign (DETECTOR_DIALER_PRIVATE_KEY) and publish one queue "
+                                          "state to <app>-queue-state (DETECTOR_TOPIC_QUEUE_STATE)")
+    pub.add_argument("--dialer-id", dest="dialer_id", required=True,
+                     help="this dialer's id (letters, digits, . _ -): the message key")
+    pub.add_argument("--waiting", type=int, required=True, help="callbacks waiting to be dialled")
+    pub.add_argument("--agents", type=int, required=True,
+                     help="agents staffed on callbacks (busy or idle)")
+    pub.add_argument("--handle-s", dest="handle_s", type=float, required=True,
+                     help="average handle time of one callback, seconds (talk + wrap-up)")
+    pub.add_argument("--serve-within-s", dest="serve_within_s", type=float, default=None,
+                     help="the time a waiting callback should be served within (default: the "
+                          "policy's [capacity] serve_within_s)")
+    pub.add_argument("--ts", type=float, default=None, help="state time, epoch s (default: now)")
+    _kafka_flags(pub)
+    qs.set_defaults(func=cmd_queue_state)
 
     tp = sub.add_parser("topics", help="create the detector's topics (idempotent)")
     _kafka_flags(tp)

@@ -56,15 +56,18 @@ class Settings:
     topic_outcomes: str = "callback-outcomes"
     topic_lists: str = "detector-lists"
     topic_dead_letter: str = "callback-requests-dlq"
+    topic_queue_state: str = ""  # the dialers' queue state; empty: <app_id>-queue-state
     partitions: int = 4
     replication: int = 1
     web_port: int = 6066
     batch_ms: int = 30  # time a stage may wait to gather work (fetch wait, flush, 2x linger)
+    fence_decisions: bool = True  # decisions in per-partition Kafka transactions (zombie fencing)
     data_dir: Path = Path("var/worker")
     # Policy, lists, IP data
     policy: Path | None = None
     lists_file: Path | None = None
     policy_reload_s: float = 5.0  # how often a worker checks the policy file for changes
+    rate_deck: Path | None = None  # CSV prefix -> cost per minute (None: the packaged ILLUSTRATIVE sample)
     geoip_country_db: Path | None = None
     geoip_asn_db: Path | None = None
     anonymous_ip_db: Path | None = None
@@ -89,6 +92,8 @@ class Settings:
     worker_private_key: Path | None = None  # a worker signs learned entries with it
     worker_public_keys: tuple[Path, ...] = ()  # learned entries accepted when signed by these
     learned_deny_interval_s: float = 3600.0  # at most one learned deny per number per interval
+    dialer_private_key: Path | None = None  # `detector queue-state publish` signs with it
+    dialer_public_keys: tuple[Path, ...] = ()  # workers accept queue states signed by these
     # Logging
     log_level: str = "INFO"
     # Decision log (`detector sink`, `detector explain`)
@@ -109,6 +114,8 @@ class Settings:
     kafka_ssl_key_password: Secret | None = None  # or DETECTOR_KAFKA_SSL_KEY_PASSWORD_FILE
     kafka_ssl_check_hostname: bool = True
     web_bind: str = "127.0.0.1"  # address of /metrics and /healthz (0.0.0.0 in containers)
+    web_host: str = "127.0.0.1"  # the host other workers reach this one at (precheck forwarding)
+    precheck_token: Secret | None = None  # bearer token of GET /v1/precheck; None: no such route
     # Seconds (env: a number of seconds or 90s, 15m, 12h, 7d) topics keep their messages.
     retention_inputs: float = 7 * 86400.0  # requests, outcomes (when the detector creates them)
     retention_internal: float = 7 * 86400.0  # <app>-by-ip, <app>-by-range
@@ -119,13 +126,14 @@ class Settings:
 
 
 _FILES = ("policy", "lists_file", "geoip_country_db", "geoip_asn_db", "anonymous_ip_db", "hosting_asn_file",
-          "connection_type_db", "mobile_asn_file", "soc_private_key", "worker_private_key")
+          "rate_deck", "connection_type_db", "mobile_asn_file", "soc_private_key", "worker_private_key",
+          "dialer_private_key")
 _PATHS = {*_FILES, "models_dir", "data_dir"}
-_PATH_LISTS = {"soc_public_keys", "worker_public_keys"}  # comma-separated
+_PATH_LISTS = {"soc_public_keys", "worker_public_keys", "dialer_public_keys"}  # comma-separated
 _INTS = {"partitions", "replication", "web_port", "batch_ms", "sink_batch"}
 _FLOATS = {"model_reload_s", "policy_reload_s", "sink_retention_days", "max_future_skew_s", "max_past_skew_s",
            "learned_deny_interval_s"}
-_BOOLS = {"sink_store_numbers", "dev_mode"}
+_BOOLS = {"sink_store_numbers", "dev_mode", "fence_decisions"}
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
@@ -241,14 +249,15 @@ def settings_from_args(args: Any) -> Settings:
 
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
-_SECRET_FIELDS = ("kafka_sasl_password", "kafka_ssl_key_password")
+_SECRET_FIELDS = ("kafka_sasl_password", "kafka_ssl_key_password", "precheck_token")
 _SSL_FILES = ("kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile")
 _RETENTIONS = ("retention_inputs", "retention_internal", "retention_changelog", "retention_decisions",
                "retention_dead_letter", "retention_list_tombstones")
 _SECURITY_FIELDS = frozenset((
     "kafka_security_protocol", "kafka_sasl_mechanism", "kafka_sasl_username", *_SECRET_FIELDS,
-    *_SSL_FILES, "kafka_ssl_check_hostname", "web_bind", *_RETENTIONS,
+    *_SSL_FILES, "kafka_ssl_check_hostname", "web_bind", "web_host", *_RETENTIONS,
 ))
+MIN_PRECHECK_TOKEN_CHARS = 32  # e.g. secrets.token_hex(16); a short token can be guessed
 _DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 MIN_RETENTION_S = 3600.0  # below this, a worker down for a deploy could lose unread messages
 MIN_CHANGELOG_RETENTION_S = 86400.0  # the core's longest window is 24 h
@@ -355,6 +364,17 @@ def _check_security(s: Settings, *, check_files: bool) -> None:
         raise ConfigError(f"{var('kafka_ssl_key_password')} is set without {var('kafka_ssl_keyfile')}")
     if not s.web_bind.strip():
         raise ConfigError(f"{var('web_bind')}: expected an address such as 127.0.0.1 or 0.0.0.0")
+    if not s.web_host.strip() or any(c in s.web_host for c in "/ ?#@"):
+        raise ConfigError(f"{var('web_host')}: expected a host name or address other workers "
+                          f"reach this one at, got {s.web_host!r}")
+    token = s.precheck_token
+    if token is not None:
+        text = token.get_secret_value()
+        if len(text) < MIN_PRECHECK_TOKEN_CHARS or not text.isascii() or not text.isprintable() \
+                or " " in text:
+            raise ConfigError(f"{var('precheck_token')}: expected at least "
+                              f"{MIN_PRECHECK_TOKEN_CHARS} printable ASCII characters without "
+                              "spaces (e.g. `python3 -c 'import secrets; print(secrets.token_hex(32))'`)")
     for name in _RETENTIONS:
         value = getattr(s, name)
         floor = MIN_CHANGELOG_RETENTION_S if name == "retention_changelog" else MIN_RETENTION_S

@@ -2,20 +2,24 @@
 
 Generates labelled traffic with the simulator, builds the simulator's small synthetic IP
 databases, replays the day through the same decide function as the stream path (with the shipped
-model when present), and prints what a SOC analyst would want to see first.
+model when present) with a simulated dialer publishing its signed queue state (agent capacity,
+:mod:`detector.demo_capacity`), and prints what a SOC analyst would want to see first, down to
+what the web tier's pre-check would answer for a few visitors at the end of the day.
 """
 
 from __future__ import annotations
 
 import tempfile
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from detector.core.decide import DecisionContext
 from detector.core.ipintel import IpIntel
 from detector.core.pipeline import Detector
 from detector.core.records import CallbackRequest, Decision
+from detector.demo_capacity import CapacitySummary
 
 
 def mask_range(range_key: str | None) -> str:
@@ -38,6 +42,11 @@ class DemoResult:
     legit_allow: float
     legit_served: float
     decisions: int
+    money_saved: float = 0.0  # expected cost of the attack requests stopped (rate deck, core/spend.py)
+    money_leaked: float = 0.0  # ... of the attack requests allowed
+    currency: str | None = None
+    capacity: CapacitySummary | None = None  # agent capacity with the simulated dialer
+    precheck: list[dict[str, Any]] = field(default_factory=list)  # the pre-check's answers
 
 
 def run_demo(
@@ -84,18 +93,48 @@ def run_demo(
             label[req.request_id] = it.scenario
             reqs.append(req)
         reqs.sort(key=lambda r: r.ts)
-        decisions: list[Decision] = list(det.process_many(reqs))
+        # The contact centre's dialer, in the loop: staffed for the day's forecast (the legitimate
+        # demand with the announced campaign, not the unannounced surge), publishing its signed
+        # queue state every 30 s; the callbacks allowed join its queue (detector/demo_capacity.py).
+        from detector.demo_capacity import (
+            capacity_lines,
+            decide_with_dialer,
+            pick_visitors,
+            precheck_lines,
+        )
+        from detector.sim.dialer import DialerSim, staffing_from_forecast
+
+        forecast = (r.ts for r in reqs if label[r.request_id].startswith("legit")
+                    and label[r.request_id] != "legit_surge")
+        dialer = DialerSim("demo-dialer", staffing_from_forecast(forecast, cfg.start), cfg.start)
+        decisions, series = decide_with_dialer(det, reqs, dialer)
+        capacity = capacity_lines(decisions, {r.request_id: r for r in reqs}, label, series, dialer,
+                                  ctx.policy.capacity)
+        pre_lines, answers = precheck_lines(det, intel, pick_visitors(items, intel), cfg.end - 1)
         intel.close()
-    result = summarize(decisions, label, model_note=model_note)
+    deck = ctx.rates
+    deck_note = "" if deck is None else f"{deck.currency}, " + (
+        "the packaged ILLUSTRATIVE sample rate deck, not a real tariff" if "packaged" in deck.source
+        else f"rate deck {deck.source}")
+    result = summarize(decisions, label, model_note=model_note, deck_note=deck_note)
+    result.text += "\n" + "\n".join([*capacity.lines, *pre_lines])
+    result.capacity, result.precheck = capacity, answers
     if log_db is not None or out_dir is not None:
         from detector.demo_log import write_demo_outputs
 
         result.text += "\n" + write_demo_outputs(items, decisions, ctx, log_db, out_dir)
+        if out_dir is not None:
+            from detector.demo_capacity import write_queue_states
+
+            states = out_dir / "demo-queue-states.jsonl"
+            write_queue_states(series, states)
+            result.text += (f"\n  the dialer's {len(series.wire):,} signed queue states: {states} "
+                            "(detector replay --queue-states)")
     return result
 
 
 def summarize(
-    decisions: list[Decision], label: dict[str, str], *, model_note: str = ""
+    decisions: list[Decision], label: dict[str, str], *, model_note: str = "", deck_note: str = ""
 ) -> DemoResult:
     by_action = Counter(str(d.action) for d in decisions)
     silent = sum(1 for d in decisions if d.silent)
@@ -161,4 +200,51 @@ def summarize(
     out += ["", "Top offending number ranges (masked):"]
     for rk, n in ranges.most_common(8):
         out.append(f"  {mask_range(rk):<22} {range_cc.get(rk, '??'):<3} {n:>6,} stopped")
-    return DemoResult("\n".join(out), stop, legit_allow, served, total)
+    money = _money_lines(decisions, label, deck_note)
+    out += money.lines
+    return DemoResult("\n".join(out), stop, legit_allow, served, total, money.saved, money.leaked,
+                      money.currency)
+
+
+@dataclass
+class _Money:
+    lines: list[str]
+    saved: float
+    leaked: float
+    currency: str | None
+
+
+def _money_lines(decisions: list[Decision], label: dict[str, str], deck_note: str) -> _Money:
+    """Estimated money saved: the expected cost (rate deck x risk-weighted minutes) of the attack
+    requests stopped; and what was allowed, by whom."""
+    currency = next((d.currency for d in decisions if d.currency), None)
+    if currency is None:
+        return _Money([], 0.0, 0.0, None)
+    saved_by: dict[str, float] = defaultdict(float)
+    leaked, legit_allowed, legit_stopped = 0.0, 0.0, 0.0
+    breaker: Counter[str] = Counter()
+    for d in decisions:
+        scn = label.get(d.request_id, "?")
+        attack = not scn.startswith("legit")
+        if d.action == "allow":
+            if attack:
+                leaked += d.expected_cost
+            else:
+                legit_allowed += d.expected_cost
+        elif attack:
+            saved_by[scn] += d.expected_cost
+        else:
+            legit_stopped += d.expected_cost
+        if "spend_budget_exceeded" in d.reasons:
+            breaker["attack" if attack else "surge" if scn == "legit_surge" else "legit"] += 1
+    saved = sum(saved_by.values())
+    top = ", ".join(f"{s} {v:,.0f}" for s, v in sorted(saved_by.items(), key=lambda kv: -kv[1])[:3])
+    lines = ["", f"Estimated money ({deck_note}; expected cost = rate x risk-weighted minutes):",
+             f"  saved: attack callbacks stopped   {saved:>12,.2f} {currency}  ({top})",
+             f"  leaked: attack callbacks allowed  {leaked:>12,.2f} {currency}",
+             f"  legitimate callbacks allowed      {legit_allowed:>12,.2f} {currency}"
+             f"  (legitimate requests deflected or blocked: {legit_stopped:,.2f})",
+             f"  spend circuit breakers: {sum(breaker.values()):,} requests deflected "
+             f"(spend_budget_exceeded: {breaker['attack']:,} attack, {breaker['surge']:,} unannounced "
+             f"surge, {breaker['legit']:,} other legitimate)"]
+    return _Money(lines, saved, leaked, currency)

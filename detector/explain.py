@@ -27,6 +27,8 @@ SENTENCES = {
     "duplicate_pending": "a callback to this number was already on its way",
     "anomalous_pattern": "the model found the request unlike normal traffic",
     "combined_risk": "several weaker signals together crossed the risk threshold",
+    "agent_capacity": "the callback queue was over what the agents could serve in time "
+                      "(agent-capacity protection): the visitor was offered chat instead",
 }
 LIST_KINDS = {"ip": "IP address", "cidr": "IP network", "asn": "network (ASN)", "number": "number",
               "prefix": "number prefix", "country": "country"}
@@ -67,6 +69,8 @@ def reason_details(code: str, row: dict[str, Any], policy: Policy) -> dict[str, 
         fmt = {"number_country": enr.get("number_country") or row.get("number_country") or "?",
                "ip_country": enr.get("ip_country") or row.get("ip_country") or "?"}
         text = SENTENCES[code].format(**fmt)
+    elif code == "spend_budget_exceeded":
+        text = _budget_sentence(row)
     elif "surge" in code or "attack" in code:
         text = f"surge / under-attack mode applied ({code})"
     else:
@@ -74,6 +78,17 @@ def reason_details(code: str, row: dict[str, Any], policy: Policy) -> dict[str, 
     rule = policy.rules.get(code)
     return {"code": code, "text": text, "crossed": crossed,
             "rule_action": None if rule is None else str(rule.action)}
+
+
+def _budget_sentence(row: dict[str, Any]) -> str:
+    b = row.get("budget") or {}
+    cur = row.get("currency") or ""
+    if not b:
+        return "the spend budget of the destination was exhausted (spend circuit breaker open)"
+    return (f"allowed spend to {b.get('kind', 'scope')} {b.get('scope', '?')} reached its budget "
+            f"(spend circuit breaker open): {b.get('spend_1h', 0):.2f} {cur} in the last hour "
+            f"(budget {b.get('limit_1h', 0):.2f}), {b.get('spend_24h', 0):.2f} in 24 hours "
+            f"(budget {b.get('limit_24h', 0):.2f}; {b.get('source', 'default')} budget)")
 
 
 def explain_row(row: dict[str, Any], policy: Policy) -> dict[str, Any]:
@@ -96,6 +111,9 @@ def explain_row(row: dict[str, Any], policy: Policy) -> dict[str, Any]:
         "monitored_reasons": [reason_details(r, row, policy) for r in monitored],
         "model": {"version": row.get("model_version"), "anomaly": model.get("anomaly"),
                   "is_anomalous": model.get("is_anomalous"), "top_features": model.get("top_features") or []},
+        "cost": {"cost_per_min": row.get("cost_per_min"), "expected_cost": row.get("expected_cost"),
+                 "currency": row.get("currency"), "budget": row.get("budget"),
+                 "legit_minutes": policy.spend.legit_minutes, "pumped_minutes": policy.spend.pumped_minutes},
         "outcome": None if not row.get("outcome") else {
             "outcome": row["outcome"], "ts": row.get("outcome_ts"),
             "duration_s": row.get("outcome_duration_s")},
@@ -133,6 +151,19 @@ def render(ex: dict[str, Any]) -> str:
     if ex["monitored_reasons"]:
         lines.append("Monitored rules (reported only, they did not change the decision):")
         lines += [f"  - {r['code']}: {r['text']}" for r in ex["monitored_reasons"]]
+    c = ex.get("cost") or {}
+    cur = c.get("currency") or ""
+    if c.get("cost_per_min") is not None:
+        lines.append(f"Cost: {c['cost_per_min']:.4f} {cur}/min; expected {c.get('expected_cost') or 0:.2f} "
+                     f"{cur} (risk-weighted between {c['legit_minutes']:g} min for a legitimate callback "
+                     f"and {c['pumped_minutes']:g} min for a pumped one)")
+        b = c.get("budget")
+        if b and "spend_budget_exceeded" not in {r["code"] for r in ex["reasons"]}:
+            lines.append(f"Spend budget ({b['kind']} {b['scope']}): {b['spend_1h']:.2f} of "
+                         f"{b['limit_1h']:.2f} {cur} in the last hour, {b['spend_24h']:.2f} of "
+                         f"{b['limit_24h']:.2f} in 24 hours")
+    elif cur:  # priced, but the deck has no rate for it (or the number is not valid)
+        lines.append("Cost: unknown (not a valid number, or no rate for it in the rate deck)")
     o = ex["outcome"]
     lines.append("Dialer outcome: " + ("none reported" if o is None else
                  f"{o['outcome']} at {_when(o['ts'])}, {o['duration_s']:.0f} s talk time"))

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from detector.config import Settings
+from detector.core.capacity import QueueStateSigner, QueueStateVerifier
 from detector.core.errors import ConfigError
 from detector.core.signing import Signer, Verifier
 
@@ -121,13 +122,33 @@ def worker_keys(settings: Settings) -> tuple[Verifier, Signer | None]:
     return v, signer
 
 
+def dialer_signer(settings: Settings) -> QueueStateSigner:
+    """The dialer's signer for queue states (``detector queue-state publish``)."""
+    if settings.dialer_private_key is None:
+        raise ConfigError("DETECTOR_DIALER_PRIVATE_KEY is not set: queue states must be signed. "
+                          "Create a key pair with `detector keys generate --out keys --name dialer`, "
+                          "give workers keys/dialer.pub (DETECTOR_DIALER_PUBLIC_KEYS) and the "
+                          "dialer keys/dialer.key")
+    return QueueStateSigner(load_private(settings.dialer_private_key, "DETECTOR_DIALER_PRIVATE_KEY"))
+
+
+def dialer_verifier(settings: Settings) -> QueueStateVerifier:
+    """The dialer keys a worker trusts for queue states; says loudly when there is none (then
+    every queue state is refused and capacity protection stays off)."""
+    keys = [load_public(p, "DETECTOR_DIALER_PUBLIC_KEYS") for p in settings.dialer_public_keys]
+    if not keys:
+        log.warning("capacity: no dialer public key (DETECTOR_DIALER_PUBLIC_KEYS): every queue "
+                    "state is refused; agent-capacity protection is off")
+    return QueueStateVerifier(keys)
+
+
 def add_command(sub: Any) -> None:
     """``detector keys generate``."""
-    k = sub.add_parser("keys", help="Ed25519 keys that sign detector-lists entries")
+    k = sub.add_parser("keys", help="Ed25519 keys that sign detector-lists entries and queue states")
     ksub = k.add_subparsers(dest="keys_command", required=True)
     g = ksub.add_parser("generate", help="create NAME.key (0600) and NAME.pub in a directory")
     g.add_argument("--out", type=Path, required=True, help="directory for the key files")
-    g.add_argument("--name", required=True, help="soc, or a worker's name (e.g. worker)")
+    g.add_argument("--name", required=True, help="soc, dialer, or a worker's name (e.g. worker)")
     g.set_defaults(func=_cmd_generate)
 
 

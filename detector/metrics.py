@@ -143,12 +143,12 @@ MONITORED_HITS = Counter(
 )
 POLICY_RELOADS = Counter(
     f"{NS}_policy_reloads_total",
-    "Policy files picked up by a running worker without a restart.",
+    "Policy files (and rate decks) picked up by a running worker without a restart.",
     registry=REGISTRY,
 )
 POLICY_RELOAD_FAILURES = Counter(
     f"{NS}_policy_reload_failures_total",
-    "New policy files rejected (invalid); the previous policy keeps running.",
+    "New policy files or rate decks rejected (invalid); the previous one keeps running.",
     registry=REGISTRY,
 )
 SINK_ROWS = Counter(
@@ -236,8 +236,13 @@ def observe_decision(d: dict, latency_s: float | None = None) -> None:
     child(DECISIONS, action, "true" if d["silent"] else "false").inc()
     for reason in d["reasons"]:
         child(DECISION_REASONS, reason, action).inc()
-    for reason in d.get("monitored_reasons") or ():
+    monitored = d.get("monitored_reasons") or ()
+    for reason in monitored:
         child(MONITORED_HITS, reason_label(reason)).inc()
+    if "agent_capacity" in d["reasons"]:
+        child(CAPACITY_DEFLECTIONS, "enforce").inc()
+    elif "agent_capacity" in monitored:
+        child(CAPACITY_DEFLECTIONS, "monitor").inc()
     enr = d.get("enrichment") or {}
     child(DECISIONS_BY_DEST, country_label(enr.get("number_country")),
           str(enr.get("number_type") or "UNKNOWN"), action).inc()
@@ -249,6 +254,7 @@ def observe_decision(d: dict, latency_s: float | None = None) -> None:
         MODEL_SCORE.labels("shadow").observe(model["shadow_anomaly"])
     if latency_s is not None:
         DECISION_LATENCY.observe(max(latency_s, 0.0))
+    observe_spend(d)
     LAST_DECISION.set(time.time())
 
 
@@ -327,5 +333,138 @@ KAFKA_WAITS = Counter(
 LOG_SUPPRESSED = Counter(
     f"{NS}_log_lines_suppressed_total",
     "Log lines dropped by the rate limiter (same logger and message more than 5 times in 10 s).",
+    registry=REGISTRY,
+)
+
+
+# --- money: cost at risk and spend circuit breakers (detector/core/spend.py) -----------------
+SPEND_ALLOWED = Counter(
+    f"{NS}_spend_allowed_total",
+    "Expected cost of allowed callbacks (rate deck price x risk-weighted minutes), in the rate "
+    "deck's currency, by destination country (the policy's countries, else other).",
+    ["country"],
+    registry=REGISTRY,
+)
+SPEND_AVOIDED = Counter(
+    f"{NS}_spend_avoided_total",
+    "Expected cost of stopped (deflected or blocked) callbacks: money not spent, estimated, in the "
+    "rate deck's currency, by destination country (the policy's countries, else other).",
+    ["country"],
+    registry=REGISTRY,
+)
+SPEND_BREAKERS_OPEN = Gauge(
+    f"{NS}_spend_breakers_open",
+    "Spend circuit breakers open (allowed spend at or over a budget: requests there are deflected "
+    "or blocked with spend_budget_exceeded), by scope kind (country, prefix) and country.",
+    ["kind", "country"],
+    registry=REGISTRY,
+)
+SPEND_BUDGET_RATIO = Gauge(
+    f"{NS}_spend_budget_ratio",
+    "Allowed spend over budget of the tightest spend scope (the larger of the hour and day "
+    "windows; >= 1: open), by scope kind and country.",
+    ["kind", "country"],
+    registry=REGISTRY,
+)
+RATE_DECK_INFO = Info(f"{NS}_rate_deck", "Active rate deck: version (content digest), currency, "
+                      "source file, prefixes.", registry=REGISTRY)
+MAX_SPEND_COUNTRIES = 64
+SPEND_COUNTRIES: set[str] = set()
+
+
+def set_spend_countries(policy: Any) -> None:
+    """Country labels of the money metrics: the policy's allowed countries and the countries it
+    budgets (at most MAX_SPEND_COUNTRIES, alphabetical); anything else is "other"."""
+    codes = sorted(set(policy.allowed_countries) | set(policy.spend.countries))[:MAX_SPEND_COUNTRIES]
+    SPEND_COUNTRIES.clear()
+    SPEND_COUNTRIES.update(codes)
+    for cc in (*codes, "other"):  # every series exists from the start, at 0
+        child(SPEND_ALLOWED, cc)
+        child(SPEND_AVOIDED, cc)
+
+
+def spend_country(cc: str | None) -> str:
+    return cc if cc in SPEND_COUNTRIES else "other"
+
+
+def set_rate_deck_info(deck: Any) -> None:
+    RATE_DECK_INFO.info({"version": str(deck.version), "currency": str(deck.currency),
+                         "source": str(deck.source), "prefixes": str(len(deck))})
+
+
+def observe_spend(d: dict) -> None:
+    """Money allowed / avoided of one decision (a ``Decision.to_dict()``)."""
+    cost = d.get("expected_cost") or 0.0
+    if cost > 0:
+        cc = spend_country((d.get("enrichment") or {}).get("number_country"))
+        child(SPEND_ALLOWED if d["action"] == "allow" else SPEND_AVOIDED, cc).inc(cost)
+
+
+for _kind in ("country", "prefix"):  # present from the start (0: nothing open)
+    SPEND_BREAKERS_OPEN.labels(_kind, "other").set(0)
+    SPEND_BUDGET_RATIO.labels(_kind, "other").set(0)
+# --- agent capacity (detector.stream.capacity) and the web tier's pre-check (stream.precheck)
+CAPACITY_TIER = Gauge(
+    f"{NS}_capacity_tier",
+    "Agent-capacity tier in force (0 normal; 1 deflects low-trust requests, 2 every "
+    "unauthenticated one, 3 authenticated customers too); 0 while the queue state is stale.",
+    registry=REGISTRY,
+)
+CAPACITY_PRESSURE = Gauge(
+    f"{NS}_capacity_pressure",
+    "Callbacks waiting over what the available agents can serve within the allowed time "
+    "(last queue state; > 1 = over capacity).",
+    registry=REGISTRY,
+)
+CAPACITY_STALE = Gauge(
+    f"{NS}_capacity_state_stale",
+    "1 when no dialer queue state is fresh (none received, or none for stale_after_s): capacity "
+    "unknown, decisions fail open to normal.",
+    registry=REGISTRY,
+)
+CAPACITY_DIALERS = Gauge(
+    f"{NS}_capacity_dialers",
+    "Dialers whose latest queue state this worker holds.",
+    registry=REGISTRY,
+)
+CAPACITY_STATE_AGE = Gauge(
+    f"{NS}_capacity_state_age_seconds",
+    "Seconds since the newest queue state (-1: none received).",
+    registry=REGISTRY,
+)
+CAPACITY_DEFLECTIONS = Counter(
+    f"{NS}_capacity_deflections_total",
+    "Callbacks deflected for agent capacity (reason agent_capacity; mode monitor: would have "
+    "been), requests that would otherwise have been allowed.",
+    ["mode"],
+    registry=REGISTRY,
+)
+QUEUE_STATES = Counter(
+    f"{NS}_queue_states_total",
+    "Dialer queue states verified and applied.",
+    registry=REGISTRY,
+)
+QUEUE_STATE_REJECTED = Counter(
+    f"{NS}_queue_state_rejected_total",
+    "Queue-state messages refused (unsigned, badly signed, unknown key, replayed...), by reason.",
+    ["reason"],
+    registry=REGISTRY,
+)
+PRECHECK_RESULTS = ("shown", "hidden", "forwarded", "unauthorized", "bad_request", "unavailable",
+                    "error")
+PRECHECK_REQUESTS = Counter(
+    f"{NS}_precheck_requests_total",
+    "GET /v1/precheck answers of this worker: shown / hidden (answered here), forwarded (to the "
+    "worker owning the IP's partition), unauthorized, bad_request, unavailable (rebalancing), "
+    "error (a bug).",
+    ["result"],
+    registry=REGISTRY,
+)
+PRECHECK_SECONDS = Histogram(
+    f"{NS}_precheck_seconds",
+    "Time to answer GET /v1/precheck in the worker (route local: answered here; forwarded: "
+    "including the hop to the owning worker).",
+    ["route"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0),
     registry=REGISTRY,
 )

@@ -8,6 +8,11 @@ Every decision names the policy it was made under (``policy_version``).
 
 A change of ``ranges.trailing_digits`` is rejected too: it changes the range stage's partitioning
 key, which a running deployment cannot do without a restart of every worker.
+
+The rate deck (``DETECTOR_RATE_DECK``) is watched the same way: a changed deck that validates and
+is in the policy's ``spend.currency`` replaces the running one; an invalid one is rejected with its
+``file:line`` error and the previous deck keeps pricing. A new policy whose ``spend.currency``
+differs from the running deck's is rejected too (budgets and prices must be in one currency).
 """
 
 from __future__ import annotations
@@ -17,9 +22,11 @@ import os
 from pathlib import Path
 
 from detector.core.decide import DecisionContext
-from detector.core.errors import PolicyError
+from detector.core.errors import ConfigError, PolicyError
 from detector.core.lists import ListIndex
 from detector.core.policy import Policy, load_policy
+from detector.core.rates import load_rate_deck
+from detector.core.spend import check_currency
 
 log = logging.getLogger("detector.policy")
 
@@ -38,24 +45,56 @@ def swap_policy(ctx: DecisionContext, new: Policy) -> None:
 class PolicyWatcher:
     """Reloads the policy file of ``ctx`` when it changes. Call :meth:`check` periodically."""
 
-    def __init__(self, path: Path | str | None, ctx: DecisionContext) -> None:
+    def __init__(self, path: Path | str | None, ctx: DecisionContext,
+                 deck_path: Path | str | None = None) -> None:
         self.path = None if path is None else Path(path)
+        self.deck_path = None if deck_path is None else Path(deck_path)
         self.ctx = ctx
-        self._stamp = self._stat()
+        self._stamp = self._stat(self.path)
+        self._deck_stamp = self._stat(self.deck_path)
         self.last_error: str | None = None
 
-    def _stat(self) -> tuple[int, int] | None:
-        if self.path is None:
+    @staticmethod
+    def _stat(path: Path | None) -> tuple[int, int] | None:
+        if path is None:
             return None
         try:
-            st = os.stat(self.path)
+            st = os.stat(path)
         except OSError:
             return None
         return (st.st_mtime_ns, st.st_size)
 
+    def check_deck(self) -> bool:
+        """Reload the rate deck when its file changed; True when a new deck now prices decisions."""
+        stamp = self._stat(self.deck_path)
+        if self.deck_path is None or stamp is None or stamp == self._deck_stamp:
+            return False
+        self._deck_stamp = stamp
+        from detector import metrics
+
+        old = self.ctx.rates
+        try:
+            deck = load_rate_deck(self.deck_path)
+            check_currency(self.ctx.policy.spend, deck)
+        except ConfigError as exc:
+            self.last_error = str(exc)
+            metrics.POLICY_RELOAD_FAILURES.inc()
+            log.error("rate deck: new file rejected, keeping %s: %s",
+                      old.version if old is not None else "none", exc)
+            return False
+        self.ctx.rates = deck
+        self.last_error = None
+        metrics.POLICY_RELOADS.inc()
+        metrics.set_rate_deck_info(deck)
+        log.info("rate deck: reloaded %s (was %s)", deck.describe(),
+                 old.version if old is not None else "none")
+        return True
+
     def check(self) -> Policy | None:
-        """Reload when the file changed; returns the new policy, or None (unchanged or rejected)."""
-        stamp = self._stat()
+        """Reload the policy (and the rate deck, :meth:`check_deck`) when its file changed; returns
+        the new policy, or None (unchanged or rejected)."""
+        self.check_deck()
+        stamp = self._stat(self.path)
         if self.path is None or stamp is None or stamp == self._stamp:
             return None
         self._stamp = stamp  # a rejected file is not retried until it changes again
@@ -67,7 +106,8 @@ class PolicyWatcher:
                     f"ranges.trailing_digits changed from {old.range_digits} to {new.range_digits}: "
                     "it changes the range stage's partitioning and needs a restart of every worker"
                 )
-        except PolicyError as exc:
+            check_currency(new.spend, self.ctx.rates)
+        except ConfigError as exc:
             from detector import metrics
 
             self.last_error = str(exc)
@@ -81,5 +121,6 @@ class PolicyWatcher:
         metrics.POLICY_RELOADS.inc()
         metrics.POLICY_INFO.info({"version": new.version, "path": str(self.path)})
         metrics.set_known_reasons(new.reason_codes())
+        metrics.set_spend_countries(new)
         log.info("policy: reloaded %s (was %s) from %s", new.version, old.version, self.path)
         return new

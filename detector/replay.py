@@ -2,6 +2,12 @@
 
 Requests are processed in timestamp order (a stable sort, so equal timestamps keep file order)
 through :class:`detector.core.pipeline.Detector`, i.e. the same ``decide`` as the stream path.
+
+Dialer queue states (agent capacity, :mod:`detector.core.capacity`) can be replayed with the
+requests (``queue_states``, ``detector replay --queue-states FILE``): each state is applied before
+the first request at or after its ``ts``, and staleness is judged at each request's ``ts``. The file
+is the operator's and is trusted as is (no signatures), like the static lists file. Without it,
+replay has no queue state and decides as if the queue were normal.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from typing import IO
 
 import orjson
 
+from detector.core.capacity import CapacityGate, QueueState, parse_queue_state
 from detector.core.errors import InputError
 from detector.core.parse import check_event_time, parse_request
 from detector.core.pipeline import Detector
@@ -98,8 +105,10 @@ def replay(
     on_decision: Callable[[CallbackRequest, Decision], None] | None = None,
     progress: bool = False,
     event_time: tuple[float, float, float] | None = None,
+    queue_states: Iterable[QueueState] = (),
 ) -> ReplaySummary:
-    """Decide every valid request in ``lines`` (JSONL); write decisions and rejects as JSONL."""
+    """Decide every valid request in ``lines`` (JSONL); write decisions and rejects as JSONL.
+    ``queue_states``: dialer queue states applied in time order between the requests."""
     summary = ReplaySummary()
     t0 = time.perf_counter()
     good, bad = parse_lines(lines, event_time)
@@ -141,16 +150,54 @@ def replay(
     if by_id is not None:
         reqs = _remember(reqs, by_id)
     dumps = orjson.dumps
-    for decision in detector.process_many(reqs):
+    for decision in _with_queue_states(detector, reqs, queue_states):
         summary.decisions += 1
         summary.by_action[decision.action] += 1
         summary.by_reason.update(decision.reasons)
-        if out is not None:
-            out.write(dumps(decision.to_dict()).decode() + "\n")
+        if out is not None:  # orjson writes the dataclass as to_dict() would, without the dict
+            out.write(dumps(decision).decode() + "\n")
         if on_decision is not None and by_id is not None:
             on_decision(by_id.pop(decision.request_id), decision)
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _with_queue_states(detector: Detector, reqs: Iterable[CallbackRequest],
+                       queue_states: Iterable[QueueState]) -> Iterator[Decision]:
+    """``detector.process_many(reqs)``, with each queue state applied before the first request
+    at or after its ``ts`` (the batch before it is decided first: a barrier)."""
+    states = sorted(queue_states, key=lambda q: q.ts)
+    if not states:
+        yield from detector.process_many(reqs)
+        return
+    gate = detector.ctx.capacity
+    if gate is None:
+        gate = detector.ctx.capacity = CapacityGate()
+    i = 0
+    segment: list[CallbackRequest] = []
+    for req in reqs:
+        if i < len(states) and states[i].ts <= req.ts:
+            yield from detector.process_many(segment)
+            segment = []
+            while i < len(states) and states[i].ts <= req.ts:
+                gate.apply(states[i], detector.ctx.policy.capacity)
+                i += 1
+        segment.append(req)
+    yield from detector.process_many(segment)
+
+
+def load_queue_states(lines: Iterable[str | bytes], source: str = "queue states") -> list[QueueState]:
+    """Queue states from JSONL (the ``<app>-queue-state`` message format; ``sig`` ignored); a bad
+    line is an :class:`InputError` naming the line."""
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            out.append(parse_queue_state(line.rstrip(b"\r\n") if isinstance(line, bytes) else line))
+        except InputError as exc:
+            raise InputError(f"{source}:{n}: {exc}") from None
+    return out
 
 
 def _remember(

@@ -15,6 +15,7 @@ from detector.core.errors import ConfigError, InputError
 from detector.core.ipintel import IpIntel
 from detector.core.lists import ListIndex, entry_from_dict
 from detector.core.policy import Policy, load_policy
+from detector.core.rates import RateDeck
 
 log = logging.getLogger("detector")
 
@@ -108,6 +109,22 @@ def build_policy(settings: Settings) -> Policy:
     return policy
 
 
+def build_rate_deck(settings: Settings, policy: Policy) -> RateDeck:
+    """The rate deck of ``settings`` (the packaged ILLUSTRATIVE sample when none is set, said
+    loudly), checked against the policy's spend currency."""
+    from detector.core.rates import load_rate_deck
+    from detector.core.spend import check_currency
+
+    deck = load_rate_deck(settings.rate_deck)
+    check_currency(policy.spend, deck)
+    if settings.rate_deck is None:
+        log.warning("rate deck: the packaged ILLUSTRATIVE sample (%s), NOT a real tariff: money "
+                    "figures and spend budgets are examples; set DETECTOR_RATE_DECK", deck.describe())
+    else:
+        log.info("rate deck: %s", deck.describe())
+    return deck
+
+
 def build_context(settings: Settings, policy: Policy | None = None) -> DecisionContext:
     policy = policy or build_policy(settings)
     lists = ListIndex.from_policy(dict(policy.deny), dict(policy.allow))
@@ -115,7 +132,8 @@ def build_context(settings: Settings, policy: Policy | None = None) -> DecisionC
         n = load_lists_file(settings.lists_file, lists)
         log.info("lists: %d entries from %s", n, settings.lists_file)
     return DecisionContext(
-        policy=policy, lists=lists, pii_key=settings.pii_hash_key.encode("utf-8")
+        policy=policy, lists=lists, pii_key=settings.pii_hash_key.encode("utf-8"),
+        rates=build_rate_deck(settings, policy),
     )
 
 

@@ -40,7 +40,7 @@ from detector.core.model import (
     save_artefact,
 )
 from detector.core.policy import Policy, load_policy
-from detector.core.records import Action, ModelResult
+from detector.core.records import Action, Decision, ModelResult
 from detector.evaluate import (
     Labelled,
     evaluate_seeds,
@@ -63,7 +63,9 @@ DEFAULT_SIM_MAX_SAMPLES = 16384  # 256-sample trees cannot see rare legit patter
 
 
 class _Recorder:
-    """A :class:`~detector.core.decide.Scorer` that records every feature vector it is shown."""
+    """A :class:`~detector.core.decide.Scorer` that records every feature vector it is shown and
+    names it in its result (``row-N``), so a decision tells which row was its own (batched replay
+    also scores a second variant of some rows, see ``Detector.process_many``)."""
 
     version = "recorder"
 
@@ -72,7 +74,11 @@ class _Recorder:
 
     def score(self, x: list[float]) -> ModelResult:
         self.rows.append(x)
-        return ModelResult(self.version, 0.0, False)
+        return ModelResult(f"row-{len(self.rows) - 1}", 0.0, False)
+
+    def row_of(self, decision: Decision) -> list[float]:
+        assert decision.model is not None
+        return self.rows[int(str(decision.model["version"]).removeprefix("row-"))]
 
 
 def replay_features(
@@ -86,9 +92,7 @@ def replay_features(
         model=recorder, use_rules=True, use_model=False,
     )  # fmt: skip
     decisions = replay_labelled(labelled, ctx, intel)
-    # the recorder saw requests in event-time order (stable); map them back to input order
-    order = sorted((d.request_ts, i) for i, d in enumerate(decisions) if d is not None)
-    by_input = {i: row for (_, i), row in zip(order, recorder.rows, strict=True)}
+    by_input = {i: recorder.row_of(d) for i, d in enumerate(decisions) if d is not None}
     kept = [i for i in range(len(labelled)) if i in by_input]
     X = np.asarray([by_input[i] for i in kept], dtype=np.float64).reshape(len(kept), len(FEATURE_NAMES))
     actions = {i: d.action for i, d in enumerate(decisions) if d is not None}

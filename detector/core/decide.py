@@ -13,10 +13,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from detector.core.capacity import CapacityGate, deflects, trust_class
 from detector.core.features import denied_prefix, features, geo_mismatch
 from detector.core.lists import ListIndex
 from detector.core.pii import random_key
 from detector.core.policy import Policy, Rule
+from detector.core.rates import RateDeck, packaged_rate_deck
 from detector.core.records import (
     Action,
     CallbackRequest,
@@ -26,6 +28,7 @@ from detector.core.records import (
     Hit,
     ModelResult,
 )
+from detector.core.spend import price_decision
 from detector.core.state import pii_hash
 
 SEVERITY = {Action.ALLOW: 0, Action.DEFLECT: 1, Action.BLOCK: 2}
@@ -73,6 +76,10 @@ class DecisionContext:
     # The PII hash key. Never a known default: a context built without one gets the process's
     # random key (its hashes match no other process's); runtime.build_context passes the configured one.
     pii_key: bytes = field(default_factory=random_key, repr=False)
+    # The rate deck (core/rates.py, DETECTOR_RATE_DECK) pricing decisions for core/spend.py.
+    rates: RateDeck | None = field(default_factory=packaged_rate_deck, repr=False)
+    # The dialers' queue state (agent capacity); None: capacity is not watched (always normal).
+    capacity: CapacityGate | None = None
 
 
 def _hit(
@@ -140,9 +147,7 @@ def rule_hits(
         add("duplicate_pending")
     c = count_map if count_map is not None else counts.to_dict()
     fired: set[str] = set()
-    relaxed: tuple[str, ...] = pol.shared_ip.relaxed if counts.ip.ip_shared else ()
-    for key, attr, code in VELOCITY_RULES:
-        limit = pol.velocity[key] * (pol.shared_ip.factor if key in relaxed else 1)
+    for attr, code, limit in _velocity_limits(pol)[1 if counts.ip.ip_shared else 0]:
         if code not in fired and c[attr] > limit:
             fired.add(code)
             add(code)
@@ -150,6 +155,27 @@ def rule_hits(
         add("ip_number_recombination")
     hits.extend(population_hits(req, enr, counts, ctx))
     return hits
+
+
+_LIMITS: dict[int, tuple[Policy, tuple[tuple[str, str, float], ...], tuple[tuple[str, str, float], ...]]] = {}
+
+
+def _velocity_limits(
+    pol: Policy,
+) -> tuple[tuple[tuple[str, str, float], ...], tuple[tuple[str, str, float], ...]]:
+    """(counts attribute, reason code, limit) of each velocity rule, for a requester that is not
+    and one that is a shared IP (its per-IP limits multiplied by ``shared_ip.factor``); computed
+    once per policy object."""
+    hit = _LIMITS.get(id(pol))
+    if hit is None or hit[0] is not pol:
+        def limits(relaxed: tuple[str, ...]) -> tuple[tuple[str, str, float], ...]:
+            return tuple((attr, code, pol.velocity[key] * (pol.shared_ip.factor if key in relaxed else 1))
+                         for key, attr, code in VELOCITY_RULES)
+
+        if len(_LIMITS) > 16:
+            _LIMITS.clear()
+        hit = _LIMITS[id(pol)] = (pol, limits(()), limits(pol.shared_ip.relaxed))
+    return hit[1], hit[2]
 
 
 def population_hits(
@@ -177,6 +203,19 @@ def population_hits(
             hit = Hit(code, hit.weight * pol.auth_weight_factor, Action.DEFLECT, False, hit.monitored)
         out.append(hit)
     return out
+
+
+def capacity_deflects(authenticated: bool, new_ip: bool, risk: float, ctx: DecisionContext,
+                      now: float) -> bool:
+    """Whether agent-capacity protection takes this (otherwise allowed) callback away at ``now``:
+    the dialers' queue is over capacity and the request's trust class is deflected at the
+    current tier (see :mod:`detector.core.capacity`). False when the queue state is stale."""
+    gate = ctx.capacity
+    if gate is None:
+        return False
+    pol = ctx.policy.capacity
+    tier = gate.level(now, pol).tier
+    return tier > 0 and deflects(tier, trust_class(authenticated, new_ip, risk, pol))
 
 
 def combine(hits: list[Hit], policy: Policy) -> tuple[Action, bool, float, list[str]]:
@@ -233,23 +272,33 @@ def decide_many(
     n = len(items)
     results: list[ModelResult | None] = [None] * n
     shadows: list[ModelResult | None] = [None] * n
+    maps = [counts.to_dict() for _, _, counts in items]
     if n and (ctx.model is not None or ctx.shadow is not None):
-        xs = [features(req, enr, counts, ctx.policy) for req, enr, counts in items]
-        if ctx.model is not None:
-            results = list(_score_all(ctx.model, xs))
-        if ctx.shadow is not None:
-            shadows = list(_score_all(ctx.shadow, xs))
+        xs = [features(req, enr, counts, ctx.policy, maps[i])
+              for i, (req, enr, counts) in enumerate(items)]
+        results, shadows = score_rows(xs, ctx)
     ats = decided_ats if decided_ats is not None else [decided_at] * n
-    return [_decide_one(req, enr, counts, ctx, ats[i], results[i], shadows[i])
+    return [decide_scored(req, enr, counts, ctx, ats[i], results[i], shadows[i], maps[i])
             for i, (req, enr, counts) in enumerate(items)]
 
 
-def _score_all(model: Scorer, xs: list[list[float]]) -> Sequence[ModelResult]:
+def score_rows(
+    xs: list[list[float]], ctx: DecisionContext
+) -> tuple[list[ModelResult | None], list[ModelResult | None]]:
+    """The model's and the shadow model's results for feature rows ``xs`` (one call each; None
+    where there is no such model). A row scores identically in any batch."""
+    none: list[ModelResult | None] = [None] * len(xs)
+    results = list(_score_all(ctx.model, xs)) if ctx.model is not None and xs else none
+    shadows = list(_score_all(ctx.shadow, xs)) if ctx.shadow is not None and xs else none
+    return results, shadows
+
+
+def _score_all(model: Scorer, xs: list[list[float]]) -> Sequence[ModelResult | None]:
     batch = getattr(model, "score_batch", None)  # ForestScorer has one; a plain Scorer may not
     return batch(xs) if batch is not None else [model.score(x) for x in xs]
 
 
-def _decide_one(
+def decide_scored(
     req: CallbackRequest,
     enr: Enrichment,
     counts: Counts,
@@ -257,8 +306,13 @@ def _decide_one(
     decided_at: float,
     result: ModelResult | None,
     shadow: ModelResult | None,
+    count_map: dict[str, Any] | None = None,
 ) -> Decision:
-    count_map = counts.to_dict()
+    """:func:`decide` with the model's (and shadow's) result for this request already computed
+    (:func:`score_rows` on its :func:`~detector.core.features.features` row). ``count_map``:
+    ``counts.to_dict()`` if the caller has it (the decision keeps it as its ``counts``)."""
+    if count_map is None:
+        count_map = counts.to_dict()
     hits = rule_hits(req, enr, counts, ctx, count_map) if ctx.use_rules else []
     if shadow is not None:
         base = result or ModelResult(version="none", anomaly=0.0, is_anomalous=False)
@@ -286,6 +340,15 @@ def _decide_one(
         monitored = list(dict.fromkeys(h.code for h in hits if h.monitored))
         hits = [h for h in hits if not h.monitored]
     action, silent, risk, reasons = combine(hits, ctx.policy)
+    cost_per_min, expected_cost, currency = price_decision(enr, risk, ctx)  # core/spend.py
+    if action == Action.ALLOW and capacity_deflects(req.authenticated, counts.ip.ip_fresh == 1,
+                                                    risk, ctx, decided_at):
+        rule = ctx.policy.rules["agent_capacity"]
+        if rule.mode == "monitor":
+            monitored.append("agent_capacity")
+        elif rule.action == Action.DEFLECT:
+            action, silent = Action.DEFLECT, False
+            reasons.insert(0, "agent_capacity")
     model_block = None
     if result is not None:
         model_block = {
@@ -313,4 +376,7 @@ def _decide_one(
         ip_hash=pii_hash(req.ip, ctx.pii_key),
         model=model_block,
         monitored_reasons=tuple(monitored),
+        cost_per_min=cost_per_min,
+        expected_cost=expected_cost,
+        currency=currency,
     )

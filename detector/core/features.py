@@ -10,9 +10,8 @@ from __future__ import annotations
 import math
 from datetime import UTC, datetime
 from functools import lru_cache
+from typing import Any
 from zoneinfo import ZoneInfo
-
-from phonenumbers import timezone as pn_timezone
 
 from detector.core.policy import Policy
 from detector.core.records import CallbackRequest, Counts, Enrichment
@@ -67,28 +66,20 @@ RISKY_TYPES = frozenset(
 )
 
 
-@lru_cache(maxsize=4096)
-def _zone_for(range_key: str | None, region: str | None) -> ZoneInfo | None:
-    if not range_key:
-        return None
-    import phonenumbers
-
-    try:
-        num = phonenumbers.parse(range_key + "000", None)
-    except phonenumbers.NumberParseException:
-        return None
-    zones = [z for z in pn_timezone.time_zones_for_number(num) if z != "Etc/Unknown"]
-    if not zones:
+@lru_cache(maxsize=1024)
+def _zone(name: str | None) -> ZoneInfo | None:
+    if not name:
         return None
     try:
-        return ZoneInfo(zones[0])
+        return ZoneInfo(name)
     except (KeyError, ValueError):
         return None
 
 
 def local_hour(ts: float, enr: Enrichment) -> float | None:
-    """Fractional local hour at the destination, or None when its time zone is unknown."""
-    zone = _zone_for(enr.phone.range_key, enr.phone.region)
+    """Fractional local hour at the destination (the number's time zone, see
+    :func:`detector.core.phone.enrich_phone`), or None when its time zone is unknown."""
+    zone = _zone(enr.phone.time_zone)
     if zone is None:
         return None
     dt = datetime.fromtimestamp(ts, tz=UTC).astimezone(zone)
@@ -120,9 +111,11 @@ def geo_mismatch(enr: Enrichment) -> bool:
     return bool(enr.ip.country and enr.phone.region and enr.ip.country != enr.phone.region)
 
 
-def features(req: CallbackRequest, enr: Enrichment, counts: Counts, policy: Policy) -> list[float]:
-    """Feature vector in ``FEATURE_NAMES`` order."""
-    c = counts.to_dict()
+def features(req: CallbackRequest, enr: Enrichment, counts: Counts, policy: Policy,
+             count_map: dict[str, Any] | None = None) -> list[float]:
+    """Feature vector in ``FEATURE_NAMES`` order (``count_map``: ``counts.to_dict()``, if the
+    caller has it already)."""
+    c = count_map if count_map is not None else counts.to_dict()
     out = [math.log1p(c[name]) for name in COUNT_FEATURES]
     r24 = max(c["range_24h"], 1)
     out.append(c["range_distinct_ips_24h"] / r24)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -186,9 +186,8 @@ class IpIntel:
 
     def _lookup(self, ip: str) -> IpInfo:
         version, scope = scope_of(ip)
-        info = IpInfo(ip=ip, version=version, scope=scope)
         if scope == "malformed":
-            return info
+            return IpInfo(ip=ip, version=version, scope=scope)
         updates: dict[str, Any] = {}
         if self._country is not None:
             rec = self._country.get(ip) or {}
@@ -222,4 +221,4 @@ class IpIntel:
                 updates["cellular"] = True
         if updates.get("asn") is not None and updates["asn"] in self.mobile_asns:
             updates["cellular"] = True
-        return replace(info, **updates) if updates else info
+        return IpInfo(ip, version, scope, **updates)

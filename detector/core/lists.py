@@ -23,9 +23,12 @@ from typing import Any
 
 from detector.core.errors import InvalidField
 
-KINDS = ("ip", "cidr", "asn", "number", "prefix", "country", "surge")
+KINDS = ("ip", "cidr", "asn", "number", "prefix", "country", "surge", "budget")
 #: ``surge`` entries force under-attack mode for a scope (value ``*``, a country code, or an E.164
 #: prefix): ``deny`` forces it on, ``allow`` forces it off, until the entry expires.
+#: ``budget`` entries act on a spend circuit breaker (core/spend.py; value ``*``, a country code or
+#: a spend scope's E.164 prefix): ``allow`` holds it closed (the SOC's reset), ``allow`` with
+#: ``:x<factor>`` (``GB:x3``) raises its budgets, ``deny`` forces it open, until the entry expires.
 ACTIONS = ("deny", "allow")
 SOURCES = ("soc", "policy", "learned")  # who made the entry (a bounded metric label)
 MAX_VALUE_LEN = 64
@@ -35,7 +38,7 @@ MAX_REASON_LEN = 256
 @dataclass(frozen=True, slots=True)
 class ListEntry:
     action: str  # deny | allow
-    kind: str  # ip | cidr | asn | number | prefix | country
+    kind: str  # ip | cidr | asn | number | prefix | country | surge | budget
     value: str  # normalized
     reason: str = ""
     expires_at: float | None = None  # epoch seconds; None = never
@@ -81,6 +84,19 @@ def normalize(kind: str, value: str) -> str:
         if not v.startswith(("+", "00")) or not digits or len(digits) > 15:
             raise InvalidField("value", f"an international {kind} starting with + (E.164)", value)
         return "+" + digits
+    if kind == "budget":  # a spend breaker: scope [":x" factor]
+        scope, sep, factor = v.partition(":")
+        out = normalize("surge", scope)
+        if not sep:
+            return out
+        try:
+            f = float(factor[1:]) if factor[:1] in ("x", "X") else math.nan
+        except ValueError:
+            f = math.nan
+        if not 1.0 <= f <= 1000.0:
+            raise InvalidField("value", "a budget scope (*, GB, +4470) with an optional raise "
+                               "factor from :x1 to :x1000 (GB:x3)", value)
+        return f"{out}:x{f:g}"
     if kind == "surge":  # under-attack mode: everything, a country or an E.164 prefix
         if v == "*":
             return v
@@ -112,7 +128,11 @@ def make_entry(
         raise InvalidField("source", f"one of {', '.join(SOURCES)}", source)
     if not isinstance(reason, str) or len(reason) > MAX_REASON_LEN:
         raise InvalidField("reason", f"a string of at most {MAX_REASON_LEN} characters", reason)
-    return ListEntry(action, kind, normalize(kind, value), reason, expires_at, added_at, source)
+    normalized = normalize(kind, value)
+    if kind == "budget" and action == "deny" and ":x" in normalized:
+        raise InvalidField("value", "a budget scope without a factor for deny (a raise is an allow entry)",
+                           value)
+    return ListEntry(action, kind, normalized, reason, expires_at, added_at, source)
 
 
 def _epoch(d: dict[str, Any], name: str, *, nullable: bool) -> float | None:
@@ -163,6 +183,7 @@ class ListIndex:
         self._prefix_lens: dict[str, set[int]] = {"deny": set(), "allow": set()}
         self._surge_prefix_lens: dict[str, set[int]] = {"deny": set(), "allow": set()}
         self._surge_keys = 0
+        self._budget: dict[str, dict[str, ListEntry]] = {}  # spend scope -> entries (kind budget)
         for e in entries:
             self.add(e)
 
@@ -195,6 +216,8 @@ class ListIndex:
                 self._surge_keys += 1
                 if e.value.startswith("+"):
                     self._surge_prefix_lens[e.action].add(len(e.value))
+            if e.kind == "budget":
+                self._budget.setdefault(e.value.partition(":")[0], {})[e.key] = e
 
     def remove(self, key: str) -> None:
         e = self._by_key.pop(key, None)
@@ -209,6 +232,11 @@ class ListIndex:
             self._exact.pop((e.action, e.kind, e.value), None)
             if e.kind == "surge":
                 self._surge_keys -= 1
+            if e.kind == "budget":
+                scope = e.value.partition(":")[0]
+                self._budget.get(scope, {}).pop(e.key, None)
+                if not self._budget.get(scope):
+                    self._budget.pop(scope, None)
 
     def surge_overrides(self, e164: str | None, region: str | None, *, now: float) -> dict[str, bool]:
         """The SOC's forced under-attack modes for a request: ``{"global"|"country"|"prefix": on}``
@@ -227,6 +255,34 @@ class ListIndex:
                     if e is not None and e.active(now):
                         out["prefix"] = on
                         break
+        return out
+
+    def budget_overrides(self, keys: Iterable[str], *, now: float) -> dict[str, tuple[str, float]]:
+        """The SOC's overrides of spend breakers ``keys`` (``$C:GB``, ``$P:+4470``): ``{key:
+        ("closed" | "raise" | "open", factor)}``, from active ``budget`` entries for the key's
+        scope or ``*``. Allow wins over deny: held closed, else raised (the largest factor),
+        else forced open."""
+        if not self._budget:
+            return {}
+        out: dict[str, tuple[str, float]] = {}
+        every = self._budget.get("*", {})
+        for key in keys:
+            entries = [*self._budget.get(key[3:], {}).values(), *every.values()]
+            best: tuple[str, float] | None = None
+            for e in entries:
+                if not e.active(now):
+                    continue
+                if e.action == "deny":
+                    found = ("open", 1.0)
+                elif ":x" in e.value:
+                    found = ("raise", float(e.value.rpartition(":x")[2]))
+                else:
+                    found = ("closed", 1.0)
+                rank = {"open": 0, "raise": 1, "closed": 2}
+                if best is None or (rank[found[0]], found[1]) > (rank[best[0]], best[1]):
+                    best = found
+            if best is not None:
+                out[key] = best
         return out
 
     def _hits(

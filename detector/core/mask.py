@@ -1,4 +1,4 @@
-"""Masked forms of phone numbers for people to read (reports, the decision log, dashboards).
+"""Masked forms of phone numbers and IP addresses for people to read (reports, the decision log, dashboards).
 
 A masked number keeps the country code, the first half of the national number and its last two
 digits, in the international format: enough for a support agent to match a customer's number
@@ -12,10 +12,17 @@ read out on the phone, not enough to dial it.
 '+353 56• 21'
 >>> mask_number(None)
 '(no number)'
+
+An IP address keeps its network part only (IPv4: the first two octets, IPv6: the first two
+groups), enough to tell a datacentre from a mobile carrier, not to find the visitor:
+
+>>> mask_ip("203.0.113.9"), mask_ip("2001:db8:85a3::8a2e:370:7334"), mask_ip("bogus")
+('203.0.•.•', '2001:db8:•', '(invalid IP)')
 """
 
 from __future__ import annotations
 
+import ipaddress
 from functools import lru_cache
 
 import phonenumbers
@@ -44,3 +51,16 @@ def mask_number(e164: str | None) -> str:
     keep_first = max(1, min((len(digits) + 1) // 2, len(digits) - 3))  # at least one digit masked
     masked = set(digits[keep_first:-2]) if len(digits) > 4 else set(digits[1:])
     return head + "".join(MASK if i in masked else ch for i, ch in enumerate(rest))
+
+
+def mask_ip(ip: str | None) -> str:
+    """``ip`` with its host part masked (see the module doc); never the full address."""
+    try:
+        addr = ipaddress.ip_address((ip or "").strip())
+    except ValueError:
+        return "(invalid IP)"
+    if addr.version == 4:
+        a, b = str(addr).split(".")[:2]
+        return f"{a}.{b}.{MASK}.{MASK}"
+    groups = addr.exploded.split(":")[:2]
+    return ":".join(g.lstrip("0") or "0" for g in groups) + f":{MASK}"

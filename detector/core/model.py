@@ -325,6 +325,7 @@ class ForestScorer:
         self.version = version
         self.feature_names = tuple(feature_names)
         self.card = card
+        self._tops: dict[tuple[int, ...], tuple[str, ...]] = {}  # (top indices..., n positive) -> names
 
     def anomaly(self, X: ArrayLike) -> NDArray[np.float64]:
         """``-score_samples`` per row: in (0, 1], higher = more unlike the training traffic."""
@@ -339,15 +340,22 @@ class ForestScorer:
         leaves = self.forest.leaves(X)
         anomaly = -self.forest._scores_from_leaves(leaves)
         contrib = self.forest.contributions(leaves)
-        names = self.feature_names
         order = np.argsort(-contrib, axis=1, kind="stable")[:, :TOP_K]  # ties: feature order
-        positive = (np.take_along_axis(contrib, order, axis=1) > 0.0).tolist()
+        # the credits are sorted largest first, so the positive ones are a prefix of ``order``
+        count = (np.take_along_axis(contrib, order, axis=1) > 0.0).sum(axis=1)
+        keys = np.concatenate([order, count[:, None]], axis=1).tolist()
+        tops, names = self._tops, self.feature_names
         version, threshold = self.version, self.threshold
-        return [
-            ModelResult(version, a, a >= threshold,
-                        tuple(names[i] for i, pos in zip(idx, ok, strict=True) if pos))
-            for a, idx, ok in zip(anomaly.tolist(), order.tolist(), positive, strict=True)
-        ]  # fmt: skip
+        out = []
+        for a, key in zip(anomaly.tolist(), keys, strict=True):
+            k = tuple(key)
+            top = tops.get(k)
+            if top is None:  # a few hundred combinations in practice
+                if len(tops) > 50_000:
+                    tops.clear()
+                top = tops[k] = tuple(names[i] for i in key[:key[-1]])
+            out.append(ModelResult(version, a, a >= threshold, top))
+        return out
 
     def explain(self, x: Sequence[float]) -> list[tuple[str, float]]:
         """Every feature's credit for one row, largest first (for notebooks and the SOC)."""

@@ -1,8 +1,9 @@
-"""Phone-number enrichment with ``phonenumbers``: E.164, validity, region, type and range key.
+"""Phone-number enrichment with ``phonenumbers``: E.164, validity, region, type, range key and
+time zone, from one parse of the number as typed (cached by the raw string).
 
 >>> info = enrich_phone("+44 20 7946 0018", None)
->>> (info.e164, info.valid, info.region, info.number_type, info.range_key)
-('+442079460018', True, 'GB', 'FIXED_LINE', '+442079460')
+>>> (info.e164, info.valid, info.region, info.number_type, info.range_key, info.time_zone)
+('+442079460018', True, 'GB', 'FIXED_LINE', '+442079460', 'Europe/London')
 >>> enrich_phone("020 7946 0018", "GB").e164
 '+442079460018'
 >>> enrich_phone("12345", None).error
@@ -15,6 +16,7 @@ from functools import lru_cache
 
 import phonenumbers
 from phonenumbers import NumberParseException, PhoneNumberType
+from phonenumbers import timezone as pn_timezone
 
 from detector.core.records import PhoneInfo
 
@@ -51,7 +53,8 @@ def enrich_phone(
     """Parse and classify a number as typed. Never raises: failures are in ``error``.
 
     Numbers in national format need ``country_hint``; E.164 (``+...`` or ``00...``) does not.
-    Results are cached by (raw, hint) (see :func:`set_cache_size`): parsing costs ~60 us.
+    Results are cached by (raw, hint) (see :func:`set_cache_size`): parsing, typing and the
+    time zone cost ~30 us.
     """
     return _cached(raw, country_hint, range_digits)
 
@@ -86,11 +89,56 @@ def _enrich_phone(raw: str, country_hint: str | None, range_digits: int) -> Phon
         region=region if region and region != "ZZ" else None,
         country_code=num.country_code,
         number_type=number_type,
-        range_key=range_key_of(e164, range_digits),
+        range_key=(range_key := range_key_of(e164, range_digits)),
+        time_zone=_time_zone(num, ntype) if valid else _block_time_zone(range_key),
     )
 
 
 _cached = lru_cache(maxsize=200_000)(_enrich_phone)
+
+
+def _time_zone(num: phonenumbers.PhoneNumber, ntype: int) -> str | None:
+    """The first time zone ``phonenumbers.timezone.time_zones_for_number`` gives a valid number,
+    reusing its type (which that function would compute a second time): the prefix's zones for
+    a geographic type, the country's otherwise."""
+    cc: int = num.country_code or 0  # never 0: a valid number has a calling code
+    if phonenumbers.is_number_type_geographical(ntype, cc):
+        zones = pn_timezone.time_zones_for_geographical_number(num)
+        return next((z for z in zones if z != pn_timezone.UNKNOWN_TIMEZONE), None)
+    # Mobile (in most countries), VoIP, premium, ...: the country's zones, which depend on the
+    # calling code alone; asked of the library once per calling code.
+    if cc not in _COUNTRY_ZONE:
+        zones = pn_timezone.time_zones_for_number(num)
+        _COUNTRY_ZONE[cc] = next((z for z in zones if z != pn_timezone.UNKNOWN_TIMEZONE), None)
+    return _COUNTRY_ZONE[cc]
+
+
+_COUNTRY_ZONE: dict[int, str | None] = {}
+
+
+@lru_cache(maxsize=4096)
+def _block_time_zone(range_key: str) -> str | None:
+    """An invalid number has no zone of its own: its block's, i.e. that of ``range_key`` + 000
+    (the block's first number with the default range size), when that one is valid.
+
+    >>> _block_time_zone("+4930123"), _block_time_zone("+99")
+    ('Europe/Berlin', None)
+    """
+    try:
+        num = phonenumbers.parse(range_key + "000", None)
+    except NumberParseException:
+        return None
+    zones = pn_timezone.time_zones_for_number(num)
+    return next((z for z in zones if z != pn_timezone.UNKNOWN_TIMEZONE), None)
+
+
+def time_zone_of(e164: str | None) -> str | None:
+    """:attr:`PhoneInfo.time_zone` of an E.164 number (for records that carry only that).
+
+    >>> time_zone_of("+33612345678"), time_zone_of(None)
+    ('Europe/Paris', None)
+    """
+    return enrich_phone(e164, None).time_zone if e164 else None
 
 
 def _unparsed(error: str) -> PhoneInfo:

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from detector.core import population, state
+from detector.core import population, spend, state
 from detector.core.clock import EventClock
-from detector.core.decide import DecisionContext, decide, decide_many
+from detector.core.decide import DecisionContext, decide, decide_scored, score_rows
 from detector.core.errors import InvalidField, MissingField
+from detector.core.features import FEATURE_NAMES, features
 from detector.core.ipintel import IpIntel
 from detector.core.lists import ListEntry, make_entry
 from detector.core.phone import enrich_phone, routing_key
@@ -28,6 +29,7 @@ from detector.core.records import (
     Decision,
     Enrichment,
     IpCounts,
+    ModelResult,
     Outcome,
     RangeCounts,
 )
@@ -153,6 +155,20 @@ def learn(
     return entry, False
 
 
+@dataclass(slots=True)
+class _Staged:
+    """A counted request waiting in :meth:`Detector.process_many`'s batch for its decision."""
+
+    req: CallbackRequest
+    enr: Enrichment
+    counts: Counts
+    update: state.RangeUpdate
+    dependent: bool  # an earlier request of the batch is on the same number
+
+
+_PENDING = FEATURE_NAMES.index("pending")
+
+
 @dataclass
 class Detector:
     """In-memory detector: feed it requests in timestamp order, get one decision each."""
@@ -162,7 +178,7 @@ class Detector:
     ip_stores: state.IpStores = field(default_factory=state.IpStores)
     range_stores: state.RangeStores = field(default_factory=state.RangeStores)
     seen: dict[str, float] = field(default_factory=dict)
-    population: PopulationView = field(default_factory=PopulationView)
+    population: PopulationView = field(default_factory=lambda: PopulationView(deltas=False))
     sweep_every_s: float = 6 * 3600.0  # event time between sweeps of dead keys
     clock: EventClock = field(default_factory=EventClock)  # the sweeps' time (see core.clock)
     learned_deny_interval_s: float = DEFAULT_LEARNED_DENY_INTERVAL_S
@@ -183,6 +199,7 @@ class Detector:
             self.ctx,
             decided_at=req.ts if decided_at is None else decided_at,
         )
+        decision = spend.settle(decision, req, enr, self.ctx, self.population)  # spend breakers
         state.range_commit(
             self.range_stores,
             upd,
@@ -197,45 +214,94 @@ class Detector:
 
     def process_many(self, reqs: Iterable[CallbackRequest], *, batch: int = 256) -> Iterator[Decision]:
         """:meth:`process` for each request (timestamp order), deciding up to ``batch`` at once
-        with one model call. Same decisions, in the same order: a request waits for the decision
-        of an undecided one on the same number (its outstanding-callback mark), as the stream's
-        range stage does, and the sweep runs where :meth:`process` would run it."""
-        todo: list[tuple[CallbackRequest, Enrichment, Counts, state.RangeUpdate]] = []
-        keys: set[str] = set()  # number keys and request ids of ``todo``
+        with one model call. Same decisions, in the same order, and the sweep runs where
+        :meth:`process` would run it.
+
+        A request's only input that depends on an earlier request's *decision* is its number's
+        outstanding-callback mark (``pending``: set when an earlier request on the number was
+        allowed). Everything else is counted at once: the number's counts are staged in its
+        table as each request is counted, so a later request on the same number in the batch
+        counts on top of them. A request whose number already has an undecided request in the
+        batch is scored both ways (pending or not, one feature apart); the batch is then decided
+        in order, each request reading the mark its predecessors' decisions left, exactly as one
+        at a time (:meth:`_decide`). Only a repeated request id (a redelivery, which must not see
+        its own mark) waits for the batch before it."""
+        todo: list[_Staged] = []
+        rids: set[str] = set()  # request ids of ``todo``
+        numbers: set[str] = set()  # number keys of ``todo``
         policy = self.ctx.policy
+        key = self.ctx.pii_key
+        ip_stores, range_stores, number_store = self.ip_stores, self.range_stores, self.range_stores.number
+        shared = policy.shared_ip
         for req in reqs:
-            enr = enrich(req, self.intel, policy)
-            if todo and (req.request_id in keys or state.number_key(enr, req.phone_number) in keys):
+            if req.request_id in rids:
                 yield from self._decide(todo)
-                keys.clear()
-            ip_counts = state.ip_stage(self.ip_stores, req, enr, policy.shared_ip, key=self.ctx.pii_key)
-            upd = state.range_stage(self.range_stores, req, enr, range_routing_key(req, enr),
-                                    key=self.ctx.pii_key)
+                rids.clear()
+                numbers.clear()
+            enr = enrich(req, self.intel, policy)
+            ip_counts = state.ip_stage(ip_stores, req, enr, shared, key=key)
+            upd = state.range_stage(range_stores, req, enr, range_routing_key(req, enr), key=key)
+            number_store[upd.number_key] = upd.number_value  # staged: counts now, mark at commit
             pop = count_population(self.population, req, enr, ip_counts, upd.counts, policy)
-            todo.append((req, enr, Counts(ip_counts, upd.counts, pop), upd))
-            keys.add(upd.number_key)
-            keys.add(req.request_id)
+            todo.append(_Staged(req, enr, Counts(ip_counts, upd.counts, pop), upd,
+                                upd.number_key in numbers))
+            numbers.add(upd.number_key)
+            rids.add(req.request_id)
             now = self.clock.observe(req.ts)  # as process(): one far-future request moves nothing
             sweep = abs(now - self._last_sweep) > self.sweep_every_s
             if sweep or len(todo) >= batch:
                 yield from self._decide(todo)
-                keys.clear()
+                rids.clear()
+                numbers.clear()
                 if sweep:
                     self.sweep(now)
         yield from self._decide(todo)
 
-    def _decide(
-        self, todo: list[tuple[CallbackRequest, Enrichment, Counts, state.RangeUpdate]]
-    ) -> list[Decision]:
-        """Decide ``todo`` with one model call, commit each in order, and empty ``todo``."""
+    def _decide(self, todo: list[_Staged]) -> list[Decision]:
+        """Decide ``todo`` with one model call, commit each in order, and empty ``todo``.
+
+        Each request's ``pending`` is the mark its number holds after the requests before it were
+        committed (the value staged with its counts carries the mark from before the batch, which
+        only a request of this batch can have replaced)."""
         if not todo:
             return []
-        decisions = decide_many([(r, e, c) for r, e, c, _ in todo], self.ctx, decided_at=0.0,
-                                decided_ats=[r.ts for r, _, _, _ in todo])
-        ttl = self.ctx.policy.pending_ttl
-        for (req, _, _, upd), d in zip(todo, decisions, strict=True):
-            state.range_commit(self.range_stores, upd, req, allowed=d.action == Action.ALLOW,
-                               pending_ttl=ttl)
+        ctx = self.ctx
+        scored = ctx.model is not None or ctx.shadow is not None
+        results: list[ModelResult | None] = []
+        shadows: list[ModelResult | None] = []
+        flipped: dict[int, int] = {}  # todo index -> row of its other-pending variant
+        maps = [s.counts.to_dict() for s in todo]
+        if scored:
+            xs = [features(s.req, s.enr, s.counts, ctx.policy, maps[i]) for i, s in enumerate(todo)]
+            for i, s in enumerate(todo):
+                if s.dependent:
+                    x = list(xs[i])
+                    x[_PENDING] = 0.0 if x[_PENDING] else 1.0
+                    flipped[i] = len(xs)
+                    xs.append(x)
+            results, shadows = score_rows(xs, ctx)
+        ttl = ctx.policy.pending_ttl
+        store = self.range_stores.number
+        marks: dict[str, Any] = {}  # number key -> its mark after the requests committed so far
+        decisions = []
+        for i, s in enumerate(todo):
+            req, upd, counts = s.req, s.update, s.counts
+            nkey, value = upd.number_key, upd.number_value
+            mark = marks[nkey] if nkey in marks else value.pending
+            row, count_map = i, maps[i]
+            if s.dependent and state.is_pending(mark, req.ts, req.request_id) != counts.rng.pending:
+                counts = Counts(counts.ip, replace(counts.rng, pending=not counts.rng.pending),
+                                counts.pop)
+                row, count_map = flipped.get(i, i), counts.to_dict()
+            d = decide_scored(req, s.enr, counts, ctx, req.ts, results[row] if scored else None,
+                              shadows[row] if scored else None, count_map)
+            d = spend.settle(d, req, s.enr, ctx, self.population)  # spend breakers, in commit order
+            if d.action == Action.ALLOW:
+                mark = state.Pending(req.ts + ttl, req.request_id)
+            value.pending = mark
+            marks[nkey] = mark
+            store[nkey] = value
+            decisions.append(d)
         todo.clear()
         return decisions
 

@@ -19,10 +19,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from detector.core.capacity import CapacityPolicy, parse_capacity_policy
 from detector.core.errors import PolicyError, _shown
 from detector.core.parse import parse_ts
 from detector.core.population import Campaign, PopulationPolicy
 from detector.core.records import Action
+from detector.core.spend import SpendPolicy, parse_spend_policy
 
 DEFAULT_POLICY_TEXT = (
     resources.files("detector.core").joinpath("default_policy.toml").read_text("utf-8")
@@ -79,12 +81,14 @@ class Policy:
     allow: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     population: PopulationPolicy = field(default_factory=PopulationPolicy)
     shared_ip: SharedIpPolicy = field(default_factory=SharedIpPolicy)
+    capacity: CapacityPolicy = field(default_factory=CapacityPolicy)
     # Codes that innocent populations produce (shared IPs, travellers, surges): however many of
     # them fire together, the combined risk deflects and never blocks (no silent block of what
     # a real customer could have sent without a corroborating, fraud-specific signal).
     soft_codes: frozenset[str] = frozenset()
     recombination_min: int = 3
     auth_deflect_codes: frozenset[str] = frozenset()
+    spend: SpendPolicy = field(default_factory=SpendPolicy)  # [spend]: cost at risk, spend breakers
 
     def rule(self, code: str) -> Rule:
         return self.rules[code]
@@ -244,9 +248,11 @@ def parse_policy(overrides: Mapping[str, Any]) -> Policy:
             )
         lists[sec] = {k: _strings(f"{sec}.{k}", raw[sec].get(k, [])) for k in LIST_FIELDS}
     population = _population(raw["population"], raw.get("campaigns", []))
+    capacity = parse_capacity_policy(raw["capacity"], error=PolicyError)
     shared = _shared_ip(raw["shared_ip"])
     soft = _strings("risk.soft_codes", raw["risk"].get("soft_codes", []))
     rules = {k: _rule(f"rules.{k}", v) for k, v in raw["rules"].items()}
+    _check_capacity_rule(rules["agent_capacity"])
     for code in soft:
         if code not in rules and not code.startswith("number_type_"):
             raise PolicyError(f"risk.soft_codes: unknown reason code {code!r}")
@@ -254,6 +260,7 @@ def parse_policy(overrides: Mapping[str, Any]) -> Policy:
     return Policy(
         version=version,
         population=population,
+        capacity=capacity,
         shared_ip=shared,
         soft_codes=frozenset(soft),
         recombination_min=recomb,
@@ -282,7 +289,22 @@ def parse_policy(overrides: Mapping[str, Any]) -> Policy:
         ),
         deny=lists["deny"],
         allow=lists["allow"],
+        spend=parse_spend_policy(raw["spend"]),
     )
+
+
+def _check_capacity_rule(rule: Rule) -> None:
+    """Agent capacity is not fraud: it deflects (or is off), never blocks, never silently, and
+    adds no risk."""
+    if rule.action == Action.BLOCK:
+        raise PolicyError("rules.agent_capacity.action: capacity never blocks; expected deflect "
+                          "(or allow to switch it off), got 'block'")
+    if rule.silent:
+        raise PolicyError("rules.agent_capacity.silent: a capacity deflection is never silent "
+                          "(the visitor is offered chat); expected false")
+    if rule.weight != 0.0:
+        raise PolicyError(f"rules.agent_capacity.weight: capacity is not a risk signal; expected 0, "
+                          f"got {rule.weight:g}")
 
 
 def _int(where: str, value: Any, lo: int, hi: int) -> int:

@@ -5,7 +5,9 @@ IPs and numbers, and loud when innocent customers share one IP. Population count
 
 * **scopes**: ``*`` (everything), ``C:<region>`` (destination country) and ``B<k>:<region>:<prefix>``
   (a block of 10^k numbers: the E.164 form minus its last *k* digits, e.g. ``B5:GB:+4477009`` holds the
-  100,000 numbers +447700900000-+447700999999, the size an IRSF seller leases).
+  100,000 numbers +447700900000-+447700999999, the size an IRSF seller leases); and the spend
+  scopes ``$C:<region>`` / ``$P:<prefix>`` of :mod:`detector.core.spend` (allowed expected spend in
+  integer units instead of requests, allowed requests instead of fresh ones).
 * each scope keeps minute buckets (the last :data:`MINUTES_KEPT`) and hour buckets (the last
   :data:`HOURS_KEPT`) of two counts: requests, and requests from *fresh* IPs (the IP's first
   request in 24 h). Buckets are bounded in number, never aged against one event's time: a request
@@ -55,6 +57,7 @@ from typing import Any
 MINUTE, HOUR = 60, 3600
 MINUTES_KEPT = 136  # > 130: the baseline reads the two hours before the last 10 minutes
 BASELINE_BLOCKS = 12  # 10-minute blocks of history whose median is the baseline
+PAST_MINUTES = 10 * BASELINE_BLOCKS + 9  # minutes before the current one that a surge reads
 HOURS_KEPT = 26
 GLOBAL = "*"
 
@@ -117,22 +120,27 @@ class _Scope:
     # Sums over buckets *before* the minute ``memo_at`` (and its hour), which no request of that
     # minute changes; any write to an earlier minute (a late delta, an out-of-order event) drops it.
     memo_at: int = -1
-    memo: dict[tuple[Any, ...], tuple[Any, int]] = field(default_factory=dict)
+    memo: dict[tuple[Any, ...], tuple[Any, ...]] = field(default_factory=dict)
+    block: tuple[tuple[str, str], str] | None = None  # ((region, "B5"), prefix) of a block scope
+    # Spend scopes (core/spend.py): window sums rolled forward minute by minute; any write
+    # before its minute (or an eviction) drops it.
+    roll: list[int] | None = None
 
 
-def _bump(buckets: dict[int, list[int]], b: int, n: int, fresh: int, keep: int) -> bool:
-    """Add to bucket ``b``; True when an old bucket had to go (bounded by count, never aged
-    against one event's time)."""
+def _bump(buckets: dict[int, list[int]], b: int, n: int, fresh: int, keep: int) -> int | None:
+    """Add to bucket ``b``; returns the old bucket that had to go, if one did (bounded by count,
+    never aged against one event's time)."""
     cell = buckets.get(b)
     if cell is not None:
         cell[0] += n
         cell[1] += fresh
-        return False
+        return None
     buckets[b] = [n, fresh]
     if len(buckets) > keep:
-        del buckets[min(buckets)]
-        return True
-    return False
+        gone = min(buckets)
+        del buckets[gone]
+        return gone
+    return None
 
 
 def scopes(e164: str | None, region: str | None, policy: PopulationPolicy) -> tuple[str, ...]:
@@ -160,26 +168,30 @@ class PopulationView:
     denominator of concentration), and the first minute it saw (so that a baseline is computed
     from the history there is, from the first minutes of a deployment)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, deltas: bool = True) -> None:
         self.scopes: dict[str, _Scope] = {}
         self.blocks: dict[tuple[str, str], dict[str, int]] = {}  # (region, "B5") -> prefix -> hour
         self.pending: dict[tuple[str, int], list[int]] = {}  # unpublished (scope, minute) deltas
         self.start_minute: int | None = None
+        self.deltas = deltas  # False: nobody takes deltas (one process counts everything, replay)
 
     def __len__(self) -> int:
         return len(self.scopes)
 
-    def observe(self, keys: Sequence[str], ts: float, *, fresh: bool) -> None:
-        """Count one request (and record it as a delta for :meth:`take_delta`)."""
+    def observe(self, keys: Sequence[str], ts: float, *, fresh: bool, n: int = 1) -> None:
+        """Count one request (and record it as a delta for :meth:`take_delta`). Spend scopes
+        (``$...``, core/spend.py) count ``n`` units of allowed spend, and the request as "fresh"."""
         minute = int(ts) // MINUTE
         f = 1 if fresh else 0
         for key in keys:
-            self._add(key, minute, 1, f)
+            self._add(key, minute, n, f)
+            if not self.deltas:
+                continue
             cell = self.pending.get((key, minute))
             if cell is None:
-                self.pending[(key, minute)] = [1, f]
+                self.pending[(key, minute)] = [n, f]
             else:
-                cell[0] += 1
+                cell[0] += n
                 cell[1] += f
 
     def take_delta(self) -> list[list[Any]]:
@@ -206,19 +218,26 @@ class PopulationView:
         sc = self.scopes.get(key)
         if sc is None:
             sc = self.scopes[key] = _Scope()
+            if key[0] == "B":
+                level, region, prefix = key.split(":", 2)
+                sc.block = ((region, level), prefix)
         hour = minute // 60
-        evicted = _bump(sc.minutes, minute, n, fresh, MINUTES_KEPT)
-        evicted = _bump(sc.hours, hour, n, fresh, HOURS_KEPT) or evicted
-        if evicted:  # a bucket the memo may have summed is gone
+        gone_m = _bump(sc.minutes, minute, n, fresh, MINUTES_KEPT)
+        gone_h = _bump(sc.hours, hour, n, fresh, HOURS_KEPT)
+        if gone_m is not None or gone_h is not None or minute < sc.memo_at:  # a summed bucket changed
             sc.memo_at = -1
             sc.memo.clear()
-        elif minute < sc.memo_at:  # a late event: forget the sums over its minute or hour
-            _forget(sc, minute, hour)
+        roll = sc.roll
+        if roll is not None and (minute < roll[0] or (gone_m is not None and gone_m >= roll[0] - 60)
+                                 or (gone_h is not None and gone_h >= roll[2] - 24)):
+            sc.roll = None  # a bucket inside the rolled windows changed
         if hour > sc.newest_hour:
             sc.newest_hour = hour
-        if key[0] == "B":
-            level, region, prefix = key.split(":", 2)
-            seen = self.blocks.setdefault((region, level), {})
+        if sc.block is not None:
+            level_key, prefix = sc.block
+            seen = self.blocks.get(level_key)
+            if seen is None:
+                seen = self.blocks[level_key] = {}
             if seen.get(prefix, -1) < hour:
                 seen[prefix] = hour
 
@@ -233,24 +252,6 @@ class PopulationView:
             for prefix in [p for p, h in seen.items() if h <= hour - 24]:
                 del seen[prefix]
         return len(dead)
-
-
-def _forget(sc: _Scope, minute: int, hour: int) -> None:
-    """Drop the memoized sums that include ``minute`` (or its ``hour``): a late event changed
-    them. Events across partitions and workers arrive slightly out of order, so dropping every
-    sum each time would recompute the baselines for most requests."""
-    m0 = sc.memo_at
-    h0 = m0 // 60
-    for key in list(sc.memo):
-        kind = key[0]
-        if kind == "m":
-            stale = m0 + key[1] <= minute <= m0 + key[2]
-        elif kind == "h":
-            stale = h0 + key[1] <= hour <= h0 + key[2]
-        else:  # "base": minutes m0-129..m0-10 and hours h0-24..h0-1 (see baseline_10m)
-            stale = (m0 - 10 * BASELINE_BLOCKS - 9 <= minute <= m0 - 10) or h0 - 24 <= hour < h0
-        if stale:
-            del sc.memo[key]
 
 
 def _sum(buckets: Mapping[int, list[int]], first: int, last: int) -> tuple[int, int]:
@@ -269,35 +270,15 @@ def _sum(buckets: Mapping[int, list[int]], first: int, last: int) -> tuple[int, 
     return n, f
 
 
-def _msum(sc: _Scope, first: int, last: int, m: int) -> tuple[int, int]:
-    """Minute buckets ``first..last`` (``last <= m``, the request's minute), memoized but for ``m``."""
-    return _memo_sum(sc, "m", sc.minutes, first, last, m, m)
-
-
-def _hsum(sc: _Scope, first: int, last: int, h: int, m: int) -> tuple[int, int]:
-    """Hour buckets ``first..last`` (``last <= h``, the request's hour), memoized but for ``h``."""
-    return _memo_sum(sc, "h", sc.hours, first, last, h, m)
-
-
-def _memo_sum(sc: _Scope, kind: str, buckets: Mapping[int, list[int]], first: int, last: int,
-              now: int, m: int) -> tuple[int, int]:
-    if sc.memo_at != m:
-        sc.memo_at = m
-        sc.memo.clear()
-    done = min(last, now - 1)
-    n = f = 0
-    if done >= first:
-        key = (kind, first - now, done - now)
-        hit = sc.memo.get(key)
-        if hit is None:
-            hit = sc.memo[key] = _sum(buckets, first, done)
-        n, f = hit
-    if last >= now:
-        cell = buckets.get(now)
-        if cell is not None:
-            n += cell[0]
-            f += cell[1]
-    return n, f
+def _past_minutes(sc: _Scope, m: int) -> list[int]:
+    """Requests per minute over the :data:`PAST_MINUTES` minutes before ``m`` (index 0 is
+    ``m - PAST_MINUTES``), in one pass over the scope's (at most :data:`MINUTES_KEPT`) buckets."""
+    first = m - PAST_MINUTES
+    out = [0] * PAST_MINUTES
+    for b, cell in sc.minutes.items():
+        if first <= b < m:
+            out[b - first] = cell[0]
+    return out
 
 
 def _campaign_factor(campaigns: Sequence[Campaign], region: str, ts: float) -> float:
@@ -313,29 +294,28 @@ def baseline_10m(sc: _Scope, ts: float, start_minute: int, min_baseline: float) 
     the median of the 10-minute blocks of the two hours before the last 10 minutes (up to an
     hour of surge in that history does not become the baseline), the day's mean and the same
     hour yesterday once a day of history exists, never below ``min_baseline``."""
-    m, h = int(ts) // MINUTE, int(ts) // HOUR
-    if sc.memo_at != m:
-        sc.memo_at = m
-        sc.memo.clear()
-    key = ("base", start_minute, min_baseline)  # only buckets before the minute m: memoized
-    hit = sc.memo.get(key)
-    if hit is not None:
-        return float(hit[0])
+    m = int(ts) // MINUTE
+    return _baseline(sc, _past_minutes(sc, m), m, start_minute, min_baseline)
+
+
+def _baseline(sc: _Scope, past: list[int], m: int, start_minute: int, min_baseline: float) -> float:
+    """:func:`baseline_10m` from the minutes before ``m`` (:func:`_past_minutes`)."""
     blocks = []
     for k in range(1, BASELINE_BLOCKS + 1):
         first = m - 10 * k - 9
         if first < start_minute:
             break  # before the deployment started: unknown, not zero
-        blocks.append(_msum(sc, first, first + 9, m)[0])
+        j = PAST_MINUTES - 10 * k - 9
+        blocks.append(sum(past[j:j + 10]))
     base = min_baseline
     if blocks:  # the (lower) median: up to an hour of surge among 12 blocks is not the baseline
         blocks.sort()
         base = max(base, float(blocks[(len(blocks) - 1) // 2]))
     if m - start_minute >= 24 * 60:  # a day of history: its mean, and the same hour yesterday
-        day, _ = _hsum(sc, h - 24, h - 1, h, m)
-        yesterday, _ = _hsum(sc, h - 24, h - 24, h, m)
+        h = m // 60
+        day, _ = _sum(sc.hours, h - 24, h - 1)
+        yesterday, _ = _sum(sc.hours, h - 24, h - 24)
         base = max(base, day / 144.0, yesterday / 6.0)
-    sc.memo[key] = (base, 0)
     return base
 
 
@@ -345,20 +325,77 @@ def _surge(sc: _Scope | None, ts: float, start_minute: int, min_baseline: float,
     if sc is None:
         return 0, 0.0, False
     m = int(ts) // MINUTE
-    c10, _ = _msum(sc, m - 9, m, m)
-    base = baseline_10m(sc, ts, start_minute, min_baseline) * factor
+    c10p, c2p, earlier, base = _surge_past(sc, m, start_minute, min_baseline)
+    cell = sc.minutes.get(m)
+    live = cell[0] if cell is not None else 0
+    c10 = c10p + live
+    base = base * factor
     ratio = c10 / base
     if ratio >= policy.surge_enter:
         return c10, round(ratio, 3), True
     # A flood is caught within a minute: the last two minutes at the same factor (and a floor).
-    c2, _ = _msum(sc, m - 1, m, m)
+    c2 = c2p + live
     if c2 >= max(policy.surge_short_min, policy.surge_enter * base / 5.0):
         return c10, round(max(ratio, 5.0 * c2 / base), 3), True
     # Hysteresis: still elevated, and the 20 minutes before the current 10 held at least an
     # entering surge's volume (so the mode holds a surge; it never enters on a ramp).
-    earlier, _ = _msum(sc, m - 29, m - 10, m)
     surging = ratio >= policy.surge_exit and earlier >= policy.surge_enter * base
     return c10, round(ratio, 3), surging
+
+
+def _surge_past(sc: _Scope, m: int, start_minute: int, min_baseline: float
+                ) -> tuple[int, int, int, float]:
+    """What :func:`_surge` reads from before the minute ``m``, memoized for that minute: the
+    last 10 and last 2 minutes without the current one, the 20 minutes before the last 10, and
+    the baseline (before the campaign factor)."""
+    if sc.memo_at != m:
+        sc.memo_at = m
+        sc.memo.clear()
+    key = ("s", start_minute, min_baseline)
+    hit = sc.memo.get(key)
+    if hit is None:
+        past = _past_minutes(sc, m)
+        hit = sc.memo[key] = (
+            sum(past[-9:]),  # m-9 .. m-1
+            past[-1],  # m-1
+            sum(past[-29:-9]),  # m-29 .. m-10
+            _baseline(sc, past, m, start_minute, min_baseline),
+        )
+    return hit  # type: ignore[return-value]
+
+
+def _day_hour(sc: _Scope, m: int, h: int) -> tuple[int, int, int, int]:
+    """(requests, fresh) over the 24 h and (requests, fresh) over the 60 minutes ending with the
+    request's hour ``h`` and minute ``m``: the memoized part before them plus the live buckets
+    (a scope with few buckets, like most number blocks, is summed directly)."""
+    hours, minutes = sc.hours, sc.minutes
+    if len(hours) + len(minutes) <= 16:
+        n24 = f24 = n1h = f1h = 0
+        for b, bucket in hours.items():
+            if h - 23 <= b <= h:
+                n24 += bucket[0]
+                f24 += bucket[1]
+        for b, bucket in minutes.items():
+            if m - 59 <= b <= m:
+                n1h += bucket[0]
+                f1h += bucket[1]
+        return n24, f24, n1h, f1h
+    if sc.memo_at != m:
+        sc.memo_at = m
+        sc.memo.clear()
+    hit = sc.memo.get(("d",))
+    if hit is None:
+        hit = sc.memo[("d",)] = _sum(sc.hours, h - 23, h - 1) + _sum(sc.minutes, m - 59, m - 1)
+    n24, f24, n1h, f1h = hit
+    cell = sc.hours.get(h)
+    if cell is not None:
+        n24 += cell[0]
+        f24 += cell[1]
+    cell = sc.minutes.get(m)
+    if cell is not None:
+        n1h += cell[0]
+        f1h += cell[1]
+    return n24, f24, n1h, f1h
 
 
 def surging_scopes(view: PopulationView, ts: float, policy: PopulationPolicy
@@ -382,16 +419,16 @@ def read(view: PopulationView, keys: Sequence[str], ts: float, region: str | Non
          policy: PopulationPolicy) -> PopulationCounts:
     """The population signals for a request counted in ``keys`` at ``ts`` (see the module doc)."""
     start = view.start_minute if view.start_minute is not None else int(ts) // MINUTE
+    campaigns = policy.campaigns
     g10, gf, gs = _surge(view.scopes.get(GLOBAL), ts, start, policy.global_min_baseline_10m,
-                         _campaign_factor(policy.campaigns, GLOBAL, ts), policy)
+                         _campaign_factor(campaigns, GLOBAL, ts) if campaigns else 1.0, policy)
     if region is None:
         return PopulationCounts(global_10m=g10, global_surge_factor=gf, global_surging=gs)
     country = view.scopes.get(f"C:{region}")
     c10, cf, cs = _surge(country, ts, start, policy.country_min_baseline_10m,
-                         _campaign_factor(policy.campaigns, region, ts), policy)
+                         _campaign_factor(campaigns, region, ts) if campaigns else 1.0, policy)
     m, h = int(ts) // MINUTE, int(ts) // HOUR
-    c24 = _hsum(country, h - 23, h, h, m)[0] if country is not None else 0
-    c1h = _msum(country, m - 59, m, m)[0] if country is not None else 0
+    c24, _, c1h, _ = _day_hour(country, m, h) if country is not None else (0, 0, 0, 0)
     best = (0, 0.0, 0.0)
     concentrated = surging_prefix = False
     child24 = child1h = -1  # the request's sub-block at the next finer level (scopes() order)
@@ -401,9 +438,9 @@ def read(view: PopulationView, keys: Sequence[str], ts: float, region: str | Non
         sc = view.scopes.get(key)
         if sc is None:
             continue
-        touched = max(len(view.blocks.get((region, key.split(":", 1)[0]), ())), 1)
-        n24, f24 = _hsum(sc, h - 23, h, h, m)
-        n1h, f1h = _msum(sc, m - 59, m, m)
+        level_key = sc.block[0] if sc.block is not None else (region, key.split(":", 1)[0])
+        touched = max(len(view.blocks.get(level_key, ())), 1)
+        n24, f24, n1h, f1h = _day_hour(sc, m, h)
         # A block is this request's business only if the request's own sub-block holds a fair
         # share of it: a pump in one 100,000-number block must not condemn its 900,000 neighbours.
         mine24 = child24 < 0 or child24 >= max(2.0, policy.child_share * n24)

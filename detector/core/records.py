@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
+from operator import attrgetter
 from typing import Any
 
 from detector.core.population import PopulationCounts
@@ -61,6 +62,7 @@ class PhoneInfo:
     number_type: str  # MOBILE, FIXED_LINE, VOIP, PREMIUM_RATE, ..., UNKNOWN
     range_key: str | None  # E.164 minus its last N digits: the leased block IRSF sellers rotate in
     error: str | None = None  # why parsing failed, when it did
+    time_zone: str | None = None  # IANA name of the number's (first) time zone, when phonenumbers knows it
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,11 +158,17 @@ class Counts:
     pop: PopulationCounts = field(default_factory=PopulationCounts)
 
     def to_dict(self) -> dict[str, Any]:
-        ip, rng, pop = self.ip, self.rng, self.pop
-        out = {name: getattr(ip, name) for name in IpCounts.__slots__}
-        out.update({name: getattr(rng, name) for name in RangeCounts.__slots__})
-        out.update({name: getattr(pop, name) for name in PopulationCounts.__slots__})
-        return out
+        """Every count by name: the IP's, then the range stage's, then the population's."""
+        return dict(zip(_COUNT_NAMES, _ip_values(self.ip) + _rng_values(self.rng)
+                        + _pop_values(self.pop), strict=True))
+
+
+_COUNT_NAMES: tuple[str, ...] = (
+    IpCounts.__slots__ + RangeCounts.__slots__ + PopulationCounts.__slots__  # type: ignore[attr-defined]
+)
+_ip_values = attrgetter(*IpCounts.__slots__)  # type: ignore[attr-defined]
+_rng_values = attrgetter(*RangeCounts.__slots__)  # type: ignore[attr-defined]
+_pop_values = attrgetter(*PopulationCounts.__slots__)  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +212,13 @@ class Decision:
     ip_hash: str
     model: dict[str, Any] | None = None
     monitored_reasons: tuple[str, ...] = ()  # codes of monitor-mode rules that fired (not acted on)
+    # Cost at risk (core/spend.py): the rate deck's price of the destination (None: unknown, or
+    # not a valid number), the risk-weighted expected cost of the callback, and the tightest
+    # spend breaker of an allowed request's scopes (None when none was checked).
+    cost_per_min: float | None = None
+    expected_cost: float = 0.0
+    currency: str | None = None
+    budget: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The wire dict: the same as ``asdict`` (fresh containers, tuples as lists) at a fraction
@@ -240,6 +255,10 @@ def decision_from_dict(d: dict[str, Any]) -> Decision:
         ip_hash=d["ip_hash"],
         model=d.get("model"),
         monitored_reasons=tuple(d.get("monitored_reasons") or ()),
+        cost_per_min=None if d.get("cost_per_min") is None else float(d["cost_per_min"]),
+        expected_cost=float(d.get("expected_cost") or 0.0),
+        currency=d.get("currency"),
+        budget=d.get("budget"),
     )
 
 

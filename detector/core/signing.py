@@ -194,6 +194,12 @@ def _signature_block(sig: Any) -> tuple[str, float, str, bytes]:
     if (isinstance(signed_at, bool) or not isinstance(signed_at, int | float)
             or not 0 <= signed_at <= MAX_TS):  # NaN fails the comparison
         raise UntrustedEntry("malformed", "sig.signed_at: expected epoch seconds")
+    kid, raw = key_and_signature(kid, b64)
+    return op, float(signed_at), kid, raw
+
+
+def key_and_signature(kid: Any, b64: Any) -> tuple[str, bytes]:
+    """A signature block's key id and its 64 signature bytes (lists and queue states alike)."""
     if not isinstance(kid, str) or len(kid) != 16:
         raise UntrustedEntry("malformed", "sig.kid: expected 16 hex digits")
     if not isinstance(b64, str) or len(b64) > 128:
@@ -204,4 +210,4 @@ def _signature_block(sig: Any) -> tuple[str, float, str, bytes]:
         raise UntrustedEntry("malformed", "sig.sig: expected base64 of 64 bytes") from None
     if len(raw) != 64:
         raise UntrustedEntry("malformed", "sig.sig: expected base64 of 64 bytes")
-    return op, float(signed_at), kid, raw
+    return kid, raw

@@ -35,17 +35,11 @@ if TYPE_CHECKING:
 Store = MutableMapping[str, Any]
 
 
-def short_hash(text: str, key: bytes) -> str:
-    """The one keyed hash of an identifier, :func:`detector.core.pii.hash_id`; distinct sets keep
-    the same 64 bits as an integer (:func:`member`).
-
-    >>> short_hash("203.0.113.9", b"k") == pii_hash("203.0.113.9", b"k")
-    True
-    """
-    return hash_id(text, key)
-
-
-pii_hash = hash_id  # the decision's ip_hash (same function: one keyed hash for every identifier)
+# A distinct-set member of an identifier is its one keyed hash (detector.core.pii.hash_id) as an
+# integer (the same 64 bits), and the decision's ip_hash is that hash: the same functions
+# (memoized), without a wrapper call.
+short_hash = hash_id
+pii_hash = hash_id
 member = hash_int  # a distinct-set member: the keyed hash's 64 bits as an integer
 
 
@@ -200,8 +194,7 @@ def range_stage(
         num = NumberState()
     w.count_add(num.requests, ts)
     w.distinct_add(num.ips, ip_member, ts)
-    pend = num.pending
-    pending = pend is not None and pend.until > ts and pend.request_id != req.request_id
+    pending = is_pending(num.pending, ts, req.request_id)
 
     pkey = pair_key(req.ip, nkey)
     pair = w.count_add(stores.pair.get(pkey), ts)
@@ -223,6 +216,12 @@ def range_stage(
     _, rn24 = w.distinct_read(rng.numbers, ts)
     counts = RangeCounts(n15, n1h, n24, p1h, p24, r1h, r24, ni1h, ni24, ri24, rn24, pending)
     return RangeUpdate(counts, nkey, num)
+
+
+def is_pending(mark: Pending | None, ts: float, request_id: str) -> bool:
+    """Whether a number's outstanding-callback mark (its value's ``pending``) holds at ``ts`` for
+    another request than ``request_id``."""
+    return mark is not None and mark.until > ts and mark.request_id != request_id
 
 
 def range_commit(

@@ -127,11 +127,20 @@ def count_read(value: Window | None, ts: float) -> tuple[int, int, int]:
         return 0, 0, 0
     t = int(ts)
     m, h = t // MINUTE, t // HOUR
-    return (
-        _sum_since(value.minutes, value.minute_counts, m - 14, m),
-        _sum_since(value.minutes, value.minute_counts, m - 59, m),
-        _sum_since(value.hours, value.hour_counts, h - 23, h),
-    )
+    # one backward pass over the (ascending) minute buckets for both 15 min and 1 h
+    c15 = c60 = 0
+    f15, f60 = m - 14, m - 59
+    ids, counts = value.minutes, value.minute_counts
+    for i in range(len(ids) - 1, -1, -1):
+        b = ids[i]
+        if b < f60:
+            break
+        if b <= m:
+            n = counts[i]
+            c60 += n
+            if b >= f15:
+                c15 += n
+    return c15, c60, _sum_since(value.hours, value.hour_counts, h - 23, h)
 
 
 def count_expires_at(value: Window | None) -> float:

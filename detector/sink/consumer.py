@@ -57,6 +57,7 @@ async def run_sink(settings: Settings, *, stop: asyncio.Event | None = None,
         *topics, bootstrap_servers=settings.kafka_bootstrap,
         group_id=group_id or f"{settings.app_id}-sink", enable_auto_commit=False,
         auto_offset_reset="earliest", fetch_max_wait_ms=200,
+        isolation_level="read_committed",  # decisions come in transactions (see the README)
     )
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap)
     await consumer.start()

@@ -67,7 +67,24 @@ def decision_row(d: dict[str, Any], key: bytes, *, store_numbers: bool = False,
         "counts": dict(d.get("counts") or {}),
         "model": d.get("model"),
         "stored_at": time.time() if now is None else now,
+        "cost_per_min": _money(d, "cost_per_min", nullable=True),
+        "expected_cost": _money(d, "expected_cost", nullable=False),
+        "currency": d.get("currency") if isinstance(d.get("currency"), str) else None,
+        "budget": d.get("budget") if isinstance(d.get("budget"), dict) else None,
     }
+
+
+def _money(d: dict[str, Any], name: str, *, nullable: bool) -> float | None:
+    """A money field of a decision: a finite number >= 0 (absent in decisions made before cost at
+    risk existed: None, or 0 for the expected cost)."""
+    import math
+
+    v = d.get(name)
+    if v is None:
+        return None if nullable else 0.0
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
+        raise InvalidField(name, "a number >= 0", v)
+    return float(v)
 
 
 def outcome_row(o: dict[str, Any], key: bytes, *, now: float | None = None) -> dict[str, Any]:

@@ -23,10 +23,10 @@ DECISION_COLUMNS = (
     "request_id", "decided_at", "request_ts", "action", "silent", "risk", "reasons",
     "monitored_reasons", "policy_version", "model_version", "number_hash", "number_masked",
     "number_e164", "number_country", "number_type", "ip_hash", "ip_country", "asn", "enrichment",
-    "counts", "model", "stored_at",
+    "counts", "model", "stored_at", "cost_per_min", "expected_cost", "currency", "budget",
 )  # fmt: skip
 OUTCOME_COLUMNS = ("request_id", "outcome", "ts", "duration_s", "number_hash", "stored_at")
-JSON_COLUMNS = ("enrichment", "counts", "model")
+JSON_COLUMNS = ("enrichment", "counts", "model", "budget")
 
 
 def _upsert(table: str, columns: Sequence[str]) -> str:

@@ -45,6 +45,7 @@ from detector import metrics
 from detector.config import Settings
 from detector.stream import codec, failures, faust_internals, guard, retention
 from detector.stream import population as pop_stream
+from detector.stream.delivery import DirectDecisions, FencedDecisions
 from detector.stream.ingest import ingest_one, outcome_one
 from detector.stream.io import stop_consumer, topic_partitions
 from detector.stream.ip_stage import IpStage
@@ -103,6 +104,8 @@ def make_app(settings: Settings, *, rt: StreamRuntime | None = None, web: bool =
     _topics_and_tables(app, rt, s)
     rt.publish = _publisher(app, rt)
     rt.diagnose = lambda: faust_internals.pending_without_leader(app)
+    if rt.decisions_out is None:
+        rt.decisions_out = decisions_output(app, rt)
     rt.ip = IpStage(rt, rt.state_tables["ip"])
     rt.batcher = RangeStage(rt)
     delivery = rt.delivery = StageDelivery(app, rt)
@@ -115,6 +118,12 @@ def make_app(settings: Settings, *, rt: StreamRuntime | None = None, web: bool =
         rt.update_assignment(app)
         body = health(app, rt)  # 503 when a stage is stalled or the broker unreachable
         return self.json(body, status=200 if body["status"] == "ok" else 503)
+
+    from detector.stream import capacity, precheck
+
+    capacity.install(app, rt, s)  # the dialers' queue states -> rt.ctx.capacity (agent capacity)
+    if web:
+        precheck.install(app, rt)  # GET /v1/precheck, only with DETECTOR_PRECHECK_TOKEN
 
     if prometheus:
         from faust.sensors.prometheus import setup_prometheus_sensors
@@ -141,13 +150,13 @@ def _faust_app(s: Settings, web: bool) -> DetectorApp:
         web_enabled=web,
         web_port=s.web_port,
         web_bind=s.web_bind,  # DETECTOR_WEB_BIND: loopback unless deployed (compose: 0.0.0.0)
-        web_host="127.0.0.1",
+        web_host=s.web_host,  # DETECTOR_WEB_HOST: the URL other workers forward pre-checks to
         **CLOSED_WEB_SETTINGS,
         consumer_auto_offset_reset="earliest",
         producer_linger=s.batch_ms / 2000.0,  # fewer, larger produce requests
         broker_commit_interval=1.0,
         broker_session_timeout=guard.SESSION_TIMEOUT_S,  # a killed worker's partitions move on
-        broker_heartbeat_interval=2.0,
+        broker_heartbeat_interval=guard.HEARTBEAT_INTERVAL_S,
         stream_buffer_maxsize=8192,
         stream_wait_empty=False,
         logging_config=None,
@@ -220,8 +229,15 @@ def _agents(app: DetectorApp, rt: StreamRuntime, delivery: StageDelivery) -> Non
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]
     async def on_revoked(sender: Any, *args: Any, **kwargs: Any) -> None:
         # Before the partitions move on: what was counted goes to the changelogs now, not after
-        # the next owner has started from them.
+        # the next owner has started from them; the pending range batch completes while its
+        # partitions are ours.
         await rt.flush_batches()
+
+    @app.on_before_shutdown.connect  # type: ignore[arg-type]
+    async def on_shutdown(sender: Any, *args: Any, **kwargs: Any) -> None:
+        await rt.decisions_out.stop()
+        if rt.watch.ends is not None:
+            await guard.stop_end_offsets_consumer(rt.watch.ends)
 
     async def raw_input(stream: Any, key: str,
                         handle: Callable[..., Awaitable[None]]) -> None:
@@ -314,7 +330,8 @@ def _timers(app: DetectorApp, rt: StreamRuntime) -> None:
 
     from detector.policy_watch import PolicyWatcher
 
-    policy_watcher = app.policy_watcher = PolicyWatcher(s.policy, rt.ctx)  # type: ignore[attr-defined]
+    policy_watcher = PolicyWatcher(s.policy, rt.ctx, s.rate_deck)  # the rate deck too
+    app.policy_watcher = policy_watcher  # type: ignore[attr-defined]
 
     @app.timer(s.policy_reload_s)
     async def policy_reload() -> None:  # a changed policy file, without a restart
@@ -370,7 +387,21 @@ async def _check_liveness(app: faust.App, rt: StreamRuntime) -> None:
     if producer is not None:
         await rt.probe.probe_once(producer.client, rt.topics["decisions"].get_topic_name())
     rt.update_assignment(app)
-    rt.watch.check(guard.stage_inputs(app, rt, STAGE_INPUTS))
+    await guard.check_stages(app, rt, STAGE_INPUTS)
+
+
+def decisions_output(app: faust.App, rt: StreamRuntime) -> Any:
+    """Fenced decisions (delivery.FencedDecisions) unless DETECTOR_FENCE_DECISIONS=0."""
+    if not rt.settings.fence_decisions:
+        return DirectDecisions(lambda key, value: rt.send("decisions", key, value))
+    return FencedDecisions(
+        rt.settings, rt.topics["decisions"].get_topic_name(),
+        wrap=_guard_decision_producer)
+
+
+def _guard_decision_producer(producer: Any) -> None:
+    faust_internals.check_before_sends(producer, guard.FREEZE.check)
+    faust_internals.retry_coordinator_lookups(producer)
 
 
 def health(app: faust.App, rt: StreamRuntime) -> dict[str, Any]:
@@ -395,6 +426,9 @@ def _static_gauges(rt: StreamRuntime) -> None:
     metrics.POLICY_INFO.info({"version": rt.policy.version,
                               "path": str(rt.settings.policy or "packaged default")})
     metrics.set_known_reasons(rt.policy.reason_codes())
+    metrics.set_spend_countries(rt.policy)
+    if rt.ctx.rates is not None:
+        metrics.set_rate_deck_info(rt.ctx.rates)
     rt.update_list_gauges()
     _model_gauges(rt)
 

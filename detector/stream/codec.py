@@ -128,6 +128,10 @@ def decision_to_wire(d: Decision) -> dict[str, Any]:
             k: list(v) if isinstance(v, list | tuple) else v for k, v in d.model.items()
         },
         "monitored_reasons": list(d.monitored_reasons),
+        "cost_per_min": d.cost_per_min,
+        "expected_cost": d.expected_cost,
+        "currency": d.currency,
+        "budget": None if d.budget is None else dict(d.budget),
     }
 
 

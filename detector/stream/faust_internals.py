@@ -43,7 +43,16 @@ aiokafka producer client   See :func:`track_producer_topics`: aiokafka forgets t
                            ``request_timeout_ms`` (Faust: 1,200 s). This was the range-stage
                            stall of issue 13. No upstream issue found; reproduced in
                            ``tests/integration/test_faults.py``.
-Faust producer            ``Producer._producer`` (the aiokafka producer) for the two items above
+aiokafka producer         :func:`check_before_sends` wraps ``_message_accumulator.drain_by_nodes``
+  _message_accumulator     (what ``Sender._sender_routine`` calls before each produce request)
+                           so a worker frozen past the session timeout exits before it sends
+                           what it queued before the freeze. No public hook runs between a
+                           queued message and its produce request.
+aiokafka Sender.          :func:`retry_coordinator_lookups`: the transactional producers of
+  _find_coordinator        :class:`~detector.stream.delivery.FencedDecisions` would die at the
+                           first broker restart (a connection error during a coordinator lookup
+                           is fatal there); aio-libs/aiokafka#1151 is the same class of bug.
+Faust producer            ``Producer._producer`` (the aiokafka producer) for the items above
                            and the broker probe.
 table.data + changelog     Stages write ``table.data`` and send changelog messages themselves
   format                   (key and value bytes, partition = the event's), so batches and sweeps
@@ -51,6 +60,8 @@ table.data + changelog     Stages write ``table.data`` and send changelog messag
                            those bytes back as they are (a Table with ``key_type=bytes`` and
                            ``value_type=bytes`` has ``raw`` serializers; see
                            :mod:`detector.stream.tables` for the value format).
+Consumer._active_/_paused_ :func:`partition_flow_state`: a stalled partition's state in Faust's
+  /_buffered_partitions    consumer, for the stall report only (nothing depends on it).
 PrometheusMonitor._metrics  :func:`lean_monitor` rebuilds Faust's monitor without its per-event
   / Monitor.stream_        stream sensors (5% of a worker's time), but still stamping
   inbound_time             ``stream_inbound_time[tp]``, which Faust's consumer reads to tell a
@@ -71,6 +82,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from faust.transport.drivers import aiokafka as faust_aiokafka
@@ -258,6 +270,63 @@ async def track_client_topics(client: Any, topics: list[str], timeout: float = 1
         await asyncio.wait_for(asyncio.gather(*futures), timeout)
 
 
+def check_before_sends(producer: Any, check: Callable[[], None]) -> None:
+    """Call ``check`` each time the aiokafka producer's sender is about to take queued batches
+    for produce requests (``MessageAccumulator.drain_by_nodes``, called once per turn of
+    ``Sender._sender_routine``). With :meth:`guard.FreezeWatch.check` it makes a worker that
+    was frozen past the session timeout exit before anything it queued before the freeze
+    reaches Kafka: after SIGCONT the sender may run before any other task of the worker (it
+    was the source of the duplicates after a freeze). Idempotent."""
+    if producer is None:
+        return
+    acc = producer._message_accumulator
+    if getattr(acc, "_detector_checked", False):
+        return
+    drain = acc.drain_by_nodes
+
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        check()
+        return drain(*args, **kwargs)
+
+    acc.drain_by_nodes = checked
+    acc._detector_checked = True
+
+
+COORDINATOR_RETRY_S = 0.5  # pause before the next coordinator lookup while the broker is away
+
+
+def retry_coordinator_lookups(producer: Any) -> None:
+    """Make a transactional aiokafka producer survive a broker restart.
+
+    aiokafka 0.14's ``Sender._find_coordinator`` retries a coordinator lookup only on
+    ``CoordinatorNotAvailable``/``NodeNotReady``/``RequestTimedOut``; any other error, such as
+    the ``KafkaConnectionError`` of a broker closing its connections on a clean stop, escapes
+    the sender routine, which then fails every queued message and leaves the producer dead
+    (measured: the worker exited at the first broker restart). Connection errors are retriable
+    (``KafkaConnectionError.retriable``), so the lookup (``AIOKafkaClient.coordinator_lookup``)
+    reports them as ``NodeNotReadyError`` after a short pause, and the sender retries until the
+    broker is back (the caller's own deadline still applies). Upstream: aio-libs/aiokafka#1151
+    (the same class of hard failure, on the group coordinator) was fixed for that path only."""
+    from aiokafka import errors
+
+    client = producer.client
+    if getattr(client, "_detector_retrying", False):
+        return
+    lookup = client.coordinator_lookup
+
+    async def retrying(coordinator_type: Any, coordinator_key: Any) -> Any:
+        try:
+            return await lookup(coordinator_type, coordinator_key)
+        except errors.KafkaError as exc:
+            if not getattr(exc, "retriable", False) or isinstance(exc, errors.NodeNotReadyError):
+                raise
+            await asyncio.sleep(COORDINATOR_RETRY_S)
+            raise errors.NodeNotReadyError(f"coordinator lookup: {type(exc).__name__}") from exc
+
+    client.coordinator_lookup = retrying
+    client._detector_retrying = True
+
+
 def pending_without_leader(app: Any) -> list[str]:
     """Topic-partitions with queued batches whose leader the producer does not know (for the
     stall report; empty when unknown)."""
@@ -269,6 +338,28 @@ def pending_without_leader(app: Any) -> list[str]:
                       if batches and cluster.leader_for_partition(tp) in (None, -1))
     except Exception:  # diagnostics only
         return []
+
+
+def partition_flow_state(app: Any, tp: Any) -> str:
+    """What Faust's consumer does with one assigned partition, for a stall report (diagnostics
+    only: ``Consumer._active_partitions`` are fetched, ``_paused_partitions`` were paused by a
+    rebalance or recovery, ``_buffered_partitions`` left the fetch set when their stream's buffer
+    filled and come back when it drains)."""
+    try:
+        consumer = app.consumer
+        if tp not in consumer.assignment():
+            return "not assigned"
+        states = []
+        if tp in consumer._paused_partitions:
+            states.append("paused")
+        if tp in consumer._buffered_partitions:
+            states.append("buffer full")
+        active = consumer._active_partitions
+        states.append("fetched" if active is None or tp in active else "not fetched")
+        hw = consumer.highwater(tp)
+        return ", ".join(states) + f", high watermark seen {hw}"
+    except Exception as exc:  # diagnostics only
+        return f"unknown ({type(exc).__name__})"
 
 
 # --------------------------------------------------------------------------- the rest
@@ -335,4 +426,20 @@ def dump_tasks(file: Any) -> None:
         for line in traceback.format_list(
                 [(f.f_code.co_filename, f.f_lineno, f.f_code.co_name, None) for f in frames]):
             print(line.rstrip(), file=file)
+        for line in traceback.format_list(_awaited_frames(task.get_coro())):
+            print("  awaiting" + line.rstrip()[1:], file=file)
     file.flush()
+
+
+def _awaited_frames(coro: Any, limit: int = 40) -> list[tuple[str, int, str, None]]:
+    """The chain of coroutines a task's coroutine is awaiting (``cr_await``), innermost last:
+    ``Task.get_stack`` shows only the outermost frame, which says nothing about where a task
+    waits (e.g. an agent awaiting its handler awaiting a Kafka delivery)."""
+    out: list[tuple[str, int, str, None]] = []
+    current = getattr(coro, "cr_await", None)
+    while current is not None and len(out) < limit:
+        frame = getattr(current, "cr_frame", None) or getattr(current, "gi_frame", None)
+        if frame is not None:
+            out.append((frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name, None))
+        current = getattr(current, "cr_await", None) or getattr(current, "gi_yieldfrom", None)
+    return out

@@ -56,6 +56,8 @@ async def topic_partitions(consumer: Any, topic: str, timeout: float = 10.0) -> 
 
 def topic_specs(settings: Settings) -> dict[str, tuple[int, dict[str, str]]]:
     """Every topic the detector uses: name -> (partitions, config)."""
+    from detector.stream.capacity import queue_state_topic
+
     s = settings
     n = s.partitions
     return {
@@ -66,6 +68,7 @@ def topic_specs(settings: Settings) -> dict[str, tuple[int, dict[str, str]]]:
         s.topic_lists: (1, retention.lists_config(s)),
         f"{s.app_id}-by-ip": (n, retention.internal_config(s)),
         f"{s.app_id}-by-range": (n, retention.internal_config(s)),
+        queue_state_topic(s): (1, retention.queue_state_config(s)),  # the dialers' queue states
         # Faust creates these too; created here, they exist with their retention before it
         # starts (and an operator can create every topic with admin rights, the workers without).
         **{retention.changelog_topic(s, t): (n, retention.changelog_config(s))
@@ -172,9 +175,11 @@ def produce(settings: Settings, jsonl_path: Path | str, rate: float | None = Non
 
 async def _read_topic(settings: Settings, topic: str, *, follow: bool, from_beginning: bool,
                       idle_s: float = 1.0) -> AsyncIterator[Any]:
-    """Yield aiokafka records of every partition of ``topic`` (no consumer group)."""
+    """Yield aiokafka records of every partition of ``topic`` (no consumer group). Committed
+    records only: decisions are written in transactions (an aborted one is never a decision)."""
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None,
                                 enable_auto_commit=False, fetch_max_wait_ms=100,
+                                isolation_level="read_committed",
                                 auto_offset_reset="earliest" if from_beginning else "latest",
                                 **client_kwargs(settings))
     await start_client(consumer, settings, f"read {topic}")

@@ -21,10 +21,17 @@ once with four rules, each kept by one piece of this module:
    decision under its request id, waits until Kafka has acknowledged the stored copies and the
    counts, then sends the decisions, then acks its input. A request that arrives again (same or
    new message) gets its stored decision: never a second, different one.
-4. **Sent once** (:class:`DecisionStore` ``sent``). A stored decision is re-sent only if this
-   worker has not sent it and it is not on ``callback-decisions`` already: at each assignment
-   the worker reads the request ids of the last :data:`SENT_LOOKBACK_S` of that topic
+4. **Sent once** (:class:`DecisionStore` ``sent``). A decision is sent only if this worker has
+   not sent it and it is not on ``callback-decisions`` already: at each assignment the worker
+   first fences the previous owners of its new ``by-range`` partitions (rule 5), then reads the
+   request ids of the last :data:`SENT_LOOKBACK_S` of that topic, committed records only
    (:meth:`DecisionStore.load_sent`), since the previous owner may have crashed after sending.
+   A worker that cannot read them exits (:func:`load_sent_or_exit`) rather than re-send.
+5. **Fenced** (:class:`~detector.stream.delivery.FencedDecisions`). Each batch's decisions go
+   out in one Kafka transaction per ``by-range`` partition, by that partition's own
+   transactional producer, so a worker frozen past the session timeout cannot publish what its
+   successor re-sends: the successor's producer fences it before the successor loads the sent
+   ids. Events of partitions revoked meanwhile are left unsent and unacked to their new owner.
 
 Acks (all stages): an event is acked only after everything it caused is handed to the producer
 (range stage: after its decision is sent), and Faust's commit flushes the producer before it
@@ -40,7 +47,7 @@ from collections.abc import Callable
 from typing import Any
 
 from detector import metrics
-from detector.stream import guard
+from detector.stream import faust_internals, guard
 from detector.stream.delivery import Admit, OffsetGate, start_offsets
 from detector.stream.io import stop_consumer, topic_partitions
 from detector.stream.kafka_security import client_kwargs
@@ -136,14 +143,15 @@ class DecisionStore:
 
     async def load_sent(self, settings: Any, lookback_s: float = SENT_LOOKBACK_S) -> int:
         """Mark as sent the request ids of the decisions on ``callback-decisions`` of the last
-        ``lookback_s`` (message keys only, nothing parsed), so a redelivered request whose
-        decision is already out is not sent again."""
+        ``lookback_s`` (committed records, message keys only, nothing parsed), so a redelivered
+        request whose decision is already out is not sent again. Raises when it cannot read
+        them (see :func:`load_sent_or_exit`)."""
         from aiokafka import AIOKafkaConsumer, TopicPartition
 
         s = settings
         consumer = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, group_id=None,
                                     enable_auto_commit=False, fetch_max_wait_ms=50,
-                                    **client_kwargs(s))
+                                    isolation_level="read_committed", **client_kwargs(s))
         n = 0
         t0 = time.monotonic()
         try:
@@ -169,11 +177,23 @@ class DecisionStore:
                                 self.mark_sent(rec.key.decode("utf-8", "replace"), now)
                                 n += 1
             log.info("decisions: %d recent request ids loaded in %.2f s", n, time.monotonic() - t0)
-        except Exception as exc:
-            log.warning("decisions: could not load recent ids (%r); may re-send some", exc)
         finally:
             await stop_consumer(consumer)
         return n
+
+    async def load_sent_or_exit(self, settings: Any, attempts: int = 3) -> int:
+        """:meth:`load_sent`, bounded and retried; a worker that cannot read the ids already
+        decided exits (a restart tries again) rather than re-send decisions the dialer has."""
+        for attempt in range(1, attempts + 1):
+            try:
+                return await asyncio.wait_for(self.load_sent(settings),
+                                              guard.PREPARE_TIMEOUT_S + 5.0)
+            except Exception as exc:
+                log.warning("decisions: could not load the recent request ids (attempt %d of %d: "
+                            "%s)", attempt, attempts, type(exc).__name__)
+                await asyncio.sleep(1.0)
+        guard.crash("decisions: could not read the request ids already decided")
+        return 0
 
     def sweep(self, keys: list[bytes] | None, now: float, owned: set[int]) -> list[Write]:
         """Drop decisions past their TTL (tombstones) and those of partitions not owned, and
@@ -202,20 +222,28 @@ class StageDelivery:
         self.lock = asyncio.Lock()
 
     async def prepare(self, generation: int) -> None:
-        """Before processing in a new generation: lists caught up, pending batches flushed, each
-        stage's gate set to the group's committed offsets, recent decision ids loaded."""
+        """Before processing in a new generation: lists caught up, decisions producers of revoked
+        partitions stopped, pending batches flushed, previous owners of new partitions fenced,
+        each stage's gate set to the group's committed offsets, recent decision ids loaded."""
         app, rt, s = self.app, self.rt, self.rt.settings
         async with self.lock:
             if rt.generation == generation:
                 return
+            # A worker frozen past the session timeout exits before its sender sends anything
+            # queued before the freeze (guard.FreezeWatch).
+            faust_internals.check_before_sends(faust_internals.aiokafka_producer(app),
+                                               guard.FREEZE.check)
             if not rt.lists_ready.is_set():
                 try:
                     await asyncio.wait_for(rt.lists_ready.wait(), timeout=30.0)
                 except TimeoutError:
                     log.warning("lists: not caught up after 30 s; deciding without them")
                     rt.lists_ready.set()
-            await rt.flush_batches()
             rt.update_assignment(app)
+            owned = rt.active.get("by_range", set())
+            await rt.decisions_out.release(owned)  # revoked: left unsent and unacked ...
+            await rt.flush_batches()  # ... the rest of the last batches completes
+            await rt.decisions_out.assign(owned)  # fences the previous owners of new partitions
             gates = self.gates
             n_req = app.consumer.topic_partitions(gates["requests"].topic)
             n_ip = app.consumer.topic_partitions(gates["by_ip"].topic)
@@ -234,8 +262,9 @@ class StageDelivery:
                 for gate in gates.values():
                     gate.reset(starts.get(gate.topic, {}))
             # Partitions may come with uncommitted offsets whose decisions are already on the
-            # topic (the previous owner crashed after sending them).
-            await rt.decisions.load_sent(s)
+            # topic (the previous owner crashed after sending them). Read after the fence above:
+            # a previous owner can commit no decision any more that this does not see.
+            await rt.decisions.load_sent_or_exit(s)
             rt.generation = generation
 
     async def admitted(self, event: Any, key: str) -> bool:

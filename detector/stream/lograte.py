@@ -1,8 +1,9 @@
 """A bound on log volume: during a broker outage aiokafka and Faust log the same few lines
 hundreds of times a second (measured: ~1,500 lines/s). :class:`RateLimitFilter` lets through at
-most ``per_key`` lines per (logger, level, message template) and ``total`` lines overall per
-``window`` seconds; the first line let through after a suppression says how many were dropped.
-CRITICAL lines always pass.
+most ``per_key`` lines per (logger, level, message template) and ``total`` lines of the libraries
+per ``window`` seconds (the detector's own lines count per template only, so a burst of Faust's
+start-up lines does not hide them); the first line let through after a suppression says how
+many were dropped. CRITICAL lines always pass.
 
 >>> f = RateLimitFilter(per_key=2, total=100, window=10.0, clock=lambda: 0.0)
 >>> rec = lambda: logging.LogRecord("aiokafka", logging.ERROR, "", 0, "Unable connect to %s", ("node",), None)
@@ -48,11 +49,14 @@ class RateLimitFilter(logging.Filter):
         n = self._counts.get(key, 0) + 1
         if len(self._counts) < MAX_KEYS or key in self._counts:
             self._counts[key] = n
-        if n > self.per_key or self._passed >= self.total:
+        own = record.name.startswith("detector")  # few templates, each capped per key: only
+        #                                          the libraries' floods count against the total
+        if n > self.per_key or (self._passed >= self.total and not own):
             self._dropped += 1
             _count_suppressed()
             return False
-        self._passed += 1
+        if not own:
+            self._passed += 1
         if self._dropped_before:
             record.msg = f"{msg} [{self._dropped_before} similar log lines suppressed before this]"
             self._dropped_before = 0

@@ -30,7 +30,7 @@ import uuid
 from typing import Any
 
 from detector import metrics
-from detector.core import population
+from detector.core import population, spend
 from detector.core.population import PopulationView
 from detector.stream import codec
 
@@ -139,3 +139,37 @@ def update_population_gauges(rt: Any) -> None:
     for (scope, country), (factor, on) in surging.items():
         metrics.UNDER_ATTACK.labels(scope, country).set(1 if on else 0)
         metrics.SURGE_FACTOR.labels(scope, country).set(factor)
+    update_spend_gauges(rt, now)
+
+
+_OPEN_BREAKERS: dict[str, str] = {}  # spend scope key -> last log line (this worker's view)
+_SPEND_LABELS: set[tuple[str, str]] = set()
+
+
+def update_spend_gauges(rt: Any, now: float) -> None:
+    """Spend breakers per (scope kind, country label): how many are open, the tightest ratio;
+    and one log line when a breaker opens or closes (scope names come from the policy and the
+    rate deck, never from a request: a country code or a tariff prefix)."""
+    pol = rt.policy
+    states = spend.breakers(rt.population, now, pol.spend, pol.population.campaigns, rt.ctx.lists)
+    opened: dict[tuple[str, str], int] = {}
+    ratio: dict[tuple[str, str], float] = {}
+    currency = pol.spend.currency
+    seen_open = set()
+    for st in states:
+        label = (st.kind, metrics.spend_country(spend.scope_region(st.key)))
+        opened[label] = opened.get(label, 0) + (1 if st.open else 0)
+        ratio[label] = max(ratio.get(label, 0.0), st.ratio)
+        if st.open:
+            seen_open.add(st.key)
+            if st.key not in _OPEN_BREAKERS:
+                _OPEN_BREAKERS[st.key] = st.scope
+                log.warning("spend breaker OPEN: %s %s: %.2f %s in the last hour (budget %.2f), %.2f in "
+                            "24 h (budget %.2f), budget source %s", st.kind, st.scope, st.spend_1h,
+                            currency, st.limit_1h, st.spend_24h, st.limit_24h, st.source)
+    for key in [k for k in _OPEN_BREAKERS if k not in seen_open]:
+        log.warning("spend breaker closed: %s", _OPEN_BREAKERS.pop(key))
+    for label in _SPEND_LABELS | set(opened):
+        metrics.SPEND_BREAKERS_OPEN.labels(*label).set(opened.get(label, 0))
+        metrics.SPEND_BUDGET_RATIO.labels(*label).set(round(ratio.get(label, 0.0), 4))
+    _SPEND_LABELS.update(opened)

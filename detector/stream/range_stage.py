@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from detector import metrics
-from detector.core import state
+from detector.core import spend, state
 from detector.core.decide import decide_many
 from detector.core.lists import ListEntry
 from detector.core.phone import enrich_phone, routing_key
@@ -56,6 +56,7 @@ class RangeResult:
     entry: ListEntry | None = None
     raw: bytes | None = None  # the decision serialized
     dead_letter: dict[str, Any] | None = None  # an internal error: no decision, a dead letter
+    partition: int = -1  # the by-range partition of the event (its decisions' fencing unit)
 
 
 @dataclass(slots=True)
@@ -132,8 +133,8 @@ def _uncount(c: Any, number: bool, pair: bool, rng: bool) -> Any:
 
 
 def decide_pending(rt: Any, undecided: list[Undecided]) -> None:
-    """Decide the counted requests with one model call, then commit each (the outstanding-
-    callback mark) and store its decision, in arrival order."""
+    """Decide the counted requests with one model call, then settle each one's spend breakers,
+    commit it (the outstanding-callback mark) and store its decision, in arrival order."""
     if not undecided:
         return
     decisions = decide_many([(u.req, u.enr, u.counts) for u in undecided], rt.context(),
@@ -141,6 +142,7 @@ def decide_pending(rt: Any, undecided: list[Undecided]) -> None:
     store = rt.decisions
     ttl = rt.policy.pending_ttl
     for u, decision in zip(undecided, decisions, strict=True):
+        decision = spend.settle(decision, u.req, u.enr, rt.ctx, rt.population)  # spend breakers
         state.range_commit(u.stores, u.update, u.req, allowed=decision.action == Action.ALLOW,
                            pending_ttl=ttl)
         d = codec.decision_to_wire(decision)
@@ -186,7 +188,7 @@ class RangeStage:
     def __init__(self, rt: Any) -> None:
         self.rt = rt
         self.results: list[RangeResult] = []
-        self.acks: list[Callable[[], Any]] = []
+        self.acks: list[tuple[int, Callable[[], Any]]] = []  # (by-range partition, ack)
         self.undecided: list[Undecided] = []
         self.pending_keys: set[str] = set()  # number keys and request ids of ``undecided``
         self.lock = asyncio.Lock()
@@ -229,14 +231,17 @@ class RangeStage:
             if self.depends(env):
                 self.decide()
             n = len(self.undecided)
-            self.results.append(range_one(self.rt, env, partition=partition, offset=offset,
-                                          undecided=self.undecided))
+            result = range_one(self.rt, env, partition=partition, offset=offset,
+                               undecided=self.undecided)
+            result.partition = partition
+            self.results.append(result)
             if len(self.undecided) > n:
                 u = self.undecided[-1]
                 self.pending_keys.update((u.update.number_key, u.req.request_id))
         except Exception as exc:  # a bug must not stop the worker nor drop the request
-            self.results.append(RangeResult(dead_letter=self._failed(exc, value, partition, offset)))
-        self.acks.append(ack)
+            self.results.append(RangeResult(dead_letter=self._failed(exc, value, partition, offset),
+                                            partition=partition))
+        self.acks.append((partition, ack))
         metrics.child(metrics.STAGE_SECONDS, "range").observe(time.perf_counter() - t0)
 
     def _failed(self, exc: Exception, request: Any, partition: int, offset: int) -> dict[str, Any]:
@@ -266,7 +271,7 @@ class RangeStage:
             guard.crash(f"range: a batch could not be completed ({failures.describe(exc)})")
             raise
 
-    def _take(self) -> tuple[list[Any], list[RangeResult], list[Callable[[], Any]]]:
+    def _take(self) -> tuple[list[Any], list[RangeResult], list[tuple[int, Callable[[], Any]]]]:
         """Decide and pack the batch, synchronously: events processed while the flush waits on
         Kafka belong to the next batch."""
         t0 = time.perf_counter()
@@ -286,6 +291,13 @@ class RangeStage:
                 return 0
             writes, results, acks = self._take()
             rt = self.rt
+            # Only partitions still owned: the others' events go to their new owner unacked.
+            owns = rt.decisions_out.owns
+            lost = sorted({p for p, _ in acks if not owns(p)})
+            if lost:
+                log.info("range: %d events of partitions %s left to their new owner",
+                         sum(1 for p, _ in acks if not owns(p)), lost)
+                writes = [w for w in writes if owns(w.partition)]
             futs = await rt.send_all(rt.changelog(writes))
             if futs:  # state and stored decisions durable before any send (bounded, loud wait)
                 await guard.wait_delivered(futs, stage="range", what="changelog writes",
@@ -294,9 +306,11 @@ class RangeStage:
             sent = 0
             now = time.time()
             store = rt.decisions
-            out: list[Any] = []  # the decisions, sent together
-            decisions = rt.topics["decisions"]
+            batch: dict[int, list[tuple[bytes, bytes]]] = {}  # by-range partition -> decisions
+            observe: list[tuple[dict[str, Any], float | None]] = []
             for res in results:
+                if not owns(res.partition):
+                    continue
                 if res.dead_letter is not None:
                     key = res.dead_letter["key_b64"]
                     await failures.send_dead_letter(
@@ -309,17 +323,24 @@ class RangeStage:
                 if d is None:
                     continue
                 rid = d["request_id"]
-                if res.resend and store.was_sent(rid):
-                    continue  # already on the decisions topic
-                out.append((decisions, rid.encode("utf-8"),
-                            res.raw if res.raw is not None else codec.dumps(d), None))
+                if store.was_sent(rid):
+                    if not res.resend:  # decided anew: its state had not counted it before
+                        log.warning("range: request %s decided again, its decision is already "
+                                    "on the topic; not sent", rid)
+                    continue  # already on the decisions topic (a re-send, or sent by a zombie
+                    #           before this worker fenced it: see DecisionStore.load_sent)
+                batch.setdefault(res.partition, []).append(
+                    (rid.encode("utf-8"), res.raw if res.raw is not None else codec.dumps(d)))
                 store.mark_sent(rid, now)
                 sent += 1
                 if not res.resend:
-                    metrics.observe_decision(d, None if res.kts is None else now - float(res.kts))
-            if out:
-                await rt.send_all(out)
-            for ack in acks:
-                ack()
+                    observe.append((d, res.kts))
+            await rt.decisions_out.send(batch)  # one transaction per partition when fenced
+            now = time.time()
+            for d, kts in observe:
+                metrics.observe_decision(d, None if kts is None else now - float(kts))
+            for p, ack in acks:
+                if owns(p):
+                    ack()
             rt.watch.progress("range")
             return sent

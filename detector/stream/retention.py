@@ -49,6 +49,12 @@ def internal_config(s: Settings) -> dict[str, str]:
     return delete_config(s.retention_internal)
 
 
+def queue_state_config(s: Settings) -> dict[str, str]:
+    """<app>-queue-state (the dialers' queue states; no PII): the internal topics' retention.
+    Workers read back 15 minutes at start, so the retention only bounds the disk."""
+    return delete_config(s.retention_internal)
+
+
 def decisions_config(s: Settings) -> dict[str, str]:
     return delete_config(s.retention_decisions)
 

@@ -61,6 +61,10 @@ class StreamRuntime:
     watch: guard.StageWatch = field(default_factory=guard.StageWatch)  # progress per stage
     probe: guard.BrokerProbe = field(default_factory=guard.BrokerProbe)  # broker reachable?
     diagnose: Callable[[], list[str]] | None = None  # why Kafka deliveries wait (for the log)
+    capacity: Any = None  # the queue-state reader's state (stream/capacity.py)
+    # How decisions reach the decisions topic: FencedDecisions (one transactional producer per
+    # owned by-range partition) or DirectDecisions; set by make_app (delivery.py).
+    decisions_out: Any = None
 
     @property
     def policy(self) -> Policy:

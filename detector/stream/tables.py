@@ -132,6 +132,22 @@ class StateTable:
         self.cache[key] = e
         return e
 
+    def peek(self, key: str) -> Any:
+        """The core value of ``key`` to read outside a batch (the pre-check): the current
+        batch's if it holds the key, else unpacked from the store without caching it; None when
+        absent or in an unknown format. Never to be changed: writes go through :meth:`view`."""
+        e = self.cache.get(key)
+        if e is not None:
+            return e.value
+        raw = self.table.data.get(key.encode("utf-8", "surrogatepass"))
+        if raw is None:
+            return None
+        try:
+            _, _, pos = unpack_value(raw)
+            return self._unpack(raw, pos)
+        except (ValueError, struct.error, IndexError):
+            return None
+
     def copy_of(self, value: Any) -> Any:
         """A private copy of a core value (what a redelivered event may change and drop)."""
         return self._unpack(self._pack(value), 0)

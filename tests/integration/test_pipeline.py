@@ -191,10 +191,13 @@ def write_jsonl(path: Path, rows: list[dict[str, Any] | bytes]) -> Path:
 
 
 async def _read_all(settings: Settings, topic: str, until: Any, timeout: float,
-                    linger: float = 1.0, idle_stop: float | None = None) -> list[Any]:
-    """Records of ``topic`` from the beginning until ``until(records)`` holds (then ``linger`` s)."""
+                    linger: float = 1.0, idle_stop: float | None = None,
+                    isolation_level: str = "read_committed") -> list[Any]:
+    """Records of ``topic`` from the beginning until ``until(records)`` holds (then ``linger`` s).
+    Committed records only by default, as the dialer reads decisions (see the README)."""
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None,
-                                enable_auto_commit=False, fetch_max_wait_ms=100)
+                                enable_auto_commit=False, fetch_max_wait_ms=100,
+                                isolation_level=isolation_level)
     await consumer.start()
     try:
         parts = await topic_partitions(consumer, topic)

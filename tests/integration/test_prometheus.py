@@ -242,6 +242,7 @@ class Traffic:
     outcomes: list[dict[str, Any]]
     list_updates: list[tuple[str, dict[str, Any] | None]]  # key, value (None = tombstone)
     topics: dict[str, str] = field(default_factory=dict)
+    queue_states: list[tuple[bytes, bytes]] = field(default_factory=list)  # the dialer's
 
 
 def make_traffic(now: float, soc: Any = None) -> Traffic:
@@ -290,6 +291,8 @@ async def produce(bootstrap: str, traffic: Traffic) -> None:
         for key, value in traffic.list_updates:
             await producer.send(t["lists"], None if value is None else json.dumps(value).encode(),
                                 key=key.encode())
+        for key, value in traffic.queue_states:
+            await producer.send(t["queue_state"], value, key=key)
         await producer.flush()
         step = max(1, len(traffic.requests) // len(traffic.malformed))
         for i, req in enumerate(traffic.requests):
@@ -306,6 +309,34 @@ async def produce(bootstrap: str, traffic: Traffic) -> None:
         await producer.flush()
     finally:
         await producer.stop()
+
+
+PRECHECK_TOKEN = "prom-it-" + uuid.uuid4().hex + uuid.uuid4().hex
+
+
+def queue_states(dialer_key: Any) -> list[tuple[bytes, bytes]]:
+    """The dialer's signed queue states (over capacity, then drained) and one unsigned (refused)."""
+    from detector.core.capacity import QueueState, QueueStateSigner
+
+    signer, now = QueueStateSigner(dialer_key), time.time()
+    states = [QueueState("dialer-1", now + i, waiting, 5, 240.0)
+              for i, waiting in enumerate((30, 12, 2))]
+    out = [(b"dialer-1", json.dumps(signer.sign(s)).encode()) for s in states]
+    forged = QueueState("dialer-1", now + 10, 0, 50, 60.0)
+    return [*out, (b"dialer-1", json.dumps(forged.to_dict()).encode())]
+
+
+def prechecks(stack: Stack) -> None:
+    """A few GET /v1/precheck calls (answered, refused without the token, a bad parameter)."""
+    url = f"http://127.0.0.1:{stack.worker_port}/v1/precheck"
+    ips = {r["ip"] for r in stack.traffic.requests[-50:]}
+    for ip in sorted(ips):
+        request = urllib.request.Request(f"{url}?ip={ip}",
+                                         headers={"Authorization": f"Bearer {PRECHECK_TOKEN}"})
+        with urllib.request.urlopen(request, timeout=5) as resp:  # noqa: S310 - loopback only
+            assert resp.status == 200
+    assert http_get(f"{url}?ip=203.0.113.7")[0] == 401
+    time.sleep(3)  # scraped
 
 
 def train_models(workdir: Path, ip_settings: dict[str, Path]) -> Path:
@@ -405,6 +436,7 @@ def stack(kafka_bootstrap: str) -> Iterator[Stack]:
 
     generate(workdir / "keys", "soc")
     generate(workdir / "keys", "worker")
+    generate(workdir / "keys", "dialer")
     soc = Signer(load_private(workdir / "keys" / "soc.key", "soc"))
     lists_file = workdir / "lists.jsonl"
     lists_file.write_text(
@@ -437,16 +469,20 @@ def stack(kafka_bootstrap: str) -> Iterator[Stack]:
         "DETECTOR_DEV_MODE": "1",
         "DETECTOR_SOC_PUBLIC_KEYS": str(workdir / "keys" / "soc.pub"),
         "DETECTOR_WORKER_PRIVATE_KEY": str(workdir / "keys" / "worker.key"),
+        "DETECTOR_DIALER_PUBLIC_KEYS": str(workdir / "keys" / "dialer.pub"),
+        "DETECTOR_PRECHECK_TOKEN": PRECHECK_TOKEN,
     })
     worker, worker_log = start_worker(workdir, env, port)
     prom = None
     try:
         prom = start_prometheus(workdir, port)
         traffic = make_traffic(time.time(), soc=soc)
-        traffic.topics = topics
+        traffic.topics = {**topics, "queue_state": f"{prefix}-app-queue-state"}
+        traffic.queue_states = queue_states(load_private(workdir / "keys" / "dialer.key", "dialer"))
         the_stack = Stack(prom, worker, worker_log, port, traffic)
         asyncio.run(produce(kafka_bootstrap, traffic))
         wait_until_processed(the_stack)
+        prechecks(the_stack)
         yield the_stack
     finally:
         if prom is not None:

@@ -316,7 +316,8 @@ def test_worker_serves_only_metrics_and_healthz(secure_worker: tuple[Worker, dic
     # Faust's default views: table contents, router, statistics, assignment, graph, performance.
     for path in ("/table/", "/table/seen/", "/table/seen/s1/", "/table/pair/", "/router/",
                  "/router/seen/s1/", "/", "/assignment/", "/graph/", "/performance/",
-                 "/stats/", "/signal/"):
+                 "/stats/", "/signal/",
+                 "/v1/precheck", "/v1/precheck?ip=81.2.69.160"):  # no DETECTOR_PRECHECK_TOKEN: no route
         status, body = w.get(path)
         assert status == 404, f"{path} is served ({status}): {body[:200]}"
     # Bound to loopback by default (DETECTOR_WEB_BIND): not reachable on another local address.

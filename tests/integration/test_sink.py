@@ -94,6 +94,9 @@ def test_sink_kafka_to_database(kafka_bootstrap, fresh_topic_prefix, sink_db, tm
     create_topics(kafka_bootstrap, {s.topic_decisions: 4, s.topic_outcomes: 4, s.topic_dead_letter: 4})
     reqs, decisions = _decisions()
     allowed = [d for d in decisions if d["action"] == "allow"]
+    # A decision near its spend budget names the breaker (JSON column); far from it, null.
+    allowed[7]["budget"] = {"scope": "+447", "kind": "prefix", "spend_1h": 61.5, "limit_1h": 100.0,
+                            "spend_24h": 80.25, "limit_24h": 600.0, "open": False, "source": "default"}
     outcomes = [{"request_id": d["request_id"], "phone_number": d["enrichment"]["e164"],
                  "outcome": "completed", "ts": d["request_ts"] + 120, "duration_s": 95.0} for d in allowed[:50]]
     msgs = [(d["request_id"].encode(), json.dumps(d).encode()) for d in decisions]
@@ -139,6 +142,20 @@ def test_sink_kafka_to_database(kafka_bootstrap, fresh_topic_prefix, sink_db, tm
         o = store.get(outcomes[0]["request_id"])
         assert o["outcome"] == "completed" and o["outcome_duration_s"] == 95.0
 
+        # Cost at risk (migration 0002): the money columns round-trip and add up in SQL.
+        priced = allowed[7]
+        assert priced["cost_per_min"] is not None
+        prow = store.get(priced["request_id"])
+        assert (prow["cost_per_min"], prow["currency"], prow["budget"]) == (
+            priced["cost_per_min"], "EUR", priced["budget"])
+        assert prow["expected_cost"] == pytest.approx(priced["expected_cost"])
+        money = {r["action"]: r["money"] for r in store._rows(
+            "SELECT action, sum(expected_cost) AS money FROM decision_log GROUP BY action")}
+        for action in ("allow", "block"):
+            assert money[action] == pytest.approx(sum(d["expected_cost"] for d in decisions
+                                                      if d["action"] == action)), action
+        assert money["block"] > money["allow"] > 0  # the simulated day's attacks cost more
+
         if sink_db.startswith("postgresql"):  # the Grafana table panel's SQL on the real database
             from tests.unit.test_observability_files import sql_panels
 
@@ -165,3 +182,36 @@ async def _sink_once(settings, store, expected: int):
     stats = await asyncio.wait_for(task, 30)
     assert stats.decisions >= expected  # it re-wrote every decision...
     return stats
+
+
+def test_a_version_1_postgresql_log_is_migrated_to_cost_at_risk(postgres_url):
+    """A decision log created before cost at risk (migration 0001 only, with rows) gets the money
+    columns and a decision_log view that shows them; its old rows read as NULL / 0."""
+    import uuid
+
+    import psycopg
+
+    name = f"mig_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    url = postgres_url.rsplit("/", 1)[0] + "/" + name
+    try:
+        first = Path(__file__).parents[2] / "detector/sink/migrations/postgresql/0001_decision_log.sql"
+        with psycopg.connect(url) as conn:
+            conn.execute(first.read_text())
+            conn.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, "
+                         "applied_at REAL NOT NULL)")
+            conn.execute("INSERT INTO schema_migrations VALUES (1, '0001_decision_log.sql', 0)")
+            conn.execute("INSERT INTO decisions (request_id, decided_at, request_ts, action, silent, risk, "
+                         "reasons, monitored_reasons, policy_version, number_masked, ip_hash, enrichment, "
+                         "counts, stored_at) VALUES ('old', 1, 1, 'block', true, 1, 'denied_prefix', '', "
+                         "'v1', '(no number)', 'h', '{}', '{}', 1)")
+        with open_store(url) as store:
+            old = store.get("old")
+            assert (old["cost_per_min"], old["expected_cost"], old["currency"], old["budget"]) == (None, 0, None, None)
+            assert old["outcome"] is None and old["reasons"] == "denied_prefix"
+            applied = store._rows("SELECT name FROM schema_migrations ORDER BY version")
+            assert [r["name"] for r in applied] == ["0001_decision_log.sql", "0002_cost_at_risk.sql"]
+    finally:
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")

@@ -135,6 +135,7 @@ class Harness:
 def make_harness(policy_ctx: Any = None, **overrides: Any) -> Harness:
     # T0 is a fixed day in the past: no past-skew check by default (tests/stream/test_input.py).
     overrides.setdefault("max_past_skew_s", 0.0)
+    overrides.setdefault("fence_decisions", False)  # no broker: decisions through rt.publish
     settings = load_settings(env={}, app_id=f"t-{uuid.uuid4().hex[:8]}", partitions=PARTITIONS,
                              **overrides)
     ctx = policy_ctx or build_context(settings)
@@ -652,3 +653,36 @@ async def test_a_request_counted_but_not_decided_before_a_crash_is_not_counted_t
     assert result.decision is not None
     assert result.decision["counts"] == first["counts"]
     assert first["counts"]["pair_24h"] == first["counts"]["number_24h"] == 3
+
+
+async def test_a_batch_leaves_the_events_of_partitions_it_no_longer_owns_to_their_new_owner() -> None:
+    """After a rebalance the rest of a batch completes only for partitions still owned: the
+    others' events are neither decided on the wire, nor written to a changelog, nor acked (their
+    new owner processes them; with fencing it could not commit them anyway)."""
+    from detector.stream.delivery import DirectDecisions
+
+    class Partly(DirectDecisions):
+        def owns(self, partition: int) -> bool:
+            return partition != 1
+
+    async with running(make_harness()) as h:
+        msgs = []
+        for rid, phone in (("kept", "+442079460018"), ("moved", "+442079460555")):
+            n_ip, n = len(h.sent[h.topic("by_ip")]), len(h.sent[h.topic("by_range")])
+            await h.put("ingest", None, request(rid, T0, phone=phone), 0)
+            await h.wait(lambda n_ip=n_ip: len(h.sent[h.topic("by_ip")]) > n_ip)
+            await h.through("by_ip", "ip", n_ip)
+            await h.wait(lambda n=n: len(h.sent[h.topic("by_range")]) > n)
+            msgs.append(h.sent[h.topic("by_range")][-1])
+        h.rt.decisions_out = Partly(lambda k, v: h.rt.send("decisions", k, v))
+        n_dec, n_seen = len(h.sent[h.topic("decisions")]), len(h.changelog("seen"))
+        acked: list[str] = []
+        batcher = h.rt.batcher
+        async with batcher.lock:  # keep the harness's flusher out until both are in the batch
+            batcher.add(msgs[0].value, 0, 10, lambda: acked.append("kept"))
+            batcher.add(msgs[1].value, 1, 10, lambda: acked.append("moved"))
+        await batcher.flush()
+        await h.wait(lambda: len(batcher) == 0 and not batcher.lock.locked())
+        assert [s.json()["request_id"] for s in h.sent[h.topic("decisions")][n_dec:]] == ["kept"]
+        assert [s.key for s in h.changelog("seen")[n_seen:]] == [b"kept"]  # raw keys (tables.py)
+        assert acked == ["kept"]

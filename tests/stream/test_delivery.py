@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from detector.stream.delivery import Admit, OffsetGate, _DeliverAll
+from detector.stream.delivery import (
+    Admit,
+    DirectDecisions,
+    FencedDecisions,
+    OffsetGate,
+    _DeliverAll,
+)
 
 P, S, H, K = Admit.PROCESS, Admit.SKIP, Admit.HOLD, Admit.SEEK
 
@@ -83,3 +89,109 @@ def test_commits_only_acked_offsets_that_follow_the_committed_one(
     consumer._gap = defaultdict(IntervalTree)
     consumer._committed_offset = defaultdict(lambda: None, {"tp": committed})
     assert consumer._new_offset("tp") == expected
+
+
+# --- fenced decisions: one transactional producer per owned by-range partition ---------------
+
+
+class FakeProducer:
+    """Records what a transactional producer is asked to do; ``fail`` makes commits raise."""
+
+    def __init__(self, tid: str, log: list[tuple[str, ...]], fail: Exception | None = None) -> None:
+        self.tid, self.log, self.fail = tid, log, fail
+
+    async def start(self) -> None:
+        self.log.append(("start", self.tid))  # InitProducerId: fences the id's previous owner
+
+    async def stop(self) -> None:
+        self.log.append(("stop", self.tid))
+
+    async def begin_transaction(self) -> None:
+        self.log.append(("begin", self.tid))
+
+    async def send(self, topic: str, value: bytes, key: bytes) -> None:
+        self.log.append(("send", self.tid, topic, key.decode()))
+
+    async def commit_transaction(self) -> None:
+        if self.fail is not None:
+            raise self.fail
+        self.log.append(("commit", self.tid))
+
+
+def fenced(log: list[tuple[str, ...]], fail: Exception | None = None) -> FencedDecisions:
+    from types import SimpleNamespace
+
+    settings = SimpleNamespace(app_id="app")
+    wrapped: list[str] = []
+    out = FencedDecisions(settings, "decisions", factory=lambda tid: FakeProducer(tid, log, fail),
+                          wrap=lambda p: wrapped.append(p.tid))
+    out.wrapped = wrapped  # type: ignore[attr-defined]
+    return out
+
+
+@pytest.mark.asyncio
+async def test_fenced_decisions_start_one_producer_per_partition_and_stop_revoked_ones() -> None:
+    log: list[tuple[str, ...]] = []
+    out = fenced(log)
+    await out.assign({0, 2})
+    assert sorted(log) == [("start", "app-decisions-0"), ("start", "app-decisions-2")]
+    assert out.owns(0) and out.owns(2) and not out.owns(1)
+    assert sorted(out.wrapped) == ["app-decisions-0", "app-decisions-2"]  # type: ignore[attr-defined]
+    log.clear()
+    await out.release({2})  # partition 0 moved away: its events are left to the new owner
+    assert log == [("stop", "app-decisions-0")] and not out.owns(0)
+    log.clear()
+    await out.assign({1, 2})  # only the new partition's producer starts (and fences)
+    assert log == [("start", "app-decisions-1")]
+    await out.stop()
+    assert not out.producers
+
+
+@pytest.mark.asyncio
+async def test_fenced_decisions_commit_one_transaction_per_partition() -> None:
+    log: list[tuple[str, ...]] = []
+    out = fenced(log)
+    await out.assign({0, 1})
+    log.clear()
+    await out.send({0: [(b"a", b"{}"), (b"b", b"{}")], 1: [(b"c", b"{}")], 3: []})
+    by_tid: dict[str, list[tuple[str, ...]]] = {}
+    for entry in log:
+        by_tid.setdefault(entry[1], []).append(entry)
+    assert by_tid["app-decisions-0"] == [
+        ("begin", "app-decisions-0"), ("send", "app-decisions-0", "decisions", "a"),
+        ("send", "app-decisions-0", "decisions", "b"), ("commit", "app-decisions-0")]
+    assert [e[0] for e in by_tid["app-decisions-1"]] == ["begin", "send", "commit"]
+
+
+@pytest.mark.asyncio
+async def test_a_fenced_worker_exits_before_acking(monkeypatch: pytest.MonkeyPatch) -> None:
+    from aiokafka.errors import ProducerFenced
+
+    from detector.stream import guard
+
+    codes: list[int] = []
+
+    def fake_exit(code: int) -> None:
+        codes.append(code)
+        raise SystemExit(code)
+
+    monkeypatch.setattr(guard, "_exit", fake_exit)
+    out = fenced([], fail=ProducerFenced())
+    await out.assign({0})
+    with pytest.raises(SystemExit):
+        await out.send({0: [(b"a", b"{}")]})
+    assert codes == [guard.EXIT_DELIVERY_FAILED]
+
+
+@pytest.mark.asyncio
+async def test_direct_decisions_send_through_the_app_producer() -> None:
+    sent: list[tuple[bytes, bytes]] = []
+
+    async def send(key: bytes, value: bytes) -> None:
+        sent.append((key, value))
+
+    out = DirectDecisions(send)
+    await out.assign({0})
+    assert out.owns(5)
+    await out.send({0: [(b"a", b"1")], 5: [(b"b", b"2")]})
+    assert sent == [(b"a", b"1"), (b"b", b"2")]

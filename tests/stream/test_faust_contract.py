@@ -174,6 +174,27 @@ def test_app_builds_its_web_server_through_new_web() -> None:
     assert isinstance(app.web, ClosedWeb)
 
 
+def test_every_page_goes_through_web_route_so_the_allow_list_sees_it() -> None:
+    """web_surface.ClosedWeb.route refuses paths outside SERVED_PATHS: that holds only while
+    ``App.page`` -> ``Web.add_view`` -> ``Web.route`` (public methods, relied on for a guarantee)."""
+    from faust.web import base as web_base
+
+    assert "self.web.add_view(" in source(faust.App.page)
+    assert "self.route(path, view" in source(web_base.Web.add_view)
+
+
+def test_router_table_metadata_maps_worker_urls_to_table_partitions() -> None:
+    """stream/precheck.py forwards a pre-check to the owner of the IP's ``ip`` table partition
+    from ``app.router.table_metadata("ip")``: {worker URL: {changelog topic: [partitions]}} of
+    the active assignment (faust/assignor/partition_assignor.py)."""
+    from faust.app.router import Router
+    from faust.assignor.partition_assignor import PartitionAssignor
+
+    assert "self._assignor.table_metadata(topic)" in source(Router.table_metadata)
+    assert "self._topics_filtered(assignment, {topic})" in source(PartitionAssignor.table_metadata)
+    assert "assignment.actives" in source(PartitionAssignor._get_changelog_distribution)
+
+
 def test_check_app_accepts_the_detector_app_and_refuses_the_stock_consumer() -> None:
     from detector.config import load_settings
     from detector.core.ipintel import IpIntel
@@ -211,6 +232,84 @@ def test_aiokafka_client_still_narrows_metadata_to_the_tracked_topics() -> None:
     # a queued batch without a known leader waits (no error) until it expires
     drain = source(MessageAccumulator.drain_by_nodes)
     assert "if leader is None or leader == -1:" in drain and ".expired()" in drain
+
+
+# --- the producers' sends after a freeze (check_before_sends) --------------------------------
+
+
+def test_sender_drains_the_accumulator_through_the_attribute_we_wrap() -> None:
+    """check_before_sends replaces ``_message_accumulator.drain_by_nodes`` on the instance: the
+    sender must still take every queued batch through that call, once per turn."""
+    from aiokafka.producer.sender import Sender
+
+    routine = source(Sender._sender_routine)
+    assert "self._message_accumulator.drain_by_nodes(" in routine
+    assert "create_task(self._send_produce_req(node_id, node_batches))" in routine
+    assert params(MessageAccumulator.drain_by_nodes) == ["self", "ignore_nodes", "muted_partitions"]
+
+
+@pytest.mark.asyncio
+async def test_check_before_sends_runs_the_check_before_each_drain() -> None:
+    producer = aiokafka.AIOKafkaProducer(bootstrap_servers="127.0.0.1:1")
+    calls: list[str] = []
+    faust_internals.check_before_sends(producer, lambda: calls.append("check"))
+    faust_internals.check_before_sends(producer, lambda: calls.append("again"))  # idempotent
+    batches, unknown = producer._message_accumulator.drain_by_nodes(ignore_nodes=set())
+    assert calls == ["check"] and batches == {} and not unknown
+
+
+# --- transactional producers across a broker restart (retry_coordinator_lookups) ------------
+
+
+def test_find_coordinator_retries_only_some_errors_and_looks_up_through_the_client() -> None:
+    """If aiokafka starts retrying connection errors here, retry_coordinator_lookups may go."""
+    from aiokafka.producer.sender import Sender
+
+    src = source(Sender._find_coordinator)
+    assert "coordinator_id = await self.client.coordinator_lookup(" in src
+    retried = src.split("except (", 1)[1].split(")", 1)[0]
+    assert "Errors.NodeNotReadyError" in retried and "KafkaConnectionError" not in retried
+    assert 'log.error("FindCoordinator Request failed: %s", err)' in src  # anything else: fatal
+    assert params(AIOKafkaClient.coordinator_lookup) == ["self", "coordinator_type", "coordinator_key"]
+    assert "self._maybe_wait_for_pid()" in source(Sender.start)
+    assert "_find_coordinator" in source(Sender._maybe_wait_for_pid)
+
+
+@pytest.mark.asyncio
+async def test_coordinator_lookup_turns_connection_errors_into_not_ready(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from aiokafka import errors
+
+    monkeypatch.setattr(faust_internals, "COORDINATOR_RETRY_S", 0.0)
+    producer = aiokafka.AIOKafkaProducer(bootstrap_servers="127.0.0.1:1", transactional_id="t")
+    raised: list[Exception] = [errors.KafkaConnectionError("closed"),
+                               errors.TransactionalIdAuthorizationFailed("t")]
+
+    async def lookup(coordinator_type: Any, coordinator_key: Any) -> int:
+        if raised:
+            raise raised.pop(0)
+        return 7
+
+    producer.client.coordinator_lookup = lookup
+    faust_internals.retry_coordinator_lookups(producer)
+    faust_internals.retry_coordinator_lookups(producer)  # idempotent
+    with pytest.raises(errors.NodeNotReadyError):  # retried by Sender._find_coordinator
+        await producer.client.coordinator_lookup(1, "t")
+    with pytest.raises(errors.TransactionalIdAuthorizationFailed):  # not retriable: as before
+        await producer.client.coordinator_lookup(1, "t")
+    assert await producer.client.coordinator_lookup(1, "t") == 7
+
+
+# --- a stalled partition's state (partition_flow_state, diagnostics only) -------------------
+
+
+def test_consumer_keeps_the_partition_sets_the_stall_report_reads() -> None:
+    init = source(faust_consumer.Consumer._reset_state)
+    for name in ("_active_partitions", "_paused_partitions", "_buffered_partitions"):
+        assert f"self.{name} = set()" in init
+    assert "active_partitions.discard(tp)" in source(faust_consumer.Consumer.on_buffer_full)
+    assert params(faust_consumer.Consumer.resume_partitions) == ["self", "tps"]
+    assert params(faust_aiokafka.Consumer.seek_wait) == ["self", "partitions"]
 
 
 # --- changelog format (table.data written directly, changelog messages sent by hand) --------
@@ -285,9 +384,12 @@ def test_dump_tasks_prints_stacks_without_local_values() -> None:
 
     secret = "+447700900123"
 
-    async def holder() -> None:
+    async def inner_wait() -> None:
         phone = secret  # noqa: F841 - a local mode's own dump would print
         await asyncio.sleep(10)
+
+    async def holder() -> None:
+        await inner_wait()
 
     async def main() -> str:
         task = asyncio.create_task(holder(), name="holder")
@@ -299,4 +401,5 @@ def test_dump_tasks_prints_stacks_without_local_values() -> None:
 
     text = asyncio.run(main())
     assert "holder" in text and "test_faust_contract.py" in text
+    assert "awaiting" in text and "inner_wait" in text  # where the task waits, not only its top
     assert secret not in text

@@ -200,6 +200,11 @@ def test_rate_limit_bounds_a_flood_and_reports_what_it_dropped() -> None:
 def test_rate_limit_caps_distinct_messages_too() -> None:
     flt = lograte.RateLimitFilter(per_key=5, total=20, window=10.0, clock=Clock())
     assert sum(flt.filter(record("faust", f"distinct {i}")) for i in range(500)) == 20
+    # the detector's own lines are capped per template only: Faust's start-up burst does not
+    # hide a stage's warning
+    assert flt.filter(record("detector.stream", "range: %s", logging.WARNING, "x"))
+    assert sum(flt.filter(record("detector.stream", "range: %s", logging.WARNING, str(i)))
+               for i in range(10)) == 4
 
 
 def test_install_puts_one_filter_on_every_root_handler() -> None:
@@ -245,3 +250,88 @@ def test_freeze_watch_exits_after_a_gap_longer_than_the_session_timeout(exits: l
     with pytest.raises(Crashed):
         watch.check()
     assert exits == [guard.EXIT_DELIVERY_FAILED]
+
+
+def test_a_freeze_counts_from_the_last_heartbeat_that_may_precede_it() -> None:
+    """The group expires a session SESSION_TIMEOUT_S after the last heartbeat, which may have
+    been sent up to one heartbeat interval before the freeze began."""
+    assert guard.FREEZE_AFTER_S <= guard.SESSION_TIMEOUT_S - guard.HEARTBEAT_INTERVAL_S
+    assert guard.FreezeWatch().freeze_after == guard.FREEZE_AFTER_S
+
+
+def test_a_partition_with_lag_and_no_progress_stalls_its_stage_even_while_others_move() -> None:
+    clock = Clock()
+    watch = guard.StageWatch(stall_after=30.0, clock=clock)
+    tp = ("by-range", 0)
+    assert watch.partition_stuck_for(tp, 100, lag=50) == 0.0
+    clock.t += 20
+    assert watch.partition_stuck_for(tp, 100, lag=50) == 20.0
+    clock.t += 15
+    assert watch.partition_stuck_for(tp, 100, lag=50) == 35.0
+    watch.progress("range")  # partition 1 keeps the stage as a whole moving ...
+    stalled = watch.check({"range": "50 messages waiting on by-range"},
+                          {"range": "by-range[0] at offset 100, 50 behind for 35 s"})
+    assert "by-range[0]" in stalled["range"]  # ... partition 0 is stalled all the same
+    assert gauge(metrics.STAGE_STALLED, "range") == 1
+    assert watch.partition_stuck_for(tp, 101, lag=49) == 0.0  # it took a record: moving again
+    assert watch.partition_stuck_for(tp, 101, lag=0) == 0.0 and tp not in watch.partition_since
+    assert watch.check({}) == {}
+
+
+async def _no_ends(rt: Any, tps: Any) -> dict[Any, int]:
+    return {}
+
+
+def test_check_stages_rereads_a_partition_once_then_reports_it_stalled(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from faust.types import TP
+
+    from detector.stream.delivery import OffsetGate
+
+    clock = Clock()
+    calls: list[tuple[str, Any]] = []
+
+    class Consumer:
+        _paused_partitions: set[Any] = set()
+        _buffered_partitions: set[Any] = set()
+        _active_partitions: set[Any] = {TP("by-range", 1)}  # partition 0 is not fetched
+
+        def assignment(self) -> set[Any]:
+            return {TP("by-range", 0), TP("by-range", 1)}
+
+        def highwater(self, tp: Any) -> int:
+            return 90
+
+        def resume_partitions(self, tps: Any) -> None:
+            calls.append(("resume", sorted(tps)))
+
+        async def seek_wait(self, offsets: Any) -> None:
+            calls.append(("seek", dict(offsets)))
+
+    gate = OffsetGate("by-range")
+    gate.reset({0: 100, 1: 7})
+    rt = SimpleNamespace(watch=guard.StageWatch(stall_after=30.0, clock=clock),
+                         gates={"by_range": gate}, active={"by_range": {0, 1}},
+                         probe=SimpleNamespace(reachable=True), batcher=None)
+    app = SimpleNamespace(consumer=Consumer())
+
+    async def ends(rt: Any, tps: Any) -> dict[Any, int]:
+        return {("by-range", 0): 150, ("by-range", 1): 7}
+
+    monkeypatch.setattr(guard, "_end_offsets", ends)
+    stage_of = {"by_range": "range"}
+    assert asyncio.run(guard.check_stages(app, rt, stage_of)) == {}
+    clock.t += 11
+    rt.watch.progress("range")  # partition 1 has nothing waiting; the stage itself is fine
+    assert asyncio.run(guard.check_stages(app, rt, stage_of)) == {}  # not stalled yet, but ...
+    assert calls == [("resume", [TP("by-range", 0)]), ("seek", {TP("by-range", 0): 100})]  # re-read
+    clock.t += 20
+    rt.watch.progress("range")
+    stalled = asyncio.run(guard.check_stages(app, rt, stage_of))
+    assert stalled["range"].startswith("range stage: no progress on by-range[0] at offset 100, 50 behind")
+    assert "not fetched" in stalled["range"]
+    assert len(calls) == 2  # once: a partition still stuck after that stays visible, no loop
+    monkeypatch.setattr(guard, "_end_offsets", _no_ends)  # the broker does not answer:
+    assert asyncio.run(guard.check_stages(app, rt, stage_of)) == {}  # nothing judged

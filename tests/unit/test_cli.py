@@ -65,3 +65,35 @@ def test_simulate_then_replay_round_trip(tmp_path):
     dec = tmp_path / "dec.jsonl"
     assert main(["replay", str(out), "-o", str(dec), "--no-model"]) == 0
     assert len(dec.read_text().splitlines()) == n
+
+
+def test_queue_state_publish_needs_the_dialer_key_and_a_valid_state(tmp_path, capsys, monkeypatch):
+    from detector.keys import generate
+
+    monkeypatch.delenv("DETECTOR_DIALER_PRIVATE_KEY", raising=False)
+    args = ["queue-state", "publish", "--dialer-id", "lon-1", "--waiting", "12", "--agents", "5",
+            "--handle-s", "240", "--bootstrap", "127.0.0.1:1"]
+    assert main(args) == 2
+    assert "DETECTOR_DIALER_PRIVATE_KEY is not set" in capsys.readouterr().err
+    generate(tmp_path, "dialer")
+    monkeypatch.setenv("DETECTOR_DIALER_PRIVATE_KEY", str(tmp_path / "dialer.key"))
+    bad = [a if a != "12" else "-3" for a in args]
+    assert main(bad) == 1  # checked before any connection
+    assert "field 'callbacks_waiting': expected an integer in [0, 1e+07], got -3" in capsys.readouterr().err
+
+
+def test_replay_with_queue_states(tmp_path, capsys):
+    ts = 1795341600
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(json.dumps({"request_id": f"r{i}", "ts": ts + i * 60,
+                                         "phone_number": f"+4420{3000 + i:04d}0123",
+                                         "ip": f"81.2.69.{i + 1}"}) for i in range(4)) + "\n")
+    states = tmp_path / "q.jsonl"
+    states.write_text(json.dumps({"dialer_id": "d", "ts": ts + 90, "callbacks_waiting": 30,
+                                  "agents_available": 5, "avg_handle_s": 240}) + "\n")
+    out = tmp_path / "out.jsonl"
+    assert main(["replay", str(src), "-o", str(out), "--no-model", "--queue-states", str(states)]) == 0
+    reasons = [json.loads(x)["reasons"] for x in out.read_text().splitlines()]
+    assert reasons == [[], [], ["agent_capacity"], []]  # r3 is 90 s after the state: stale
+    assert main(["replay", str(src), "--no-model", "--queue-states", str(tmp_path / "nope")]) == 2
+    assert "--queue-states: cannot read" in capsys.readouterr().err

@@ -1,6 +1,8 @@
 """The decision log on SQLite (rows, migrations, idempotence, purge) and `detector explain`."""
 
 import json
+import sqlite3
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +17,7 @@ from detector.sink.store import open_store
 from tests.unit.test_decide import GB_IP, GB_MOBILE, REQ, ip
 
 KEY = b"test-key"
+MIGRATIONS = sorted(p.name for p in (Path(__file__).parents[2] / "detector/sink/migrations/sqlite").glob("*.sql"))
 
 
 CLEAN = Enrichment(GB_MOBILE, GB_IP)
@@ -74,7 +77,7 @@ def test_store_migrations_upserts_and_purge(tmp_path):
         assert len(list(s.between(REQ.ts, REQ.ts + 1))) == 5
     with open_store(url) as s:  # reopening applies nothing twice
         assert s.count() == 5
-        assert s._rows("SELECT count(*) AS n FROM schema_migrations")[0]["n"] == 1
+        assert s._rows("SELECT count(*) AS n FROM schema_migrations")[0]["n"] == len(MIGRATIONS)
         assert s.purge(REQ.ts + 10) == 6
         assert s.count() == 0 and s.count("decision_reasons") == 0
 
@@ -119,3 +122,37 @@ def test_explain_cli_by_id_and_number(tmp_path, capsys, monkeypatch):
     assert main(["explain", "--number", "+447700900999", "--db", db]) == 1
     monkeypatch.setenv("DETECTOR_PII_HASH_KEY", "another-key")
     assert main(["explain", "--number", "+447400123456", "--db", db]) == 1  # keyed: no match without the key
+
+
+def test_cost_at_risk_columns_round_trip_and_a_version_1_log_is_migrated(tmp_path):
+    """Migration 0002 adds cost_per_min, expected_cost, currency and budget to a log made by
+    version 1 (its rows keep NULL / 0), and new rows carry them through the decision_log view."""
+    path = tmp_path / "old.sqlite"
+    old = sqlite3.connect(path)
+    old.executescript((Path(__file__).parents[2] / "detector/sink/migrations/sqlite" / MIGRATIONS[0]).read_text())
+    old.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, "
+                "applied_at REAL NOT NULL)")
+    old.execute("INSERT INTO schema_migrations VALUES (1, ?, 0)", (MIGRATIONS[0],))
+    old.execute("INSERT INTO decisions (request_id, decided_at, request_ts, action, silent, risk, reasons, "
+                "monitored_reasons, policy_version, number_masked, ip_hash, enrichment, counts, stored_at) "
+                "VALUES ('old', 1, 1, 'allow', 0, 0, '', '', 'v1', '(no number)', 'h', '{}', '{}', 1)")
+    old.commit()
+    old.close()
+    d = _decision(rid="new")
+    d.update(cost_per_min=0.02, expected_cost=0.08, currency="EUR",
+             budget={"scope": "GB", "kind": "country", "spend_1h": 1.5, "limit_1h": 150.0,
+                     "spend_24h": 9.0, "limit_24h": 1000.0, "open": False, "source": "default"})
+    with open_store(f"sqlite:///{path}") as s:
+        s.write([decision_row(d, KEY)])
+        old_row, new_row = s.get("old"), s.get("new")
+    assert (old_row["cost_per_min"], old_row["expected_cost"], old_row["budget"]) == (None, 0, None)
+    assert (new_row["cost_per_min"], new_row["expected_cost"], new_row["currency"]) == (0.02, 0.08, "EUR")
+    assert new_row["budget"]["scope"] == "GB" and new_row["outcome"] is None
+
+
+def test_a_negative_or_non_numeric_cost_is_an_invalid_field():
+    from detector.core.errors import InvalidField
+
+    for bad in (-1, "cheap", float("nan"), True):
+        with pytest.raises(InvalidField, match="expected_cost"):
+            decision_row({**_decision(), "expected_cost": bad}, KEY)

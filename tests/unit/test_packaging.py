@@ -18,6 +18,7 @@ def test_the_wheel_carries_the_default_model(tmp_path: Path) -> None:
     (wheel,) = tmp_path.glob("*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"detector/_models/default.json", "detector/_models/default.npz"} <= names
+    assert "detector/data/rate-deck.sample.csv" in names  # the demo prices with it, anywhere
 
 
 def test_outside_the_repository_the_packaged_model_loads(tmp_path: Path, monkeypatch) -> None:

@@ -43,3 +43,32 @@ def test_unparseable_numbers_still_get_a_routing_key():
     info = enrich_phone("12345", None)
     assert info.range_key is None
     assert routing_key(info, "12-345") == "?12"
+
+
+def _library_zone(num):
+    zones = [z for z in phonenumbers.timezone.time_zones_for_number(num) if z != "Etc/Unknown"]
+    return zones[0] if zones else None
+
+
+@pytest.mark.parametrize("region", ["GB", "US", "CA", "DE", "FR", "ES", "NL", "IE", "BR", "AR", "MX",
+                                    "RU", "KZ", "AU", "IN", "CN", "SO", "PG", "JE", "IM", "CU"])
+def test_time_zone_is_the_libraries_for_every_type(region):
+    """The zone enrich_phone carries (one parse, the type reused) is the one
+    phonenumbers.timezone.time_zones_for_number gives the number, for each type with an example
+    (geographic, country-level and, for one invalid number, its block's 000 number)."""
+    seen = 0
+    for ntype in vars(phonenumbers.PhoneNumberType).values():
+        if not isinstance(ntype, int):
+            continue
+        ex = phonenumbers.example_number_for_type(region, ntype)
+        if ex is None:
+            continue
+        e164 = phonenumbers.format_number(ex, phonenumbers.PhoneNumberFormat.E164)
+        info = enrich_phone(e164, None)
+        if info.valid:
+            seen += 1
+            assert info.time_zone == _library_zone(ex), (region, ntype, e164)
+    assert seen
+    invalid = enrich_phone("+44 20 7946", None)
+    assert not invalid.valid
+    assert invalid.time_zone == _library_zone(phonenumbers.parse(invalid.range_key + "000", None))
