@@ -8,15 +8,19 @@
   :class:`~detector.core.windows.Window`), ``range`` (:class:`~detector.core.state.RangeState`),
   all watermarked with the by-range offset; ``seen`` (request id -> decision, see
   :class:`~detector.stream.ledger.DecisionStore`).
-* **outputs**: ``callback-decisions`` (keyed by request id), ``detector-lists`` (learned deny
-  entries, signed), the dead-letter topic (a request this stage failed on).
+* **outputs**: ``callback-decisions`` (keyed by request id; one Kafka transaction per by-range
+  partition per batch, :class:`~detector.stream.delivery.FencedDecisions`), ``detector-lists``
+  (learned deny entries, signed), the dead-letter topic (a request this stage failed on).
 
 Batches (:class:`RangeStage`): each event is counted as it arrives; the batch's requests are
 decided together (one model call, :func:`decide_pending`) when it is flushed, or earlier when a
 new event depends on one of them (the same number or request id, or an outcome: only a number's
-outstanding-callback mark depends on a decision). :meth:`RangeStage.flush` then packs each
+outstanding-callback mark depends on a decision); each decision then passes the spend breakers
+(:func:`detector.core.spend.settle`) in commit order. :meth:`RangeStage.flush` then packs each
 written key once, sends the changelog messages and the stored decisions, waits until Kafka has
-them, sends the decisions, and acks the events (see :mod:`detector.stream.ledger`).
+them, sends the decisions (``rt.decisions_out``: fenced per partition), and acks the events
+(see :mod:`detector.stream.ledger`). Events of partitions this worker no longer owns (revoked
+while the batch waited) are left to their new owner: no changelog write, no decision, no ack.
 """
 
 from __future__ import annotations
