@@ -218,8 +218,24 @@ def learned_deny_due(stores: RangeStores, nkey: str, ts: float, interval_s: floa
 
 
 def sweep(store: Store, now: float) -> int:
-    """Delete keys whose state can no longer count at ``now`` (event time). Returns keys deleted."""
-    dead = [k for k, v in list(store.items()) if _dead(v, now)]
+    """Delete keys whose state can no longer count at ``now`` (event time). Returns keys deleted.
+
+    A value with a live count (``c``, or a bare pair count) is alive whatever its other parts
+    hold: those keys, most of a table between sweeps, are passed over on one comparison of
+    their newest hour bucket; the others are judged by :func:`_dead`."""
+    cut = int(now) // w.HOUR - w.HOUR_BUCKETS_KEPT  # a count whose newest hour is above is live
+    dead = []
+    for k, v in list(store.items()):
+        if type(v) is dict:
+            if "m" in v and "h" in v and isinstance(v["m"], list):  # a bare count (pair table)
+                h = v["h"]
+            else:
+                c = v.get("c")
+                h = c.get("h") if type(c) is dict else None
+            if h and h[-1][0] > cut:
+                continue  # alive: its count is not expired (see _dead and w.count_expired)
+        if _dead(v, now):
+            dead.append(k)
     for k in dead:
         del store[k]
     return len(dead)
