@@ -73,17 +73,19 @@ def ip_stage(
     ts = req.ts
     value = stores.ip.get(req.ip) or {}
     value = dict(value)
-    value["c"] = w.count_add(value.get("c"), ts)
-    value["n"] = w.distinct_add(value.get("n"), short_hash(number_key(enr, req.phone_number), key), ts)
-    if enr.phone.region:
-        value["k"] = w.distinct_add(value.get("k"), enr.phone.region, ts)
-    if enr.phone.range_key:
-        value["r"] = w.distinct_add(value.get("r"), short_hash(enr.phone.range_key, key), ts)
+    phone = enr.phone
+    value["c"], c15, c1h, c24 = w.count_add_read(value.get("c"), ts)
+    value["n"], n1h, n24 = w.distinct_add_read(
+        value.get("n"), short_hash(phone_key(phone, req.phone_number), key), ts)
+    if phone.region:
+        value["k"], _, k24 = w.distinct_add_read(value.get("k"), phone.region, ts)
+    else:
+        _, k24 = w.distinct_read(value.get("k"), ts)
+    if phone.range_key:
+        value["r"], _, r24 = w.distinct_add_read(value.get("r"), short_hash(phone.range_key, key), ts)
+    else:
+        _, r24 = w.distinct_read(value.get("r"), ts)
     stores.ip[req.ip] = value
-    c15, c1h, c24 = w.count_read(value["c"], ts)
-    n1h, n24 = w.distinct_read(value["n"], ts)
-    _, k24 = w.distinct_read(value.get("k"), ts)
-    _, r24 = w.distinct_read(value.get("r"), ts)
     is_shared = shared is not None and shared_ip(enr, c15, c1h, n24, k24, shared, r24)
     return IpCounts(c15, c1h, c24, n1h, n24, k24, 1 if c24 == 1 else 0, 1 if is_shared else 0)
 
@@ -137,26 +139,20 @@ def range_stage(
     ip_member = short_hash(req.ip, key)
 
     num = dict(stores.number.get(nkey) or {})
-    num["c"] = w.count_add(num.get("c"), ts)
-    num["i"] = w.distinct_add(num.get("i"), ip_member, ts)
+    num["c"], n15, n1h, n24 = w.count_add_read(num.get("c"), ts)
+    num["i"], ni1h, ni24 = w.distinct_add_read(num.get("i"), ip_member, ts)
     pending = is_pending(num.get("p"), ts, req.request_id)
 
     pkey = pair_key(req.ip, nkey)
-    pair = w.count_add(stores.pair.get(pkey), ts)
+    pair, _, p1h, p24 = w.count_add_read(stores.pair.get(pkey), ts)
     stores.pair[pkey] = pair
 
     rng = dict(stores.range.get(range_key) or {})
-    rng["c"] = w.count_add(rng.get("c"), ts)
-    rng["i"] = w.distinct_add(rng.get("i"), ip_member, ts)
-    rng["n"] = w.distinct_add(rng.get("n"), short_hash(nkey, key), ts)
+    rng["c"], _, r1h, r24 = w.count_add_read(rng.get("c"), ts)
+    rng["i"], _, ri24 = w.distinct_add_read(rng.get("i"), ip_member, ts)
+    rng["n"], _, rn24 = w.distinct_add_read(rng.get("n"), short_hash(nkey, key), ts)
     stores.range[range_key] = rng
 
-    n15, n1h, n24 = w.count_read(num["c"], ts)
-    _, p1h, p24 = w.count_read(pair, ts)
-    _, r1h, r24 = w.count_read(rng["c"], ts)
-    ni1h, ni24 = w.distinct_read(num["i"], ts)
-    _, ri24 = w.distinct_read(rng["i"], ts)
-    _, rn24 = w.distinct_read(rng["n"], ts)
     counts = RangeCounts(n15, n1h, n24, p1h, p24, r1h, r24, ni1h, ni24, ri24, rn24, pending)
     return RangeUpdate(counts, nkey, num)
 

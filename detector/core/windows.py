@@ -100,6 +100,28 @@ def count_read(value: CountValue | None, ts: float) -> tuple[int, int, int]:
     return c15, c60, _sum_since(value["h"], h - 23, h)
 
 
+def count_add_read(value: CountValue | None, ts: float) -> tuple[CountValue, int, int, int]:
+    """:func:`count_add` then :func:`count_read` at the same ``ts``, in one call: (the value to
+    store, 15 min, 1 h, 24 h)."""
+    if value is None:
+        value = {"m": [], "h": []}
+    t = int(ts)
+    m, h = t // MINUTE, t // HOUR
+    minutes, hours = value["m"], value["h"]
+    _bump(minutes, m, MINUTE_BUCKETS_KEPT)
+    _bump(hours, h, HOUR_BUCKETS_KEPT)
+    c15 = c60 = 0
+    f15, f60 = m - 14, m - 59
+    for b, n in reversed(minutes):
+        if b < f60:
+            break
+        if b <= m:
+            c60 += n
+            if b >= f15:
+                c15 += n
+    return value, c15, c60, _sum_since(hours, h - 23, h)
+
+
 def count_expired(value: CountValue | None, now: float) -> bool:
     """True when nothing in ``value`` can count at ``now`` or later (safe to delete the key)."""
     if not value or not value.get("h"):
@@ -146,6 +168,21 @@ def distinct_read(
             if seen > t_short:
                 s += 1
     return s, lo
+
+
+def distinct_add_read(value: DistinctValue | None, member: str, ts: float
+                      ) -> tuple[DistinctValue, int, int]:
+    """:func:`distinct_add` (default horizon and cap) then :func:`distinct_read` (1 h, 24 h) at
+    the same ``ts``, in one call: (the value to store, distinct over 1 h, over 24 h)."""
+    value = distinct_add(value, member, ts)
+    s = lo = 0
+    t_short, t_long = ts - HOUR, ts - DAY
+    for seen in value.values():
+        if t_long < seen <= ts:
+            lo += 1
+            if seen > t_short:
+                s += 1
+    return value, s, lo
 
 
 def distinct_expired(value: DistinctValue | None, now: float, horizon: float = DAY) -> bool:
