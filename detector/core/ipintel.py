@@ -79,7 +79,7 @@ def _v4_table() -> tuple[list[int], list[str]]:
     is constant inside each; both ends of every interval are checked against :func:`_scope_of`
     here, and the table is not used (empty) if any disagrees or the constants are not found."""
     try:
-        values = list(vars(ipaddress._IPv4Constants).values())
+        values = list(vars(ipaddress._IPv4Constants).values())  # type: ignore[attr-defined]
     except AttributeError:  # pragma: no cover - another Python's ipaddress
         return [], []
     cuts = {0, 1 << 32}
@@ -90,7 +90,8 @@ def _v4_table() -> tuple[list[int], list[str]]:
             elif isinstance(x, ipaddress.IPv4Address):
                 cuts.update((int(x), int(x) + 1))
     bounds = sorted(cuts)
-    starts, scopes = [], []
+    starts: list[int] = []
+    scopes: list[str] = []
     for lo, hi in zip(bounds, bounds[1:], strict=False):
         scope = _scope_of(str(ipaddress.IPv4Address(lo)))
         if scope != _scope_of(str(ipaddress.IPv4Address(hi - 1))) or scope[0] != 4:
