@@ -113,42 +113,46 @@ def geo_mismatch(enr: Enrichment) -> bool:
 
 def features(req: CallbackRequest, enr: Enrichment, counts: Counts, policy: Policy,
              count_map: dict[str, Any] | None = None) -> list[float]:
-    """Feature vector in ``FEATURE_NAMES`` order (``count_map``: ``counts.to_dict()``, if the
-    caller has it already)."""
-    c = count_map if count_map is not None else counts.to_dict()
-    out = [math.log1p(c[name]) for name in COUNT_FEATURES]
-    r24 = max(c["range_24h"], 1)
-    out.append(c["range_distinct_ips_24h"] / r24)
-    out.append(c["range_distinct_numbers_24h"] / r24)
-    out.append(c["pair_24h"] / max(c["number_24h"], 1))
-    ipc, pop = counts.ip, counts.pop
-    out.append(ipc.ip_distinct_numbers_24h / max(ipc.ip_24h, 1))
-    out.append(ipc.ip_distinct_countries_24h / max(ipc.ip_distinct_numbers_24h, 1))
-    out.append(ipc.ip_15m / max(ipc.ip_1h, 1))
-    out.append(float(ipc.ip_shared))
-    out.append(float(ipc.ip_fresh))
-    out.append(math.log1p(pop.country_surge_factor))
-    out.append(math.log1p(pop.prefix_concentration))
-    out.append(pop.prefix_fresh_share)
+    """Feature vector in ``FEATURE_NAMES`` order (``count_map``: unused, accepted for callers
+    that pass ``counts.to_dict()``; the counts are read from ``counts`` itself)."""
+    ipc, rng, pop = counts.ip, counts.rng, counts.pop
+    log1p = math.log1p
+    r24 = max(rng.range_24h, 1)
     ph, ip = enr.phone, enr.ip
-    out.append(1.0 if ph.valid else 0.0)
-    out.append(1.0 if ph.number_type in ("MOBILE", "FIXED_LINE", "FIXED_LINE_OR_MOBILE") else 0.0)
-    out.append(1.0 if ph.number_type in RISKY_TYPES else 0.0)
-    out.append(1.0 if ph.region in policy.allowed_countries else 0.0)
-    out.append(1.0 if denied_prefix(ph.e164, policy) else 0.0)
-    out.append(
-        1.0 if (ip.anonymous_vpn or ip.tor_exit or ip.public_proxy or ip.residential_proxy) else 0.0
-    )
-    out.append(1.0 if ip.hosting else 0.0)
-    out.append(0.0 if ip.scope == "global" else 1.0)
-    out.append(0.0 if ip.country else 1.0)
-    out.append(1.0 if geo_mismatch(enr) else 0.0)
-    out.append(1.0 if req.authenticated else 0.0)
+    ntype = ph.number_type
+    out = [
+        log1p(rng.number_15m), log1p(rng.number_1h), log1p(rng.number_24h),
+        log1p(rng.pair_1h), log1p(rng.pair_24h), log1p(rng.range_1h), log1p(rng.range_24h),
+        log1p(rng.number_distinct_ips_1h), log1p(rng.number_distinct_ips_24h),
+        log1p(rng.range_distinct_ips_24h), log1p(rng.range_distinct_numbers_24h),
+        rng.range_distinct_ips_24h / r24,
+        rng.range_distinct_numbers_24h / r24,
+        rng.pair_24h / max(rng.number_24h, 1),
+        ipc.ip_distinct_numbers_24h / max(ipc.ip_24h, 1),
+        ipc.ip_distinct_countries_24h / max(ipc.ip_distinct_numbers_24h, 1),
+        ipc.ip_15m / max(ipc.ip_1h, 1),
+        float(ipc.ip_shared),
+        float(ipc.ip_fresh),
+        log1p(pop.country_surge_factor),
+        log1p(pop.prefix_concentration),
+        pop.prefix_fresh_share,
+        1.0 if ph.valid else 0.0,
+        1.0 if ntype in ("MOBILE", "FIXED_LINE", "FIXED_LINE_OR_MOBILE") else 0.0,
+        1.0 if ntype in RISKY_TYPES else 0.0,
+        1.0 if ph.region in policy.allowed_countries else 0.0,
+        1.0 if denied_prefix(ph.e164, policy) else 0.0,
+        1.0 if (ip.anonymous_vpn or ip.tor_exit or ip.public_proxy or ip.residential_proxy) else 0.0,
+        1.0 if ip.hosting else 0.0,
+        0.0 if ip.scope == "global" else 1.0,
+        0.0 if ip.country else 1.0,
+        1.0 if (ip.country and ph.region and ip.country != ph.region) else 0.0,  # geo_mismatch
+        1.0 if req.authenticated else 0.0,
+    ]
     hour = local_hour(req.ts, enr)
     if hour is None:
-        out.extend([0.0, 0.0, 0.0])
+        out += (0.0, 0.0, 0.0)
     else:
         angle = 2 * math.pi * hour / 24.0
-        out.extend([math.sin(angle), math.cos(angle), 1.0 if hour < 6.0 else 0.0])
-    out.append(1.0 if counts.rng.pending else 0.0)
+        out += (math.sin(angle), math.cos(angle), 1.0 if hour < 6.0 else 0.0)
+    out.append(1.0 if rng.pending else 0.0)
     return out

@@ -283,7 +283,17 @@ def breaker(view: PopulationView, key: str, ts: float, policy: SpendPolicy,
             campaigns: Sequence[Campaign] = (), override: tuple[str, float] | None = None) -> BreakerState:
     """The breaker of spend scope ``key`` at ``ts`` (see the module doc); ``override`` is the
     SOC's (:meth:`ListIndex.budget_overrides`): ("closed" | "open" | "raise", factor)."""
-    spend_h, spend_d = window_spend(view, key, ts)
+    sc = view.scopes.get(key)
+    if sc is None:
+        spend_h = spend_d = 0
+        typ = 0.0
+    else:  # window_spend and typical_hour, from one roll
+        m = int(ts) // MINUTE
+        roll = _rolled(sc, m, view.start_minute if view.start_minute is not None else m)
+        now_m, now_h = sc.minutes.get(m), sc.hours.get(m // 60)
+        spend_h = roll[1] + (now_m[0] if now_m is not None else 0)
+        spend_d = roll[3] + (now_h[0] if now_h is not None else 0)
+        typ = float(roll[4])
     country = key.startswith(COUNTRY)
     configured = (policy.countries if country else policy.prefixes).get(key[3:])
     lim_h = lim_d = None
@@ -292,7 +302,6 @@ def breaker(view: PopulationView, key: str, ts: float, policy: SpendPolicy,
         lim_d = None if configured.per_day is None else configured.per_day * SPEND_UNIT
     source = "policy" if configured is not None else "default"
     if lim_h is None or lim_d is None:
-        typ = typical_hour(view, key, ts)
         region = scope_region(key)
         floor_h, floor_d = ((policy.country_floor_hour, policy.country_floor_day) if country
                             else (policy.prefix_floor_hour, policy.prefix_floor_day))

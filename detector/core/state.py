@@ -126,17 +126,19 @@ def ip_stage(
     value = stores.ip.get(req.ip)
     if value is None:
         value = IpState()
-    w.count_add(value.requests, ts)
-    w.distinct_add(value.numbers, member(number_key(enr, req.phone_number), key), ts)
-    if enr.phone.region:
-        w.distinct_add(value.countries, w.code_int(enr.phone.region), ts)
-    if enr.phone.range_key:
-        w.distinct_add(value.ranges, member(enr.phone.range_key, key), ts)
+    phone = enr.phone
+    _, c15, c1h, c24 = w.count_add_read(value.requests, ts)
+    _, n1h, n24 = w.distinct_add_read(
+        value.numbers, member(phone_key(phone, req.phone_number), key), ts)
+    if phone.region:
+        _, _, k24 = w.distinct_add_read(value.countries, w.code_int(phone.region), ts)
+    else:
+        _, k24 = w.distinct_read(value.countries, ts)
+    if phone.range_key:
+        _, _, r24 = w.distinct_add_read(value.ranges, member(phone.range_key, key), ts)
+    else:
+        _, r24 = w.distinct_read(value.ranges, ts)
     stores.ip[req.ip] = value
-    c15, c1h, c24 = w.count_read(value.requests, ts)
-    n1h, n24 = w.distinct_read(value.numbers, ts)
-    _, k24 = w.distinct_read(value.countries, ts)
-    _, r24 = w.distinct_read(value.ranges, ts)
     is_shared = shared is not None and shared_ip(enr, c15, c1h, n24, k24, shared, r24)
     return IpCounts(c15, c1h, c24, n1h, n24, k24, 1 if c24 == 1 else 0, 1 if is_shared else 0)
 
@@ -192,28 +194,22 @@ def range_stage(
     num = stores.number.get(nkey)
     if num is None:
         num = NumberState()
-    w.count_add(num.requests, ts)
-    w.distinct_add(num.ips, ip_member, ts)
+    _, n15, n1h, n24 = w.count_add_read(num.requests, ts)
+    _, ni1h, ni24 = w.distinct_add_read(num.ips, ip_member, ts)
     pending = is_pending(num.pending, ts, req.request_id)
 
     pkey = pair_key(req.ip, nkey)
-    pair = w.count_add(stores.pair.get(pkey), ts)
+    pair, _, p1h, p24 = w.count_add_read(stores.pair.get(pkey), ts)
     stores.pair[pkey] = pair
 
     rng = stores.range.get(range_key)
     if rng is None:
         rng = RangeState()
-    w.count_add(rng.requests, ts)
-    w.distinct_add(rng.ips, ip_member, ts)
-    w.distinct_add(rng.numbers, member(nkey, key), ts)
+    _, _, r1h, r24 = w.count_add_read(rng.requests, ts)
+    _, _, ri24 = w.distinct_add_read(rng.ips, ip_member, ts)
+    _, _, rn24 = w.distinct_add_read(rng.numbers, member(nkey, key), ts)
     stores.range[range_key] = rng
 
-    n15, n1h, n24 = w.count_read(num.requests, ts)
-    _, p1h, p24 = w.count_read(pair, ts)
-    _, r1h, r24 = w.count_read(rng.requests, ts)
-    ni1h, ni24 = w.distinct_read(num.ips, ts)
-    _, ri24 = w.distinct_read(rng.ips, ts)
-    _, rn24 = w.distinct_read(rng.numbers, ts)
     counts = RangeCounts(n15, n1h, n24, p1h, p24, r1h, r24, ni1h, ni24, ri24, rn24, pending)
     return RangeUpdate(counts, nkey, num)
 
@@ -300,8 +296,25 @@ def expires_at(value: Any) -> float:
 
 
 def sweep(store: Store, now: float) -> int:
-    """Delete keys whose state can no longer count at ``now`` (event time). Returns keys deleted."""
-    dead = [k for k, v in list(store.items()) if expires_at(v) <= now]
+    """Delete keys whose state can no longer count at ``now`` (event time). Returns keys deleted.
+
+    A value with a live count (its ``requests`` window, or a pair's bare window) is alive
+    whatever its other parts hold: those keys, most of a table between sweeps, are passed over
+    on one comparison of their newest hour bucket; the others are judged by :func:`expires_at`."""
+    cut = int(now) // w.HOUR - w.HOUR_BUCKETS_KEPT  # a count whose newest hour is above is live
+    dead = []
+    for k, v in list(store.items()):
+        t = type(v)
+        if t is Window:
+            hours = v.hours
+        elif t is IpState or t is NumberState or t is RangeState:
+            hours = v.requests.hours
+        else:
+            hours = None
+        if hours and hours[-1] > cut:
+            continue  # alive: its count is not expired (see expires_at and w.count_expires_at)
+        if expires_at(v) <= now:
+            dead.append(k)
     for k in dead:
         del store[k]
     return len(dead)

@@ -143,6 +143,30 @@ def count_read(value: Window | None, ts: float) -> tuple[int, int, int]:
     return c15, c60, _sum_since(value.hours, value.hour_counts, h - 23, h)
 
 
+def count_add_read(value: Window | None, ts: float) -> tuple[Window, int, int, int]:
+    """:func:`count_add` then :func:`count_read` at the same ``ts``, in one call: (the value to
+    store, 15 min, 1 h, 24 h)."""
+    if value is None:
+        value = Window()
+    t = int(ts)
+    m, h = t // MINUTE, t // HOUR
+    ids, counts = value.minutes, value.minute_counts
+    _bump(ids, counts, m, MINUTE_BUCKETS_KEPT)
+    _bump(value.hours, value.hour_counts, h, HOUR_BUCKETS_KEPT)
+    c15 = c60 = 0
+    f15, f60 = m - 14, m - 59
+    for i in range(len(ids) - 1, -1, -1):
+        b = ids[i]
+        if b < f60:
+            break
+        if b <= m:
+            n = counts[i]
+            c60 += n
+            if b >= f15:
+                c15 += n
+    return value, c15, c60, _sum_since(value.hours, value.hour_counts, h - 23, h)
+
+
 def count_expires_at(value: Window | None) -> float:
     """The event time from which nothing in ``value`` can count any more."""
     if value is None or not value.hours:
@@ -194,6 +218,20 @@ def distinct_read(
             if seen > t_short:
                 s += 1
     return s, lo
+
+
+def distinct_add_read(value: Distinct | None, member: int, ts: float) -> tuple[Distinct, int, int]:
+    """:func:`distinct_add` (default horizon and cap) then :func:`distinct_read` (1 h, 24 h) at
+    the same ``ts``, in one call: (the value to store, distinct over 1 h, over 24 h)."""
+    value = distinct_add(value, member, ts)
+    s = lo = 0
+    t_short, t_long = ts - HOUR, ts - DAY
+    for seen in value.values():
+        if t_long < seen <= ts:
+            lo += 1
+            if seen > t_short:
+                s += 1
+    return value, s, lo
 
 
 def distinct_expires_at(value: Distinct | None, horizon: float = DAY) -> float:

@@ -91,3 +91,44 @@ def test_expiry():
     assert not w.count_expired(v, 3600 * 23)
     assert w.count_expired(v, 3600 * 24)
     assert w.distinct_expired(w.distinct_add(None, 1, 0.0), 86400.0)
+
+
+@settings(max_examples=100)
+@given(st.lists(st.tuples(st.floats(min_value=0, max_value=3 * 86400), st.integers(0, 20)),
+                min_size=1, max_size=80))
+def test_add_read_in_one_call_equals_add_then_read(events):
+    """count_add_read / distinct_add_read (the stages' one-call form) give the same value and the
+    same counts as the two calls they replace, in or out of order."""
+    v1 = v2 = d1 = d2 = None
+    for t, m in events:
+        v1 = w.count_add(v1, t)
+        v2, *got = w.count_add_read(v2, t)
+        assert v2 == v1 and tuple(got) == w.count_read(v1, t)
+        d1 = w.distinct_add(d1, m, t)
+        d2, *got = w.distinct_add_read(d2, m, t)
+        assert d2 == d1 and tuple(got) == w.distinct_read(d1, t)
+
+
+@settings(max_examples=100)
+@given(st.lists(st.floats(min_value=0, max_value=4 * 86400), min_size=1, max_size=40),
+       st.floats(min_value=0, max_value=6 * 86400))
+def test_sweep_keeps_exactly_the_keys_expires_at_keeps(times, now):
+    """The sweep's shortcut (a live request count keeps a key on one comparison) deletes the same
+    keys as judging every value by expires_at."""
+    from detector.core import state
+
+    store = {}
+    for i, t in enumerate(times):
+        store[f"p{i}"] = w.count_add(None, t)
+        ip = state.IpState()
+        w.count_add(ip.requests, t)
+        w.distinct_add(ip.numbers, i, t + 3600.0 * (i % 30))  # members may outlive the count
+        store[f"i{i}"] = ip
+        num = state.NumberState()
+        w.count_add(num.requests, t)
+        if i % 3 == 0:
+            num.learned_deny_at = t + 40_000.0
+        store[f"n{i}"] = num
+    want = {k for k, v in store.items() if state.expires_at(v) > now}
+    state.sweep(store, now)
+    assert set(store) == want
