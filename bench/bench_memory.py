@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_memory.py [--requests 300000] [--hours 48] [--bootstrap HOST:PORT]
     .venv/bin/python bench/bench_memory.py --inprocess [--requests 300000] [--hours 48]
+    .venv/bin/python bench/bench_memory.py --stores memory,rocksdb --requests 100000 --hours 24
 
 A flood of requests that are all unique (a new IP and a new number each, numbers spread over
 10 million mobile numbers), their event times spread evenly over ``--hours`` (48: the first day
@@ -11,6 +12,12 @@ is swept while the second one arrives), keyed by IP.
   worker's resident memory before and after the flood (after the sweeps caught up), the live
   keys per table, the bytes per live unique request (RSS growth / live ``pair`` keys: one per
   unique request), the ERROR lines in its log, and how long SIGTERM takes to stop it.
+* ``--stores memory,rocksdb``: one worker per ``DETECTOR_TABLE_STORE``, one after the other on
+  the same broker, the same flood; also prints the RSS half-way (first half decided) and the
+  *marginal* bytes per live request (RSS growth from half-way to the end / live requests added:
+  fixed-size caches, buffers and RocksDB's memtables fill in the first half and drop out), the
+  decisions/s of each store and their ratio, and the RocksDB directory's size on disk. Use
+  ``--hours 24`` or less so that nothing but ``seen`` expires (live requests = requests).
 * ``--inprocess``: the stage code without Kafka (as ``bench_stages.py``), fully swept every
   simulated hour; prints what the tables hold (keys and values, packed) per live request and the
   process's RSS growth. Seconds instead of minutes, and no other process in the figure.
@@ -93,24 +100,36 @@ async def produce_keyed(bootstrap: str, topic: str, rows: list[tuple[bytes, byte
     return time.monotonic() - t0
 
 
-def run_worker(bootstrap: str, n: int, hours: float, tmp: Path) -> dict[str, Any]:
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def run_worker(bootstrap: str, n: int, hours: float, tmp: Path,
+               store: str | None = None) -> dict[str, Any]:
     from bench_stream import Worker, consume, env_for
 
     from detector.config import load_settings
 
     env = env_for(bootstrap, f"bench-mem-{uuid.uuid4().hex[:8]}", tmp)
+    if store is not None:
+        env["DETECTOR_TABLE_STORE"] = store
     s = load_settings(env=env)
     rows = flood_rows(n, hours)
-    out: dict[str, Any] = {"requests": n, "hours": hours}
+    half = n // 2
+    out: dict[str, Any] = {"store": store or "memory", "requests": n, "hours": hours}
     with Worker(env, tmp) as w:
         assert w.proc is not None
         time.sleep(3)
         out["rss_before_kib"] = rss_kib(w.proc.pid)["VmRSS"]
         t0 = time.monotonic()
-        asyncio.run(produce_keyed(bootstrap, s.topic_requests, rows))
+        asyncio.run(produce_keyed(bootstrap, s.topic_requests, rows[:half]))
+        recs = asyncio.run(consume(bootstrap, s.topic_decisions, half, timeout=3600, log=w.log))
+        out["rss_half_kib"] = rss_kib(w.proc.pid)["VmRSS"]
+        asyncio.run(produce_keyed(bootstrap, s.topic_requests, rows[half:]))
         recs = asyncio.run(consume(bootstrap, s.topic_decisions, n, timeout=3600, log=w.log))
         out["decisions"] = len(recs)
         out["decided_in_s"] = round(time.monotonic() - t0, 1)
+        out["decisions_per_s"] = round(len(recs) / out["decided_in_s"], 1)
         ids = [r.key for r in recs]
         out["duplicate_decisions"] = len(ids) - len(set(ids))
         del recs, ids
@@ -128,6 +147,11 @@ def run_worker(bootstrap: str, n: int, hours: float, tmp: Path) -> dict[str, Any
         out["live_unique_requests"] = live
         grown = (mem["VmRSS"] - out["rss_before_kib"]) * 1024
         out["bytes_per_live_request"] = round(grown / live) if live else None
+        if hours <= 24:  # nothing but seen expired: the second half's requests are all live
+            added = n - half
+            out["marginal_bytes_per_live_request"] = round(
+                (mem["VmRSS"] - out["rss_half_kib"]) * 1024 / added)
+        out["data_dir_bytes"] = dir_bytes(Path(w.env["DETECTOR_DATA_DIR"]))
         t_stop = time.monotonic()
         w.proc.send_signal(signal.SIGTERM)
         try:
@@ -203,6 +227,8 @@ def main() -> None:
     ap.add_argument("--hours", type=float, default=48.0)
     ap.add_argument("--bootstrap", default=os.environ.get("DETECTOR_KAFKA_BOOTSTRAP"))
     ap.add_argument("--inprocess", action="store_true")
+    ap.add_argument("--stores", default=None,
+                    help="comma-separated DETECTOR_TABLE_STORE values to compare (e.g. memory,rocksdb)")
     args = ap.parse_args()
     if args.inprocess:
         from detector.runtime import tune_gc
@@ -218,8 +244,22 @@ def main() -> None:
         broker = KafkaBroker()
         bootstrap = broker.start()
     try:
-        res = run_worker(bootstrap, args.requests, args.hours, Path(tempfile.mkdtemp(prefix="bench-mem-")))
-        print(json.dumps(res, indent=2))
+        tmp = Path(tempfile.mkdtemp(prefix="bench-mem-"))
+        if not args.stores:
+            print(json.dumps(run_worker(bootstrap, args.requests, args.hours, tmp), indent=2))
+            return
+        runs = {}
+        for store in args.stores.split(","):
+            runs[store] = run_worker(bootstrap, args.requests, args.hours, tmp, store=store)
+            print(json.dumps(runs[store], indent=2), flush=True)
+        if "memory" in runs and "rocksdb" in runs:
+            m, r = runs["memory"], runs["rocksdb"]
+            print(json.dumps({"rocksdb_vs_memory": {
+                "decisions_per_s_ratio": round(r["decisions_per_s"] / m["decisions_per_s"], 3),
+                "bytes_per_live_request": [m["bytes_per_live_request"], r["bytes_per_live_request"]],
+                "marginal_bytes_per_live_request": [m.get("marginal_bytes_per_live_request"),
+                                                    r.get("marginal_bytes_per_live_request")],
+            }}, indent=2))
     finally:
         if broker is not None:
             broker.stop()

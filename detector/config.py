@@ -63,6 +63,14 @@ class Settings:
     batch_ms: int = 30  # time a stage may wait to gather work (fetch wait, flush, 2x linger)
     fence_decisions: bool = True  # decisions in per-partition Kafka transactions (zombie fencing)
     data_dir: Path = Path("var/worker")
+    # Where the stream tables live (README "The stream: memory per key"): "memory" (Faust's
+    # memory store, rebuilt from the changelogs at each start) or "rocksdb" (Faust's RocksDB store
+    # via rocksdict, one database per table partition on local disk: flat memory, a restart reads
+    # only the changelog written since).
+    table_store: str = "memory"
+    table_dir: Path | None = None  # rocksdb: the databases' directory (None: <data_dir>/.../tables)
+    rocksdb_write_buffer_mb: int = 4  # rocksdb, per table partition: memtable size (2 of them) ...
+    rocksdb_block_cache_mb: int = 8  # ... and read cache
     # Policy, lists, IP data
     policy: Path | None = None
     lists_file: Path | None = None
@@ -128,12 +136,14 @@ class Settings:
 _FILES = ("policy", "lists_file", "geoip_country_db", "geoip_asn_db", "anonymous_ip_db", "hosting_asn_file",
           "rate_deck", "connection_type_db", "mobile_asn_file", "soc_private_key", "worker_private_key",
           "dialer_private_key")
-_PATHS = {*_FILES, "models_dir", "data_dir"}
+_PATHS = {*_FILES, "models_dir", "data_dir", "table_dir"}
 _PATH_LISTS = {"soc_public_keys", "worker_public_keys", "dialer_public_keys"}  # comma-separated
-_INTS = {"partitions", "replication", "web_port", "batch_ms", "sink_batch"}
+_INTS = {"partitions", "replication", "web_port", "batch_ms", "sink_batch", "rocksdb_write_buffer_mb",
+         "rocksdb_block_cache_mb"}
 _FLOATS = {"model_reload_s", "policy_reload_s", "sink_retention_days", "max_future_skew_s", "max_past_skew_s",
            "learned_deny_interval_s"}
 _BOOLS = {"sink_store_numbers", "dev_mode", "fence_decisions"}
+TABLE_STORES = ("memory", "rocksdb")
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
@@ -221,6 +231,18 @@ def load_settings(
     _check_security(s, check_files=check_files)
     if s.partitions < 1:
         raise ConfigError(f"{_env_name('partitions')}: expected >= 1, got {s.partitions}")
+    if s.table_store not in TABLE_STORES:
+        raise ConfigError(f"{_env_name('table_store')}: expected one of {', '.join(TABLE_STORES)}, "
+                          f"got {s.table_store!r}")
+    if s.table_store == "rocksdb":
+        try:
+            import rocksdict  # noqa: F401
+        except ImportError:
+            raise ConfigError(f"{_env_name('table_store')}=rocksdb needs rocksdict: "
+                              "pip install 'callback-fraud-detector[rocksdb]'") from None
+    for name in ("rocksdb_write_buffer_mb", "rocksdb_block_cache_mb"):
+        if not 1 <= getattr(s, name) <= 4096:
+            raise ConfigError(f"{_env_name(name)}: expected 1 to 4096 (MiB), got {getattr(s, name)}")
     if not 1 <= s.batch_ms <= 1000:
         raise ConfigError(f"{_env_name('batch_ms')}: expected 1 to 1000 (milliseconds), got {s.batch_ms}")
     if not check_files:

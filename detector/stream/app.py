@@ -43,7 +43,7 @@ from faust.types import TP
 
 from detector import metrics
 from detector.config import Settings
-from detector.stream import codec, failures, faust_internals, guard, retention
+from detector.stream import codec, failures, faust_internals, guard, retention, stores
 from detector.stream import population as pop_stream
 from detector.stream.delivery import DirectDecisions, FencedDecisions
 from detector.stream.ingest import ingest_one, outcome_one
@@ -141,8 +141,9 @@ def _faust_app(s: Settings, web: bool) -> DetectorApp:
         s.app_id,
         broker=[f"kafka://{h.strip()}" for h in s.kafka_bootstrap.split(",") if h.strip()],
         broker_credentials=faust_credentials(s),
-        store="memory://",
+        store=stores.store_url(s.table_store),  # DETECTOR_TABLE_STORE (detector.stream.stores)
         datadir=str(s.data_dir),
+        **_table_dir(s),
         autodiscover=False,
         topic_partitions=s.partitions,
         topic_replication_factor=s.replication,
@@ -162,6 +163,11 @@ def _faust_app(s: Settings, web: bool) -> DetectorApp:
         logging_config=None,
         producer_request_timeout=guard.DELIVERY_TIMEOUT_S,  # Faust's default: 1,200 s of silence
     )
+
+
+def _table_dir(s: Settings) -> dict[str, Any]:
+    """DETECTOR_TABLE_DIR: where the RocksDB databases live (default: Faust's, under the data dir)."""
+    return {"tabledir": str(s.table_dir)} if s.table_dir is not None else {}
 
 
 RAW: dict[str, Any] = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw",
@@ -184,14 +190,18 @@ def _topics_and_tables(app: DetectorApp, rt: StreamRuntime, s: Settings) -> None
                                 config=retention.internal_config(s), **RAW),
     }
     # Keys and values are bytes in the detector.stream.tables format, on the changelog as in
-    # memory (bytes key and value types: raw serializers, so Faust's recovery restores them as
-    # they are).
+    # the store (bytes key and value types: raw serializers, so Faust's recovery restores them as
+    # they are). The stages use them through detector.stream.stores (DETECTOR_TABLE_STORE).
+    options = stores.rocksdb_options(s) if s.table_store == "rocksdb" else None
     rt.tables = {name: app.Table(name, partitions=s.partitions, help=doc,
                                  extra_topic_configs=retention.changelog_config(s),
-                                 key_type=bytes, value_type=bytes)
+                                 key_type=bytes, value_type=bytes,
+                                 options=None if options is None else dict(options))
                  for name, doc in TABLES}
-    rt.state_tables = {name: StateTable(rt.tables[name]) for name in ("ip", "number", "pair", "range")}
-    rt.decisions = DecisionStore(rt.tables["seen"])
+    rt.state_tables = {name: StateTable(rt.tables[name],
+                                        store=stores.make_store(rt.tables[name], s.table_store))
+                       for name in ("ip", "number", "pair", "range")}
+    rt.decisions = DecisionStore(rt.tables["seen"], stores.make_store(rt.tables["seen"], s.table_store))
 
 
 def _publisher(app: DetectorApp, rt: StreamRuntime) -> Publish:
@@ -324,7 +334,7 @@ def _timers(app: DetectorApp, rt: StreamRuntime) -> None:
         started = sweeper.pass_started
         tombstones = sweeper.tick(sweep_now(rt))
         if tombstones:
-            await rt.send_all(rt.changelog(tombstones))
+            await rt.send_writes(tombstones)
         if sweeper.pass_started != started:  # a new pass (every SWEEP_INTERVAL_S at most)
             rt.population.prune(pop_stream.prune_clock(rt.max_ts))
 
@@ -456,8 +466,11 @@ def _model_gauges(rt: StreamRuntime) -> None:
 
 
 def update_gauges(app: faust.App, rt: StreamRuntime) -> None:
-    for name, table in rt.tables.items():
-        metrics.TABLE_KEYS.labels(name).set(len(table.data))
+    backends = {name: st.backend for name, st in rt.state_tables.items()}
+    if rt.decisions is not None:
+        backends["seen"] = rt.decisions.backend
+    for name, backend in backends.items():
+        metrics.TABLE_KEYS.labels(name).set(backend.count())
     rt.update_list_gauges()
     _model_gauges(rt)
     try:

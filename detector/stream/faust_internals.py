@@ -60,6 +60,25 @@ table.data + changelog     Stages write ``table.data`` and send changelog messag
                            those bytes back as they are (a Table with ``key_type=bytes`` and
                            ``value_type=bytes`` has ``raw`` serializers; see
                            :mod:`detector.stream.tables` for the value format).
+RocksDB store               ``DETECTOR_TABLE_STORE=rocksdb`` (:mod:`detector.stream.stores`).
+  Store._dbs, offset_key,  ``Store._set`` takes the partition from ``current_event()`` (it
+  persisted offset,         asserts there is one) and ``_get`` outside an event searches every
+  apply_changelog_batch    partition's database; the stages write and read outside the event
+                           (a batch's flush, a sweep), for keys of many partitions. So
+                           :func:`rocksdb_open_dbs` reads the store's ``_dbs`` (the databases
+                           Faust opened for this worker's partitions, closed by Faust when
+                           revoked) and the detector reads and writes the partition's database
+                           itself. :func:`rocksdb_write_acknowledged` writes a value whose
+                           changelog message Kafka acknowledged together with that offset
+                           under ``Store.offset_key`` (what ``persisted_offset`` reads and
+                           Faust's recovery seeks past, as Faust's own ``set_persisted_offset``
+                           stores it) in one write batch: the database stays a prefix of its
+                           changelog partition. Recovery's ``apply_changelog_batch`` writes
+                           message key and value bytes as they are. Upstream: writes outside
+                           stream iteration fail with RocksDB (faust-streaming #261, SetTable
+                           crashes with RocksDB; #522, flush without a ``current_event``;
+                           #497, writes from ``Stream.take()`` refused), data loss under
+                           intense writes (#333).
 Consumer._active_/_paused_ :func:`partition_flow_state`: a stalled partition's state in Faust's
   /_buffered_partitions    consumer, for the stall report only (nothing depends on it).
 PrometheusMonitor._metrics  :func:`lean_monitor` rebuilds Faust's monitor without its per-event
@@ -443,3 +462,43 @@ def _awaited_frames(coro: Any, limit: int = 40) -> list[tuple[str, int, str, Non
             out.append((frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name, None))
         current = getattr(current, "cr_await", None) or getattr(current, "gi_yieldfrom", None)
     return out
+
+
+# --------------------------------------------------------------------------- RocksDB store
+
+
+def rocksdb_open_dbs(store: Any) -> dict[int, Any]:
+    """partition -> the open rocksdict database of Faust's RocksDB ``store`` (``table.data``):
+    those of the partitions Faust assigned to this worker (it opens them at assignment and drops
+    them when revoked)."""
+    dbs = store._dbs
+    if not isinstance(dbs, dict):
+        raise FaustContractError("faust.stores.rocksdb.Store._dbs is no longer a dict of the "
+                                 "partitions' databases (DETECTOR_TABLE_STORE=rocksdb)")
+    return dbs
+
+
+def rocksdb_write_acknowledged(store: Any, db: Any, key: bytes, value: bytes | None,
+                               offset: int) -> None:
+    """Write ``key`` (``value`` None: delete it) and Faust's persisted offset ``offset`` (the
+    write's changelog offset, Kafka acknowledged) to ``db`` atomically."""
+    from rocksdict import WriteBatch
+
+    batch = WriteBatch(raw_mode=True)
+    if value is None:
+        batch.delete(key)
+    else:
+        batch.put(key, value)
+    batch.put(store.offset_key, str(offset).encode())
+    db.write(batch)
+
+
+def rocksdb_keys(store: Any, db: Any, after: bytes | None, n: int) -> tuple[list[bytes], bool]:
+    """Up to ``n`` keys of ``db`` after ``after`` (None: from the first), without Faust's
+    persisted-offset key, and whether there may be more."""
+    import itertools
+
+    it = db.keys() if after is None else db.keys(from_key=after)
+    raw = list(itertools.islice(it, n + 1))
+    keys = [k for k in raw if k != after and k != store.offset_key]
+    return keys[:n], len(raw) == n + 1

@@ -84,7 +84,7 @@ class IpStage:
                 return 0
             writes, acks = self.table.take_writes(), self.acks
             self.acks = []
-            await self.rt.send_all(self.rt.changelog(writes))
+            await self.rt.send_writes(writes)
             for ack in acks:
                 ack()
             self.rt.watch.progress("ip")

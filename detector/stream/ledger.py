@@ -51,7 +51,8 @@ from detector.stream import faust_internals, guard
 from detector.stream.delivery import Admit, OffsetGate, start_offsets
 from detector.stream.io import stop_consumer, topic_partitions
 from detector.stream.kafka_security import client_kwargs
-from detector.stream.tables import Write, pack_value, sweep_keys, unpack_value
+from detector.stream.stores import MemoryTableStore, TableStore
+from detector.stream.tables import Keys, Write, pack_value, sweep_keys, unpack_value
 
 log = logging.getLogger("detector.stream")
 
@@ -75,8 +76,9 @@ class DecisionStore:
     """Table ``seen``: request id -> the decision made for it (kept :data:`SEEN_TTL_S` of event
     time), and the request ids whose decision is known to be on ``callback-decisions``."""
 
-    def __init__(self, table: Any) -> None:
+    def __init__(self, table: Any, store: TableStore | None = None) -> None:
         self.table = table
+        self.backend: TableStore = store if store is not None else MemoryTableStore(table)
         self.pending: dict[str, tuple[int, int, float, bytes]] = {}  # rid -> partition, offset, ts, raw
         # Request ids sent, per wall-clock minute (whole minutes are forgotten at once). Python's
         # hash of the id: 64 bits, in memory only, so a busy worker keeps ~60 bytes per id.
@@ -84,12 +86,13 @@ class DecisionStore:
 
     # -- stored decisions
 
-    def stored(self, request_id: str) -> tuple[int, bytes] | None:
-        """(by-range offset, decision JSON) stored for ``request_id``, or None."""
+    def stored(self, request_id: str, partition: int | None = None) -> tuple[int, bytes] | None:
+        """(by-range offset, decision JSON) stored for ``request_id`` (on by-range partition
+        ``partition`` when known), or None."""
         p = self.pending.get(request_id)
         if p is not None:
             return p[1], p[3]
-        raw = self.table.data.get(request_id.encode("utf-8", "surrogatepass"))
+        raw = self.backend.get(request_id.encode("utf-8", "surrogatepass"), partition)
         if raw is None:
             return None
         try:
@@ -104,12 +107,12 @@ class DecisionStore:
 
     def take_writes(self) -> list[Write]:
         out = []
-        data = self.table.data
+        store = self.backend
         for rid, (partition, offset, ts, raw) in self.pending.items():
             kb = rid.encode("utf-8", "surrogatepass")
             value = pack_value(partition, ts + SEEN_TTL_S, {0: offset}, raw)
-            data[kb] = value
-            out.append(Write(self.table, kb, value, partition))
+            store.put(kb, value, partition)
+            out.append(Write(self.table, kb, value, partition, store))
         self.pending = {}
         return out
 
@@ -195,10 +198,10 @@ class DecisionStore:
         guard.crash("decisions: could not read the request ids already decided")
         return 0
 
-    def sweep(self, keys: list[bytes] | None, now: float, owned: set[int]) -> list[Write]:
+    def sweep(self, keys: Keys | None, now: float, owned: set[int]) -> list[Write]:
         """Drop decisions past their TTL (tombstones) and those of partitions not owned, and
         their ids from ``sent``: without a stored decision there is nothing to re-send."""
-        writes = sweep_keys(self.table, keys, now, owned, self.busy)
+        writes = sweep_keys(self.table, self.backend, keys, now, owned, self.busy)
         for w in writes:
             self.forget(w.key.decode("utf-8", "surrogatepass"))
         return writes
@@ -243,6 +246,12 @@ class StageDelivery:
             owned = rt.active.get("by_range", set())
             await rt.decisions_out.release(owned)  # revoked: left unsent and unacked ...
             await rt.flush_batches()  # ... the rest of the last batches completes
+            from detector.stream.sweep import owned_partitions
+
+            owned_by = owned_partitions(rt)  # unacknowledged writes of revoked partitions are
+            for name, st in rt.state_tables.items():  # forgotten (their new owner has them)
+                st.backend.retain(owned_by[name])
+            rt.decisions.backend.retain(owned_by["seen"])
             await rt.decisions_out.assign(owned)  # fences the previous owners of new partitions
             gates = self.gates
             n_req = app.consumer.topic_partitions(gates["requests"].topic)

@@ -92,7 +92,7 @@ def range_one(rt: Any, env: dict[str, Any], *, partition: int, offset: int,
     wire = env["r"]
     req = codec.request_from_wire(wire)
     rt.max_ts = max(rt.max_ts, req.ts)
-    seen = rt.decisions.stored(req.request_id)
+    seen = rt.decisions.stored(req.request_id, partition)
     if seen is not None and seen[0] != offset:
         # The same request arrived again in another message (an upstream stage was redelivered):
         # its state was counted when its first message was processed. Re-send the stored decision.
@@ -302,7 +302,7 @@ class RangeStage:
                 log.info("range: %d events of partitions %s left to their new owner",
                          sum(1 for p, _ in acks if not owns(p)), lost)
                 writes = [w for w in writes if owns(w.partition)]
-            futs = await rt.send_all(rt.changelog(writes))
+            futs = await rt.send_writes(writes)
             if futs:  # state and stored decisions durable before any send (bounded, loud wait)
                 await guard.wait_delivered(futs, stage="range", what="changelog writes",
                                            diagnose=rt.diagnose)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -94,6 +95,19 @@ class StreamRuntime:
         assert self.publish is not None
         return await self.publish(w.table.changelog_topic, w.key, w.value, w.partition)
 
+    async def send_writes(self, writes: list[Write]) -> list[Any]:
+        """Send table writes (and tombstones) to their changelogs, in order; their delivery
+        futures. A persistent store (:class:`~detector.stream.stores.RocksTableStore`) is told
+        each acknowledged offset: only then does the write reach its local database."""
+        assert self.publish is not None
+        futs = []
+        for w in writes:
+            fut = await self.publish(w.table.changelog_topic, w.key, w.value, w.partition)
+            if w.store is not None and w.store.persistent and hasattr(fut, "add_done_callback"):
+                fut.add_done_callback(functools.partial(_acknowledged, w))
+            futs.append(fut)
+        return futs
+
     async def send_all(self, messages: list[Message]) -> list[Any]:
         """Send messages in order; their delivery futures."""
         assert self.publish is not None
@@ -151,3 +165,16 @@ class StreamRuntime:
         metrics.LIST_ENTRIES.clear()
         for (action, kind), n in self.ctx.lists.counts().items():
             metrics.LIST_ENTRIES.labels(action, kind).set(n)
+
+
+def _acknowledged(w: Write, fut: asyncio.Future[Any]) -> None:
+    """A changelog write was acknowledged: hand it to its persistent store with its offset (a
+    failed delivery crashes the worker: guard.watch_delivery)."""
+    if fut.cancelled() or fut.exception() is not None:
+        return
+    assert w.store is not None
+    try:
+        w.store.delivered(w.key, w.value, w.partition, int(fut.result().offset))
+    except Exception as exc:  # e.g. a full disk: the local database would fall behind silently
+        guard.crash(f"table store: could not write an acknowledged change to disk "
+                    f"({type(exc).__name__}: {exc})")

@@ -11,12 +11,14 @@ tick, so a table of millions of keys never stalls the loop.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from detector import metrics
 from detector.core import state
 from detector.core.clock import sweep_time
-from detector.stream.tables import Write, read_head, sweep_keys
+from detector.stream.stores import TableStore, iter_slice
+from detector.stream.tables import Keys, Write, read_head, sweep_keys
 
 SWEEP_INTERVAL_S = 30.0  # a full sweep pass starts at most this often ...
 SWEEP_TICK_S = 0.5  # ... and proceeds a slice of keys per tick:
@@ -32,7 +34,7 @@ def owned_partitions(rt: Any) -> dict[str, set[int]]:
             "range": by_range, "seen": by_range}
 
 
-def sweep_tables(rt: Any, now: float, only: dict[str, list[bytes]] | None = None) -> list[Write]:
+def sweep_tables(rt: Any, now: float, only: dict[str, Keys] | None = None) -> list[Write]:
     """Delete dead keys of this worker's partitions (core tables when nothing in them can count;
     ``seen`` after its TTL) and keys of partitions it no longer owns; ``only`` limits it to some
     keys. Returns the tombstones to send."""
@@ -41,7 +43,7 @@ def sweep_tables(rt: Any, now: float, only: dict[str, list[bytes]] | None = None
     for name in CORE_TABLES:
         st = rt.state_tables[name]
         keys = None if only is None else only.get(name, [])
-        writes += sweep_keys(st.table, keys, now, owned[name], st.busy)
+        writes += sweep_keys(st.table, st.backend, keys, now, owned[name], st.busy)
     keys = None if only is None else only.get("seen", [])
     writes += rt.decisions.sweep(keys, now, owned["seen"])
     return writes
@@ -60,13 +62,15 @@ class Sweeper:
     def __init__(self, rt: Any, slice_size: int = SWEEP_SLICE) -> None:
         self.rt = rt
         self.min_slice = self.slice_size = slice_size
-        self.queue: list[tuple[str, list[bytes]]] = []  # (table, its keys at the pass's start)
+        # (table, its keys at the pass's start: a list for the memory store, read lazily from
+        # the databases for RocksDB)
+        self.queue: list[tuple[str, Iterator[tuple[bytes, int | None]]]] = []
         self.pass_started = float("-inf")
         self.pending = 0  # numbers with an outstanding callback seen in the current pass
 
-    def _tables(self) -> dict[str, Any]:
-        return {**{n: self.rt.state_tables[n].table for n in CORE_TABLES},
-                "seen": self.rt.decisions.table}
+    def _stores(self) -> dict[str, TableStore]:
+        return {**{n: self.rt.state_tables[n].backend for n in CORE_TABLES},
+                "seen": self.rt.decisions.backend}
 
     def tick(self, now: float) -> list[Write]:
         wall = time.monotonic()
@@ -76,25 +80,25 @@ class Sweeper:
             self.pass_started = wall
             metrics.OUTSTANDING.set(self.pending)
             self.pending = 0
-            self.queue = [(name, list(t.data.keys())) for name, t in self._tables().items()]
-            total = sum(len(keys) for _, keys in self.queue)
+            stores = self._stores()
+            self.queue = [(name, st.scan()) for name, st in reversed(stores.items())]
+            total = sum(st.count() for st in stores.values())
             ticks = SWEEP_INTERVAL_S / SWEEP_TICK_S
             self.slice_size = min(max(self.min_slice, int(total / ticks) + 1),
                                   max(self.min_slice, SWEEP_SLICE_MAX))
             self.rt.decisions.forget_sent()
-        only: dict[str, list[bytes]] = {}
+        only: dict[str, Keys] = {}
         budget = self.slice_size
         while self.queue and budget > 0:
             name, keys = self.queue[-1]
-            batch = keys[-budget:]
-            del keys[-budget:]
-            if not keys:
+            batch = iter_slice(keys, budget)
+            if len(batch) < budget:
                 self.queue.pop()
             budget -= len(batch)
             only.setdefault(name, []).extend(batch)
-        numbers = self.rt.state_tables["number"].table.data
-        for key in only.get("number", ()):
-            raw = numbers.get(key)
+        numbers = self.rt.state_tables["number"].backend
+        for key, where in only.get("number", ()):
+            raw = numbers.get(key, where)
             if raw is not None and read_head(raw)[0] >= 0:
                 until = state.pending_until(raw, _payload_pos(raw))
                 if until is not None and until > now:

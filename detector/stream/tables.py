@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from detector.core import state
+from detector.stream.stores import MemoryTableStore, TableStore
 
 log = logging.getLogger("detector.stream")
 
@@ -49,6 +50,7 @@ class Write:
     key: bytes
     value: bytes | None
     partition: int
+    store: TableStore | None = None  # told when Kafka acknowledged it (RocksTableStore)
 
 
 def pack_value(partition: int, expires: float, marks: dict[int, int], payload: bytes) -> bytes:
@@ -100,24 +102,23 @@ class StateTable:
 
     def __init__(self, table: Any, *, pack: Callable[[Any], bytes] = state.pack,
                  unpack: Callable[[bytes | memoryview, int], Any] = state.unpack,
-                 expires: Callable[[Any], float] = state.expires_at) -> None:
+                 expires: Callable[[Any], float] = state.expires_at,
+                 store: TableStore | None = None) -> None:
         self.table = table
+        self.backend: TableStore = store if store is not None else MemoryTableStore(table)
         self.name: str = table.name
         self._pack, self._unpack, self._expires = pack, unpack, expires
         self.cache: dict[str, Entry] = {}  # unpacked in the current batch
         self.dirty: dict[str, None] = {}  # written in the current batch (insertion order)
         self._bad_format_logged = False
 
-    @property
-    def data(self) -> Any:
-        return self.table.data
-
-    def entry(self, key: str) -> Entry | None:
-        """The value of ``key`` for this batch (unpacked once), or None."""
+    def entry(self, key: str, partition: int | None = None) -> Entry | None:
+        """The value of ``key`` (of table partition ``partition``) for this batch (unpacked
+        once), or None."""
         e = self.cache.get(key)
         if e is not None:
             return e
-        raw = self.table.data.get(key.encode("utf-8", "surrogatepass"))
+        raw = self.backend.get(key.encode("utf-8", "surrogatepass"), partition)
         if raw is None:
             return None
         try:
@@ -132,14 +133,14 @@ class StateTable:
         self.cache[key] = e
         return e
 
-    def peek(self, key: str) -> Any:
+    def peek(self, key: str, partition: int | None = None) -> Any:
         """The core value of ``key`` to read outside a batch (the pre-check): the current
         batch's if it holds the key, else unpacked from the store without caching it; None when
         absent or in an unknown format. Never to be changed: writes go through :meth:`view`."""
         e = self.cache.get(key)
         if e is not None:
             return e.value
-        raw = self.table.data.get(key.encode("utf-8", "surrogatepass"))
+        raw = self.backend.get(key.encode("utf-8", "surrogatepass"), partition)
         if raw is None:
             return None
         try:
@@ -158,13 +159,13 @@ class StateTable:
     def take_writes(self) -> list[Write]:
         """Pack every key written in this batch into the store; their changelog messages."""
         out: list[Write] = []
-        data = self.table.data
+        store = self.backend
         for key in self.dirty:
             e = self.cache[key]
             kb = key.encode("utf-8", "surrogatepass")
             raw = pack_value(e.partition, self._expires(e.value), e.marks, self._pack(e.value))
-            data[kb] = raw
-            out.append(Write(self.table, kb, raw, e.partition))
+            store.put(kb, raw, e.partition)
+            out.append(Write(self.table, kb, raw, e.partition, store))
         self.dirty = {}
         self.cache = {}
         return out
@@ -174,7 +175,7 @@ class StateTable:
         return key.decode("utf-8", "surrogatepass") in self.cache
 
     def __len__(self) -> int:
-        return len(self.table.data)
+        return self.backend.count()
 
 
 class EventView(MutableMapping[str, Any]):
@@ -207,7 +208,7 @@ class EventView(MutableMapping[str, Any]):
         frozen = self._frozen.get(key)
         if frozen is not None:
             return frozen
-        e = self._st.entry(key)
+        e = self._st.entry(key, self._partition)
         if e is None:
             return default
         if key not in self._written and e.marks.get(self._source, -1) >= self._offset:
@@ -244,16 +245,19 @@ class EventView(MutableMapping[str, Any]):
 # --------------------------------------------------------------------------- sweeps
 
 
-def sweep_keys(table: Any, keys: list[bytes] | None, now: float, owned: set[int],
+Keys = list[tuple[bytes, int | None]]  # keys to sweep, with their partition when known
+
+
+def sweep_keys(table: Any, store: TableStore, keys: Keys | None, now: float, owned: set[int],
                busy: Callable[[bytes], bool] = lambda k: False) -> list[Write]:
     """Delete from ``table`` the values that expired at ``now`` (event time) with a tombstone on
     their changelog partition, and the values of partitions this worker no longer owns (no
-    tombstone: they belong to another worker now). ``keys`` None: every key. ``busy``: keys a
-    batch is working on (left alone)."""
-    data = table.data
+    tombstone: they belong to another worker now; a RocksDB store has only the owned
+    partitions open). ``keys`` None: every key. ``busy``: keys a batch is working on (left
+    alone)."""
     out: list[Write] = []
-    for key in list(data.keys()) if keys is None else keys:
-        raw = data.get(key)
+    for key, where in store.scan() if keys is None else keys:
+        raw = store.get(key, where)
         if raw is None:
             continue
         partition, expires = read_head(raw)
@@ -261,7 +265,9 @@ def sweep_keys(table: Any, keys: list[bytes] | None, now: float, owned: set[int]
             continue
         if busy(key):
             continue
-        data.pop(key, None)
         if partition in owned:  # expired; otherwise a partition this worker no longer owns
-            out.append(Write(table, key, None, partition))
+            store.delete(key, partition)
+            out.append(Write(table, key, None, partition, store))
+        elif not store.persistent:
+            store.delete(key, where)
     return out

@@ -403,3 +403,56 @@ def test_dump_tasks_prints_stacks_without_local_values() -> None:
     assert "holder" in text and "test_faust_contract.py" in text
     assert "awaiting" in text and "inner_wait" in text  # where the task waits, not only its top
     assert secret not in text
+
+
+# --- RocksDB store (DETECTOR_TABLE_STORE=rocksdb: detector.stream.stores) ---------------------
+
+
+def test_rocksdb_store_routes_writes_by_the_current_event_so_we_write_the_partition_db() -> None:
+    from faust.stores import rocksdb as faust_rocksdb
+
+    store = faust_rocksdb.Store
+    set_src = source(store._set)
+    assert "event = current_event()" in set_src and "event.message.partition" in set_src, (
+        "Store._set no longer needs the current event: the detector's own partition routing "
+        "(rocksdb_open_dbs) may be replaceable by the public API")
+    assert "self._dbs = {}" in source(store.__init__)
+    assert "db = self._dbs[partition] = self._open_for_partition(partition)" in source(
+        store._db_for_partition)
+    assert "db = self._dbs.pop(tp.partition, None)" in source(store.revoke_partitions)
+    assert "self._dbs.clear()" in source(store.stop)
+    assert "await self._try_open_db_for_partition(" in source(store.assign_partitions)
+
+
+def test_rocksdb_persisted_offset_is_the_offset_key_we_write_and_recovery_seeks_to() -> None:
+    from faust.stores import rocksdb as faust_rocksdb
+    from faust.tables import recovery
+
+    store = faust_rocksdb.Store
+    assert store.offset_key == b"__faust\0offset__"
+    assert "self._db_for_partition(tp.partition).get(self.offset_key)" in source(store.persisted_offset)
+    assert "return int(offset)" in source(store.persisted_offset)
+    assert "put(self.offset_key, str(offset).encode())" in source(store.set_persisted_offset)
+    assert "persisted_offset = table.persisted_offset(tp)" in source(recovery.Recovery._add)
+    # Recovery writes changelog key and value bytes as they are, then the batch's last offset.
+    batch_src = source(store.apply_changelog_batch)
+    assert "batches[msg.partition].put(msg.key, msg.value)" in batch_src
+    assert "batches[msg.partition].delete(msg.key)" in batch_src
+    assert "self.set_persisted_offset(tp, offset)" in batch_src
+    assert "Options(raw_mode=True)" in source(faust_rocksdb.RocksDBOptions.as_options)
+
+
+def test_rocksdb_write_acknowledged_is_what_faust_reads_back(tmp_path: Any) -> None:
+    pytest.importorskip("rocksdict")
+    from faust.types import TP
+
+    app = faust.App("t-contract-rocks", store="rocksdb://", datadir=str(tmp_path), autodiscover=False)
+    table = app.Table("number", partitions=2, key_type=bytes, value_type=bytes)
+    db = table.data._db_for_partition(1)
+    faust_internals.rocksdb_write_acknowledged(table.data, db, b"k", b"v", 12)
+    tp = TP(table.changelog_topic.get_topic_name(), 1)
+    assert table.data.persisted_offset(tp) == 12
+    assert faust_internals.rocksdb_open_dbs(table.data) == {1: db}
+    assert faust_internals.rocksdb_keys(table.data, db, None, 10) == ([b"k"], False)
+    faust_internals.rocksdb_write_acknowledged(table.data, db, b"k", None, 13)
+    assert db.get(b"k") is None and table.data.persisted_offset(tp) == 13
