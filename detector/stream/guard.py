@@ -48,6 +48,7 @@ PROBE_INTERVAL_S = 5.0
 PROBE_TIMEOUT_S = 5.0
 UNREACHABLE_AFTER_S = 10.0
 SHUTDOWN_DEADLINE_S = 9.0
+SHUTDOWN_FLUSH_WAIT_S = 4.0  # SIGTERM: how long a range flush in flight may finish its transactions
 PREPARE_TIMEOUT_S = 30.0  # reading committed offsets, seeking: admin and consumer calls
 SESSION_TIMEOUT_S = 10.0  # the consumer group's session timeout (make_app)
 HEARTBEAT_INTERVAL_S = 2.0  # the consumer's heartbeat interval (make_app)
