@@ -13,7 +13,8 @@ WORKDIR /app
 
 # Dependencies first (cached while only the code changes): the pinned set from pyproject.toml.
 COPY pyproject.toml README.md ./
-RUN python -c "import tomllib; print('\\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+# (plus the rocksdb extra, so that DETECTOR_TABLE_STORE=rocksdb works in the image).
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\\n'.join(p['dependencies'] + p['optional-dependencies']['rocksdb']))" \
       > /tmp/requirements.txt \
  && pip install -r /tmp/requirements.txt
 COPY detector ./detector
