@@ -54,6 +54,43 @@ async def topic_partitions(consumer: Any, topic: str, timeout: float = 10.0) -> 
         await asyncio.sleep(0.2)
 
 
+async def open_broadcast_reader(app: Any, rt: Any, topic: str, read_back_s: float,
+                                what: str) -> Any:
+    """A started group-less consumer on every partition of ``topic``, positioned ``read_back_s``
+    before now (a partition with nothing that recent: at its end), for the topics every worker
+    reads whole (population deltas, queue states). Waits until the stages are prepared (the
+    topics exist) and retries while ``topic`` is not found; ``what`` names the reader in logs.
+    The caller stops it with :func:`stop_consumer`."""
+    s = rt.settings
+    while rt.generation is None and not app.should_stop:  # stages prepared: topics exist
+        await asyncio.sleep(0.5)
+    consumer = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, group_id=None,
+                                enable_auto_commit=False, auto_offset_reset="earliest",
+                                fetch_max_wait_ms=100, **client_kwargs(s))
+    await consumer.start()
+    try:
+        parts: set[int] = set()
+        while not parts and not app.should_stop:
+            parts = set(await topic_partitions(consumer, topic, timeout=10.0) or ())
+            if not parts:
+                log.warning("%s: topic %s not found yet; retrying", what, topic)
+                await asyncio.sleep(2.0)
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        consumer.assign(tps)
+        since = int((time.time() - read_back_s) * 1000)
+        found = await consumer.offsets_for_times({tp: since for tp in tps})
+        for tp in tps:
+            at = found.get(tp)
+            if at is None:
+                await consumer.seek_to_end(tp)
+            else:
+                consumer.seek(tp, at.offset)
+    except BaseException:
+        await stop_consumer(consumer)
+        raise
+    return consumer
+
+
 def topic_specs(settings: Settings) -> dict[str, tuple[int, dict[str, str]]]:
     """Every topic the detector uses: name -> (partitions, config)."""
     from detector.stream.capacity import queue_state_topic

@@ -21,7 +21,6 @@ worker's published delta, once again): population counts are baselines, not exac
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import socket
@@ -77,35 +76,10 @@ def prune_clock(max_event_ts: float, skew_s: float = 300.0) -> float:
 async def read_population_forever(app: Any, rt: Any, topic: str, me: str) -> None:
     """Follow ``topic`` from READ_BACK_S ago and merge the other workers' deltas into
     ``rt.population`` (every worker, no consumer group)."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from detector.stream.io import open_broadcast_reader, stop_consumer
 
-    from detector.stream.io import stop_consumer, topic_partitions
-    from detector.stream.kafka_security import client_kwargs
-
-    s = rt.settings
-    while rt.generation is None and not app.should_stop:  # stages prepared: topics exist
-        await asyncio.sleep(0.5)
-    consumer = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap, group_id=None,
-                                enable_auto_commit=False, auto_offset_reset="earliest",
-                                fetch_max_wait_ms=100, **client_kwargs(s))
-    await consumer.start()
+    consumer = await open_broadcast_reader(app, rt, topic, READ_BACK_S, "population")
     try:
-        parts: set[int] = set()
-        while not parts and not app.should_stop:
-            parts = set(await topic_partitions(consumer, topic, timeout=10.0) or ())
-            if not parts:
-                log.warning("population: topic %s not found yet; retrying", topic)
-                await asyncio.sleep(2.0)
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
-        consumer.assign(tps)
-        since = int((time.time() - READ_BACK_S) * 1000)
-        found = await consumer.offsets_for_times({tp: since for tp in tps})
-        for tp in tps:
-            at = found.get(tp)
-            if at is None:
-                await consumer.seek_to_end(tp)
-            else:
-                consumer.seek(tp, at.offset)
         n = 0
         while not app.should_stop:
             batch = await consumer.getmany(timeout_ms=200, max_records=5000)
