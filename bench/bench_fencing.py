@@ -36,13 +36,7 @@ def main() -> None:
     ap.add_argument("--no-model", action="store_true", help="rules only (no isolation forest)")
     args = ap.parse_args()
     bs.NO_MODEL = args.no_model
-    from kafka_broker import KafkaBroker
-
-    broker = None
-    bootstrap = args.bootstrap
-    if not bootstrap:
-        broker = KafkaBroker()
-        bootstrap = broker.start()
+    bootstrap, broker = bs.start_kafka(args.bootstrap)
     tmp = Path(tempfile.mkdtemp(prefix="bench-fencing-"))
     runs: dict[str, list[dict[str, Any]]] = {"on": [], "off": []}
     try:
@@ -77,8 +71,7 @@ def main() -> None:
         raise SystemExit(1) from None
     finally:
         os.environ.pop("DETECTOR_FENCE_DECISIONS", None)
-        if broker is not None:
-            broker.stop()
+        bs.stop_kafka(broker)
 
 
 if __name__ == "__main__":

@@ -236,13 +236,9 @@ def main() -> None:
         tune_gc()
         print(json.dumps(asyncio.run(run_inprocess(args.requests, args.hours)), indent=2))
         return
-    from kafka_broker import KafkaBroker
+    import bench_stream as bs
 
-    broker = None
-    bootstrap = args.bootstrap
-    if not bootstrap:
-        broker = KafkaBroker()
-        bootstrap = broker.start()
+    bootstrap, broker = bs.start_kafka(args.bootstrap)
     try:
         tmp = Path(tempfile.mkdtemp(prefix="bench-mem-"))
         if not args.stores:
@@ -261,8 +257,7 @@ def main() -> None:
                                                     r.get("marginal_bytes_per_live_request")],
             }}, indent=2))
     finally:
-        if broker is not None:
-            broker.stop()
+        bs.stop_kafka(broker)
 
 
 if __name__ == "__main__":

@@ -321,21 +321,14 @@ def main() -> None:
     ap.add_argument("--no-model", action="store_true", help="rules only (no isolation forest)")
     args = ap.parse_args()
     bench_stream.NO_MODEL = args.no_model
-    from kafka_broker import KafkaBroker
-
-    broker = None
-    bootstrap = args.bootstrap
-    if not bootstrap:
-        broker = KafkaBroker()
-        bootstrap = broker.start()
+    bootstrap, broker = bench_stream.start_kafka(args.bootstrap)
     tmp = Path(tempfile.mkdtemp(prefix="bench-precheck-"))
     try:
         results = run(bootstrap, args, tmp)
         report(results)
         print(json.dumps(results, indent=2))
     finally:
-        if broker is not None:
-            broker.stop()
+        bench_stream.stop_kafka(broker)
 
 
 if __name__ == "__main__":

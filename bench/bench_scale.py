@@ -152,14 +152,9 @@ def main() -> None:
     ap.add_argument("--no-model", action="store_true", help="rules only (no isolation forest)")
     args = ap.parse_args()
     bs.NO_MODEL = args.no_model
-    from kafka_broker import KafkaBroker
-
-    broker = None
-    bootstrap = args.bootstrap
     broker_pid: int | None = None
-    if not bootstrap:
-        broker = KafkaBroker()
-        bootstrap = broker.start()
+    bootstrap, broker = bs.start_kafka(args.bootstrap)
+    if broker is not None:
         assert broker.data_dir is not None
         pid_file = broker.data_dir / "broker.pid"
         broker_pid = int(pid_file.read_text()) if pid_file.is_file() else None
@@ -194,8 +189,7 @@ def main() -> None:
         print(f"bench_scale: FAILED: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
     finally:
-        if broker is not None:
-            broker.stop()
+        bs.stop_kafka(broker)
 
 
 if __name__ == "__main__":

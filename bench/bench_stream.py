@@ -58,6 +58,23 @@ KEY_BY_IP = True  # requests keyed by IP as the README asks of the web tier (--n
 NO_MODEL = False  # --no-model: rules only
 
 
+def start_kafka(bootstrap: str | None) -> tuple[str, Any]:
+    """``(bootstrap, None)`` for a given broker, else a broker started here with
+    tests/kafka_broker.py: ``(its bootstrap, the broker)``; :func:`stop_kafka` stops it."""
+    if bootstrap:
+        return bootstrap, None
+    from kafka_broker import KafkaBroker
+
+    broker = KafkaBroker()
+    return broker.start(), broker
+
+
+def stop_kafka(broker: Any) -> None:
+    """Stop a broker :func:`start_kafka` started (None: nothing to stop)."""
+    if broker is not None:
+        broker.stop()
+
+
 def security() -> dict[str, Any]:
     """aiokafka security options from the DETECTOR_KAFKA_* environment (PLAINTEXT by default)."""
     return client_kwargs(load_settings(check_files=True))
@@ -335,13 +352,7 @@ def main() -> None:
     args = ap.parse_args()
     global KEY_BY_IP, NO_MODEL
     KEY_BY_IP, NO_MODEL = not args.no_ip_key, args.no_model
-    from kafka_broker import KafkaBroker
-
-    broker = None
-    bootstrap = args.bootstrap
-    if not bootstrap:
-        broker = KafkaBroker()
-        bootstrap = broker.start()
+    bootstrap, broker = start_kafka(args.bootstrap)
     tmp = Path(tempfile.mkdtemp(prefix="bench-stream-"))
     results: dict[str, Any] = {"bootstrap": bootstrap, "cpus": os.cpu_count(), "model": not NO_MODEL,
                                "requests_keyed_by_ip": KEY_BY_IP, "rounds": []}
@@ -392,8 +403,7 @@ def main() -> None:
         print(f"bench_stream: FAILED: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
     finally:
-        if broker is not None:
-            broker.stop()
+        stop_kafka(broker)
 
 
 if __name__ == "__main__":
