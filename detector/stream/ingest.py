@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from detector import metrics
 from detector.core.errors import InputError
@@ -26,6 +27,8 @@ from detector.stream.ledger import ip_source
 
 log = logging.getLogger("detector.stream")
 
+T = TypeVar("T")
+
 
 async def ingest_one(rt: Any, key: bytes | None, value: bytes | None, *, partition: int,
                      offset: int, timestamp: float | None, ack: Any = None) -> None:
@@ -35,23 +38,10 @@ async def ingest_one(rt: Any, key: bytes | None, value: bytes | None, *, partiti
     once its table write is flushed); called here when nothing is deferred."""
     t0 = time.perf_counter()
     metrics.REQUESTS.inc()
-    s = rt.settings
-    try:
-        if value is None:
-            raise InputError("message has no value (tombstone); expected a JSON request")
-        req = parse_request(value)
-        check_event_time(req.ts, time.time(), max_future_s=s.max_future_skew_s,
-                         max_past_s=s.max_past_skew_s)
-    except InputError as exc:
-        await dead_letter(rt, exc.kind, str(exc), s.topic_requests, partition, offset, value, key,
-                          timestamp)
-        _ack(ack)
-        return
-    except Exception as exc:  # never let one message stop the worker
-        await failures.dead_letter_internal(rt, exc, stage="ingest", topic=s.topic_requests,
-                                            partition=partition, offset=offset, original=value,
-                                            key=key, timestamp=timestamp)
-        _ack(ack)
+    req = await _validated(rt, parse_request, value,
+                           "message has no value (tombstone); expected a JSON request",
+                           rt.settings.topic_requests, "ingest", partition, offset, key, timestamp, ack)
+    if req is None:
         return
     ip_key = req.ip.encode("utf-8")
     if key == ip_key and partition == rt.ip_partition(ip_key):
@@ -65,6 +55,31 @@ async def ingest_one(rt: Any, key: bytes | None, value: bytes | None, *, partiti
     await rt.send("by_ip", ip_key, codec.dumps(env))
     _ack(ack)
     metrics.child(metrics.STAGE_SECONDS, "ingest").observe(time.perf_counter() - t0)
+
+
+async def _validated(rt: Any, parse: Callable[[bytes], T], value: bytes | None, empty: str, topic: str,
+                     stage: str, partition: int, offset: int, key: bytes | None,
+                     timestamp: float | None, ack: Any) -> T | None:
+    """``parse(value)`` with its event time checked against the wall clock; None once a bad
+    message is dead-lettered with its reason (``empty``: the reason of a message without a
+    value) and acked. An unexpected exception is dead-lettered as ``internal_error``: never let
+    one message stop the worker."""
+    s = rt.settings
+    try:
+        if value is None:
+            raise InputError(empty)
+        obj = parse(value)
+        check_event_time(obj.ts, time.time(), max_future_s=s.max_future_skew_s,  # type: ignore[attr-defined]
+                         max_past_s=s.max_past_skew_s)
+        return obj
+    except InputError as exc:
+        await dead_letter(rt, exc.kind, str(exc), topic, partition, offset, value, key, timestamp)
+    except Exception as exc:
+        await failures.dead_letter_internal(rt, exc, stage=stage, topic=topic, partition=partition,
+                                            offset=offset, original=value, key=key,
+                                            timestamp=timestamp)
+    _ack(ack)
+    return None
 
 
 def _ack(ack: Any) -> None:
@@ -83,23 +98,10 @@ async def dead_letter(rt: Any, kind: str, error: str, topic: str, partition: int
 async def outcome_one(rt: Any, key: bytes | None, value: bytes | None, *, partition: int,
                       offset: int, timestamp: float | None, ack: Any = None) -> None:
     """Validate a dialer outcome; forward it keyed by the number's range."""
-    s = rt.settings
-    try:
-        if value is None:
-            raise InputError("message has no value; expected a JSON outcome")
-        outcome = parse_outcome(value)
-        check_event_time(outcome.ts, time.time(), max_future_s=s.max_future_skew_s,
-                         max_past_s=s.max_past_skew_s)
-    except InputError as exc:
-        await dead_letter(rt, exc.kind, str(exc), s.topic_outcomes, partition, offset, value, key,
-                          timestamp)
-        _ack(ack)
-        return
-    except Exception as exc:  # never let one message stop the worker (see ingest_one)
-        await failures.dead_letter_internal(rt, exc, stage="outcome", topic=s.topic_outcomes,
-                                            partition=partition, offset=offset, original=value,
-                                            key=key, timestamp=timestamp)
-        _ack(ack)
+    outcome = await _validated(rt, parse_outcome, value, "message has no value; expected a JSON outcome",
+                               rt.settings.topic_outcomes, "outcome", partition, offset, key, timestamp,
+                               ack)
+    if outcome is None:
         return
     env = {"k": "out", "o": codec.outcome_to_wire(outcome)}
     await rt.send("by_range", outcome_routing_key(outcome.phone_number, rt.policy).encode("utf-8"),
