@@ -83,7 +83,7 @@ def parse_lines(
     good: list[tuple[int, CallbackRequest]] = []
     bad: list[Reject] = []
     for n, line in enumerate(lines, 1):
-        if not line.strip():
+        if not line or line.isspace():  # blank (isspace: the whitespace strip() removes, no copy)
             continue
         try:
             req = parse_request(line.rstrip(b"\r\n") if isinstance(line, bytes) else line)
