@@ -112,7 +112,12 @@ def rule_hits(
     hits: list[Hit] = []
     ph, ip = enr.phone, enr.ip
     valid = ph.valid
-    denied, allowed = ctx.lists.match(ph.e164, ph.region, ip.ip, ip.country, ip.asn, now=req.ts)
+    lists = ctx.lists
+    if lists.matches_nothing:
+        denied: list[str] = []
+        allowed = False
+    else:
+        denied, allowed = lists.match(ph.e164, ph.region, ip.ip, ip.country, ip.asn, now=req.ts)
     if not valid:
         hits.append(memo["invalid_number"])
     if not allowed:
@@ -173,7 +178,7 @@ class _HitMemo(dict[str, Hit]):
         self.policy, self.auth = policy, auth
         self._types: dict[str, Hit | None] = {}
         self._allow: dict[str, Hit] = {}
-        self._population: dict[str, Hit] = {}
+        self._population: dict[tuple[bool, bool, bool, bool], tuple[Hit, ...]] = {}
 
     def __missing__(self, code: str) -> Hit:
         rule = self.policy.rules["denylist" if code.startswith("denylist_") else code]
@@ -196,16 +201,23 @@ class _HitMemo(dict[str, Hit]):
             hit = self._allow[code] = Hit(h.code, h.weight, Action.ALLOW, h.silent, h.monitored)
         return hit
 
-    def population(self, code: str) -> Hit:
-        """An under-attack code's hit: an authenticated requester is deflected where the rule
-        blocks, if the code is in ``auth_deflect_codes``."""
-        hit = self._population.get(code)
-        if hit is None:
-            pol, h = self.policy, self[code]
-            if self.auth and code in pol.auth_deflect_codes and h.action == Action.BLOCK:
-                h = Hit(code, h.weight * pol.auth_weight_factor, Action.DEFLECT, False, h.monitored)
-            hit = self._population[code] = h
-        return hit
+    def population(self, on: tuple[Any, Any, Any, Any]) -> tuple[Hit, ...]:
+        """The hits of the under-attack codes (``_POPULATION_CODES``) whose entry in ``on`` is
+        true. An authenticated requester is deflected where the rule blocks, if the code is in
+        ``auth_deflect_codes``."""
+        key = (bool(on[0]), bool(on[1]), bool(on[2]), bool(on[3]))
+        hits = self._population.get(key)
+        if hits is None:
+            out = []
+            for code, fired in zip(_POPULATION_CODES, key, strict=True):
+                if fired:
+                    pol, h = self.policy, self[code]
+                    if self.auth and code in pol.auth_deflect_codes and h.action == Action.BLOCK:
+                        h = Hit(code, h.weight * pol.auth_weight_factor, Action.DEFLECT, False,
+                                h.monitored)
+                    out.append(h)
+            hits = self._population[key] = tuple(out)
+        return hits
 
 
 class _RuleTable:
@@ -251,7 +263,11 @@ def population_hits(
     users keep their callback: the codes are in ``[auth] relaxed_codes``); a surging or
     concentrated number block is blocked silently (deflected for authenticated users)."""
     pop, ph = counts.pop, enr.phone
-    forced = ctx.lists.surge_overrides(ph.e164, ph.region, now=req.ts)
+    lists = ctx.lists
+    if not lists.has_surge_entries and not (pop.global_surging or pop.country_surging
+                                            or pop.prefix_surging or pop.prefix_concentrated):
+        return []  # the usual case: no surge and no override
+    forced = lists.surge_overrides(ph.e164, ph.region, now=req.ts)
     if forced:
         on = (
             forced.get("global", pop.global_surging),
@@ -262,10 +278,7 @@ def population_hits(
     else:
         on = (pop.global_surging, pop.country_surging and bool(ph.region), pop.prefix_surging,
               pop.prefix_concentrated)
-    if not any(on):
-        return []
-    memo = _rule_table(ctx.policy).hits[req.authenticated]
-    return [memo.population(code) for code, fired in zip(_POPULATION_CODES, on, strict=True) if fired]
+    return list(_rule_table(ctx.policy).hits[req.authenticated].population(on))
 
 
 _POPULATION_CODES = ("global_surge", "country_surge", "prefix_surge", "prefix_concentration")
@@ -295,9 +308,11 @@ def combine(hits: list[Hit], policy: Policy) -> tuple[Action, bool, float, list[
         if severity > top:
             top, action = severity, h.action
     risk = round(1.0 - keep, 6)
+    # Filtered, then sorted: the same order as sorting first (a stable sort), on fewer hits.
     reasons: list[str] = []
-    for h in sorted(hits, key=_reason_order) if len(hits) > 1 else hits:
-        if (h.weight > 0 or h.action != Action.ALLOW) and h.code not in reasons:
+    kept = [h for h in hits if h.weight > 0 or h.action != Action.ALLOW]
+    for h in sorted(kept, key=_reason_order) if len(kept) > 1 else kept:
+        if h.code not in reasons:
             reasons.append(h.code)
     silent = corroborated = False
     soft = policy.soft_codes

@@ -193,6 +193,17 @@ class ListIndex:
     def __len__(self) -> int:
         return len(self._by_key)
 
+    @property
+    def matches_nothing(self) -> bool:
+        """True when :meth:`match` cannot find anything (no ip, cidr, asn, number, prefix or
+        country entry): the usual case, which callers skip."""
+        return not (self._matchable["deny"] or self._matchable["allow"])
+
+    @property
+    def has_surge_entries(self) -> bool:
+        """False when :meth:`surge_overrides` is certain to be empty."""
+        return self._surge_keys > 0
+
     def entries(self) -> list[ListEntry]:
         return sorted(self._by_key.values(), key=lambda e: e.key)
 

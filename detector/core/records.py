@@ -111,16 +111,17 @@ class Enrichment:
 
     def to_dict(self) -> dict[str, Any]:
         """The enrichment block of a decision (no raw IP: the decision carries its hash only)."""
+        phone, ip = self.phone, self.ip
         return {
-            "e164": self.phone.e164,
-            "number_valid": self.phone.valid,
-            "number_country": self.phone.region,
-            "number_type": self.phone.number_type,
-            "range_key": self.phone.range_key,
-            "ip_country": self.ip.country,
-            "ip_scope": self.ip.scope,
-            "asn": self.ip.asn,
-            "anonymity": self.ip.flags(),
+            "e164": phone.e164,
+            "number_valid": phone.valid,
+            "number_country": phone.region,
+            "number_type": phone.number_type,
+            "range_key": phone.range_key,
+            "ip_country": ip.country,
+            "ip_scope": ip.scope,
+            "asn": ip.asn,
+            "anonymity": ip.flags() if ip.anonymous else [],
         }
 
 
