@@ -79,16 +79,59 @@ def _zone(name: str | None) -> ZoneInfo | None:
 def local_hour(ts: float, enr: Enrichment) -> float | None:
     """Fractional local hour at the destination (the number's time zone, see
     :func:`detector.core.phone.enrich_phone`), or None when its time zone is unknown."""
-    zone = _zone(enr.phone.time_zone)
+    name = enr.phone.time_zone
+    if not name:
+        return None
+    minute = ts // 60.0
+    # Requests come in time order, many per minute: the local hour is read once per zone and
+    # UTC minute. Not within 10 ms of the next minute: datetime rounds ts to microseconds.
+    if ts - minute * 60.0 < 59.99:
+        key = (name, minute)
+        hour = _HOURS.get(key)
+        if hour is None:
+            if len(_HOURS) >= 1024:
+                _HOURS.clear()
+            zone = _zone(name)
+            hour = _HOURS[key] = _NO_ZONE if zone is None else _hour_of_minute(zone, minute)
+        if hour >= 0.0:
+            return hour
+        if hour == _NO_ZONE:
+            return None
+    zone = _zone(name)
     if zone is None:
         return None
     dt = datetime.fromtimestamp(ts, tz=UTC).astimezone(zone)
     return dt.hour + dt.minute / 60.0
 
 
-@lru_cache(maxsize=16)
+_HOURS: dict[tuple[str, float], float] = {}  # (zone name, UTC minute) -> local hour, or < 0
+_NO_ZONE = -2.0  # the name is no zone ZoneInfo knows
+
+
+def _hour_of_minute(zone: ZoneInfo, minute: float) -> float:
+    """The local hour (as :func:`local_hour` computes it) of every instant of UTC minute
+    ``minute``, or -1.0 when that is not one value: the zone's offset has seconds (only before
+    1972) or changes inside the minute."""
+    start = datetime.fromtimestamp(minute * 60.0, tz=UTC).astimezone(zone)
+    end = datetime.fromtimestamp(minute * 60.0 + 59.0, tz=UTC).astimezone(zone)
+    if start.second or start.microsecond or start.utcoffset() != end.utcoffset():
+        return -1.0
+    return start.hour + start.minute / 60.0
+
+
+_PREFIX_INDEX: dict[int, tuple[tuple[str, ...], frozenset[str], tuple[int, ...]]] = {}
+
+
 def _prefix_index(prefixes: tuple[str, ...]) -> tuple[frozenset[str], tuple[int, ...]]:
-    return frozenset(prefixes), tuple(sorted({len(p) for p in prefixes}, reverse=True))
+    """The denied prefixes as a set and their lengths, longest first: built once per policy's
+    tuple (found by identity: hashing a tuple of ~50 prefixes cost more than the look-up)."""
+    hit = _PREFIX_INDEX.get(id(prefixes))
+    if hit is None or hit[0] is not prefixes:
+        if len(_PREFIX_INDEX) >= 16:
+            _PREFIX_INDEX.clear()
+        hit = _PREFIX_INDEX[id(prefixes)] = (
+            prefixes, frozenset(prefixes), tuple(sorted({len(p) for p in prefixes}, reverse=True)))
+    return hit[1], hit[2]
 
 
 def denied_prefix(e164: str | None, policy: Policy) -> str | None:
