@@ -119,19 +119,34 @@ def _hour_of_minute(zone: ZoneInfo, minute: float) -> float:
     return start.hour + start.minute / 60.0
 
 
-_PREFIX_INDEX: dict[int, tuple[tuple[str, ...], frozenset[str], tuple[int, ...]]] = {}
+class _PrefixIndex:
+    """A policy's denied prefixes as a set, their lengths (longest first), and the answers given
+    so far per number (each request asks twice: its features and its rules; numbers repeat)."""
+
+    __slots__ = ("prefixes", "table", "lengths", "found")
+
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
+        self.prefixes = prefixes
+        self.table = frozenset(prefixes)
+        self.lengths = tuple(sorted({len(p) for p in prefixes}, reverse=True))
+        self.found: dict[str, str | None] = {}
 
 
-def _prefix_index(prefixes: tuple[str, ...]) -> tuple[frozenset[str], tuple[int, ...]]:
-    """The denied prefixes as a set and their lengths, longest first: built once per policy's
-    tuple (found by identity: hashing a tuple of ~50 prefixes cost more than the look-up)."""
-    hit = _PREFIX_INDEX.get(id(prefixes))
-    if hit is None or hit[0] is not prefixes:
+_PREFIX_INDEX: dict[int, _PrefixIndex] = {}
+
+
+def _prefix_index(prefixes: tuple[str, ...]) -> _PrefixIndex:
+    """Built once per policy's tuple (found by identity: hashing a tuple of ~50 prefixes cost
+    more than the look-up)."""
+    index = _PREFIX_INDEX.get(id(prefixes))
+    if index is None or index.prefixes is not prefixes:
         if len(_PREFIX_INDEX) >= 16:
             _PREFIX_INDEX.clear()
-        hit = _PREFIX_INDEX[id(prefixes)] = (
-            prefixes, frozenset(prefixes), tuple(sorted({len(p) for p in prefixes}, reverse=True)))
-    return hit[1], hit[2]
+        index = _PREFIX_INDEX[id(prefixes)] = _PrefixIndex(prefixes)
+    return index
+
+
+_NOT_YET = "?"  # no answer memoized (an answer is None or a prefix starting with "+")
 
 
 def denied_prefix(e164: str | None, policy: Policy) -> str | None:
@@ -143,11 +158,19 @@ def denied_prefix(e164: str | None, policy: Policy) -> str | None:
     """
     if not e164:
         return None
-    table, lengths = _prefix_index(policy.denied_prefixes)
-    for n in lengths:
-        if e164[:n] in table:
-            return e164[:n]
-    return None
+    index = _prefix_index(policy.denied_prefixes)
+    found = index.found
+    prefix = found.get(e164, _NOT_YET)
+    if prefix is _NOT_YET:
+        prefix = None
+        for n in index.lengths:
+            if e164[:n] in index.table:
+                prefix = e164[:n]
+                break
+        if len(found) >= 65536:
+            found.clear()
+        found[e164] = prefix
+    return prefix
 
 
 def geo_mismatch(enr: Enrichment) -> bool:

@@ -77,6 +77,10 @@ def _json_error(exc: orjson.JSONDecodeError) -> str:
 
 def _text(obj: dict[str, Any], name: str, *, required: bool, max_len: int) -> str | None:
     value = obj.get(name)
+    if value.__class__ is str and len(value) <= max_len:  # the usual case, checked in one go
+        text = value.strip()
+        if text or not required:
+            return text or None
     if value is None:
         if required:
             raise MissingField(name)

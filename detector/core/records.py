@@ -169,7 +169,7 @@ class Counts:
     def to_dict(self) -> dict[str, Any]:
         """Every count by name: the IP's, then the range stage's, then the population's."""
         return dict(zip(_COUNT_NAMES, _ip_values(self.ip) + _rng_values(self.rng)
-                        + _pop_values(self.pop), strict=True))
+                        + _pop_values(self.pop), strict=False))  # equal lengths by construction
 
 
 _COUNT_NAMES: tuple[str, ...] = (
