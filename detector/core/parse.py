@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import re
 from datetime import datetime
 from typing import Any
 
@@ -57,11 +58,11 @@ def decode_json(raw: bytes | str, *, max_bytes: int = MAX_MESSAGE_BYTES) -> dict
         raise MalformedMessage(f"expected bytes holding a JSON object, got {type(raw).__name__}")
     if len(data) > max_bytes:
         raise MessageTooLarge(f"message is {len(data):,} bytes; at most {max_bytes:,} expected")
-    if not data.strip():
-        raise MalformedMessage("message is empty; expected a JSON object")
     try:
         obj = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
+        if not data.strip():  # checked here, not before: a copy of every message otherwise
+            raise MalformedMessage("message is empty; expected a JSON object") from None
         raise MalformedMessage(f"message is not JSON: {_json_error(exc)}") from None
     if not isinstance(obj, dict):
         raise MalformedMessage(f"expected a JSON object, got a JSON {type(obj).__name__}")
@@ -76,6 +77,10 @@ def _json_error(exc: orjson.JSONDecodeError) -> str:
 
 def _text(obj: dict[str, Any], name: str, *, required: bool, max_len: int) -> str | None:
     value = obj.get(name)
+    if value.__class__ is str and len(value) <= max_len:  # the usual case, checked in one go
+        text = value.strip()
+        if text or not required:
+            return text or None
     if value is None:
         if required:
             raise MissingField(name)
@@ -160,14 +165,24 @@ def check_event_time(ts: float, now: float, *, max_future_s: float, max_past_s: 
     return ts
 
 
+# A dotted quad without leading zeros (which ``ipaddress`` refuses) and with every part <= 255:
+# exactly the IPv4 texts that ``str(ipaddress.ip_address(text))`` returns unchanged. Checking it
+# costs a tenth of building the address object (4 us per request on the replay benchmark).
+_OCTET = "(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_CANONICAL_IPV4 = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}")
+
+
 def parse_ip(value: Any) -> str:
     """Normalized textual IPv4/IPv6 address (IPv4-mapped IPv6 is unwrapped)."""
     if not isinstance(value, str):
         raise InvalidField("ip", "an IPv4 or IPv6 address string", value)
     if len(value) > MAX_IP_TEXT_LEN:
         raise InvalidField("ip", "an IPv4 or IPv6 address", value)
+    text = value.strip()
+    if _CANONICAL_IPV4.fullmatch(text):  # most requests: already the normalized form
+        return text
     try:
-        addr = ipaddress.ip_address(value.strip())
+        addr = ipaddress.ip_address(text)
     except ValueError:
         raise InvalidField("ip", "an IPv4 or IPv6 address", value) from None
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:

@@ -80,3 +80,26 @@ def test_round_trip_of_valid_requests(rid, ts, ip):
     r = parse_request({"request_id": rid, "ts": ts, "phone_number": "+33 1 23 45 67 89", "ip": ip})
     again = parse_request(json.dumps(r.to_dict()))
     assert again == r
+
+
+_PARTS = st.sampled_from(["0", "00", "1", "09", "010", "99", "100", "199", "200", "249", "250",
+                          "255", "256", "300", "1000", "", "2a", "٣"])
+
+
+@given(st.lists(_PARTS, min_size=3, max_size=5), st.sampled_from(["", " ", "\n"]))
+def test_parse_ip_fast_path_is_ipaddress(parts, pad):
+    """The canonical-IPv4 shortcut gives exactly what ``ipaddress`` gives, errors included."""
+    import ipaddress
+
+    from detector.core.parse import parse_ip
+
+    text = pad + ".".join(parts) + pad
+    try:
+        expected: str | None = str(ipaddress.ip_address(text.strip()))
+    except ValueError:
+        expected = None
+    if expected is None:
+        with pytest.raises(InvalidField):
+            parse_ip(text)
+    else:
+        assert parse_ip(text) == expected
