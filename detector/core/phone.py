@@ -80,7 +80,7 @@ def _enrich_phone(raw: str, country_hint: str | None, range_digits: int) -> Phon
     e164 = phonenumbers.format_number(num, phonenumbers.PhoneNumberFormat.E164)
     # is_valid_number() is "region known and number_type() != UNKNOWN": region and type at once
     nsn = phonenumbers.national_significant_number(num)
-    region, ntype = _region_and_type(num.country_code, nsn)
+    region, ntype = _region_and_type(num.country_code or 0, nsn)
     valid = ntype != PhoneNumberType.UNKNOWN
     number_type = TYPE_NAMES.get(ntype, "UNKNOWN") if valid else "INVALID"
     possible = _POSSIBLE.get(pkey := (num.country_code, len(nsn)))
@@ -184,7 +184,7 @@ def _leading_digits(pattern: str) -> re.Pattern[str]:
     return re.compile(pattern)
 
 
-def _region_and_type(cc: int | None, nsn: str) -> tuple[str | None, int]:
+def _region_and_type(cc: int, nsn: str) -> tuple[str | None, int]:
     """``(region_code_for_number(num), number_type(num) if that region is not None else
     UNKNOWN)`` for a number of calling code ``cc`` and national significant number ``nsn``.
 
@@ -192,7 +192,7 @@ def _region_and_type(cc: int | None, nsn: str) -> tuple[str | None, int]:
     several regions (+44: GB, GG, IM, JE; +1, +7, ...) finding it types the number against
     each candidate region without leading digits: up to three typings of a UK number. Here
     the region search keeps the type it found, and typing uses :func:`_type_of`."""
-    regions = COUNTRY_CODE_TO_REGION_CODE.get(cc)  # type: ignore[arg-type]
+    regions = COUNTRY_CODE_TO_REGION_CODE.get(cc)
     if regions is None:
         return None, _UNKNOWN
     if len(regions) == 1:
