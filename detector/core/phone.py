@@ -74,7 +74,9 @@ def _enrich_phone(raw: str, country_hint: str | None, range_digits: int) -> Phon
     if not text.startswith("+") and not country_hint:
         return _unparsed("national-format number without country_hint")
     try:
-        num = phonenumbers.parse(text, None if text.startswith("+") else country_hint)
+        num = _parse_plus_digits(text) if text.startswith("+") else None
+        if num is None:
+            num = phonenumbers.parse(text, None if text.startswith("+") else country_hint)
     except NumberParseException as exc:
         return _unparsed(f"not a phone number: {exc._msg}")
     e164 = phonenumbers.format_number(num, phonenumbers.PhoneNumberFormat.E164)
@@ -100,6 +102,45 @@ def _enrich_phone(raw: str, country_hint: str | None, range_digits: int) -> Phon
 
 
 _cached = lru_cache(maxsize=200_000)(_enrich_phone)
+
+_pnu = phonenumbers.phonenumberutil
+_DIGITS_ONLY = re.compile(r"\+[0-9]{3,%d}" % (_pnu._MAX_LENGTH_COUNTRY_CODE + _pnu._MAX_LENGTH_FOR_NSN))
+_SHORT = (_pnu.ValidationResult.TOO_SHORT, _pnu.ValidationResult.IS_POSSIBLE_LOCAL_ONLY,
+          _pnu.ValidationResult.INVALID_LENGTH)
+
+
+def _parse_plus_digits(text: str) -> phonenumbers.PhoneNumber | None:
+    """``phonenumbers.parse(text, None)`` for ``+`` and ASCII digits (spaces allowed), the
+    form most requests carry; None for anything else or anything the library would reject,
+    which the caller then gives to ``phonenumbers.parse`` itself.
+
+    For such text the library's first steps (RFC 3966 context, extracting the number from
+    surrounding text, extensions, alphanumeric letters, the plus sign, normalising the digits)
+    leave the digits as they are, and cost two thirds of its ~11 us; the rest (calling code,
+    national prefix, possible lengths, Italian leading zeros) is the library's own code,
+    called in its order (``phonenumberutil.parse``). A test compares both on every calling
+    code, example numbers, variations and random digit strings."""
+    if " " in text:
+        text = text.replace(" ", "")
+    if _DIGITS_ONLY.fullmatch(text) is None:
+        return None
+    digits = text[1:]
+    cc, national = _pnu._extract_country_code(digits)
+    if cc == 0 or len(national) < _pnu._MIN_LENGTH_FOR_NSN:
+        return None  # the library raises; let it say why
+    num = phonenumbers.PhoneNumber(country_code=cc)
+    metadata = PhoneMetadata.metadata_for_region_or_calling_code(
+        cc, _pnu.region_code_for_country_code(cc))
+    if metadata is None:  # pragma: no cover - the library asserts it is not
+        return None
+    _, stripped, _ = _pnu._maybe_strip_national_prefix_carrier_code(national, metadata)
+    if _pnu._test_number_length(stripped, metadata) not in _SHORT:
+        national = stripped
+    if not _pnu._MIN_LENGTH_FOR_NSN <= len(national) <= _pnu._MAX_LENGTH_FOR_NSN:
+        return None
+    _pnu._set_italian_leading_zeros_for_phone_number(national, num)
+    num.national_number = int(national)
+    return num
 
 #: ``phonenumbers.is_possible_number`` by (calling code, length of the national significant
 #: number): the library decides it from the calling code's main region's possible lengths and

@@ -124,3 +124,39 @@ def test_region_type_and_possible_are_the_libraries():
         assert info.possible == phonenumbers.is_possible_number(num), e164
         checked += 1
     assert checked > 15_000
+
+
+def test_plus_digits_parse_is_the_libraries():
+    """_parse_plus_digits (the fast path for "+digits") gives exactly phonenumbers.parse's
+    PhoneNumber, or None where the library raises or the text is not "+", digits and spaces:
+    example numbers of every calling code with and without spaces, with a national prefix or
+    leading zeros after the calling code, their variations and random digit strings."""
+    import random
+
+    from detector.core.phone import _parse_plus_digits
+
+    rnd = random.Random(3)
+    texts = ["+", "+1", "+12", "+123", "+ 44 20", "+44 ", "+0044", "+00", "+4 4 20 7946 0018",
+             "+44 20 7946 0018 x12", "+44-20-7946-0018", "+44 (0)20 7946 0018", "+٤٤٢٠٧٩٤٦٠٠١٨"]
+    for item in _numbers_around_every_example(per_example=3, random_per_code=10):
+        if isinstance(item, phonenumbers.PhoneNumber):
+            cc, nsn = item.country_code, phonenumbers.national_significant_number(item)
+            texts.append(phonenumbers.format_number(item, phonenumbers.PhoneNumberFormat.E164))
+            texts.append(phonenumbers.format_number(
+                item, phonenumbers.PhoneNumberFormat.INTERNATIONAL))
+            texts += [f"+{cc}0{nsn}", f"+{cc}00{nsn}"]
+        else:
+            texts.append(item)
+    texts += ["+" + "".join(rnd.choice("0123456789") for _ in range(rnd.randint(0, 21)))
+              for _ in range(5000)]
+    fast = 0
+    for text in texts:
+        try:
+            want = phonenumbers.parse(text, None)
+        except phonenumbers.NumberParseException:
+            want = None
+        got = _parse_plus_digits(text)
+        if got is not None:
+            fast += 1
+            assert want is not None and got == want and repr(got) == repr(want), text
+    assert fast > 10_000
