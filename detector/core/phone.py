@@ -12,11 +12,14 @@ time zone, from one parse of the number as typed (cached by the raw string).
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
+from typing import Any
 
 import phonenumbers
-from phonenumbers import NumberParseException, PhoneNumberType
+from phonenumbers import COUNTRY_CODE_TO_REGION_CODE, NumberParseException, PhoneNumberType
 from phonenumbers import timezone as pn_timezone
+from phonenumbers.phonemetadata import PhoneMetadata
 
 from detector.core.records import PhoneInfo
 
@@ -71,20 +74,24 @@ def _enrich_phone(raw: str, country_hint: str | None, range_digits: int) -> Phon
     if not text.startswith("+") and not country_hint:
         return _unparsed("national-format number without country_hint")
     try:
-        num = phonenumbers.parse(text, None if text.startswith("+") else country_hint)
+        num = _parse_plus_digits(text) if text.startswith("+") else None
+        if num is None:
+            num = phonenumbers.parse(text, None if text.startswith("+") else country_hint)
     except NumberParseException as exc:
         return _unparsed(f"not a phone number: {exc._msg}")
     e164 = phonenumbers.format_number(num, phonenumbers.PhoneNumberFormat.E164)
-    region = phonenumbers.region_code_for_number(num)
-    # is_valid_number() is "region known and number_type() != UNKNOWN"; computing the type once
-    # halves the cost (~30 us) on the many numbers seen only once.
-    ntype = phonenumbers.number_type(num) if region is not None else PhoneNumberType.UNKNOWN
+    # is_valid_number() is "region known and number_type() != UNKNOWN": region and type at once
+    nsn = phonenumbers.national_significant_number(num)
+    region, ntype = _region_and_type(num.country_code or 0, nsn)
     valid = ntype != PhoneNumberType.UNKNOWN
     number_type = TYPE_NAMES.get(ntype, "UNKNOWN") if valid else "INVALID"
+    possible = _POSSIBLE.get(pkey := (num.country_code, len(nsn)))
+    if possible is None:  # a function of the calling code and the length alone (see _POSSIBLE)
+        possible = _POSSIBLE[pkey] = phonenumbers.is_possible_number(num)
     return PhoneInfo(
         e164=e164,
         parsed=True,
-        possible=phonenumbers.is_possible_number(num),
+        possible=possible,
         valid=valid,
         region=region if region and region != "ZZ" else None,
         country_code=num.country_code,
@@ -95,6 +102,157 @@ def _enrich_phone(raw: str, country_hint: str | None, range_digits: int) -> Phon
 
 
 _cached = lru_cache(maxsize=200_000)(_enrich_phone)
+
+_pnu = phonenumbers.phonenumberutil
+_DIGITS_ONLY = re.compile(r"\+[0-9]{3,%d}" % (_pnu._MAX_LENGTH_COUNTRY_CODE + _pnu._MAX_LENGTH_FOR_NSN))
+_SHORT = (_pnu.ValidationResult.TOO_SHORT, _pnu.ValidationResult.IS_POSSIBLE_LOCAL_ONLY,
+          _pnu.ValidationResult.INVALID_LENGTH)
+
+
+def _parse_plus_digits(text: str) -> phonenumbers.PhoneNumber | None:
+    """``phonenumbers.parse(text, None)`` for ``+`` and ASCII digits (spaces allowed), the
+    form most requests carry; None for anything else or anything the library would reject,
+    which the caller then gives to ``phonenumbers.parse`` itself.
+
+    For such text the library's first steps (RFC 3966 context, extracting the number from
+    surrounding text, extensions, alphanumeric letters, the plus sign, normalising the digits)
+    leave the digits as they are, and cost two thirds of its ~11 us; the rest (calling code,
+    national prefix, possible lengths, Italian leading zeros) is the library's own code,
+    called in its order (``phonenumberutil.parse``). A test compares both on every calling
+    code, example numbers, variations and random digit strings."""
+    if " " in text:
+        text = text.replace(" ", "")
+    if _DIGITS_ONLY.fullmatch(text) is None:
+        return None
+    digits = text[1:]
+    cc, national = _pnu._extract_country_code(digits)
+    if cc == 0 or len(national) < _pnu._MIN_LENGTH_FOR_NSN:
+        return None  # the library raises; let it say why
+    num = phonenumbers.PhoneNumber(country_code=cc)
+    metadata = PhoneMetadata.metadata_for_region_or_calling_code(
+        cc, _pnu.region_code_for_country_code(cc))
+    if metadata is None:  # pragma: no cover - the library asserts it is not
+        return None
+    _, stripped, _ = _pnu._maybe_strip_national_prefix_carrier_code(national, metadata)
+    if _pnu._test_number_length(stripped, metadata) not in _SHORT:
+        national = stripped
+    if not _pnu._MIN_LENGTH_FOR_NSN <= len(national) <= _pnu._MAX_LENGTH_FOR_NSN:
+        return None
+    _pnu._set_italian_leading_zeros_for_phone_number(national, num)
+    num.national_number = int(national)
+    return num
+
+#: ``phonenumbers.is_possible_number`` by (calling code, length of the national significant
+#: number): the library decides it from the calling code's main region's possible lengths and
+#: the number's length only (``_test_number_length``); bounded by codes x lengths.
+_POSSIBLE: dict[tuple[int | None, int], bool] = {}
+
+_UNKNOWN = PhoneNumberType.UNKNOWN
+#: the order in which ``phonenumbers`` (``_number_type_helper``) tries the types before the
+#: fixed-line / mobile pair: the first whose pattern matches is the number's type.
+_SPECIAL_TYPES = (
+    ("premium_rate", PhoneNumberType.PREMIUM_RATE), ("toll_free", PhoneNumberType.TOLL_FREE),
+    ("shared_cost", PhoneNumberType.SHARED_COST), ("voip", PhoneNumberType.VOIP),
+    ("personal_number", PhoneNumberType.PERSONAL_NUMBER), ("pager", PhoneNumberType.PAGER),
+    ("uan", PhoneNumberType.UAN), ("voicemail", PhoneNumberType.VOICEMAIL),
+)  # fmt: skip
+
+_Matcher = tuple[
+    re.Pattern[str] | None,  # general_desc (None: no number of this length is valid)
+    tuple[tuple[re.Pattern[str], int], ...],  # special types, in the library's order
+    re.Pattern[str] | None,  # fixed line
+    re.Pattern[str] | None,  # mobile
+    bool,  # same_mobile_and_fixed_line_pattern
+]
+
+
+def _desc_pattern(desc: Any, length: int) -> re.Pattern[str] | None:
+    """The compiled pattern of a ``PhoneNumberDesc`` for numbers of ``length`` digits, or None
+    when the library's ``_is_number_matching_desc`` is False for every such number (no desc,
+    a possible-length list without ``length``, no pattern)."""
+    if desc is None or (desc.possible_length and length not in desc.possible_length):
+        return None
+    pattern = desc.national_number_pattern
+    return re.compile(pattern) if pattern else None
+
+
+def _matcher(metadata: Any, length: int) -> _Matcher:
+    """What ``_number_type_helper`` checks for a ``metadata``'s numbers of ``length`` digits,
+    compiled once (the library looks each pattern up in ``re``'s cache and runs it twice per
+    check, ``match`` then ``fullmatch``: only ``fullmatch`` decides when no prefix match is
+    allowed). Kept per (metadata object, length): bounded by regions x lengths, and the
+    library keeps its metadata objects for the life of the process."""
+    key = (id(metadata), length)
+    hit = _MATCHERS.get(key)
+    if hit is not None and hit[0] is metadata:
+        return hit[1]
+    specials = tuple(
+        (p, t) for name, t in _SPECIAL_TYPES
+        if (p := _desc_pattern(getattr(metadata, name), length)) is not None
+    )  # fmt: skip
+    matcher: _Matcher = (
+        _desc_pattern(metadata.general_desc, length), specials,
+        _desc_pattern(metadata.fixed_line, length), _desc_pattern(metadata.mobile, length),
+        bool(metadata.same_mobile_and_fixed_line_pattern),
+    )  # fmt: skip
+    _MATCHERS[key] = (metadata, matcher)
+    return matcher
+
+
+_MATCHERS: dict[tuple[int, int], tuple[Any, _Matcher]] = {}
+
+
+def _type_of(nsn: str, metadata: Any) -> int:
+    """``phonenumbers._number_type_helper(nsn, metadata)``, the same checks in the same order
+    with precompiled patterns (~1 us instead of ~5; equal on every number tested, see tests)."""
+    general, specials, fixed, mobile, same = _matcher(metadata, len(nsn))
+    if general is None or general.fullmatch(nsn) is None:
+        return _UNKNOWN
+    for pattern, ntype in specials:
+        if pattern.fullmatch(nsn) is not None:
+            return ntype
+    if fixed is not None and fixed.fullmatch(nsn) is not None:
+        if same or (mobile is not None and mobile.fullmatch(nsn) is not None):
+            return PhoneNumberType.FIXED_LINE_OR_MOBILE
+        return PhoneNumberType.FIXED_LINE
+    if not same and mobile is not None and mobile.fullmatch(nsn) is not None:
+        return PhoneNumberType.MOBILE
+    return _UNKNOWN
+
+
+@lru_cache(maxsize=1024)
+def _leading_digits(pattern: str) -> re.Pattern[str]:
+    return re.compile(pattern)
+
+
+def _region_and_type(cc: int, nsn: str) -> tuple[str | None, int]:
+    """``(region_code_for_number(num), number_type(num) if that region is not None else
+    UNKNOWN)`` for a number of calling code ``cc`` and national significant number ``nsn``.
+
+    The library's ``number_type`` finds the region again, and for a calling code shared by
+    several regions (+44: GB, GG, IM, JE; +1, +7, ...) finding it types the number against
+    each candidate region without leading digits: up to three typings of a UK number. Here
+    the region search keeps the type it found, and typing uses :func:`_type_of`."""
+    regions = COUNTRY_CODE_TO_REGION_CODE.get(cc)
+    if regions is None:
+        return None, _UNKNOWN
+    if len(regions) == 1:
+        region = regions[0]
+    else:  # phonenumbers._region_code_for_number_from_list
+        for code in regions:
+            metadata = PhoneMetadata.metadata_for_region(code.upper(), None)
+            if metadata is None:
+                continue
+            if metadata.leading_digits is not None:
+                if _leading_digits(metadata.leading_digits).match(nsn):
+                    region = code
+                    break
+            elif (ntype := _type_of(nsn, metadata)) != _UNKNOWN:
+                return code, ntype  # number_type() would type it against this same metadata
+        else:
+            return None, _UNKNOWN
+    metadata = PhoneMetadata.metadata_for_region_or_calling_code(cc, region)
+    return region, _UNKNOWN if metadata is None else _type_of(nsn, metadata)
 
 
 def _time_zone(num: phonenumbers.PhoneNumber, ntype: int) -> str | None:
