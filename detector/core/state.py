@@ -181,6 +181,7 @@ class RangeUpdate:
     counts: RangeCounts
     number_key: str
     number_value: NumberState
+    pair_key: str = ""  # the key counted in ``pair`` (see :class:`ExpiryIndex`)
 
 
 def range_stage(
@@ -211,7 +212,7 @@ def range_stage(
     stores.range[range_key] = rng
 
     counts = RangeCounts(n15, n1h, n24, p1h, p24, r1h, r24, ni1h, ni24, ri24, rn24, pending)
-    return RangeUpdate(counts, nkey, num)
+    return RangeUpdate(counts, nkey, num, pkey)
 
 
 def is_pending(mark: Pending | None, ts: float, request_id: str) -> bool:
@@ -318,6 +319,91 @@ def sweep(store: Store, now: float) -> int:
     for k in dead:
         del store[k]
     return len(dead)
+
+
+class ExpiryIndex:
+    """Which keys of one store a sweep has to look at, so that it need not scan them all.
+
+    Every key is *filed* under an hour bucket ``b`` with ``b * HOUR <= expires_at(value)``: a
+    lower bound of when it can die. A sweep at ``now`` looks only at the keys filed under buckets
+    with ``b * HOUR <= now`` (and the *marked* ones), deletes those with ``expires_at <= now``
+    and files the others again under their own expiry; a key filed under a later bucket cannot
+    be dead yet. So it deletes exactly the keys :func:`sweep` (a full scan) deletes, as long as
+    this holds for every key of the store (the invariant):
+
+    * a key whose requests window counted an event at ``ts`` is filed with :meth:`bucket`
+      ``(counted_bucket(ts))``: the window's newest hour is at least ``ts``'s, and a window's
+      expiry never moves back (counting only adds hours; trimming drops only old ones), so the
+      bound holds for as long as the key lives, whatever else is written to its value;
+    * any other write that can move a key's expiry back (a cleared outstanding callback, a
+      learned deny's time set back, a value written from outside) is :meth:`mark`-ed: looked at
+      by the next sweep;
+    * the first sweep looks at every key (the store may have been filled before).
+
+    Keys filed twice or deleted since are harmless (looked at again, or skipped). The buckets
+    hold about one entry per key and hour it was counted in, for a day."""
+
+    __slots__ = ("buckets", "marked", "primed")
+
+    def __init__(self) -> None:
+        # bucket -> its keys (a dict used as an ordered set: a sweep visits them in about the
+        # order they were created, several times faster than a set's order on a big table)
+        self.buckets: dict[int, dict[str, None]] = {}
+        self.marked: dict[str, None] = {}
+        self.primed = False
+
+    def bucket(self, b: int) -> dict[str, None]:
+        """The keys filed under bucket ``b`` (file a key with ``bucket(b)[key] = None``; fetch it
+        again after a sweep, which takes the due buckets away)."""
+        keys = self.buckets.get(b)
+        if keys is None:
+            keys = self.buckets[b] = {}
+        return keys
+
+    def mark(self, key: str) -> None:
+        """Look at ``key`` in the next sweep (its value was written otherwise than by counting)."""
+        self.marked[key] = None
+
+    def sweep(self, store: Store, now: float) -> int:
+        """:func:`sweep` of ``store`` at ``now``, looking only at the keys that can be dead."""
+        if not self.primed:
+            self.marked.update(dict.fromkeys(store))
+            self.primed = True
+        keys = self.marked
+        self.marked = {}
+        for b in sorted(b for b in self.buckets if b * w.HOUR <= now):
+            keys.update(self.buckets.pop(b))
+        cut = int(now) // w.HOUR - w.HOUR_BUCKETS_KEPT  # as in sweep(): a count newer is live
+        dead = []
+        for k in keys:
+            v = store.get(k)
+            if v is None:
+                continue  # deleted since it was filed
+            t = type(v)
+            if t is Window:
+                hours = v.hours
+            elif t is IpState or t is NumberState or t is RangeState:
+                hours = v.requests.hours
+            else:
+                hours = None
+            if hours and hours[-1] > cut:
+                b = hours[-1] + w.HOUR_BUCKETS_KEPT  # its count's expiry: a lower bound of its own
+            else:
+                e = expires_at(v)
+                if e <= now:
+                    dead.append(k)
+                    continue
+                b = int(e // w.HOUR)
+            self.bucket(b)[k] = None
+        for k in dead:
+            del store[k]
+        return len(dead)
+
+
+def counted_bucket(ts: float) -> int:
+    """The :class:`ExpiryIndex` bucket of a key whose requests window counted an event at ``ts``
+    (the hour its count expires: ``w.count_expires_at`` of a window whose newest hour is ``ts``'s)."""
+    return int(ts) // w.HOUR + w.HOUR_BUCKETS_KEPT
 
 
 # --------------------------------------------------------------------------- binary form
