@@ -216,14 +216,14 @@ def parse_request(raw: bytes | str | dict[str, Any]) -> CallbackRequest:
     if not isinstance(authenticated, bool):
         raise InvalidField("authenticated", "true or false", authenticated)
     assert request_id is not None and phone is not None
-    return CallbackRequest(
-        request_id=request_id,
-        ts=ts,
-        phone_number=phone,
-        ip=ip,
-        country_hint=hint,
-        user_id=_text(obj, "user_id", required=False, max_len=MAX_ID_LEN),
-        authenticated=authenticated,
-        session_id=_text(obj, "session_id", required=False, max_len=MAX_ID_LEN),
-        user_agent=_text(obj, "user_agent", required=False, max_len=MAX_TEXT_LEN),
+    return CallbackRequest(  # positional, in field order (keywords cost more than the rest)
+        request_id,
+        ts,
+        phone,  # phone_number
+        ip,
+        hint,  # country_hint
+        _text(obj, "user_id", required=False, max_len=MAX_ID_LEN),
+        authenticated,
+        _text(obj, "session_id", required=False, max_len=MAX_ID_LEN),
+        _text(obj, "user_agent", required=False, max_len=MAX_TEXT_LEN),
     )
