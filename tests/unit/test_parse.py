@@ -103,3 +103,33 @@ def test_parse_ip_fast_path_is_ipaddress(parts, pad):
             parse_ip(text)
     else:
         assert parse_ip(text) == expected
+
+
+_HEXTETS = st.lists(st.sampled_from([0, 0, 0, 1, 0x10, 0xABC, 0xFFFF, 0x2001, 0xDB8]), min_size=8,
+                    max_size=8)
+
+
+@given(_HEXTETS, st.integers(0, 7), st.text(alphabet="0123456789abcdef:", max_size=24))
+def test_parse_ip_ipv6_shortcut_is_ipaddress(hextets, variant, noise):
+    """The canonical-IPv6 shortcut gives exactly what ``ipaddress`` gives (IPv4-mapped
+    addresses unwrapped), for canonical texts, other spellings of them, and noise."""
+    import ipaddress
+
+    from detector.core.parse import parse_ip
+
+    addr = ipaddress.IPv6Address(int("".join(f"{h:04x}" for h in hextets), 16))
+    canonical = str(addr)
+    text = [canonical, addr.exploded, canonical.upper(), canonical.replace("::", ":0:", 1),
+            "::" + canonical, canonical.replace(":", "::", 1), canonical + "%eth0", noise][variant]
+    try:
+        found = ipaddress.ip_address(text)
+        if isinstance(found, ipaddress.IPv6Address) and found.ipv4_mapped is not None:
+            found = found.ipv4_mapped
+        expected: str | None = str(found)
+    except ValueError:
+        expected = None
+    if expected is None:
+        with pytest.raises(InvalidField):
+            parse_ip(text)
+    else:
+        assert parse_ip(text) == expected
