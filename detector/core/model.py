@@ -264,18 +264,13 @@ class PackedForest:
         numbers (and the same ``top_features``) alone or in a batch.
         """
         slots = self._leaf_slot.take(leaves)  # (trees, rows)
-        n_rows = slots.shape[1]
-        total = np.empty((n_rows, self.n_features))
-        # a reduction over the outer axis adds tree after tree for every (row, feature), as a
-        # loop over the trees would; in blocks of rows to bound the float32 gather (~1 MB)
-        for i in range(0, n_rows, _CREDIT_BLOCK):
-            block = self._leaf_credit.take(slots[:, i:i + _CREDIT_BLOCK], axis=0)
-            np.add.reduce(block, axis=0, dtype=np.float64, out=total[i:i + _CREDIT_BLOCK],
-                          initial=0.0)
+        if slots.shape[1] <= 32:
+            total = self._leaf_credit.take(slots, axis=0).cumsum(axis=0, dtype=np.float64)[-1]
+        else:  # bounded memory for big batches: one (rows, features) gather per tree
+            total = np.zeros((slots.shape[1], self.n_features))
+            for tree_slots in slots:
+                total += self._leaf_credit.take(tree_slots, axis=0)
         return total / self.n_trees
-
-
-_CREDIT_BLOCK = 64  # rows per gather in PackedForest.contributions
 
 
 def _path_credits(

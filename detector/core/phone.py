@@ -74,9 +74,10 @@ def _enrich_phone(raw: str, country_hint: str | None, range_digits: int) -> Phon
     if not text.startswith("+") and not country_hint:
         return _unparsed("national-format number without country_hint")
     try:
-        num = _parse_plus_digits(text) if text.startswith("+") else None
+        region = None if text.startswith("+") else country_hint
+        num = _parse_plain(text, region)
         if num is None:
-            num = phonenumbers.parse(text, None if text.startswith("+") else country_hint)
+            num = phonenumbers.parse(text, region)
     except NumberParseException as exc:
         return _unparsed(f"not a phone number: {exc._msg}")
     e164 = phonenumbers.format_number(num, phonenumbers.PhoneNumberFormat.E164)
@@ -104,34 +105,55 @@ def _enrich_phone(raw: str, country_hint: str | None, range_digits: int) -> Phon
 _cached = lru_cache(maxsize=200_000)(_enrich_phone)
 
 _pnu = phonenumbers.phonenumberutil
-_DIGITS_ONLY = re.compile(r"\+[0-9]{3,%d}" % (_pnu._MAX_LENGTH_COUNTRY_CODE + _pnu._MAX_LENGTH_FOR_NSN))
+_PLAIN = re.compile(rf"\+?[0-9]{{3,{_pnu._MAX_LENGTH_COUNTRY_CODE + _pnu._MAX_LENGTH_FOR_NSN}}}")
 _SHORT = (_pnu.ValidationResult.TOO_SHORT, _pnu.ValidationResult.IS_POSSIBLE_LOCAL_ONLY,
           _pnu.ValidationResult.INVALID_LENGTH)
 
 
-def _parse_plus_digits(text: str) -> phonenumbers.PhoneNumber | None:
-    """``phonenumbers.parse(text, None)`` for ``+`` and ASCII digits (spaces allowed), the
-    form most requests carry; None for anything else or anything the library would reject,
-    which the caller then gives to ``phonenumbers.parse`` itself.
+def _parse_plain(text: str, region: str | None) -> phonenumbers.PhoneNumber | None:
+    """``phonenumbers.parse(text, region)`` for ASCII digits, with or without a leading ``+``
+    (spaces allowed): the forms requests carry. None for anything else, or anything the
+    library would reject; the caller then gives the text to ``phonenumbers.parse`` itself.
 
     For such text the library's first steps (RFC 3966 context, extracting the number from
-    surrounding text, extensions, alphanumeric letters, the plus sign, normalising the digits)
-    leave the digits as they are, and cost two thirds of its ~11 us; the rest (calling code,
-    national prefix, possible lengths, Italian leading zeros) is the library's own code,
-    called in its order (``phonenumberutil.parse``). A test compares both on every calling
-    code, example numbers, variations and random digit strings."""
+    surrounding text, viability, extensions, letters, normalising the digits) leave the digits
+    as they are, and cost two thirds of its ~11 us. The rest is the library's own code, called
+    in its order (``phonenumberutil.parse``): the calling code (after ``+``, or an IDD prefix
+    or the hint region's code, ``_maybe_extract_country_code``), the national prefix kept off
+    only when the rest is of a possible length, the length limits, Italian leading zeros.
+    Tests compare both on example numbers of every calling code and region written both
+    ways, their variations and random digit strings."""
     if " " in text:
         text = text.replace(" ", "")
-    if _DIGITS_ONLY.fullmatch(text) is None:
+    if _PLAIN.fullmatch(text) is None:
         return None
-    digits = text[1:]
-    cc, national = _pnu._extract_country_code(digits)
-    if cc == 0 or len(national) < _pnu._MIN_LENGTH_FOR_NSN:
-        return None  # the library raises; let it say why
-    num = phonenumbers.PhoneNumber(country_code=cc)
-    metadata = PhoneMetadata.metadata_for_region_or_calling_code(
-        cc, _pnu.region_code_for_country_code(cc))
-    if metadata is None:  # pragma: no cover - the library asserts it is not
+    num = phonenumbers.PhoneNumber()
+    if text[0] == "+":
+        cc, national = _pnu._extract_country_code(text[1:])
+        if cc == 0:
+            return None  # the library raises; let it say why
+        num.country_code = cc
+        region = None
+        metadata = None
+    else:
+        if not _pnu._is_valid_region_code(region):
+            return None
+        assert region is not None  # checked just above
+        metadata = PhoneMetadata.metadata_for_region(region.upper(), None)
+        if metadata is None:  # pragma: no cover - a supported region has metadata
+            return None
+        try:
+            cc, national = _pnu._maybe_extract_country_code(text, metadata, False, num)
+        except NumberParseException:
+            return None
+    if cc != 0:
+        number_region = _pnu.region_code_for_country_code(cc)
+        if number_region != region:
+            metadata = PhoneMetadata.metadata_for_region_or_calling_code(cc, number_region)
+    elif metadata is not None and metadata.country_code is not None:
+        national = text  # no calling code in the text: the hint region's
+        cc = num.country_code = metadata.country_code
+    if metadata is None or len(national) < _pnu._MIN_LENGTH_FOR_NSN:
         return None
     _, stripped, _ = _pnu._maybe_strip_national_prefix_carrier_code(national, metadata)
     if _pnu._test_number_length(stripped, metadata) not in _SHORT:
@@ -141,6 +163,7 @@ def _parse_plus_digits(text: str) -> phonenumbers.PhoneNumber | None:
     _pnu._set_italian_leading_zeros_for_phone_number(national, num)
     num.national_number = int(national)
     return num
+
 
 #: ``phonenumbers.is_possible_number`` by (calling code, length of the national significant
 #: number): the library decides it from the calling code's main region's possible lengths and

@@ -126,37 +126,49 @@ def test_region_type_and_possible_are_the_libraries():
     assert checked > 15_000
 
 
-def test_plus_digits_parse_is_the_libraries():
-    """_parse_plus_digits (the fast path for "+digits") gives exactly phonenumbers.parse's
-    PhoneNumber, or None where the library raises or the text is not "+", digits and spaces:
-    example numbers of every calling code with and without spaces, with a national prefix or
-    leading zeros after the calling code, their variations and random digit strings."""
+def test_plain_digits_parse_is_the_libraries():
+    """_parse_plain (the fast path for digits, with or without "+") gives exactly
+    phonenumbers.parse's PhoneNumber, or None where the library raises or the text is not
+    "+", digits and spaces: example numbers of every calling code in E.164, international and
+    national format (with their own region, another one, an IDD prefix, a national prefix or
+    leading zeros), their variations and random digit strings with random regions."""
     import random
 
-    from detector.core.phone import _parse_plus_digits
+    from detector.core.phone import _parse_plain
 
     rnd = random.Random(3)
-    texts = ["+", "+1", "+12", "+123", "+ 44 20", "+44 ", "+0044", "+00", "+4 4 20 7946 0018",
-             "+44 20 7946 0018 x12", "+44-20-7946-0018", "+44 (0)20 7946 0018", "+٤٤٢٠٧٩٤٦٠٠١٨"]
+    regions = sorted(phonenumbers.SUPPORTED_REGIONS)
+    cases = [("+", None), ("+1", None), ("+12", None), ("+123", None), ("+ 44 20", None),
+             ("+44 ", None), ("+0044", None), ("+00", None), ("+4 4 20 7946 0018", None),
+             ("+44 20 7946 0018 x12", None), ("+44-20-7946-0018", None), ("123", None),
+             ("+44 (0)20 7946 0018", None), ("+٤٤٢٠٧٩٤٦٠٠١٨", None), ("123", "ZZ"),
+             ("020 7946 0018", "gb"), ("12", "GB"), ("1 2 3", "GB"), ("000", "GB")]
     for item in _numbers_around_every_example(per_example=3, random_per_code=10):
-        if isinstance(item, phonenumbers.PhoneNumber):
-            cc, nsn = item.country_code, phonenumbers.national_significant_number(item)
-            texts.append(phonenumbers.format_number(item, phonenumbers.PhoneNumberFormat.E164))
-            texts.append(phonenumbers.format_number(
-                item, phonenumbers.PhoneNumberFormat.INTERNATIONAL))
-            texts += [f"+{cc}0{nsn}", f"+{cc}00{nsn}"]
-        else:
-            texts.append(item)
-    texts += ["+" + "".join(rnd.choice("0123456789") for _ in range(rnd.randint(0, 21)))
-              for _ in range(5000)]
+        if not isinstance(item, phonenumbers.PhoneNumber):
+            cases.append((item, None))
+            continue
+        cc, nsn = item.country_code, phonenumbers.national_significant_number(item)
+        region = phonenumbers.region_code_for_number(item)
+        fmt = phonenumbers.PhoneNumberFormat
+        cases += [(phonenumbers.format_number(item, fmt.E164), None),
+                  (phonenumbers.format_number(item, fmt.INTERNATIONAL), None),
+                  (f"+{cc}0{nsn}", None), (f"+{cc}00{nsn}", None)]
+        if region and region != "001":
+            national = phonenumbers.format_number(item, fmt.NATIONAL)
+            cases += [(national, region), (national, rnd.choice(regions)), (nsn, region),
+                      (f"0{nsn}", region), (f"{cc}{nsn}", region),
+                      (f"00{cc}{nsn}", rnd.choice(regions)), (f"011{cc}{nsn}", "US")]
+    cases += [(("+" if rnd.random() < 0.4 else "")
+               + "".join(rnd.choice("0123456789") for _ in range(rnd.randint(0, 21))),
+               rnd.choice([*regions, None])) for _ in range(5000)]
     fast = 0
-    for text in texts:
+    for text, region in cases:
         try:
-            want = phonenumbers.parse(text, None)
+            want = phonenumbers.parse(text, region)
         except phonenumbers.NumberParseException:
             want = None
-        got = _parse_plus_digits(text)
+        got = _parse_plain(text, region)
         if got is not None:
             fast += 1
-            assert want is not None and got == want and repr(got) == repr(want), text
-    assert fast > 10_000
+            assert want is not None and got == want and repr(got) == repr(want), (text, region)
+    assert fast > 15_000
