@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from detector.core import windows as w
 from detector.core.pii import hash_id, hash_int
 from detector.core.records import CallbackRequest, Enrichment, IpCounts, PhoneInfo, RangeCounts
-from detector.core.windows import Distinct, Window
+from detector.core.windows import Distinct, Window, count_add_read, distinct_add_read
 
 if TYPE_CHECKING:
     from detector.core.policy import SharedIpPolicy
@@ -125,17 +125,17 @@ def ip_stage(
     ts = req.ts
     value = stores.ip.get(req.ip)
     if value is None:
-        value = IpState()
+        value = IpState(Window(), {}, {}, {})
     phone = enr.phone
-    _, c15, c1h, c24 = w.count_add_read(value.requests, ts)
-    _, n1h, n24 = w.distinct_add_read(
-        value.numbers, member(phone_key(phone, req.phone_number), key), ts)
+    _, c15, c1h, c24 = count_add_read(value.requests, ts)
+    _, n1h, n24 = distinct_add_read(
+        value.numbers, member(phone.e164 or phone_key(phone, req.phone_number), key), ts)
     if phone.region:
-        _, _, k24 = w.distinct_add_read(value.countries, w.code_int(phone.region), ts)
+        _, _, k24 = distinct_add_read(value.countries, w.code_int(phone.region), ts)
     else:
         _, k24 = w.distinct_read(value.countries, ts)
     if phone.range_key:
-        _, _, r24 = w.distinct_add_read(value.ranges, member(phone.range_key, key), ts)
+        _, _, r24 = distinct_add_read(value.ranges, member(phone.range_key, key), ts)
     else:
         _, r24 = w.distinct_read(value.ranges, ts)
     stores.ip[req.ip] = value
@@ -189,26 +189,28 @@ def range_stage(
 ) -> RangeUpdate:
     """Count ``req`` per number, pair and range; the number's value is written by :func:`range_commit`."""
     ts = req.ts
+    ip = req.ip
     nkey = number_key(enr, req.phone_number)
-    ip_member = member(req.ip, key)
+    ip_member = member(ip, key)
 
     num = stores.number.get(nkey)
     if num is None:
-        num = NumberState()
-    _, n15, n1h, n24 = w.count_add_read(num.requests, ts)
-    _, ni1h, ni24 = w.distinct_add_read(num.ips, ip_member, ts)
+        num = NumberState(Window(), {})
+    _, n15, n1h, n24 = count_add_read(num.requests, ts)
+    _, ni1h, ni24 = distinct_add_read(num.ips, ip_member, ts)
     pending = is_pending(num.pending, ts, req.request_id)
 
-    pkey = pair_key(req.ip, nkey)
-    pair, _, p1h, p24 = w.count_add_read(stores.pair.get(pkey), ts)
-    stores.pair[pkey] = pair
+    pkey = pair_key(ip, nkey)
+    pairs = stores.pair
+    pair, _, p1h, p24 = count_add_read(pairs.get(pkey), ts)
+    pairs[pkey] = pair
 
     rng = stores.range.get(range_key)
     if rng is None:
-        rng = RangeState()
-    _, _, r1h, r24 = w.count_add_read(rng.requests, ts)
-    _, _, ri24 = w.distinct_add_read(rng.ips, ip_member, ts)
-    _, _, rn24 = w.distinct_add_read(rng.numbers, member(nkey, key), ts)
+        rng = RangeState(Window(), {}, {})
+    _, _, r1h, r24 = count_add_read(rng.requests, ts)
+    _, _, ri24 = distinct_add_read(rng.ips, ip_member, ts)
+    _, _, rn24 = distinct_add_read(rng.numbers, member(nkey, key), ts)
     stores.range[range_key] = rng
 
     counts = RangeCounts(n15, n1h, n24, p1h, p24, r1h, r24, ni1h, ni24, ri24, rn24, pending)
@@ -374,27 +376,31 @@ class ExpiryIndex:
         for b in sorted(b for b in self.buckets if b * w.HOUR <= now):
             keys.update(self.buckets.pop(b))
         cut = int(now) // w.HOUR - w.HOUR_BUCKETS_KEPT  # as in sweep(): a count newer is live
+        kept = w.HOUR_BUCKETS_KEPT
         dead = []
+        get, bucket = store.get, self.bucket
         for k in keys:
-            v = store.get(k)
+            v = get(k)
             if v is None:
                 continue  # deleted since it was filed
             t = type(v)
-            if t is Window:
+            if t is Window:  # a pair: its count is all it holds
                 hours = v.hours
-            elif t is IpState or t is NumberState or t is RangeState:
-                hours = v.requests.hours
-            else:
-                hours = None
+                if hours and hours[-1] > cut:
+                    bucket(hours[-1] + kept)[k] = None
+                else:
+                    dead.append(k)  # expires_at(v) = count_expires_at(v) <= now
+                continue
+            hours = v.requests.hours if t is IpState or t is NumberState or t is RangeState else None
             if hours and hours[-1] > cut:
-                b = hours[-1] + w.HOUR_BUCKETS_KEPT  # its count's expiry: a lower bound of its own
+                b = hours[-1] + kept  # its count's expiry: a lower bound of its own
             else:
                 e = expires_at(v)
                 if e <= now:
                     dead.append(k)
                     continue
                 b = int(e // w.HOUR)
-            self.bucket(b)[k] = None
+            bucket(b)[k] = None
         for k in dead:
             del store[k]
         return len(dead)
