@@ -50,8 +50,9 @@ itself. Both read with the same function, so they agree exactly in replay order.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from itertools import accumulate
 from typing import Any
 
 MINUTE, HOUR = 60, 3600
@@ -112,35 +113,103 @@ class PopulationCounts:
         return {name: getattr(self, name) for name in PopulationCounts.__slots__}
 
 
-@dataclass(slots=True)
 class _Scope:
-    minutes: dict[int, list[int]] = field(default_factory=dict)  # minute -> [requests, fresh]
-    hours: dict[int, list[int]] = field(default_factory=dict)  # hour -> [requests, fresh]
-    newest_hour: int = 0
-    # Sums over buckets *before* the minute ``memo_at`` (and its hour), which no request of that
-    # minute changes; any write to an earlier minute (a late delta, an out-of-order event) drops it.
-    memo_at: int = -1
-    memo: dict[tuple[Any, ...], tuple[Any, ...]] = field(default_factory=dict)
-    block: tuple[tuple[str, str], str] | None = None  # ((region, "B5"), prefix) of a block scope
-    # Spend scopes (core/spend.py): window sums rolled forward minute by minute; any write
-    # before its minute (or an eviction) drops it.
-    roll: list[int] | None = None
+    """One scope's buckets, and what reads derived from them (rebuilt from the buckets whenever
+    a write lands where they summed: a late delta, an out-of-order event, an eviction)."""
+
+    __slots__ = ("minutes", "hours", "newest_hour", "minutes_sorted", "hours_sorted", "pn", "pf",
+                 "pbase", "ptop", "hmemo_at", "hmemo", "memo_at", "memo_key", "memo", "typ_key",
+                 "typ", "watch", "block")
+
+    def __init__(self) -> None:
+        self.minutes: dict[int, list[int]] = {}  # minute -> [requests, fresh]
+        self.hours: dict[int, list[int]] = {}  # hour -> [requests, fresh]
+        self.newest_hour = 0
+        # Bucket keys are kept ascending (checked on insert, re-sorted only after an out-of-order
+        # bucket), so the oldest bucket, the one evicted, is the first: no scan.
+        self.minutes_sorted = self.hours_sorted = True
+        # Running totals of the minute buckets: ``pn[i]`` / ``pf[i]`` = requests / fresh requests
+        # of every minute bucket before minute ``pbase + i`` (from an arbitrary origin), known up
+        # to minute ``ptop = pbase + len(pn) - 1`` (-1: none). A window of complete minutes is one
+        # subtraction, and reading the next minute appends one entry instead of re-summing ~130
+        # buckets. A write at minute b < ptop cuts the totals after b (a write before ``pbase``
+        # shifts every total by the same amount: differences stay exact).
+        self.pn: list[int] = []
+        self.pf: list[int] = []
+        self.pbase = 0
+        self.ptop = -1
+        # Sums of the hour buckets before the hour ``hmemo_at`` (:func:`_hour_sums`).
+        self.hmemo_at = -1
+        self.hmemo = (0, 0, 0, 0)
+        # What a surge reads from before the minute ``memo_at`` with (start minute, min
+        # baseline) ``memo_key`` (:func:`_surge_past`).
+        self.memo_at = -1
+        self.memo_key: tuple[int, float] = (0, 0.0)
+        self.memo: tuple[int, int, int, float] = (0, 0, 0, 0.0)
+        # A spend scope's typical hour (core/spend.py) at (hour, start minute) ``typ_key``.
+        self.typ_key: tuple[int, int] | None = None
+        self.typ = 0
+        # A write at a minute below ``watch`` may change something derived above (at least the
+        # largest minute any of them summed up to): one comparison per write in the usual case.
+        self.watch = -1
+        self.block: tuple[tuple[str, str], str] | None = None  # ((region, "B5"), prefix) of a block
+
+    def forget_derived(self) -> None:
+        """Drop every running total and memo (they are rebuilt from the buckets on the next
+        read): what a read returns must not change (tests compare)."""
+        self.pn, self.pf, self.ptop, self.hmemo_at, self.memo_at, self.typ_key = [], [], -1, -1, -1, None
+        self.watch = -1
+
+    def changed(self, b: int, *, evicted: bool = False) -> None:
+        """The minute bucket ``b`` changed (a write below ``watch``, or ``evicted``: the oldest
+        bucket went): drop what summed it. The running totals after ``b`` all moved by the same
+        amount, so the totals on one side of ``b`` stay exact: the later side when no read
+        at ``ptop`` reaches back to ``b``, else the earlier one."""
+        if self.pbase <= b < self.ptop:
+            if b < self.ptop - PAST_MINUTES:
+                cut = b - self.pbase + 1
+                del self.pn[:cut]
+                del self.pf[:cut]
+                self.pbase = b + 1
+            else:
+                keep = b - self.pbase + 1
+                del self.pn[keep:]
+                del self.pf[keep:]
+                self.ptop = b
+        if evicted:  # the hour buckets did not change; the surge memo read PAST_MINUTES minutes
+            if self.memo_at - PAST_MINUTES <= b < self.memo_at:
+                self.memo_at = -1
+            return
+        if b < self.memo_at:  # the memo read minutes and (the baseline's day) hours before it
+            self.memo_at = -1
+        h = b // 60
+        if self.hmemo_at - 24 <= h < self.hmemo_at:
+            self.hmemo_at = -1
+        if self.typ_key is not None and self.typ_key[0] - 24 <= h < self.typ_key[0]:
+            self.typ_key = None
+        self.watch = max(self.ptop, self.memo_at, 60 * self.hmemo_at,
+                         60 * self.typ_key[0] if self.typ_key is not None else -1)
+
+    def hour_evicted(self, g: int) -> None:
+        """The hour bucket ``g`` went (the oldest): drop what summed it (the sums read the 24
+        hours before their hour)."""
+        if self.hmemo_at - 24 <= g < self.hmemo_at:
+            self.hmemo_at = -1
+        self.memo_at = -1  # (its baseline may read the day's hours; a new hour's minute anyway)
+        if self.typ_key is not None and self.typ_key[0] - 24 <= g < self.typ_key[0]:
+            self.typ_key = None
 
 
-def _bump(buckets: dict[int, list[int]], b: int, n: int, fresh: int, keep: int) -> int | None:
-    """Add to bucket ``b``; returns the old bucket that had to go, if one did (bounded by count,
-    never aged against one event's time)."""
-    cell = buckets.get(b)
-    if cell is not None:
-        cell[0] += n
-        cell[1] += fresh
-        return None
-    buckets[b] = [n, fresh]
-    if len(buckets) > keep:
-        gone = min(buckets)
-        del buckets[gone]
-        return gone
-    return None
+def _evict(buckets: dict[int, list[int]], in_order: bool) -> int:
+    """Remove and return the oldest bucket (``in_order``: the keys are ascending, so it is the
+    first; else the dict is re-sorted first, so it is in order again)."""
+    if not in_order:
+        ordered = sorted(buckets.items())
+        buckets.clear()
+        buckets.update(ordered)
+    gone = next(iter(buckets))
+    del buckets[gone]
+    return gone
 
 
 def scopes(e164: str | None, region: str | None, policy: PopulationPolicy) -> tuple[str, ...]:
@@ -221,18 +290,38 @@ class PopulationView:
             if key[0] == "B":
                 level, region, prefix = key.split(":", 2)
                 sc.block = ((region, level), prefix)
+        minutes = sc.minutes
+        cell = minutes.get(minute)
+        if cell is not None:
+            cell[0] += n
+            cell[1] += fresh
+        else:
+            if minutes and minute < next(reversed(minutes)):
+                sc.minutes_sorted = False
+            minutes[minute] = [n, fresh]
+            if len(minutes) > MINUTES_KEPT:  # bounded by count, never aged against one event's time
+                gone = _evict(minutes, sc.minutes_sorted)
+                sc.minutes_sorted = True
+                if gone < sc.watch:
+                    sc.changed(gone, evicted=True)
         hour = minute // 60
-        gone_m = _bump(sc.minutes, minute, n, fresh, MINUTES_KEPT)
-        gone_h = _bump(sc.hours, hour, n, fresh, HOURS_KEPT)
-        if gone_m is not None or gone_h is not None or minute < sc.memo_at:  # a summed bucket changed
-            sc.memo_at = -1
-            sc.memo.clear()
-        roll = sc.roll
-        if roll is not None and (minute < roll[0] or (gone_m is not None and gone_m >= roll[0] - 60)
-                                 or (gone_h is not None and gone_h >= roll[2] - 24)):
-            sc.roll = None  # a bucket inside the rolled windows changed
-        if hour > sc.newest_hour:
-            sc.newest_hour = hour
+        hours = sc.hours
+        cell = hours.get(hour)
+        if cell is not None:
+            cell[0] += n
+            cell[1] += fresh
+        else:
+            if hours and hour < next(reversed(hours)):
+                sc.hours_sorted = False
+            hours[hour] = [n, fresh]
+            if hour > sc.newest_hour:
+                sc.newest_hour = hour
+            if len(hours) > HOURS_KEPT:
+                gone = _evict(hours, sc.hours_sorted)
+                sc.hours_sorted = True
+                sc.hour_evicted(gone)
+        if minute < sc.watch:  # a bucket something derived has summed
+            sc.changed(minute)
         if sc.block is not None:
             level_key, prefix = sc.block
             seen = self.blocks.get(level_key)
@@ -254,31 +343,65 @@ class PopulationView:
         return len(dead)
 
 
-def _sum(buckets: Mapping[int, list[int]], first: int, last: int) -> tuple[int, int]:
-    n = f = 0
-    if len(buckets) <= last - first + 1:
-        for b, cell in buckets.items():
-            if first <= b <= last:
-                n += cell[0]
-                f += cell[1]
-    else:
-        for b in range(first, last + 1):
-            found = buckets.get(b)
-            if found is not None:
-                n += found[0]
-                f += found[1]
-    return n, f
+def _totals(sc: _Scope, m: int) -> int:
+    """Bring the scope's running minute totals up to minute ``m`` (see :class:`_Scope`) and return
+    the index of ``m`` in them: ``sc.pn[i] - sc.pn[i - k]`` is the requests of the ``k`` minutes
+    before ``m``, for any k <= :data:`PAST_MINUTES`. Rebuilt from the buckets when the totals
+    do not reach back that far or are far behind (a gap, a read back in time)."""
+    base, top = sc.pbase, sc.ptop
+    if top < 0 or m - PAST_MINUTES < base or m - top > PAST_MINUTES:
+        base = m - PAST_MINUTES
+        dn = [0] * PAST_MINUTES
+        df = [0] * PAST_MINUTES
+        for b, cell in sc.minutes.items():
+            if base <= b < m:
+                dn[b - base] = cell[0]
+                df[b - base] = cell[1]
+        sc.pn = list(accumulate(dn, initial=0))
+        sc.pf = list(accumulate(df, initial=0))
+        sc.pbase, sc.ptop = base, m
+        if m > sc.watch:
+            sc.watch = m
+        return PAST_MINUTES
+    if top < m:
+        pn, pf, minutes = sc.pn, sc.pf, sc.minutes
+        n, f = pn[-1], pf[-1]
+        for x in range(top, m):
+            got = minutes.get(x)
+            if got is not None:
+                n += got[0]
+                f += got[1]
+            pn.append(n)
+            pf.append(f)
+        sc.ptop = m
+        if m > sc.watch:
+            sc.watch = m
+        if len(pn) > 4 * PAST_MINUTES:  # keep the list short: drop totals no read reaches
+            cut = len(pn) - 2 * PAST_MINUTES
+            del pn[:cut]
+            del pf[:cut]
+            sc.pbase = base = base + cut
+    return m - base
 
 
-def _past_minutes(sc: _Scope, m: int) -> list[int]:
-    """Requests per minute over the :data:`PAST_MINUTES` minutes before ``m`` (index 0 is
-    ``m - PAST_MINUTES``), in one pass over the scope's (at most :data:`MINUTES_KEPT`) buckets."""
-    first = m - PAST_MINUTES
-    out = [0] * PAST_MINUTES
-    for b, cell in sc.minutes.items():
-        if first <= b < m:
-            out[b - first] = cell[0]
-    return out
+def _hour_sums(sc: _Scope, h: int) -> tuple[int, int, int, int]:
+    """(requests, fresh) of the hours h-23 .. h-1, requests of h-24 .. h-1 and of h-24 alone,
+    memoized for the hour ``h``: no request of a later minute of the hour changes them."""
+    if sc.hmemo_at != h:
+        n23 = f23 = n24 = yest = 0
+        for b, cell in sc.hours.items():
+            if h - 24 <= b < h:
+                n24 += cell[0]
+                if b == h - 24:
+                    yest = cell[0]
+                else:
+                    n23 += cell[0]
+                    f23 += cell[1]
+        sc.hmemo = (n23, f23, n24, yest)
+        sc.hmemo_at = h
+        if 60 * h > sc.watch:
+            sc.watch = 60 * h
+    return sc.hmemo
 
 
 def _campaign_factor(campaigns: Sequence[Campaign], region: str, ts: float) -> float:
@@ -295,26 +418,23 @@ def baseline_10m(sc: _Scope, ts: float, start_minute: int, min_baseline: float) 
     hour of surge in that history does not become the baseline), the day's mean and the same
     hour yesterday once a day of history exists, never below ``min_baseline``."""
     m = int(ts) // MINUTE
-    return _baseline(sc, _past_minutes(sc, m), m, start_minute, min_baseline)
+    return _baseline(sc, _totals(sc, m), m, start_minute, min_baseline)
 
 
-def _baseline(sc: _Scope, past: list[int], m: int, start_minute: int, min_baseline: float) -> float:
-    """:func:`baseline_10m` from the minutes before ``m`` (:func:`_past_minutes`)."""
+def _baseline(sc: _Scope, i: int, m: int, start_minute: int, min_baseline: float) -> float:
+    """:func:`baseline_10m` from the running totals (``i``: the index of ``m``, :func:`_totals`)."""
+    pn = sc.pn
     blocks = []
     for k in range(1, BASELINE_BLOCKS + 1):
-        first = m - 10 * k - 9
-        if first < start_minute:
+        if m - 10 * k - 9 < start_minute:
             break  # before the deployment started: unknown, not zero
-        j = PAST_MINUTES - 10 * k - 9
-        blocks.append(sum(past[j:j + 10]))
+        blocks.append(pn[i - 10 * k + 1] - pn[i - 10 * k - 9])  # minutes m-10k-9 .. m-10k
     base = min_baseline
     if blocks:  # the (lower) median: up to an hour of surge among 12 blocks is not the baseline
         blocks.sort()
         base = max(base, float(blocks[(len(blocks) - 1) // 2]))
     if m - start_minute >= 24 * 60:  # a day of history: its mean, and the same hour yesterday
-        h = m // 60
-        day, _ = _sum(sc.hours, h - 24, h - 1)
-        yesterday, _ = _sum(sc.hours, h - 24, h - 24)
+        _, _, day, yesterday = _hour_sums(sc, m // 60)
         base = max(base, day / 144.0, yesterday / 6.0)
     return base
 
@@ -348,26 +468,26 @@ def _surge_past(sc: _Scope, m: int, start_minute: int, min_baseline: float
     """What :func:`_surge` reads from before the minute ``m``, memoized for that minute: the
     last 10 and last 2 minutes without the current one, the 20 minutes before the last 10, and
     the baseline (before the campaign factor)."""
-    if sc.memo_at != m:
-        sc.memo_at = m
-        sc.memo.clear()
-    key = ("s", start_minute, min_baseline)
-    hit = sc.memo.get(key)
-    if hit is None:
-        past = _past_minutes(sc, m)
-        hit = sc.memo[key] = (
-            sum(past[-9:]),  # m-9 .. m-1
-            past[-1],  # m-1
-            sum(past[-29:-9]),  # m-29 .. m-10
-            _baseline(sc, past, m, start_minute, min_baseline),
-        )
-    return hit  # type: ignore[return-value]
+    if sc.memo_at == m and sc.memo_key == (start_minute, min_baseline):
+        return sc.memo
+    i = _totals(sc, m)
+    pn = sc.pn
+    sc.memo = (
+        pn[i] - pn[i - 9],  # m-9 .. m-1
+        pn[i] - pn[i - 1],  # m-1
+        pn[i - 9] - pn[i - 29],  # m-29 .. m-10
+        _baseline(sc, i, m, start_minute, min_baseline),
+    )
+    sc.memo_at, sc.memo_key = m, (start_minute, min_baseline)
+    if m > sc.watch:
+        sc.watch = m
+    return sc.memo
 
 
 def _day_hour(sc: _Scope, m: int, h: int) -> tuple[int, int, int, int]:
     """(requests, fresh) over the 24 h and (requests, fresh) over the 60 minutes ending with the
-    request's hour ``h`` and minute ``m``: the memoized part before them plus the live buckets
-    (a scope with few buckets, like most number blocks, is summed directly)."""
+    request's hour ``h`` and minute ``m``: the running totals and the hour memo plus the live
+    buckets (a scope with few buckets, like most number blocks, is summed directly)."""
     hours, minutes = sc.hours, sc.minutes
     if len(hours) + len(minutes) <= 16:
         n24 = f24 = n1h = f1h = 0
@@ -380,18 +500,15 @@ def _day_hour(sc: _Scope, m: int, h: int) -> tuple[int, int, int, int]:
                 n1h += bucket[0]
                 f1h += bucket[1]
         return n24, f24, n1h, f1h
-    if sc.memo_at != m:
-        sc.memo_at = m
-        sc.memo.clear()
-    hit = sc.memo.get(("d",))
-    if hit is None:
-        hit = sc.memo[("d",)] = _sum(sc.hours, h - 23, h - 1) + _sum(sc.minutes, m - 59, m - 1)
-    n24, f24, n1h, f1h = hit
-    cell = sc.hours.get(h)
+    i = _totals(sc, m)
+    n1h = sc.pn[i] - sc.pn[i - 59]
+    f1h = sc.pf[i] - sc.pf[i - 59]
+    n24, f24, _, _ = _hour_sums(sc, h)
+    cell = hours.get(h)
     if cell is not None:
         n24 += cell[0]
         f24 += cell[1]
-    cell = sc.minutes.get(m)
+    cell = minutes.get(m)
     if cell is not None:
         n1h += cell[0]
         f1h += cell[1]

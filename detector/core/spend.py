@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 import phonenumbers
 
 from detector.core.errors import ConfigError, PolicyError, _shown
-from detector.core.population import MINUTE, Campaign, PopulationView, _Scope
+from detector.core.population import MINUTE, Campaign, PopulationView, _hour_sums, _Scope, _totals
 from detector.core.records import Action
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -209,31 +209,21 @@ def _typical(sc: _Scope, h: int, start: int) -> int:
     return values[(len(values) - 1) // 2]  # the lower median: half the hours may be a pump
 
 
-def _rolled(sc: _Scope, m: int, start: int) -> list[int]:
-    """``[m, spend of minutes m-59..m-1, h, spend of hours h-23..h-1, typical hour, start]`` of a spend
-    scope, rolled forward from the last read (a few look-ups a minute instead of 80): integer
-    sums, equal to summing the buckets (a write before ``m`` drops the roll, see ``_add``)."""
+def _windows(sc: _Scope, m: int, start: int) -> tuple[int, int, int]:
+    """(spend of the minutes m-59..m-1, spend of the hours h-23..h-1, typical hour) of a spend
+    scope at minute ``m``: the scope's running minute totals and hour sums (core/population.py:
+    a few look-ups a minute instead of 80; integer sums, equal to summing the buckets whatever
+    the order of writes), the typical hour memoized per (hour, start)."""
+    i = _totals(sc, m)
+    pn = sc.pn
     h = m // 60
-    roll = sc.roll
-    minutes, hours = sc.minutes, sc.hours
-    if roll is None or not 0 <= m - roll[0] < 60 or not 0 <= h - roll[2] < 24 or roll[5] != start:
-        hour = sum(c[0] for b, c in minutes.items() if m - 59 <= b < m)
-        day = sum(c[0] for b, c in hours.items() if h - 23 <= b < h)
-        roll = sc.roll = [m, hour, h, day, _typical(sc, h, start), start]
-        return roll
-    if roll[0] != m:
-        hour = roll[1]
-        for x in range(roll[0], m):  # the window moves one minute: x comes in, x - 59 goes out
-            cin, cout = minutes.get(x), minutes.get(x - 59)
-            hour += (cin[0] if cin is not None else 0) - (cout[0] if cout is not None else 0)
-        roll[0], roll[1] = m, hour
-    if roll[2] != h:
-        day = roll[3]
-        for x in range(roll[2], h):
-            cin, cout = hours.get(x), hours.get(x - 23)
-            day += (cin[0] if cin is not None else 0) - (cout[0] if cout is not None else 0)
-        roll[2], roll[3], roll[4] = h, day, _typical(sc, h, start)
-    return roll
+    day = _hour_sums(sc, h)[0]
+    if sc.typ_key != (h, start):
+        sc.typ = _typical(sc, h, start)
+        sc.typ_key = (h, start)
+        if 60 * h > sc.watch:
+            sc.watch = 60 * h
+    return pn[i] - pn[i - 59], day, sc.typ
 
 
 def typical_hour(view: PopulationView, key: str, ts: float) -> float:
@@ -243,7 +233,7 @@ def typical_hour(view: PopulationView, key: str, ts: float) -> float:
     if sc is None:
         return 0.0
     m = int(ts) // MINUTE
-    return float(_rolled(sc, m, view.start_minute if view.start_minute is not None else m)[4])
+    return float(_windows(sc, m, view.start_minute if view.start_minute is not None else m)[2])
 
 
 def window_spend(view: PopulationView, key: str, ts: float) -> tuple[int, int]:
@@ -252,10 +242,10 @@ def window_spend(view: PopulationView, key: str, ts: float) -> tuple[int, int]:
     if sc is None:
         return 0, 0
     m = int(ts) // MINUTE
-    roll = _rolled(sc, m, view.start_minute if view.start_minute is not None else m)
+    hour, day, _ = _windows(sc, m, view.start_minute if view.start_minute is not None else m)
     now_m, now_h = sc.minutes.get(m), sc.hours.get(m // 60)
-    return (roll[1] + (now_m[0] if now_m is not None else 0),
-            roll[3] + (now_h[0] if now_h is not None else 0))
+    return (hour + (now_m[0] if now_m is not None else 0),
+            day + (now_h[0] if now_h is not None else 0))
 
 
 def campaign_boost(campaigns: Sequence[Campaign], region: str | None, ts: float, window_s: float) -> float:
@@ -287,13 +277,16 @@ def breaker(view: PopulationView, key: str, ts: float, policy: SpendPolicy,
     if sc is None:
         spend_h = spend_d = 0
         typ = 0.0
-    else:  # window_spend and typical_hour, from one roll
+    else:  # window_spend and typical_hour in one go
         m = int(ts) // MINUTE
-        roll = _rolled(sc, m, view.start_minute if view.start_minute is not None else m)
+        start = view.start_minute if view.start_minute is not None else m
+        spend_h, spend_d, typ_units = _windows(sc, m, start)
         now_m, now_h = sc.minutes.get(m), sc.hours.get(m // 60)
-        spend_h = roll[1] + (now_m[0] if now_m is not None else 0)
-        spend_d = roll[3] + (now_h[0] if now_h is not None else 0)
-        typ = float(roll[4])
+        if now_m is not None:
+            spend_h += now_m[0]
+        if now_h is not None:
+            spend_d += now_h[0]
+        typ = float(typ_units)
     country = key.startswith(COUNTRY)
     configured = (policy.countries if country else policy.prefixes).get(key[3:])
     lim_h = lim_d = None
