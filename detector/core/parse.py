@@ -47,7 +47,9 @@ def decode_json(raw: bytes | str, *, max_bytes: int = MAX_MESSAGE_BYTES) -> dict
     integers beyond 64 bits and non-finite numbers are malformed JSON here (orjson's limits),
     and a message over ``max_bytes`` is rejected before it is parsed.
     """
-    if isinstance(raw, str):
+    if raw.__class__ is bytes:  # the usual case, first
+        data = raw
+    elif isinstance(raw, str):
         try:
             data = raw.encode("utf-8")
         except UnicodeEncodeError as exc:  # lone surrogates
