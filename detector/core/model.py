@@ -196,8 +196,9 @@ class PackedForest:
             levels.append(kids)
             frontier, nxt = kids, nxt + len(kids)
         order = np.concatenate(levels)  # walk index -> global node
-        if nxt != n_nodes or np.any(walk_of < 0):  # pragma: no cover - _check_arrays prevents it
-            raise ModelError("model arrays: some nodes are not reachable from their tree's root")
+        if nxt != n_nodes or np.any(walk_of < 0):  # not a forest scikit-learn writes
+            raise ModelError("model arrays: a node is not reachable from its tree's root, "
+                             "or is the child of two splits")
         wleaf = leaf[order]
         self._feat_bits = max(1, (self.n_features - 1).bit_length())
         child = np.where(wleaf, np.arange(n_nodes), first_child[order])
