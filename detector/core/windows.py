@@ -178,9 +178,15 @@ def count_add_read(value: Window | None, ts: float) -> tuple[Window, int, int, i
         value.hour_counts.append(1)
         return value, 1, 1, 1
     ids, counts = value.minutes, value.minute_counts
-    _bump(ids, counts, m, MINUTE_BUCKETS_KEPT)
+    if ids and ids[-1] == m and ids[0] > m - MINUTE_BUCKETS_KEPT:
+        counts[-1] += 1  # the last event's minute: _bump with nothing to insert or drop
+    else:
+        _bump(ids, counts, m, MINUTE_BUCKETS_KEPT)
     hids, hcounts = value.hours, value.hour_counts
-    _bump(hids, hcounts, h, HOUR_BUCKETS_KEPT)
+    if hids and hids[-1] == h and hids[0] > h - HOUR_BUCKETS_KEPT:
+        hcounts[-1] += 1
+    else:
+        _bump(hids, hcounts, h, HOUR_BUCKETS_KEPT)
     if ids[-1] == m and ids[0] > m - 60:
         c60 = sum(counts)
         c15 = c60 if ids[0] > m - 15 else sum(counts[bisect_left(ids, m - 14):])
@@ -279,6 +285,7 @@ def distinct_expired(value: Distinct | None, now: float, horizon: float = DAY) -
     return distinct_expires_at(value, horizon) <= now
 
 
+@lru_cache(maxsize=1024)  # region codes: a few hundred
 def code_int(code: str) -> int:
     """A short ASCII code (a region such as ``GB`` or ``001``) as a distinct-set member.
 
