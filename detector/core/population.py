@@ -384,14 +384,27 @@ def _totals(sc: _Scope, m: int) -> int:
         return PAST_MINUTES
     if top < m:
         pn, pf, minutes = sc.pn, sc.pf, sc.minutes
-        n, f = pn[-1], pf[-1]
-        for x in range(top, m):
-            got = minutes.get(x)
-            if got is not None:
-                n += got[0]
-                f += got[1]
-            pn.append(n)
-            pf.append(f)
+        gap = m - top
+        if 2 * gap > len(minutes):  # a scope read now and then: place its buckets, then add up
+            dn = [0] * gap
+            df = [0] * gap
+            for b, cell in minutes.items():
+                if top <= b < m:
+                    dn[b - top] = cell[0]
+                    df[b - top] = cell[1]
+            pn.extend(accumulate(dn, initial=pn[-1]))
+            pf.extend(accumulate(df, initial=pf[-1]))
+            del pn[-gap - 1]  # the initial value, already there
+            del pf[-gap - 1]
+        else:
+            n, f = pn[-1], pf[-1]
+            for x in range(top, m):
+                got = minutes.get(x)
+                if got is not None:
+                    n += got[0]
+                    f += got[1]
+                pn.append(n)
+                pf.append(f)
         sc.ptop = m
         if m > sc.watch:
             sc.watch = m
