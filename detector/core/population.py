@@ -117,14 +117,15 @@ class _Scope:
     """One scope's buckets, and what reads derived from them (rebuilt from the buckets whenever
     a write lands where they summed: a late delta, an out-of-order event, an eviction)."""
 
-    __slots__ = ("minutes", "hours", "newest_hour", "minutes_sorted", "hours_sorted", "pn", "pf",
-                 "pbase", "ptop", "hmemo_at", "hmemo", "memo_at", "memo_key", "memo", "typ_key",
-                 "typ", "watch", "block")
+    __slots__ = ("minutes", "hours", "newest_minute", "newest_hour", "minutes_sorted", "hours_sorted",
+                 "pn", "pf", "pbase", "ptop", "hmemo_at", "hmemo", "memo_at", "memo_key", "memo",
+                 "typ_key", "typ", "watch", "block")
 
     def __init__(self) -> None:
         self.minutes: dict[int, list[int]] = {}  # minute -> [requests, fresh]
         self.hours: dict[int, list[int]] = {}  # hour -> [requests, fresh]
-        self.newest_hour = 0
+        # The newest bucket ever written (only the oldest is evicted, so the newest stays).
+        self.newest_minute = self.newest_hour = 0
         # Bucket keys are kept ascending (checked on insert, re-sorted only after an out-of-order
         # bucket), so the oldest bucket, the one evicted, is the first: no scan.
         self.minutes_sorted = self.hours_sorted = True
@@ -152,7 +153,8 @@ class _Scope:
         # A write at a minute below ``watch`` may change something derived above (at least the
         # largest minute any of them summed up to): one comparison per write in the usual case.
         self.watch = -1
-        self.block: tuple[tuple[str, str], str] | None = None  # ((region, "B5"), prefix) of a block
+        # A block scope's (its level's touched blocks, ``view.blocks[(region, "B5")]``, prefix).
+        self.block: tuple[dict[str, int], str] | None = None
 
     def forget_derived(self) -> None:
         """Drop every running total and memo (they are rebuilt from the buckets on the next
@@ -212,6 +214,9 @@ def _evict(buckets: dict[int, list[int]], in_order: bool) -> int:
     return gone
 
 
+_HEADS: dict[tuple[str, tuple[int, ...]], tuple[str, tuple[tuple[int, str], ...]]] = {}
+
+
 def scopes(e164: str | None, region: str | None, policy: PopulationPolicy) -> tuple[str, ...]:
     """The scopes a request to ``e164`` counts in: everything, its country and its blocks.
 
@@ -221,12 +226,20 @@ def scopes(e164: str | None, region: str | None, policy: PopulationPolicy) -> tu
     """
     if not e164 or not region:
         return (GLOBAL,)
-    out = [GLOBAL, f"C:{region}"]
+    heads = _HEADS.get((region, policy.block_digits))
+    if heads is None:  # the keys' fixed parts, once per region (a few hundred at most)
+        if len(_HEADS) > 4096:
+            _HEADS.clear()
+        heads = _HEADS[(region, policy.block_digits)] = (
+            f"C:{region}", tuple((k, f"B{k}:{region}:") for k in policy.block_digits))
+    country, blocks = heads
     digits = len(e164) - 1
-    if digits >= policy.min_national_digits:
-        for k in policy.block_digits:
-            if digits - k >= 3:
-                out.append(f"B{k}:{region}:{e164[:-k]}")
+    if digits < policy.min_national_digits:
+        return (GLOBAL, country)
+    out = [GLOBAL, country]
+    for k, head in blocks:
+        if digits - k >= 3:
+            out.append(head + e164[:-k])
     return tuple(out)
 
 
@@ -252,8 +265,11 @@ class PopulationView:
         (``$...``, core/spend.py) count ``n`` units of allowed spend, and the request as "fresh"."""
         minute = int(ts) // MINUTE
         f = 1 if fresh else 0
+        if self.start_minute is None or minute < self.start_minute:
+            self.start_minute = minute
+        add = self._add
         for key in keys:
-            self._add(key, minute, n, f)
+            add(key, minute, n, f)
             if not self.deltas:
                 continue
             cell = self.pending.get((key, minute))
@@ -273,7 +289,10 @@ class PopulationView:
     def merge(self, delta: Iterable[Sequence[Any]]) -> None:
         """Add another worker's delta (rows of :meth:`take_delta`)."""
         for key, minute, n, fresh in delta:
-            self._add(str(key), int(minute), int(n), int(fresh))
+            m = int(minute)
+            if self.start_minute is None or m < self.start_minute:
+                self.start_minute = m
+            self._add(str(key), m, int(n), int(fresh))
 
     def mark_start(self, ts: float) -> None:
         """Declare that counting started at ``ts`` (history before it is unknown, not zero)."""
@@ -282,22 +301,26 @@ class PopulationView:
             self.start_minute = minute
 
     def _add(self, key: str, minute: int, n: int, fresh: int) -> None:
-        if self.start_minute is None or minute < self.start_minute:
-            self.start_minute = minute
+        """Count in one scope (the caller moved ``start_minute``)."""
         sc = self.scopes.get(key)
         if sc is None:
             sc = self.scopes[key] = _Scope()
             if key[0] == "B":
                 level, region, prefix = key.split(":", 2)
-                sc.block = ((region, level), prefix)
+                seen = self.blocks.get((region, level))
+                if seen is None:
+                    seen = self.blocks[(region, level)] = {}
+                sc.block = (seen, prefix)
         minutes = sc.minutes
         cell = minutes.get(minute)
         if cell is not None:
             cell[0] += n
             cell[1] += fresh
         else:
-            if minutes and minute < next(reversed(minutes)):
+            if minute < sc.newest_minute:
                 sc.minutes_sorted = False
+            else:
+                sc.newest_minute = minute
             minutes[minute] = [n, fresh]
             if len(minutes) > MINUTES_KEPT:  # bounded by count, never aged against one event's time
                 gone = _evict(minutes, sc.minutes_sorted)
@@ -311,24 +334,20 @@ class PopulationView:
             cell[0] += n
             cell[1] += fresh
         else:
-            if hours and hour < next(reversed(hours)):
+            if hour < sc.newest_hour:
                 sc.hours_sorted = False
-            hours[hour] = [n, fresh]
-            if hour > sc.newest_hour:
+            else:
                 sc.newest_hour = hour
+            hours[hour] = [n, fresh]
             if len(hours) > HOURS_KEPT:
                 gone = _evict(hours, sc.hours_sorted)
                 sc.hours_sorted = True
                 sc.hour_evicted(gone)
         if minute < sc.watch:  # a bucket something derived has summed
             sc.changed(minute)
-        if sc.block is not None:
-            level_key, prefix = sc.block
-            seen = self.blocks.get(level_key)
-            if seen is None:
-                seen = self.blocks[level_key] = {}
-            if seen.get(prefix, -1) < hour:
-                seen[prefix] = hour
+        block = sc.block
+        if block is not None and block[0].get(block[1], -1) < hour:
+            block[0][block[1]] = hour
 
     def prune(self, now: float) -> int:
         """Forget scopes and touched blocks older than a day at ``now``: a clock the caller
@@ -365,14 +384,27 @@ def _totals(sc: _Scope, m: int) -> int:
         return PAST_MINUTES
     if top < m:
         pn, pf, minutes = sc.pn, sc.pf, sc.minutes
-        n, f = pn[-1], pf[-1]
-        for x in range(top, m):
-            got = minutes.get(x)
-            if got is not None:
-                n += got[0]
-                f += got[1]
-            pn.append(n)
-            pf.append(f)
+        gap = m - top
+        if 2 * gap > len(minutes):  # a scope read now and then: place its buckets, then add up
+            dn = [0] * gap
+            df = [0] * gap
+            for b, cell in minutes.items():
+                if top <= b < m:
+                    dn[b - top] = cell[0]
+                    df[b - top] = cell[1]
+            pn.extend(accumulate(dn, initial=pn[-1]))
+            pf.extend(accumulate(df, initial=pf[-1]))
+            del pn[-gap - 1]  # the initial value, already there
+            del pf[-gap - 1]
+        else:
+            n, f = pn[-1], pf[-1]
+            for x in range(top, m):
+                got = minutes.get(x)
+                if got is not None:
+                    n += got[0]
+                    f += got[1]
+                pn.append(n)
+                pf.append(f)
         sc.ptop = m
         if m > sc.watch:
             sc.watch = m
@@ -439,13 +471,15 @@ def _baseline(sc: _Scope, i: int, m: int, start_minute: int, min_baseline: float
     return base
 
 
-def _surge(sc: _Scope | None, ts: float, start_minute: int, min_baseline: float, factor: float,
+def _surge(sc: _Scope | None, m: int, start_minute: int, min_baseline: float, factor: float,
            policy: PopulationPolicy) -> tuple[int, float, bool]:
-    """(count over the last 10 min, that / baseline, surging) of one scope at ``ts``."""
+    """(count over the last 10 min, that / baseline, surging) of one scope at the minute ``m``."""
     if sc is None:
         return 0, 0.0, False
-    m = int(ts) // MINUTE
-    c10p, c2p, earlier, base = _surge_past(sc, m, start_minute, min_baseline)
+    if sc.memo_at == m and sc.memo_key == (start_minute, min_baseline):
+        c10p, c2p, earlier, base = sc.memo
+    else:
+        c10p, c2p, earlier, base = _surge_past(sc, m, start_minute, min_baseline)
     cell = sc.minutes.get(m)
     live = cell[0] if cell is not None else 0
     c10 = c10p + live
@@ -522,11 +556,11 @@ def surging_scopes(view: PopulationView, ts: float, policy: PopulationPolicy
     out: dict[tuple[str, str], tuple[float, bool]] = {}
     for key, sc in view.scopes.items():
         if key == GLOBAL:
-            _, f, on = _surge(sc, ts, start, policy.global_min_baseline_10m,
+            _, f, on = _surge(sc, int(ts) // MINUTE, start, policy.global_min_baseline_10m,
                               _campaign_factor(policy.campaigns, GLOBAL, ts), policy)
             out[("global", "-")] = (f, on)
         elif key.startswith("C:") and len(key) == 4 and key[2:].isalpha():
-            _, f, on = _surge(sc, ts, start, policy.country_min_baseline_10m,
+            _, f, on = _surge(sc, int(ts) // MINUTE, start, policy.country_min_baseline_10m,
                               _campaign_factor(policy.campaigns, key[2:], ts), policy)
             out[("country", key[2:])] = (f, on)
     return out
@@ -535,52 +569,48 @@ def surging_scopes(view: PopulationView, ts: float, policy: PopulationPolicy
 def read(view: PopulationView, keys: Sequence[str], ts: float, region: str | None,
          policy: PopulationPolicy) -> PopulationCounts:
     """The population signals for a request counted in ``keys`` at ``ts`` (see the module doc)."""
-    start = view.start_minute if view.start_minute is not None else int(ts) // MINUTE
+    m = int(ts) // MINUTE
+    start = view.start_minute if view.start_minute is not None else m
     campaigns = policy.campaigns
-    g10, gf, gs = _surge(view.scopes.get(GLOBAL), ts, start, policy.global_min_baseline_10m,
+    get = view.scopes.get
+    g10, gf, gs = _surge(get(GLOBAL), m, start, policy.global_min_baseline_10m,
                          _campaign_factor(campaigns, GLOBAL, ts) if campaigns else 1.0, policy)
     if region is None:
-        return PopulationCounts(global_10m=g10, global_surge_factor=gf, global_surging=gs)
-    country = view.scopes.get(f"C:{region}")
-    c10, cf, cs = _surge(country, ts, start, policy.country_min_baseline_10m,
+        return PopulationCounts(g10, gf, gs)
+    country = get(f"C:{region}")
+    c10, cf, cs = _surge(country, m, start, policy.country_min_baseline_10m,
                          _campaign_factor(campaigns, region, ts) if campaigns else 1.0, policy)
-    m, h = int(ts) // MINUTE, int(ts) // HOUR
+    h = int(ts) // HOUR
     c24, _, c1h, _ = _day_hour(country, m, h) if country is not None else (0, 0, 0, 0)
-    best = (0, 0.0, 0.0)
+    best_n, best_conc, best_share = 0, 0.0, 0.0
     concentrated = surging_prefix = False
     child24 = child1h = -1  # the request's sub-block at the next finer level (scopes() order)
+    floor24, floor1h, factor = policy.prefix_floor_24h, policy.prefix_floor_1h, policy.concentration_factor
+    child_share, fresh_share = policy.child_share, policy.fresh_share
     for key in keys:
         if key[0] != "B":
             continue
-        sc = view.scopes.get(key)
+        sc = get(key)
         if sc is None:
             continue
-        level_key = sc.block[0] if sc.block is not None else (region, key.split(":", 1)[0])
-        touched = max(len(view.blocks.get(level_key, ())), 1)
+        touched = max(len(sc.block[0]), 1) if sc.block is not None else 1
         n24, f24, n1h, f1h = _day_hour(sc, m, h)
         # A block is this request's business only if the request's own sub-block holds a fair
         # share of it: a pump in one 100,000-number block must not condemn its 900,000 neighbours.
-        mine24 = child24 < 0 or child24 >= max(2.0, policy.child_share * n24)
-        mine1h = child1h < 0 or child1h >= max(2.0, policy.child_share * n1h)
+        mine24 = child24 < 0 or child24 >= max(2.0, child_share * n24)
+        mine1h = child1h < 0 or child1h >= max(2.0, child_share * n1h)
         child24, child1h = n24, n1h
         conc = n24 / max(c24 / touched, 1.0)
         share = f24 / n24 if n24 else 0.0
-        if conc > best[1] and mine24:
-            best = (n24, conc, share)
-        if (mine24 and n24 >= policy.prefix_floor_24h and conc >= policy.concentration_factor
-                and share >= policy.fresh_share):
+        if conc > best_conc and mine24:
+            best_n, best_conc, best_share = n24, conc, share
+        if mine24 and n24 >= floor24 and conc >= factor and share >= fresh_share:
             concentrated = True
-        if (mine1h and n1h >= policy.prefix_floor_1h
-                and n1h / max(c1h / touched, 1.0) >= policy.concentration_factor
-                and f1h / n1h >= policy.fresh_share):
+        if (mine1h and n1h >= floor1h and n1h / max(c1h / touched, 1.0) >= factor
+                and f1h / n1h >= fresh_share):
             surging_prefix = True
-    return PopulationCounts(
-        global_10m=g10, global_surge_factor=gf, global_surging=gs,
-        country_10m=c10, country_surge_factor=cf, country_surging=cs,
-        prefix_24h=best[0], prefix_concentration=round(best[1], 3),
-        prefix_fresh_share=round(best[2], 3), prefix_concentrated=concentrated,
-        prefix_surging=surging_prefix,
-    )
+    return PopulationCounts(g10, gf, gs, c10, cf, cs, best_n, round(best_conc, 3),
+                            round(best_share, 3), concentrated, surging_prefix)
 
 
 def surge_threshold_note(policy: PopulationPolicy) -> str:

@@ -269,10 +269,11 @@ def campaign_boost(campaigns: Sequence[Campaign], region: str | None, ts: float,
     return best
 
 
-def breaker(view: PopulationView, key: str, ts: float, policy: SpendPolicy,
-            campaigns: Sequence[Campaign] = (), override: tuple[str, float] | None = None) -> BreakerState:
-    """The breaker of spend scope ``key`` at ``ts`` (see the module doc); ``override`` is the
-    SOC's (:meth:`ListIndex.budget_overrides`): ("closed" | "open" | "raise", factor)."""
+def _limits(view: PopulationView, key: str, ts: float, policy: SpendPolicy,
+            campaigns: Sequence[Campaign], override: tuple[str, float] | None
+            ) -> tuple[int, float, int, float, bool, str, Budget | None]:
+    """:func:`breaker` in units, before the record: (spend 1 h, limit 1 h, spend 24 h, limit
+    24 h, open, source, the configured budget)."""
     sc = view.scopes.get(key)
     if sc is None:
         spend_h = spend_d = 0
@@ -295,15 +296,16 @@ def breaker(view: PopulationView, key: str, ts: float, policy: SpendPolicy,
         lim_d = None if configured.per_day is None else configured.per_day * SPEND_UNIT
     source = "policy" if configured is not None else "default"
     if lim_h is None or lim_d is None:
-        region = scope_region(key)
         floor_h, floor_d = ((policy.country_floor_hour, policy.country_floor_day) if country
                             else (policy.prefix_floor_hour, policy.prefix_floor_day))
         if lim_h is None:
-            lim_h = max(floor_h * SPEND_UNIT, policy.hour_factor * typ) * campaign_boost(
-                campaigns, region, ts, 3600.0)
+            lim_h = max(floor_h * SPEND_UNIT, policy.hour_factor * typ)
+            if campaigns:  # (a boost of 1.0 changes nothing)
+                lim_h *= campaign_boost(campaigns, scope_region(key), ts, 3600.0)
         if lim_d is None:
-            lim_d = max(floor_d * SPEND_UNIT, policy.day_factor * 24.0 * typ) * campaign_boost(
-                campaigns, region, ts, 86400.0)
+            lim_d = max(floor_d * SPEND_UNIT, policy.day_factor * 24.0 * typ)
+            if campaigns:
+                lim_d *= campaign_boost(campaigns, scope_region(key), ts, 86400.0)
     is_open = spend_h >= lim_h or spend_d >= lim_d
     if override is not None:
         what, factor = override
@@ -313,9 +315,28 @@ def breaker(view: PopulationView, key: str, ts: float, policy: SpendPolicy,
             is_open = spend_h >= lim_h or spend_d >= lim_d
         else:
             is_open = what == "open"
+    return spend_h, lim_h, spend_d, lim_d, is_open, source, configured
+
+
+def _state(key: str, v: tuple[int, float, int, float, bool, str, Budget | None]) -> BreakerState:
+    spend_h, lim_h, spend_d, lim_d, is_open, source, configured = v
     return BreakerState(key, spend_h / SPEND_UNIT, lim_h / SPEND_UNIT, spend_d / SPEND_UNIT,
                         lim_d / SPEND_UNIT, is_open, source,
                         configured.action if configured is not None else None)
+
+
+def _ratio(v: tuple[int, float, int, float, bool, str, Budget | None]) -> float:
+    """:attr:`BreakerState.ratio` of :func:`_limits`' values (the same float operations)."""
+    limit_1h, limit_24h = v[1] / SPEND_UNIT, v[3] / SPEND_UNIT
+    return max(v[0] / SPEND_UNIT / limit_1h if limit_1h > 0 else 0.0,
+               v[2] / SPEND_UNIT / limit_24h if limit_24h > 0 else 0.0)
+
+
+def breaker(view: PopulationView, key: str, ts: float, policy: SpendPolicy,
+            campaigns: Sequence[Campaign] = (), override: tuple[str, float] | None = None) -> BreakerState:
+    """The breaker of spend scope ``key`` at ``ts`` (see the module doc); ``override`` is the
+    SOC's (:meth:`ListIndex.budget_overrides`): ("closed" | "open" | "raise", factor)."""
+    return _state(key, _limits(view, key, ts, policy, campaigns, override))
 
 
 def breakers(view: PopulationView, ts: float, policy: SpendPolicy, campaigns: Sequence[Campaign] = (),
@@ -366,28 +387,33 @@ def settle(d: Decision, req: CallbackRequest, enr: Enrichment, ctx: DecisionCont
     keys = spend_scopes(ph.e164, ph.region, rate.prefix if rate is not None else None, sp)
     forced = ctx.lists.budget_overrides(keys, now=req.ts)
     campaigns = pol.population.campaigns
-    states = [breaker(view, k, req.ts, sp, campaigns, forced.get(k)) for k in keys]
-    opened = [s for s in states if s.open]
+    # Each breaker's figures; a BreakerState (a record) only for the one the decision names.
+    limits = [_limits(view, k, req.ts, sp, campaigns, forced.get(k) if forced else None) for k in keys]
     changes: dict[str, Any] = {}
-    if opened:
+    if any(v[4] for v in limits):
+        opened = [i for i, v in enumerate(limits) if v[4]]
         rule = pol.rules[CODE]
         if rule.mode == "monitor":
             changes["monitored_reasons"] = (*d.monitored_reasons, CODE)
         else:
             action = rule.action
-            for s in opened:
-                if s.action is not None and SEVERITY[s.action] > SEVERITY[action]:
-                    action = s.action
+            for i in opened:
+                configured = limits[i][6]
+                if (configured is not None and configured.action is not None
+                        and SEVERITY[configured.action] > SEVERITY[action]):
+                    action = configured.action
             if action == Action.BLOCK and req.authenticated:
                 action = Action.DEFLECT  # a customer we know is offered chat, never ignored
             if action != Action.ALLOW:
                 changes.update(action=action, silent=rule.silent and action == Action.BLOCK,
                                reasons=(CODE, *d.reasons))
-        changes["budget"] = max(opened, key=lambda s: s.ratio).to_dict()
-    elif states:
-        tightest = max(states, key=lambda s: (s.ratio, s.source == "soc"))
-        if tightest.ratio >= REPORT_RATIO or forced:
-            changes["budget"] = tightest.to_dict()
+        top = max(opened, key=lambda i: _ratio(limits[i]))  # the first of the largest
+        changes["budget"] = _state(keys[top], limits[top]).to_dict()
+    elif limits:
+        ratios = [_ratio(v) for v in limits]
+        top = max(range(len(limits)), key=lambda i: (ratios[i], limits[i][5] == "soc"))
+        if ratios[top] >= REPORT_RATIO or forced:
+            changes["budget"] = _state(keys[top], limits[top]).to_dict()
     if "action" not in changes:
         view.observe(keys, req.ts, fresh=True, n=units)
     return dataclasses.replace(d, **changes) if changes else d
