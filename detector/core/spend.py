@@ -411,8 +411,8 @@ def settle(d: Decision, req: CallbackRequest, enr: Enrichment, ctx: DecisionCont
         changes["budget"] = _state(keys[top], limits[top]).to_dict()
     elif limits:
         ratios = [_ratio(v) for v in limits]
-        top = max(range(len(limits)), key=lambda i: (ratios[i], limits[i][5] == "soc"))
-        if ratios[top] >= REPORT_RATIO or forced:
+        if forced or max(ratios) >= REPORT_RATIO:  # (the tightest's ratio is the largest)
+            top = max(range(len(limits)), key=lambda i: (ratios[i], limits[i][5] == "soc"))
             changes["budget"] = _state(keys[top], limits[top]).to_dict()
     if "action" not in changes:
         view.observe(keys, req.ts, fresh=True, n=units)
