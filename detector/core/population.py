@@ -408,8 +408,8 @@ def _totals(sc: _Scope, m: int) -> int:
         sc.ptop = m
         if m > sc.watch:
             sc.watch = m
-        if len(pn) > 4 * PAST_MINUTES:  # keep the list short: drop totals no read reaches
-            cut = len(pn) - 2 * PAST_MINUTES
+        if len(pn) > 2 * PAST_MINUTES:  # keep the lists short (memory): drop totals no read
+            cut = len(pn) - PAST_MINUTES - 11  # reaches (a read up to 10 minutes back still does)
             del pn[:cut]
             del pf[:cut]
             sc.pbase = base = base + cut
