@@ -408,8 +408,8 @@ def _totals(sc: _Scope, m: int) -> int:
         sc.ptop = m
         if m > sc.watch:
             sc.watch = m
-        if len(pn) > 4 * PAST_MINUTES:  # keep the list short: drop totals no read reaches
-            cut = len(pn) - 2 * PAST_MINUTES
+        if len(pn) > 2 * PAST_MINUTES:  # keep the lists short (memory): drop totals no read
+            cut = len(pn) - PAST_MINUTES - 11  # reaches (a read up to 10 minutes back still does)
             del pn[:cut]
             del pf[:cut]
             sc.pbase = base = base + cut
@@ -421,10 +421,11 @@ def _hour_sums(sc: _Scope, h: int) -> tuple[int, int, int, int]:
     memoized for the hour ``h``: no request of a later minute of the hour changes them."""
     if sc.hmemo_at != h:
         n23 = f23 = n24 = yest = 0
+        lo = h - 24
         for b, cell in sc.hours.items():
-            if h - 24 <= b < h:
+            if lo <= b < h:
                 n24 += cell[0]
-                if b == h - 24:
+                if b == lo:
                     yest = cell[0]
                 else:
                     n23 += cell[0]
@@ -525,12 +526,14 @@ def _day_hour(sc: _Scope, m: int, h: int) -> tuple[int, int, int, int]:
     hours, minutes = sc.hours, sc.minutes
     if len(hours) + len(minutes) <= 16:
         n24 = f24 = n1h = f1h = 0
+        lo = h - 23
         for b, bucket in hours.items():
-            if h - 23 <= b <= h:
+            if lo <= b <= h:
                 n24 += bucket[0]
                 f24 += bucket[1]
+        lo = m - 59
         for b, bucket in minutes.items():
-            if m - 59 <= b <= m:
+            if lo <= b <= m:
                 n1h += bucket[0]
                 f1h += bucket[1]
         return n24, f24, n1h, f1h
