@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from datetime import UTC, datetime
 from functools import lru_cache
+from operator import attrgetter
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -177,6 +178,13 @@ def geo_mismatch(enr: Enrichment) -> bool:
     return bool(enr.ip.country and enr.phone.region and enr.ip.country != enr.phone.region)
 
 
+_LOG1P_SIZE = 4096
+# log1p of the counts 0.._LOG1P_SIZE-1, computed by math.log1p itself (so bit-identical): a
+# tuple index costs less than the call, and a row has 11 log-counts
+_LOG1P = tuple(math.log1p(n) for n in range(_LOG1P_SIZE))
+_range_counts = attrgetter(*COUNT_FEATURES)  # the range stage's counts behind the log_ features
+
+
 def features(req: CallbackRequest, enr: Enrichment, counts: Counts, policy: Policy,
              count_map: dict[str, Any] | None = None) -> list[float]:
     """Feature vector in ``FEATURE_NAMES`` order (``count_map``: unused, accepted for callers
@@ -186,11 +194,17 @@ def features(req: CallbackRequest, enr: Enrichment, counts: Counts, policy: Poli
     r24 = max(rng.range_24h, 1)
     ph, ip = enr.phone, enr.ip
     ntype = ph.number_type
-    out = [
-        log1p(rng.number_15m), log1p(rng.number_1h), log1p(rng.number_24h),
-        log1p(rng.pair_1h), log1p(rng.pair_24h), log1p(rng.range_1h), log1p(rng.range_24h),
-        log1p(rng.number_distinct_ips_1h), log1p(rng.number_distinct_ips_24h),
-        log1p(rng.range_distinct_ips_24h), log1p(rng.range_distinct_numbers_24h),
+    try:  # the usual case: every count is in the table (math.log1p's own values)
+        t = _LOG1P
+        out = [
+            t[rng.number_15m], t[rng.number_1h], t[rng.number_24h],
+            t[rng.pair_1h], t[rng.pair_24h], t[rng.range_1h], t[rng.range_24h],
+            t[rng.number_distinct_ips_1h], t[rng.number_distinct_ips_24h],
+            t[rng.range_distinct_ips_24h], t[rng.range_distinct_numbers_24h],
+        ]
+    except IndexError:  # a count of _LOG1P_SIZE or more (counts are never negative)
+        out = [log1p(n) for n in _range_counts(rng)]
+    out += (
         rng.range_distinct_ips_24h / r24,
         rng.range_distinct_numbers_24h / r24,
         rng.pair_24h / max(rng.number_24h, 1),
@@ -213,7 +227,7 @@ def features(req: CallbackRequest, enr: Enrichment, counts: Counts, policy: Poli
         0.0 if ip.country else 1.0,
         1.0 if (ip.country and ph.region and ip.country != ph.region) else 0.0,  # geo_mismatch
         1.0 if req.authenticated else 0.0,
-    ]
+    )
     hour = local_hour(req.ts, enr)
     if hour is None:
         out += (0.0, 0.0, 0.0)

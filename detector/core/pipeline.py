@@ -291,12 +291,17 @@ class Detector:
         shadows: list[ModelResult | None] = []
         flipped: dict[int, int] = {}  # todo index -> row of its other-pending variant
         maps = [s.counts.to_dict() for s in todo]
+        xs: list[list[float]] = []
         if scored:
             xs = [features(s.req, s.enr, s.counts, ctx.policy, maps[i]) for i, s in enumerate(todo)]
             for i, s in enumerate(todo):
-                if s.dependent:
+                # Only an allowed earlier request of the batch changes the mark, and its mark holds
+                # for this later one (a later or equal ts, another id): a request counted as
+                # pending stays pending, so only one counted as not pending is scored both ways.
+                # (Out of time order it may not: that rare row is scored when it is decided.)
+                if s.dependent and not s.counts.rng.pending:
                     x = list(xs[i])
-                    x[_PENDING] = 0.0 if x[_PENDING] else 1.0
+                    x[_PENDING] = 1.0
                     flipped[i] = len(xs)
                     xs.append(x)
             results, shadows = score_rows(xs, ctx)
@@ -308,13 +313,21 @@ class Detector:
             req, upd, counts = s.req, s.update, s.counts
             nkey, value = upd.number_key, upd.number_value
             mark = marks[nkey] if nkey in marks else value.pending
-            row, count_map = i, maps[i]
+            count_map = maps[i]
+            result, shadow = (results[i], shadows[i]) if scored else (None, None)
             if s.dependent and state.is_pending(mark, req.ts, req.request_id) != counts.rng.pending:
                 counts = Counts(counts.ip, replace(counts.rng, pending=not counts.rng.pending),
                                 counts.pop)
-                row, count_map = flipped.get(i, i), counts.to_dict()
-            d = decide_scored(req, s.enr, counts, ctx, req.ts, results[row] if scored else None,
-                              shadows[row] if scored else None, count_map)
+                count_map = counts.to_dict()
+                if scored:
+                    row = flipped.get(i)
+                    if row is not None:
+                        result, shadow = results[row], shadows[row]
+                    else:  # a pending mark gone within the batch: requests out of time order
+                        x = list(xs[i])
+                        x[_PENDING] = 1.0 if counts.rng.pending else 0.0
+                        (result,), (shadow,) = score_rows([x], ctx)
+            d = decide_scored(req, s.enr, counts, ctx, req.ts, result, shadow, count_map)
             d = spend.settle(d, req, s.enr, ctx, self.population)  # spend breakers, in commit order
             if d.action == Action.ALLOW:
                 mark = state.Pending(req.ts + ttl, req.request_id)

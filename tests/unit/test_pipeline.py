@@ -150,6 +150,39 @@ def test_process_many_equals_process_one_by_one(items, batch):
     assert max(many_model.batches) <= 2 * batch
 
 
+@settings(max_examples=40, deadline=None)
+@given(requests_strategy, st.integers(1, 8))
+def test_process_many_equals_process_one_by_one_out_of_time_order(items, batch):
+    """The same out of time order (an allowed request's mark may then not hold for a later one
+    with an earlier ts: that request is scored when it is decided)."""
+    reqs = [req(i, n, ip, dt, authenticated=a) for i, (n, ip, dt, a) in enumerate(items)]
+    one = Detector(DecisionContext(POLICY, model=_CountingModel()), IpIntel(), sweep_every_s=3600.0)
+    many = Detector(DecisionContext(POLICY, model=_CountingModel()), IpIntel(), sweep_every_s=3600.0)
+    expected = [one.process(r) for r in reqs]
+    assert list(many.process_many(reqs, batch=batch)) == expected
+    assert one.range_stores == many.range_stores and one.ip_stores == many.ip_stores
+
+
+def test_process_many_a_pending_mark_that_goes_away_within_a_batch():
+    """Out of time order a request counted as pending can find the mark gone when it is decided:
+    a redelivery (its own mark does not hold for it) with an earlier ts is allowed, and its
+    mark expires before the next request's ts. That request is scored then, as not pending."""
+    ttl = POLICY.pending_ttl
+    first = req(0, "+447400123456", "81.2.69.142", 500.0, authenticated=True)
+    again = req(0, "+447400123456", "81.2.69.142", 0.0, authenticated=True)  # same id, earlier
+    later = req(1, "+447400123456", "81.2.69.142", ttl + 100.0, authenticated=True)
+    one = Detector(DecisionContext(POLICY, model=_CountingModel()), IpIntel())
+    model = _CountingModel()
+    many = Detector(DecisionContext(POLICY, model=model), IpIntel())
+    expected = [one.process(r) for r in (first, again, later)]
+    got = list(many.process_many([first])) + list(many.process_many([again, later]))
+    assert got == expected
+    assert [d.action for d in expected[:2]] == ["allow", "allow"]
+    assert expected[2].counts["pending"] is False
+    assert model.batches[-1] == 1  # the third request, scored again as it was decided
+    assert one.range_stores == many.range_stores
+
+
 def test_process_many_batches_independent_requests():
     model = _CountingModel()
     det = Detector(DecisionContext(POLICY, model=model), IpIntel())
