@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from detector.core import windows as w
 from detector.core.pii import hash_id, hash_int
 from detector.core.records import CallbackRequest, Enrichment, IpCounts, PhoneInfo, RangeCounts
-from detector.core.windows import Distinct, Window, count_add_read, distinct_add_read
+from detector.core.windows import Distinct, Window, count_add_read, count_first, distinct_add_read
 
 if TYPE_CHECKING:
     from detector.core.policy import SharedIpPolicy
@@ -124,10 +124,12 @@ def ip_stage(
     shared-IP section (None: never shared)."""
     ts = req.ts
     value = stores.ip.get(req.ip)
-    if value is None:
-        value = IpState(Window(), {}, {}, {})
+    if value is None:  # a new address: its first request
+        value = IpState(count_first(ts), {}, {}, {})
+        c15 = c1h = c24 = 1
+    else:
+        _, c15, c1h, c24 = count_add_read(value.requests, ts)
     phone = enr.phone
-    _, c15, c1h, c24 = count_add_read(value.requests, ts)
     _, n1h, n24 = distinct_add_read(
         value.numbers, member(phone.e164 or phone_key(phone, req.phone_number), key), ts)
     if phone.region:
@@ -194,9 +196,11 @@ def range_stage(
     ip_member = member(ip, key)
 
     num = stores.number.get(nkey)
-    if num is None:
-        num = NumberState(Window(), {})
-    _, n15, n1h, n24 = count_add_read(num.requests, ts)
+    if num is None:  # a new number: its first request
+        num = NumberState(count_first(ts), {})
+        n15 = n1h = n24 = 1
+    else:
+        _, n15, n1h, n24 = count_add_read(num.requests, ts)
     _, ni1h, ni24 = distinct_add_read(num.ips, ip_member, ts)
     pending = is_pending(num.pending, ts, req.request_id)
 
@@ -206,9 +210,11 @@ def range_stage(
     pairs[pkey] = pair
 
     rng = stores.range.get(range_key)
-    if rng is None:
-        rng = RangeState(Window(), {}, {})
-    _, _, r1h, r24 = count_add_read(rng.requests, ts)
+    if rng is None:  # a new range: its first request
+        rng = RangeState(count_first(ts), {}, {})
+        r1h = r24 = 1
+    else:
+        _, _, r1h, r24 = count_add_read(rng.requests, ts)
     _, _, ri24 = distinct_add_read(rng.ips, ip_member, ts)
     _, _, rn24 = distinct_add_read(rng.numbers, member(nkey, key), ts)
     stores.range[range_key] = rng
