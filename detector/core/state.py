@@ -124,23 +124,27 @@ def ip_stage(
     shared-IP section (None: never shared)."""
     ts = req.ts
     value = stores.ip.get(req.ip)
-    if value is None:  # a new address: its first request
-        value = IpState(count_first(ts), {}, {}, {})
-        c15 = c1h = c24 = 1
+    phone = enr.phone
+    number = member(phone.e164 or phone_key(phone, req.phone_number), key)
+    if value is None:  # a new address: its first request, each set its one member (if any)
+        value = IpState(count_first(ts), {number: ts},
+                        {w.code_int(phone.region): ts} if phone.region else {},
+                        {member(phone.range_key, key): ts} if phone.range_key else {})
+        stores.ip[req.ip] = value
+        c15 = c1h = c24 = n1h = n24 = 1
+        k24, r24 = len(value.countries), len(value.ranges)
     else:
         _, c15, c1h, c24 = count_add_read(value.requests, ts)
-    phone = enr.phone
-    _, n1h, n24 = distinct_add_read(
-        value.numbers, member(phone.e164 or phone_key(phone, req.phone_number), key), ts)
-    if phone.region:
-        _, _, k24 = distinct_add_read(value.countries, w.code_int(phone.region), ts)
-    else:
-        _, k24 = w.distinct_read(value.countries, ts)
-    if phone.range_key:
-        _, _, r24 = distinct_add_read(value.ranges, member(phone.range_key, key), ts)
-    else:
-        _, r24 = w.distinct_read(value.ranges, ts)
-    stores.ip[req.ip] = value
+        _, n1h, n24 = distinct_add_read(value.numbers, number, ts)
+        if phone.region:
+            _, _, k24 = distinct_add_read(value.countries, w.code_int(phone.region), ts)
+        else:
+            _, k24 = w.distinct_read(value.countries, ts)
+        if phone.range_key:
+            _, _, r24 = distinct_add_read(value.ranges, member(phone.range_key, key), ts)
+        else:
+            _, r24 = w.distinct_read(value.ranges, ts)
+        stores.ip[req.ip] = value
     is_shared = shared is not None and shared_ip(enr, c15, c1h, n24, k24, shared, r24)
     return IpCounts(c15, c1h, c24, n1h, n24, k24, 1 if c24 == 1 else 0, 1 if is_shared else 0)
 
@@ -196,13 +200,14 @@ def range_stage(
     ip_member = member(ip, key)
 
     num = stores.number.get(nkey)
-    if num is None:  # a new number: its first request
-        num = NumberState(count_first(ts), {})
-        n15 = n1h = n24 = 1
+    if num is None:  # a new number: its first request (no outstanding callback)
+        num = NumberState(count_first(ts), {ip_member: ts})
+        n15 = n1h = n24 = ni1h = ni24 = 1
+        pending = False
     else:
         _, n15, n1h, n24 = count_add_read(num.requests, ts)
-    _, ni1h, ni24 = distinct_add_read(num.ips, ip_member, ts)
-    pending = is_pending(num.pending, ts, req.request_id)
+        _, ni1h, ni24 = distinct_add_read(num.ips, ip_member, ts)
+        pending = is_pending(num.pending, ts, req.request_id)
 
     pkey = pair_key(ip, nkey)
     pairs = stores.pair
@@ -211,12 +216,12 @@ def range_stage(
 
     rng = stores.range.get(range_key)
     if rng is None:  # a new range: its first request
-        rng = RangeState(count_first(ts), {}, {})
-        r1h = r24 = 1
+        rng = RangeState(count_first(ts), {ip_member: ts}, {member(nkey, key): ts})
+        r1h = r24 = ri24 = rn24 = 1
     else:
         _, _, r1h, r24 = count_add_read(rng.requests, ts)
-    _, _, ri24 = distinct_add_read(rng.ips, ip_member, ts)
-    _, _, rn24 = distinct_add_read(rng.numbers, member(nkey, key), ts)
+        _, _, ri24 = distinct_add_read(rng.ips, ip_member, ts)
+        _, _, rn24 = distinct_add_read(rng.numbers, member(nkey, key), ts)
     stores.range[range_key] = rng
 
     counts = RangeCounts(n15, n1h, n24, p1h, p24, r1h, r24, ni1h, ni24, ri24, rn24, pending)
