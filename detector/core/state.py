@@ -432,7 +432,10 @@ def _rest_expired(v: IpState | NumberState | RangeState, t: type, now: float) ->
     if t is RangeState:
         i, n = v.ips, v.numbers  # type: ignore[union-attr]
         return (not i or max(i.values()) + day <= now) and (not n or max(n.values()) + day <= now)
-    return expires_at(v) <= now  # a number: outstanding callbacks, machine answers, learned denies
+    i, p, ma, learned = v.ips, v.pending, v.machine_answers, v.learned_deny_at  # type: ignore[union-attr]
+    return ((not i or max(i.values()) + day <= now) and (p is None or p.until <= now)
+            and (ma is None or w.count_expires_at(ma) <= now)
+            and (learned is None or learned + LEARNED_MARK_KEEP_S <= now))
 
 
 def counted_bucket(ts: float) -> int:
