@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from detector.core import windows as w
 from detector.core.pii import hash_id, hash_int
 from detector.core.records import CallbackRequest, Enrichment, IpCounts, PhoneInfo, RangeCounts
-from detector.core.windows import Distinct, Window, count_add_read, distinct_add_read
+from detector.core.windows import Distinct, Window, count_add_read, count_first, distinct_add_read
 
 if TYPE_CHECKING:
     from detector.core.policy import SharedIpPolicy
@@ -124,21 +124,27 @@ def ip_stage(
     shared-IP section (None: never shared)."""
     ts = req.ts
     value = stores.ip.get(req.ip)
-    if value is None:
-        value = IpState(Window(), {}, {}, {})
     phone = enr.phone
-    _, c15, c1h, c24 = count_add_read(value.requests, ts)
-    _, n1h, n24 = distinct_add_read(
-        value.numbers, member(phone.e164 or phone_key(phone, req.phone_number), key), ts)
-    if phone.region:
-        _, _, k24 = distinct_add_read(value.countries, w.code_int(phone.region), ts)
+    number = member(phone.e164 or phone_key(phone, req.phone_number), key)
+    if value is None:  # a new address: its first request, each set its one member (if any)
+        value = IpState(count_first(ts), {number: ts},
+                        {w.code_int(phone.region): ts} if phone.region else {},
+                        {member(phone.range_key, key): ts} if phone.range_key else {})
+        stores.ip[req.ip] = value
+        c15 = c1h = c24 = n1h = n24 = 1
+        k24, r24 = len(value.countries), len(value.ranges)
     else:
-        _, k24 = w.distinct_read(value.countries, ts)
-    if phone.range_key:
-        _, _, r24 = distinct_add_read(value.ranges, member(phone.range_key, key), ts)
-    else:
-        _, r24 = w.distinct_read(value.ranges, ts)
-    stores.ip[req.ip] = value
+        _, c15, c1h, c24 = count_add_read(value.requests, ts)
+        _, n1h, n24 = distinct_add_read(value.numbers, number, ts)
+        if phone.region:
+            _, _, k24 = distinct_add_read(value.countries, w.code_int(phone.region), ts)
+        else:
+            _, k24 = w.distinct_read(value.countries, ts)
+        if phone.range_key:
+            _, _, r24 = distinct_add_read(value.ranges, member(phone.range_key, key), ts)
+        else:
+            _, r24 = w.distinct_read(value.ranges, ts)
+        stores.ip[req.ip] = value
     is_shared = shared is not None and shared_ip(enr, c15, c1h, n24, k24, shared, r24)
     return IpCounts(c15, c1h, c24, n1h, n24, k24, 1 if c24 == 1 else 0, 1 if is_shared else 0)
 
@@ -194,11 +200,14 @@ def range_stage(
     ip_member = member(ip, key)
 
     num = stores.number.get(nkey)
-    if num is None:
-        num = NumberState(Window(), {})
-    _, n15, n1h, n24 = count_add_read(num.requests, ts)
-    _, ni1h, ni24 = distinct_add_read(num.ips, ip_member, ts)
-    pending = is_pending(num.pending, ts, req.request_id)
+    if num is None:  # a new number: its first request (no outstanding callback)
+        num = NumberState(count_first(ts), {ip_member: ts})
+        n15 = n1h = n24 = ni1h = ni24 = 1
+        pending = False
+    else:
+        _, n15, n1h, n24 = count_add_read(num.requests, ts)
+        _, ni1h, ni24 = distinct_add_read(num.ips, ip_member, ts)
+        pending = is_pending(num.pending, ts, req.request_id)
 
     pkey = pair_key(ip, nkey)
     pairs = stores.pair
@@ -206,11 +215,13 @@ def range_stage(
     pairs[pkey] = pair
 
     rng = stores.range.get(range_key)
-    if rng is None:
-        rng = RangeState(Window(), {}, {})
-    _, _, r1h, r24 = count_add_read(rng.requests, ts)
-    _, _, ri24 = distinct_add_read(rng.ips, ip_member, ts)
-    _, _, rn24 = distinct_add_read(rng.numbers, member(nkey, key), ts)
+    if rng is None:  # a new range: its first request
+        rng = RangeState(count_first(ts), {ip_member: ts}, {member(nkey, key): ts})
+        r1h = r24 = ri24 = rn24 = 1
+    else:
+        _, _, r1h, r24 = count_add_read(rng.requests, ts)
+        _, _, ri24 = distinct_add_read(rng.ips, ip_member, ts)
+        _, _, rn24 = distinct_add_read(rng.numbers, member(nkey, key), ts)
     stores.range[range_key] = rng
 
     counts = RangeCounts(n15, n1h, n24, p1h, p24, r1h, r24, ni1h, ni24, ri24, rn24, pending)
@@ -394,6 +405,9 @@ class ExpiryIndex:
             hours = v.requests.hours if t is IpState or t is NumberState or t is RangeState else None
             if hours and hours[-1] > cut:
                 b = hours[-1] + kept  # its count's expiry: a lower bound of its own
+            elif hours is not None and _rest_expired(v, t, now):
+                dead.append(k)  # its count and the rest expired: expires_at(v) <= now
+                continue
             else:
                 e = expires_at(v)
                 if e <= now:
@@ -404,6 +418,24 @@ class ExpiryIndex:
         for k in dead:
             del store[k]
         return len(dead)
+
+
+def _rest_expired(v: IpState | NumberState | RangeState, t: type, now: float) -> bool:
+    """Whether the parts of ``v`` (of type ``t``) other than its requests window are expired at
+    ``now``: :func:`expires_at` of them ``<= now``, the same sums and comparisons in one call (a
+    sweep asks this of every key whose count expired, most of the keys it deletes)."""
+    day = w.DAY
+    if t is IpState:
+        n, c, r = v.numbers, v.countries, v.ranges  # type: ignore[union-attr]
+        return ((not n or max(n.values()) + day <= now) and (not c or max(c.values()) + day <= now)
+                and (not r or max(r.values()) + day <= now))
+    if t is RangeState:
+        i, n = v.ips, v.numbers  # type: ignore[union-attr]
+        return (not i or max(i.values()) + day <= now) and (not n or max(n.values()) + day <= now)
+    i, p, ma, learned = v.ips, v.pending, v.machine_answers, v.learned_deny_at  # type: ignore[union-attr]
+    return ((not i or max(i.values()) + day <= now) and (p is None or p.until <= now)
+            and (ma is None or w.count_expires_at(ma) <= now)
+            and (learned is None or learned + LEARNED_MARK_KEEP_S <= now))
 
 
 def counted_bucket(ts: float) -> int:

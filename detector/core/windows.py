@@ -40,6 +40,7 @@ from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable
 from functools import lru_cache
+from typing import cast
 
 MINUTE, HOUR = 60, 3600
 MINUTE_BUCKETS_KEPT = 60
@@ -61,9 +62,19 @@ class Window:
     Arrays rather than lists: a window is four numbers per bucket that live for a day, and the
     garbage collector never looks into an array (it traversed each of a list-based window's four
     lists in every collection: the replay's largest collection cost), an array holds 4 bytes per
-    number instead of a pointer to an int object, and the arrays are the binary form's bytes."""
+    number instead of a pointer to an int object, and the arrays are the binary form's bytes.
+
+    A window of one event (:func:`count_first`: a new key; about 95% of all windows, since most
+    keys are counted once) holds four one-item *tuples* instead: four arrays cost several times
+    more to create. Reads are the same on both; a write turns them into arrays first
+    (:func:`_mutable`), and the binary form is the same bytes."""
 
     __slots__ = ("minutes", "minute_counts", "hours", "hour_counts")
+
+    minutes: Ids
+    minute_counts: Ids
+    hours: Ids
+    hour_counts: Ids
 
     def __init__(self, minutes: Iterable[int] | None = None,
                  minute_counts: Iterable[int] | None = None,
@@ -74,9 +85,10 @@ class Window:
         self.hour_counts = _new_counts() if hour_counts is None else array("I", hour_counts)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Window) and (
-            self.minutes, self.minute_counts, self.hours, self.hour_counts
-        ) == (other.minutes, other.minute_counts, other.hours, other.hour_counts)
+        return isinstance(other, Window) and all(
+            tuple(a) == tuple(b) for a, b in zip(
+                (self.minutes, self.minute_counts, self.hours, self.hour_counts),
+                (other.minutes, other.minute_counts, other.hours, other.hour_counts), strict=True))
 
     def __repr__(self) -> str:
         return (f"Window(minutes={list(zip(self.minutes, self.minute_counts, strict=True))}, "
@@ -86,10 +98,37 @@ class Window:
         return Window(self.minutes, self.minute_counts, self.hours, self.hour_counts)
 
 
-Ids = array  # bucket ids (ascending) or their counts: array("i") / array("I")
+# bucket ids (ascending) or their counts: array("i") / array("I"), or a one-event window's tuples
+Ids = array | tuple[int, ...]
+_ONE = (1,)  # the counts of a one-event window (shared: tuples are never written to)
+_new_window = Window.__new__
 
 
-def _bump(ids: Ids, counts: Ids, b: int, keep: int) -> None:
+def count_first(ts: float) -> Window:
+    """A new window holding one event at ``ts`` (``count_add(None, ts)``, in its tuple form)."""
+    t = int(ts)
+    value = _new_window(Window)
+    value.minutes = (t // MINUTE,)
+    value.minute_counts = _ONE
+    value.hours = (t // HOUR,)
+    value.hour_counts = _ONE
+    return value
+
+
+def _mutable(value: Window) -> tuple[array, array, array, array]:
+    """``value``'s four sequences as arrays (a one-event window's tuples turned into arrays)."""
+    ids, counts, hids, hcounts = value.minutes, value.minute_counts, value.hours, value.hour_counts
+    if type(counts) is tuple:
+        ids = value.minutes = array("i", ids)
+        counts = value.minute_counts = array("I", counts)
+        hids = value.hours = array("i", hids)
+        hcounts = value.hour_counts = array("I", hcounts)
+    return ids, counts, hids, hcounts  # type: ignore[return-value]
+
+
+
+
+def _bump(ids: array, counts: array, b: int, keep: int) -> None:
     if ids and ids[-1] == b:
         counts[-1] += 1
     elif not ids or ids[-1] < b:
@@ -117,10 +156,11 @@ def _bump(ids: Ids, counts: Ids, b: int, keep: int) -> None:
 def count_add(value: Window | None, ts: float) -> Window:
     """Count one event at ``ts`` (epoch seconds). Returns the (possibly new) value to store."""
     if value is None:
-        value = Window()
+        return count_first(ts)
     t = int(ts)
-    _bump(value.minutes, value.minute_counts, t // MINUTE, MINUTE_BUCKETS_KEPT)
-    _bump(value.hours, value.hour_counts, t // HOUR, HOUR_BUCKETS_KEPT)
+    ids, counts, hids, hcounts = _mutable(value)
+    _bump(ids, counts, t // MINUTE, MINUTE_BUCKETS_KEPT)
+    _bump(hids, hcounts, t // HOUR, HOUR_BUCKETS_KEPT)
     return value
 
 
@@ -168,21 +208,18 @@ def count_add_read(value: Window | None, ts: float) -> tuple[Window, int, int, i
     When the event's buckets are the newest (events in order, the common case), every kept bucket
     is inside the window that ends there (older ones were dropped on the way), so the 1 h and
     24 h counts are the sums of all the counts, and the 15 min count that of a tail."""
+    if value is None:  # a new key: its first event
+        return count_first(ts), 1, 1, 1
     t = int(ts)
     m, h = t // MINUTE, t // HOUR
-    if value is None or not (value.hours or value.minutes):  # a new key: its first event
-        value = Window() if value is None else value
-        value.minutes.append(m)
-        value.minute_counts.append(1)
-        value.hours.append(h)
-        value.hour_counts.append(1)
+    if not (value.hours or value.minutes):  # an empty window: its first event
+        value.minutes, value.minute_counts, value.hours, value.hour_counts = (m,), _ONE, (h,), _ONE
         return value, 1, 1, 1
-    ids, counts = value.minutes, value.minute_counts
+    ids, counts, hids, hcounts = _mutable(value)
     if ids and ids[-1] == m and ids[0] > m - MINUTE_BUCKETS_KEPT:
         counts[-1] += 1  # the last event's minute: _bump with nothing to insert or drop
     else:
         _bump(ids, counts, m, MINUTE_BUCKETS_KEPT)
-    hids, hcounts = value.hours, value.hour_counts
     if hids and hids[-1] == h and hids[0] > h - HOUR_BUCKETS_KEPT:
         hcounts[-1] += 1
     else:
@@ -307,6 +344,7 @@ def _window_struct(nm: int, nh: int) -> struct.Struct:
 
 _U8X2 = struct.Struct("<BB")
 _U16 = struct.Struct("<H")
+_ONE_EVENT = _window_struct(1, 1)
 
 
 # the arrays' memory is the binary form's bytes (little-endian int32 / uint32)
@@ -320,12 +358,15 @@ def pack_window(w: Window | None, out: bytearray) -> None:
         out += b"\0\0"
         return
     nm, nh = len(w.minutes), len(w.hours)
-    if _ARRAYS_ARE_THE_FORM:
+    if type(w.minutes) is tuple:  # one event (count_first)
+        out += _ONE_EVENT.pack(1, 1, w.minutes[0], w.minute_counts[0], w.hours[0], w.hour_counts[0])
+        return
+    if _ARRAYS_ARE_THE_FORM:  # (not a tuple: arrays)
         out += _U8X2.pack(nm, nh)
-        out += w.minutes
-        out += w.minute_counts
-        out += w.hours
-        out += w.hour_counts
+        out += cast(array, w.minutes)
+        out += cast(array, w.minute_counts)
+        out += cast(array, w.hours)
+        out += cast(array, w.hour_counts)
         return
     out += _window_struct(nm, nh).pack(nm, nh, *w.minutes, *w.minute_counts, *w.hours,
                                         *w.hour_counts)

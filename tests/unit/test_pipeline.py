@@ -297,3 +297,31 @@ def test_a_sweep_between_batches_does_not_lose_keys_to_file(monkeypatch):
     list(gen)
     det.sweep(T0 + 3 * 86400)
     assert det.state_sizes() == {"ip": 0, "number": 0, "pair": 0, "range": 0} and calls
+
+
+_T0 = 1.8e9
+_seen = st.dictionaries(st.integers(0, 9), st.floats(_T0 - 3 * 86400, _T0), max_size=3)
+
+
+@settings(max_examples=300)
+@given(st.sampled_from(["ip", "number", "range"]), _seen, _seen, _seen,
+       st.one_of(st.none(), st.floats(_T0 - 86400, _T0 + 7200)),
+       st.lists(st.floats(_T0 - 3 * 86400, _T0), max_size=3),
+       st.one_of(st.none(), st.floats(_T0 - 3 * 86400, _T0)), st.floats(_T0 - 3600, _T0 + 2 * 86400))
+def test_a_sweeps_one_call_judgement_is_expires_at(kind, a, b, c, until, machine, learned, now):
+    """state._rest_expired (what an ExpiryIndex sweep asks of a key whose count expired) is
+    expires_at(v) <= now for the value without its requests window."""
+    from detector.core import state
+    from detector.core import windows as w
+
+    if kind == "ip":
+        v = state.IpState(w.Window(), a, b, c)
+    elif kind == "range":
+        v = state.RangeState(w.Window(), a, b)
+    else:
+        ma = None
+        for t in machine:
+            ma = w.count_add(ma, t)
+        v = state.NumberState(w.Window(), a, None if until is None else state.Pending(until, "r"),
+                              ma, learned)
+    assert state._rest_expired(v, type(v), now) == (state.expires_at(v) <= now)

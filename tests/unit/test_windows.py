@@ -184,3 +184,30 @@ def test_windows_and_sets_hold_what_the_list_based_code_held(events):
     w.pack_window(v, buf)
     assert bytes(buf) == w._window_struct(len(ref[0]), len(ref[2])).pack(
         len(ref[0]), len(ref[2]), *ref[0], *ref[1], *ref[2], *ref[3])
+
+
+@given(st.floats(min_value=0, max_value=4e9), st.lists(st.floats(min_value=-7200, max_value=7200),
+                                                        max_size=5))
+def test_a_one_event_window_reads_and_packs_as_an_array_window(t0, later):
+    """count_first's tuple form: the same reads, equality and bytes as the arrays it becomes
+    on the next write (and the arrays' bytes are those of Window(...) built from lists)."""
+    first = w.count_first(t0)
+    arrays = w.Window([int(t0) // 60], [1], [int(t0) // 3600], [1])
+    assert type(first.minutes) is tuple and first == arrays and arrays == first
+    for t in (t0, t0 + 60, t0 + 7200, t0 - 60):
+        assert w.count_read(first, t) == w.count_read(arrays, t)
+    assert w.count_expires_at(first) == w.count_expires_at(arrays)
+    a, b = bytearray(), bytearray()
+    w.pack_window(first, a)
+    w.pack_window(arrays, b)
+    assert a == b and w.unpack_window(bytes(a), 0)[0] == first
+    for dt in later:
+        t = max(0.0, t0 + dt)
+        first, *got = w.count_add_read(first, t)
+        arrays, *want = w.count_add_read(arrays, t)
+        assert got == want and first == arrays
+        a, b = bytearray(), bytearray()
+        w.pack_window(first, a)
+        w.pack_window(arrays, b)
+        assert a == b
+    assert w.count_add(w.count_first(t0), t0) == w.count_add(w.count_add(None, t0), t0)
