@@ -119,6 +119,9 @@ class DecisionStore:
     def busy(self, key: bytes) -> bool:
         return key.decode("utf-8", "surrogatepass") in self.pending
 
+    def _recently_sent(self, key: bytes) -> bool:
+        return self.was_sent(key.decode("utf-8", "surrogatepass"))
+
     # -- sent
 
     def mark_sent(self, request_id: str, now: float | None = None) -> None:
@@ -200,8 +203,17 @@ class DecisionStore:
 
     def sweep(self, keys: Keys | None, now: float, owned: set[int]) -> list[Write]:
         """Drop decisions past their TTL (tombstones) and those of partitions not owned, and
-        their ids from ``sent``: without a stored decision there is nothing to re-send."""
-        writes = sweep_keys(self.table, self.backend, keys, now, owned, self.busy)
+        their ids from ``sent``: without a stored decision there is nothing to re-send.
+
+        A decision whose id is still in ``sent`` (sent, or loaded from the topic at the last
+        assignment, less than :data:`SENT_LOOKBACK_S` of wall clock ago) is kept even past its
+        event-time TTL: redeliveries come within minutes of *processing* time, whatever the
+        event times. A worker catching up on a backlog moves its event-time clock through an
+        hour in seconds; without this, a copy of a request re-sent by an upstream stage after a
+        crash arrived once the sweep had dropped the request's stored decision and its sent id,
+        and was counted and decided a second time (1 run in 4 of the RocksDB/SIGKILL test)."""
+        writes = sweep_keys(self.table, self.backend, keys, now, owned, self.busy,
+                            keep=self._recently_sent)
         for w in writes:
             self.forget(w.key.decode("utf-8", "surrogatepass"))
         return writes
