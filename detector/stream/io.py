@@ -54,6 +54,22 @@ async def topic_partitions(consumer: Any, topic: str, timeout: float = 10.0) -> 
         await asyncio.sleep(0.2)
 
 
+async def partition_counts(settings: Any, topics: list[str],
+                           timeout: float = 10.0) -> dict[str, int]:
+    """topic -> its number of partitions (0: no metadata), from the cluster's metadata through
+    a group-less client. Not Faust's ``consumer.topic_partitions``: that reads the group
+    coordinator's metadata snapshot, which a worker that is not the group's leader may not have
+    (None: it then took every request keyed by IP through the by-ip hop while the leader counted
+    the same partitions in ingest, and a partition moving between them was counted twice)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None,
+                                enable_auto_commit=False, **client_kwargs(settings))
+    await consumer.start()
+    try:
+        return {t: len(await topic_partitions(consumer, t, timeout)) for t in topics}
+    finally:
+        await stop_consumer(consumer)
+
+
 async def open_broadcast_reader(app: Any, rt: Any, topic: str, read_back_s: float,
                                 what: str) -> Any:
     """A started group-less consumer on every partition of ``topic``, positioned ``read_back_s``

@@ -49,7 +49,7 @@ from typing import Any
 from detector import metrics
 from detector.stream import faust_internals, guard
 from detector.stream.delivery import Admit, OffsetGate, start_offsets
-from detector.stream.io import stop_consumer, topic_partitions
+from detector.stream.io import partition_counts, stop_consumer, topic_partitions
 from detector.stream.kafka_security import client_kwargs
 from detector.stream.stores import MemoryTableStore, TableStore
 from detector.stream.tables import Keys, Write, pack_value, sweep_keys, unpack_value
@@ -266,9 +266,7 @@ class StageDelivery:
             rt.decisions.backend.retain(owned_by["seen"])
             await rt.decisions_out.assign(owned)  # fences the previous owners of new partitions
             gates = self.gates
-            n_req = app.consumer.topic_partitions(gates["requests"].topic)
-            n_ip = app.consumer.topic_partitions(gates["by_ip"].topic)
-            rt.ip_partitions = n_ip if n_ip and n_req == n_ip else 0
+            await self.read_partition_counts()
             if rt.gate_offsets:
                 assigned = {gates[k].topic: rt.active.get(k, set()) for k in STAGE_INPUTS}
                 try:
@@ -287,6 +285,37 @@ class StageDelivery:
             # a previous owner can commit no decision any more that this does not see.
             await rt.decisions.load_sent_or_exit(s)
             rt.generation = generation
+
+    async def read_partition_counts(self, attempts: int = 3) -> None:
+        """``rt.ip_partitions``: whether ingest counts a request keyed by its IP itself (see
+        :func:`~detector.stream.ingest.ingest_one`). Every worker must make the same choice for
+        the same request, or a partition that moves between workers is counted under both of
+        the ip table's sources (twice): so the counts come from the cluster's metadata, and a
+        worker that cannot read them keeps the last ones it read or exits."""
+        rt = self.rt
+        topics = [self.gates["requests"].topic, self.gates["by_ip"].topic]
+        for attempt in range(1, attempts + 1):
+            try:
+                counts = await asyncio.wait_for(partition_counts(rt.settings, topics),
+                                                guard.PREPARE_TIMEOUT_S)
+                n_req, n_ip = counts[topics[0]], counts[topics[1]]
+                if n_req and n_ip:
+                    ip_partitions = n_ip if n_req == n_ip else 0
+                    if (n_req, n_ip) != rt.partition_counts:
+                        log.info("ip stage: %s has %d partitions, %s %d: %s", topics[0], n_req,
+                                 topics[1], n_ip,
+                                 "a request keyed by its IP is counted in ingest (no hop)"
+                                 if ip_partitions else "every request takes the by-ip hop")
+                    rt.ip_partitions, rt.partition_counts = ip_partitions, (n_req, n_ip)
+                    return
+                log.warning("ip stage: no partition count for %s yet (attempt %d of %d)",
+                            " or ".join(t for t in topics if not counts[t]), attempt, attempts)
+            except Exception as exc:
+                log.warning("ip stage: could not read the partition counts (attempt %d of %d: "
+                            "%s)", attempt, attempts, type(exc).__name__)
+            await asyncio.sleep(1.0)
+        if rt.partition_counts is None:
+            guard.crash("ip stage: could not read the partition counts of its input topics")
 
     async def admitted(self, event: Any, key: str) -> bool:
         """Whether the stage processes this event now (see :class:`OffsetGate`); an event

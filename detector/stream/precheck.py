@@ -98,7 +98,9 @@ class Precheck:
         if generation == self._owners_for and self._partitions:
             return
         topic = self.rt.topics["by_ip"].get_topic_name()
-        self._partitions = int(self.app.consumer.topic_partitions(topic) or self.rt.settings.partitions)
+        known = self.rt.partition_counts  # read from the cluster at each assignment
+        self._partitions = (known[1] if known else
+                            int(self.app.consumer.topic_partitions(topic) or self.rt.settings.partitions))
         owners: dict[int, str] = {}
         changelog = self.rt.tables["ip"].changelog_topic.get_topic_name()
         for url, topics in self.app.router.table_metadata("ip").items():

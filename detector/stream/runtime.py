@@ -56,6 +56,7 @@ class StreamRuntime:
     active: dict[str, set[int]] = field(default_factory=dict)  # topic -> assigned partitions
 
     ip_partitions: int = 0  # partitions of by-ip when callback-requests has as many, else 0
+    partition_counts: tuple[int, int] | None = None  # (callback-requests, by-ip), last read
     population: PopulationView = field(default_factory=PopulationView)  # see stream/population.py
     verifier: Verifier = field(default_factory=Verifier)  # trusted list keys (none: refuse all)
     signer: Signer | None = None  # this worker's key for learned entries (None: not published)

@@ -324,6 +324,16 @@ def test_labelled_mix_dead_letters_and_conformance_with_replay(
     assert actions["allow"] > 0 and actions["block"] > 0
 
 
+def stage_events(w: WorkerProc) -> dict[str, float]:
+    """stage -> events processed, from the worker's ``detector_stage_seconds`` histogram."""
+    out = {}
+    for line in (w.get("/metrics") or "").splitlines():
+        if line.startswith('detector_stage_seconds_count{stage="'):
+            name, value = line.split()
+            out[name.split('"')[1]] = float(value)
+    return out
+
+
 def test_two_workers_four_partitions_count_exactly(
     kafka_bootstrap: str, fresh_topic_prefix: str, tmp_path: Path
 ) -> None:
@@ -344,7 +354,12 @@ def test_two_workers_four_partitions_count_exactly(
         all_copies = decisions_for(settings, {r["request_id"] for r in rows
                                               if isinstance(r, dict)}, linger=2.0)
         owned = [set(p.health()["partitions"]["by_range"]) for p in procs]  # type: ignore[index]
+        stages = [stage_events(p) for p in procs]
     assert owned[0] and owned[1] and not owned[0] & owned[1]
+    # Both workers count the requests keyed by IP in ingest, none takes the by-ip hop: the choice
+    # must not depend on which worker leads the group (the follower once read no partition
+    # counts and took the hop, and a partition moving between them was counted twice).
+    assert all(s.get("ingest_ip", 0) > 0 and s.get("ingest", 0) == 0 for s in stages), stages
     assert all(len(v) == 1 for v in all_copies.values())
     got = one_each(all_copies)
     last = got[f"p{n_pair - 1}"]["counts"]
