@@ -83,7 +83,7 @@ def parse_lines(
     good: list[tuple[int, CallbackRequest]] = []
     bad: list[Reject] = []
     for n, line in enumerate(lines, 1):
-        if not line.strip():
+        if not line or line.isspace():  # blank (isspace: the whitespace strip() removes, no copy)
             continue
         try:
             req = parse_request(line.rstrip(b"\r\n") if isinstance(line, bytes) else line)
@@ -149,13 +149,13 @@ def replay(
     reqs: Iterable[CallbackRequest] = fresh()
     if by_id is not None:
         reqs = _remember(reqs, by_id)
-    dumps = orjson.dumps
+    dumps, newline = orjson.dumps, orjson.OPT_APPEND_NEWLINE
     for decision in _with_queue_states(detector, reqs, queue_states):
         summary.decisions += 1
         summary.by_action[decision.action] += 1
         summary.by_reason.update(decision.reasons)
         if out is not None:  # orjson writes the dataclass as to_dict() would, without the dict
-            out.write(dumps(decision).decode() + "\n")
+            out.write(dumps(decision, option=newline).decode())
         if on_decision is not None and by_id is not None:
             on_decision(by_id.pop(decision.request_id), decision)
     summary.seconds = time.perf_counter() - t0

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from operator import gt, itemgetter
 from typing import Any, Protocol
 
 from detector.core.capacity import CapacityGate, deflects, trust_class
-from detector.core.features import denied_prefix, features, geo_mismatch
+from detector.core.features import denied_prefix, features
 from detector.core.lists import ListIndex
 from detector.core.pii import random_key
 from detector.core.policy import Policy, Rule
@@ -100,82 +101,157 @@ def rule_hits(
     ctx: DecisionContext,
     count_map: dict[str, Any] | None = None,
 ) -> list[Hit]:
-    """Every rule that fires for this request, in evaluation order."""
+    """Every rule that fires for this request, in evaluation order.
+
+    A rule's :class:`Hit` depends only on the policy, its code and whether the requester is
+    authenticated, so each is made once per policy (:class:`_RuleTable`) and shared."""
     pol = ctx.policy
     auth = req.authenticated
+    table = _rule_table(pol)
+    memo = table.hits[auth]
     hits: list[Hit] = []
-
-    def add(code: str, rule_code: str | None = None) -> None:
-        hits.append(_hit(code, pol.rules[rule_code or code], auth, pol))
-
     ph, ip = enr.phone, enr.ip
-    denied, allowed = ctx.lists.match(ph.e164, ph.region, ip.ip, ip.country, ip.asn, now=req.ts)
-    if not ph.valid:
-        add("invalid_number")
+    valid = ph.valid
+    lists = ctx.lists
+    if lists.matches_nothing:
+        denied: list[str] = []
+        allowed = False
+    else:
+        denied, allowed = lists.match(ph.e164, ph.region, ip.ip, ip.country, ip.asn, now=req.ts)
+    if not valid:
+        hits.append(memo["invalid_number"])
     if not allowed:
         for kind in denied:
-            add(f"denylist_{kind}", "denylist")
-        if ph.valid and ph.region not in pol.allowed_countries:
-            add("destination_not_allowed")
+            hits.append(memo[f"denylist_{kind}"])
+        if valid and ph.region not in pol.allowed_countries:
+            hits.append(memo["destination_not_allowed"])
         if denied_prefix(ph.e164, pol):
-            add("denied_prefix")
-    if ph.valid:
-        type_rule = pol.number_types.get(ph.number_type)
-        if type_rule is not None:
-            hits.append(_hit(f"number_type_{ph.number_type.lower()}", type_rule, auth, pol))
+            hits.append(memo["denied_prefix"])
+    if valid:
+        type_hit = memo.number_type(ph.number_type)
+        if type_hit is not None:
+            hits.append(type_hit)
     if ip.tor_exit or ip.public_proxy or ip.residential_proxy:
-        add("anonymous_ip")
+        hits.append(memo["anonymous_ip"])
     elif ip.anonymous_vpn:
         # Consumer VPNs are common among real customers; alone they weigh, with others they act.
-        add("vpn_ip")
+        hits.append(memo["vpn_ip"])
     if ip.hosting:
-        add("hosting_ip")
+        hits.append(memo["hosting_ip"])
     if ip.scope != "global":
-        add("ip_not_global")
-    if geo_mismatch(enr):
-        hit = _hit("geo_mismatch", pol.rules["geo_mismatch"], auth, pol)
+        hits.append(memo["ip_not_global"])
+    if ip.country and ph.region and ip.country != ph.region:  # geo_mismatch(enr)
         if ip.country in pol.allowed_countries or counts.ip.ip_distinct_numbers_24h <= 1:
             # Cross-border customers and travellers inside the served area, and a traveller
             # abroad asking for their own number (the first number from that IP): weight, not
             # action. A foreign IP asking for several numbers deflects.
-            hit = Hit(hit.code, hit.weight, Action.ALLOW, hit.silent, hit.monitored)
-        hits.append(hit)
-    unauth = pol.rules["unauthenticated"]
-    if not auth and (unauth.weight > 0 or unauth.action != Action.ALLOW):
-        add("unauthenticated")
+            hits.append(memo.as_allow("geo_mismatch"))
+        else:
+            hits.append(memo["geo_mismatch"])
+    if not auth and table.unauthenticated:
+        hits.append(memo["unauthenticated"])
     if counts.rng.pending:
-        add("duplicate_pending")
-    c = count_map if count_map is not None else counts.to_dict()
-    fired: set[str] = set()
-    for attr, code, limit in _velocity_limits(pol)[1 if counts.ip.ip_shared else 0]:
-        if code not in fired and c[attr] > limit:
-            fired.add(code)
-            add(code)
+        hits.append(memo["duplicate_pending"])
+    values = table.velocity_values(count_map if count_map is not None else counts.to_dict())
+    limits = table.limits[1 if counts.ip.ip_shared else 0]
+    if any(map(gt, values, limits)):  # rare: most requests are under every limit
+        fired: set[str] = set()
+        for value, limit, code in zip(values, limits, table.velocity_codes, strict=True):
+            if value > limit and code not in fired:
+                fired.add(code)
+                hits.append(memo[code])
     if min(counts.ip.ip_distinct_numbers_24h, counts.rng.number_distinct_ips_24h) >= pol.recombination_min:
-        add("ip_number_recombination")
+        hits.append(memo["ip_number_recombination"])
     hits.extend(population_hits(req, enr, counts, ctx))
     return hits
 
 
-_LIMITS: dict[int, tuple[Policy, tuple[tuple[str, str, float], ...], tuple[tuple[str, str, float], ...]]] = {}
+class _HitMemo(dict[str, Hit]):
+    """Reason code -> the :class:`Hit` its rule gives, for one policy and one value of
+    ``authenticated``; each made on first use (a policy without a rule fails as before: when
+    the rule fires)."""
+
+    __slots__ = ("policy", "auth", "_types", "_allow", "_population")
+
+    def __init__(self, policy: Policy, auth: bool) -> None:
+        super().__init__()
+        self.policy, self.auth = policy, auth
+        self._types: dict[str, Hit | None] = {}
+        self._allow: dict[str, Hit] = {}
+        self._population: dict[tuple[bool, bool, bool, bool], tuple[Hit, ...]] = {}
+
+    def __missing__(self, code: str) -> Hit:
+        rule = self.policy.rules["denylist" if code.startswith("denylist_") else code]
+        hit = self[code] = _hit(code, rule, self.auth, self.policy)
+        return hit
+
+    def number_type(self, number_type: str) -> Hit | None:
+        """The hit of the policy's rule for numbers of this type, None when there is none."""
+        if number_type not in self._types:
+            rule = self.policy.number_types.get(number_type)
+            self._types[number_type] = None if rule is None else _hit(
+                f"number_type_{number_type.lower()}", rule, self.auth, self.policy)
+        return self._types[number_type]
+
+    def as_allow(self, code: str) -> Hit:
+        """``code``'s hit with its weight but no action of its own."""
+        hit = self._allow.get(code)
+        if hit is None:
+            h = self[code]
+            hit = self._allow[code] = Hit(h.code, h.weight, Action.ALLOW, h.silent, h.monitored)
+        return hit
+
+    def population(self, on: tuple[Any, Any, Any, Any]) -> tuple[Hit, ...]:
+        """The hits of the under-attack codes (``_POPULATION_CODES``) whose entry in ``on`` is
+        true. An authenticated requester is deflected where the rule blocks, if the code is in
+        ``auth_deflect_codes``."""
+        key = (bool(on[0]), bool(on[1]), bool(on[2]), bool(on[3]))
+        hits = self._population.get(key)
+        if hits is None:
+            out = []
+            for code, fired in zip(_POPULATION_CODES, key, strict=True):
+                if fired:
+                    pol, h = self.policy, self[code]
+                    if self.auth and code in pol.auth_deflect_codes and h.action == Action.BLOCK:
+                        h = Hit(code, h.weight * pol.auth_weight_factor, Action.DEFLECT, False,
+                                h.monitored)
+                    out.append(h)
+            hits = self._population[key] = tuple(out)
+        return hits
 
 
-def _velocity_limits(
-    pol: Policy,
-) -> tuple[tuple[tuple[str, str, float], ...], tuple[tuple[str, str, float], ...]]:
-    """(counts attribute, reason code, limit) of each velocity rule, for a requester that is not
-    and one that is a shared IP (its per-IP limits multiplied by ``shared_ip.factor``); computed
-    once per policy object."""
-    hit = _LIMITS.get(id(pol))
-    if hit is None or hit[0] is not pol:
-        def limits(relaxed: tuple[str, ...]) -> tuple[tuple[str, str, float], ...]:
-            return tuple((attr, code, pol.velocity[key] * (pol.shared_ip.factor if key in relaxed else 1))
-                         for key, attr, code in VELOCITY_RULES)
+class _RuleTable:
+    """What rule evaluation derives from a policy alone, once per policy object (policies are
+    immutable; a reload is a new object): the rules' hits and the velocity limits."""
 
-        if len(_LIMITS) > 16:
-            _LIMITS.clear()
-        hit = _LIMITS[id(pol)] = (pol, limits(()), limits(pol.shared_ip.relaxed))
-    return hit[1], hit[2]
+    __slots__ = ("policy", "hits", "unauthenticated", "velocity_values", "velocity_codes", "limits")
+
+    def __init__(self, pol: Policy) -> None:
+        self.policy = pol
+        self.hits = (_HitMemo(pol, False), _HitMemo(pol, True))  # by ``authenticated``
+        unauth = pol.rules["unauthenticated"]
+        self.unauthenticated = unauth.weight > 0 or unauth.action != Action.ALLOW
+        self.velocity_values = itemgetter(*(attr for _, attr, _ in VELOCITY_RULES))
+        self.velocity_codes = tuple(code for _, _, code in VELOCITY_RULES)
+
+        def limits(relaxed: tuple[str, ...]) -> tuple[float, ...]:
+            return tuple(pol.velocity[key] * (pol.shared_ip.factor if key in relaxed else 1)
+                         for key, _, _ in VELOCITY_RULES)
+
+        # (not shared, shared IP: its per-IP limits multiplied by ``shared_ip.factor``)
+        self.limits = (limits(()), limits(pol.shared_ip.relaxed))
+
+
+_TABLES: dict[int, _RuleTable] = {}
+
+
+def _rule_table(pol: Policy) -> _RuleTable:
+    table = _TABLES.get(id(pol))
+    if table is None or table.policy is not pol:
+        if len(_TABLES) > 16:
+            _TABLES.clear()
+        table = _TABLES[id(pol)] = _RuleTable(pol)
+    return table
 
 
 def population_hits(
@@ -186,23 +262,26 @@ def population_hits(
     A surging country (or everything) deflects unauthenticated requests in it (authenticated
     users keep their callback: the codes are in ``[auth] relaxed_codes``); a surging or
     concentrated number block is blocked silently (deflected for authenticated users)."""
-    pol, pop, ph = ctx.policy, counts.pop, enr.phone
-    forced = ctx.lists.surge_overrides(ph.e164, ph.region, now=req.ts)
-    surging = {
-        "global_surge": forced.get("global", pop.global_surging),
-        "country_surge": forced.get("country", pop.country_surging) if ph.region else False,
-        "prefix_surge": forced.get("prefix", pop.prefix_surging),
-        "prefix_concentration": pop.prefix_concentrated and forced.get("prefix", True),
-    }
-    out = []
-    for code, on in surging.items():
-        if not on:
-            continue
-        hit = _hit(code, pol.rules[code], req.authenticated, pol)
-        if req.authenticated and code in pol.auth_deflect_codes and hit.action == Action.BLOCK:
-            hit = Hit(code, hit.weight * pol.auth_weight_factor, Action.DEFLECT, False, hit.monitored)
-        out.append(hit)
-    return out
+    pop, ph = counts.pop, enr.phone
+    lists = ctx.lists
+    if not lists.has_surge_entries and not (pop.global_surging or pop.country_surging
+                                            or pop.prefix_surging or pop.prefix_concentrated):
+        return []  # the usual case: no surge and no override
+    forced = lists.surge_overrides(ph.e164, ph.region, now=req.ts)
+    if forced:
+        on = (
+            forced.get("global", pop.global_surging),
+            forced.get("country", pop.country_surging) if ph.region else False,
+            forced.get("prefix", pop.prefix_surging),
+            pop.prefix_concentrated and forced.get("prefix", True),
+        )
+    else:
+        on = (pop.global_surging, pop.country_surging and bool(ph.region), pop.prefix_surging,
+              pop.prefix_concentrated)
+    return list(_rule_table(ctx.policy).hits[req.authenticated].population(on))
+
+
+_POPULATION_CODES = ("global_surge", "country_surge", "prefix_surge", "prefix_concentration")
 
 
 def capacity_deflects(authenticated: bool, new_ip: bool, risk: float, ctx: DecisionContext,
@@ -221,21 +300,34 @@ def capacity_deflects(authenticated: bool, new_ip: bool, risk: float, ctx: Decis
 def combine(hits: list[Hit], policy: Policy) -> tuple[Action, bool, float, list[str]]:
     """(action, silent, risk, reasons) from hits. Reasons: most severe action first, then weight."""
     keep = 1.0
+    top, action = 0, Action.ALLOW
     for h in hits:
-        keep *= 1.0 - min(max(h.weight, 0.0), 1.0)
-    risk = round(1.0 - keep, 6)
-    action = Action.ALLOW
+        w = h.weight
+        keep *= 1.0 - (0.0 if w < 0.0 else 1.0 if w > 1.0 else w)  # the weight clamped to [0, 1]
+        severity = SEVERITY[h.action]
+        if severity > top:
+            top, action = severity, h.action
+    risk = _RISKS.get(keep)
+    if risk is None:  # round() is slow, and the same few combinations of hits recur
+        if len(_RISKS) >= 4096:
+            _RISKS.clear()
+        risk = _RISKS[keep] = round(1.0 - keep, 6)
+    # Filtered, then sorted: the same order as sorting first (a stable sort), on fewer hits.
+    reasons: list[str] = []
+    kept = [h for h in hits if h.weight > 0 or h.action != Action.ALLOW]
+    for h in sorted(kept, key=_reason_order) if len(kept) > 1 else kept:
+        if h.code not in reasons:
+            reasons.append(h.code)
+    silent = corroborated = False
+    soft = policy.soft_codes
     for h in hits:
-        if SEVERITY[h.action] > SEVERITY[action]:
-            action = h.action
-    ordered = sorted(hits, key=lambda h: (-SEVERITY[h.action], -h.weight, h.code))
-    reasons = list(
-        dict.fromkeys(h.code for h in ordered if h.weight > 0 or h.action != Action.ALLOW)
-    )
-    silent = any(h.silent and h.action == action for h in hits) and action != Action.ALLOW
-    # A silent block needs corroboration: soft signals (which innocent populations produce) may
-    # add up to a deflection, never to a block on their own.
-    corroborated = any(h.code not in policy.soft_codes and h.weight > 0 for h in hits)
+        if h.silent and h.action == action:
+            silent = True
+        # A silent block needs corroboration: soft signals (which innocent populations produce)
+        # may add up to a deflection, never to a block on their own.
+        if h.weight > 0 and h.code not in soft:
+            corroborated = True
+    silent = silent and action != Action.ALLOW
     if risk >= policy.block_at and action != Action.BLOCK and corroborated:
         action, silent = Action.BLOCK, True
         reasons.insert(0, "combined_risk")
@@ -243,6 +335,13 @@ def combine(hits: list[Hit], policy: Policy) -> tuple[Action, bool, float, list[
         action, silent = Action.DEFLECT, False
         reasons.insert(0, "combined_risk")
     return action, silent, risk, reasons
+
+
+_RISKS: dict[float, float] = {}  # product of the hits' (1 - weight) -> the rounded risk
+
+
+def _reason_order(h: Hit) -> tuple[int, float, str]:
+    return -SEVERITY[h.action], -h.weight, h.code
 
 
 def decide(
@@ -336,9 +435,11 @@ def decide_scored(
             )
         )
     monitored: list[str] = []
-    if any(h.monitored for h in hits):  # monitor mode: reported, kept out of action and risk
-        monitored = list(dict.fromkeys(h.code for h in hits if h.monitored))
-        hits = [h for h in hits if not h.monitored]
+    for h in hits:
+        if h.monitored:  # monitor mode: reported, kept out of action and risk
+            monitored = list(dict.fromkeys(h.code for h in hits if h.monitored))
+            hits = [h for h in hits if not h.monitored]
+            break
     action, silent, risk, reasons = combine(hits, ctx.policy)
     cost_per_min, expected_cost, currency = price_decision(enr, risk, ctx)  # core/spend.py
     if action == Action.ALLOW and capacity_deflects(req.authenticated, counts.ip.ip_fresh == 1,
@@ -361,22 +462,23 @@ def decide_scored(
             if result.shadow_anomaly is None
             else round(result.shadow_anomaly, 6),
         }
+    # Positional, in the field order of Decision (17 keywords cost more than building it).
     return Decision(
-        request_id=req.request_id,
-        action=action,
-        silent=silent,
-        risk=risk,
-        reasons=tuple(reasons),
-        enrichment=enr.to_dict(),
-        counts=count_map,
-        policy_version=ctx.policy.version,
-        model_version=ctx.model.version if ctx.model is not None else None,
-        decided_at=decided_at,
-        request_ts=req.ts,
-        ip_hash=pii_hash(req.ip, ctx.pii_key),
-        model=model_block,
-        monitored_reasons=tuple(monitored),
-        cost_per_min=cost_per_min,
-        expected_cost=expected_cost,
-        currency=currency,
+        req.request_id,  # request_id
+        action,
+        silent,
+        risk,
+        tuple(reasons),  # reasons
+        enr.to_dict(),  # enrichment
+        count_map,  # counts
+        ctx.policy.version,  # policy_version
+        ctx.model.version if ctx.model is not None else None,  # model_version
+        decided_at,
+        req.ts,  # request_ts
+        pii_hash(req.ip, ctx.pii_key),  # ip_hash
+        model_block,  # model
+        tuple(monitored),  # monitored_reasons
+        cost_per_min,
+        expected_cost,
+        currency,
     )

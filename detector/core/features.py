@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from datetime import UTC, datetime
 from functools import lru_cache
+from operator import attrgetter
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -79,16 +80,74 @@ def _zone(name: str | None) -> ZoneInfo | None:
 def local_hour(ts: float, enr: Enrichment) -> float | None:
     """Fractional local hour at the destination (the number's time zone, see
     :func:`detector.core.phone.enrich_phone`), or None when its time zone is unknown."""
-    zone = _zone(enr.phone.time_zone)
+    name = enr.phone.time_zone
+    if not name:
+        return None
+    minute = ts // 60.0
+    # Requests come in time order, many per minute: the local hour is read once per zone and
+    # UTC minute. Not within 10 ms of the next minute: datetime rounds ts to microseconds.
+    if ts - minute * 60.0 < 59.99:
+        key = (name, minute)
+        hour = _HOURS.get(key)
+        if hour is None:
+            if len(_HOURS) >= 1024:
+                _HOURS.clear()
+            zone = _zone(name)
+            hour = _HOURS[key] = _NO_ZONE if zone is None else _hour_of_minute(zone, minute)
+        if hour >= 0.0:
+            return hour
+        if hour == _NO_ZONE:
+            return None
+    zone = _zone(name)
     if zone is None:
         return None
     dt = datetime.fromtimestamp(ts, tz=UTC).astimezone(zone)
     return dt.hour + dt.minute / 60.0
 
 
-@lru_cache(maxsize=16)
-def _prefix_index(prefixes: tuple[str, ...]) -> tuple[frozenset[str], tuple[int, ...]]:
-    return frozenset(prefixes), tuple(sorted({len(p) for p in prefixes}, reverse=True))
+_HOURS: dict[tuple[str, float], float] = {}  # (zone name, UTC minute) -> local hour, or < 0
+_NO_ZONE = -2.0  # the name is no zone ZoneInfo knows
+
+
+def _hour_of_minute(zone: ZoneInfo, minute: float) -> float:
+    """The local hour (as :func:`local_hour` computes it) of every instant of UTC minute
+    ``minute``, or -1.0 when that is not one value: the zone's offset has seconds (only before
+    1972) or changes inside the minute."""
+    start = datetime.fromtimestamp(minute * 60.0, tz=UTC).astimezone(zone)
+    end = datetime.fromtimestamp(minute * 60.0 + 59.0, tz=UTC).astimezone(zone)
+    if start.second or start.microsecond or start.utcoffset() != end.utcoffset():
+        return -1.0
+    return start.hour + start.minute / 60.0
+
+
+class _PrefixIndex:
+    """A policy's denied prefixes as a set, their lengths (longest first), and the answers given
+    so far per number (each request asks twice: its features and its rules; numbers repeat)."""
+
+    __slots__ = ("prefixes", "table", "lengths", "found")
+
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
+        self.prefixes = prefixes
+        self.table = frozenset(prefixes)
+        self.lengths = tuple(sorted({len(p) for p in prefixes}, reverse=True))
+        self.found: dict[str, str | None] = {}
+
+
+_PREFIX_INDEX: dict[int, _PrefixIndex] = {}
+
+
+def _prefix_index(prefixes: tuple[str, ...]) -> _PrefixIndex:
+    """Built once per policy's tuple (found by identity: hashing a tuple of ~50 prefixes cost
+    more than the look-up)."""
+    index = _PREFIX_INDEX.get(id(prefixes))
+    if index is None or index.prefixes is not prefixes:
+        if len(_PREFIX_INDEX) >= 16:
+            _PREFIX_INDEX.clear()
+        index = _PREFIX_INDEX[id(prefixes)] = _PrefixIndex(prefixes)
+    return index
+
+
+_NOT_YET = "?"  # no answer memoized (an answer is None or a prefix starting with "+")
 
 
 def denied_prefix(e164: str | None, policy: Policy) -> str | None:
@@ -100,15 +159,30 @@ def denied_prefix(e164: str | None, policy: Policy) -> str | None:
     """
     if not e164:
         return None
-    table, lengths = _prefix_index(policy.denied_prefixes)
-    for n in lengths:
-        if e164[:n] in table:
-            return e164[:n]
-    return None
+    index = _prefix_index(policy.denied_prefixes)
+    found = index.found
+    prefix = found.get(e164, _NOT_YET)
+    if prefix is _NOT_YET:
+        prefix = None
+        for n in index.lengths:
+            if e164[:n] in index.table:
+                prefix = e164[:n]
+                break
+        if len(found) >= 65536:
+            found.clear()
+        found[e164] = prefix
+    return prefix
 
 
 def geo_mismatch(enr: Enrichment) -> bool:
     return bool(enr.ip.country and enr.phone.region and enr.ip.country != enr.phone.region)
+
+
+_LOG1P_SIZE = 4096
+# log1p of the counts 0.._LOG1P_SIZE-1, computed by math.log1p itself (so bit-identical): a
+# tuple index costs less than the call, and a row has 11 log-counts
+_LOG1P = tuple(math.log1p(n) for n in range(_LOG1P_SIZE))
+_range_counts = attrgetter(*COUNT_FEATURES)  # the range stage's counts behind the log_ features
 
 
 def features(req: CallbackRequest, enr: Enrichment, counts: Counts, policy: Policy,
@@ -120,11 +194,17 @@ def features(req: CallbackRequest, enr: Enrichment, counts: Counts, policy: Poli
     r24 = max(rng.range_24h, 1)
     ph, ip = enr.phone, enr.ip
     ntype = ph.number_type
-    out = [
-        log1p(rng.number_15m), log1p(rng.number_1h), log1p(rng.number_24h),
-        log1p(rng.pair_1h), log1p(rng.pair_24h), log1p(rng.range_1h), log1p(rng.range_24h),
-        log1p(rng.number_distinct_ips_1h), log1p(rng.number_distinct_ips_24h),
-        log1p(rng.range_distinct_ips_24h), log1p(rng.range_distinct_numbers_24h),
+    try:  # the usual case: every count is in the table (math.log1p's own values)
+        t = _LOG1P
+        out = [
+            t[rng.number_15m], t[rng.number_1h], t[rng.number_24h],
+            t[rng.pair_1h], t[rng.pair_24h], t[rng.range_1h], t[rng.range_24h],
+            t[rng.number_distinct_ips_1h], t[rng.number_distinct_ips_24h],
+            t[rng.range_distinct_ips_24h], t[rng.range_distinct_numbers_24h],
+        ]
+    except IndexError:  # a count of _LOG1P_SIZE or more (counts are never negative)
+        out = [log1p(n) for n in _range_counts(rng)]
+    out += (
         rng.range_distinct_ips_24h / r24,
         rng.range_distinct_numbers_24h / r24,
         rng.pair_24h / max(rng.number_24h, 1),
@@ -147,7 +227,7 @@ def features(req: CallbackRequest, enr: Enrichment, counts: Counts, policy: Poli
         0.0 if ip.country else 1.0,
         1.0 if (ip.country and ph.region and ip.country != ph.region) else 0.0,  # geo_mismatch
         1.0 if req.authenticated else 0.0,
-    ]
+    )
     hour = local_hour(req.ts, enr)
     if hour is None:
         out += (0.0, 0.0, 0.0)

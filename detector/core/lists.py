@@ -29,6 +29,7 @@ KINDS = ("ip", "cidr", "asn", "number", "prefix", "country", "surge", "budget")
 #: ``budget`` entries act on a spend circuit breaker (core/spend.py; value ``*``, a country code or
 #: a spend scope's E.164 prefix): ``allow`` holds it closed (the SOC's reset), ``allow`` with
 #: ``:x<factor>`` (``GB:x3``) raises its budgets, ``deny`` forces it open, until the entry expires.
+MATCH_KINDS = frozenset({"ip", "cidr", "asn", "number", "prefix", "country"})  # what match() reads
 ACTIONS = ("deny", "allow")
 SOURCES = ("soc", "policy", "learned")  # who made the entry (a bounded metric label)
 MAX_VALUE_LEN = 64
@@ -184,11 +185,24 @@ class ListIndex:
         self._surge_prefix_lens: dict[str, set[int]] = {"deny": set(), "allow": set()}
         self._surge_keys = 0
         self._budget: dict[str, dict[str, ListEntry]] = {}  # spend scope -> entries (kind budget)
+        # entries that match() looks at, per action: none (the usual case) skips the look-ups
+        self._matchable: dict[str, int] = {"deny": 0, "allow": 0}
         for e in entries:
             self.add(e)
 
     def __len__(self) -> int:
         return len(self._by_key)
+
+    @property
+    def matches_nothing(self) -> bool:
+        """True when :meth:`match` cannot find anything (no ip, cidr, asn, number, prefix or
+        country entry): the usual case, which callers skip."""
+        return not (self._matchable["deny"] or self._matchable["allow"])
+
+    @property
+    def has_surge_entries(self) -> bool:
+        """False when :meth:`surge_overrides` is certain to be empty."""
+        return self._surge_keys > 0
 
     def entries(self) -> list[ListEntry]:
         return sorted(self._by_key.values(), key=lambda e: e.key)
@@ -203,6 +217,8 @@ class ListIndex:
     def add(self, e: ListEntry) -> None:
         self.remove(e.key)
         self._by_key[e.key] = e
+        if e.kind in MATCH_KINDS:
+            self._matchable[e.action] += 1
         if e.kind == "cidr":
             net = ipaddress.ip_network(e.value)
             self._nets.setdefault((e.action, net.version, net.prefixlen), {})[
@@ -223,6 +239,8 @@ class ListIndex:
         e = self._by_key.pop(key, None)
         if e is None:
             return
+        if e.kind in MATCH_KINDS:
+            self._matchable[e.action] -= 1
         if e.kind == "cidr":
             net = ipaddress.ip_network(e.value)
             self._nets.get((e.action, net.version, net.prefixlen), {}).pop(
@@ -341,8 +359,10 @@ class ListIndex:
         now: float,
     ) -> tuple[list[str], bool]:
         """(kinds of active deny entries that match, whether an active allow entry matches)."""
-        denied = self._hits("deny", e164, number_cc, ip, ip_cc, asn, now)
-        allowed = bool(self._hits("allow", e164, number_cc, ip, ip_cc, asn, now))
+        matchable = self._matchable
+        denied = self._hits("deny", e164, number_cc, ip, ip_cc, asn, now) if matchable["deny"] else []
+        allowed = matchable["allow"] > 0 and bool(
+            self._hits("allow", e164, number_cc, ip, ip_cc, asn, now))
         return denied, allowed
 
     @classmethod

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import re
 from datetime import datetime
 from typing import Any
 
@@ -46,7 +47,9 @@ def decode_json(raw: bytes | str, *, max_bytes: int = MAX_MESSAGE_BYTES) -> dict
     integers beyond 64 bits and non-finite numbers are malformed JSON here (orjson's limits),
     and a message over ``max_bytes`` is rejected before it is parsed.
     """
-    if isinstance(raw, str):
+    if raw.__class__ is bytes:  # the usual case, first
+        data = raw
+    elif isinstance(raw, str):
         try:
             data = raw.encode("utf-8")
         except UnicodeEncodeError as exc:  # lone surrogates
@@ -57,11 +60,11 @@ def decode_json(raw: bytes | str, *, max_bytes: int = MAX_MESSAGE_BYTES) -> dict
         raise MalformedMessage(f"expected bytes holding a JSON object, got {type(raw).__name__}")
     if len(data) > max_bytes:
         raise MessageTooLarge(f"message is {len(data):,} bytes; at most {max_bytes:,} expected")
-    if not data.strip():
-        raise MalformedMessage("message is empty; expected a JSON object")
     try:
         obj = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
+        if not data.strip():  # checked here, not before: a copy of every message otherwise
+            raise MalformedMessage("message is empty; expected a JSON object") from None
         raise MalformedMessage(f"message is not JSON: {_json_error(exc)}") from None
     if not isinstance(obj, dict):
         raise MalformedMessage(f"expected a JSON object, got a JSON {type(obj).__name__}")
@@ -76,6 +79,10 @@ def _json_error(exc: orjson.JSONDecodeError) -> str:
 
 def _text(obj: dict[str, Any], name: str, *, required: bool, max_len: int) -> str | None:
     value = obj.get(name)
+    if value.__class__ is str and len(value) <= max_len:  # the usual case, checked in one go
+        text = value.strip()
+        if text or not required:
+            return text or None
     if value is None:
         if required:
             raise MissingField(name)
@@ -160,14 +167,62 @@ def check_event_time(ts: float, now: float, *, max_future_s: float, max_past_s: 
     return ts
 
 
+# A dotted quad without leading zeros (which ``ipaddress`` refuses) and with every part <= 255:
+# exactly the IPv4 texts that ``str(ipaddress.ip_address(text))`` returns unchanged. Checking it
+# costs a tenth of building the address object (4 us per request on the replay benchmark).
+_OCTET = "(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_CANONICAL_IPV4 = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}")
+
+
+_IPV6_CHARS = re.compile("[0-9a-f:]{2,39}")
+
+
+def _canonical_ipv6(text: str) -> bool:
+    """True when ``text`` is an IPv6 address in exactly the form ``str(ipaddress.ip_address())``
+    gives it (RFC 5952: lower-case hex without leading zeros, the longest run of two or more
+    zero groups, the first of equal runs, written ``::``) and not IPv4-mapped (which parse_ip
+    unwraps). A third of the cost of building the address object and printing it back
+    (13 us); anything else (IPv4 tails, zones, other spellings) takes that road."""
+    if not _IPV6_CHARS.fullmatch(text):
+        return False
+    head, sep, tail = text.partition("::")
+    groups = (head.split(":") if head else []) + (tail.split(":") if tail else [])
+    zeros = 8 - len(groups)
+    if (zeros < 2) if sep else (zeros != 0):
+        return False
+    for g in groups:  # no empty group, at most 4 digits, no leading zero
+        if not g or len(g) > 4 or (g[0] == "0" and g != "0"):
+            return False
+    full = (head.split(":") if head else []) + ["0"] * zeros + (tail.split(":") if tail else [])
+    if full[:6] == ["0", "0", "0", "0", "0", "ffff"]:
+        return False
+    # the longest run of "0" groups (the first of equal ones): it alone is written "::"
+    best_start, best_len, start, run = -1, 0, -1, 0
+    for i, g in enumerate(full):
+        if g == "0":
+            if run == 0:
+                start = i
+            run += 1
+            if run > best_len:
+                best_start, best_len = start, run
+        else:
+            run = 0
+    if best_len < 2:
+        return not sep
+    return bool(sep) and best_start == len(head.split(":") if head else []) and best_len == zeros
+
+
 def parse_ip(value: Any) -> str:
     """Normalized textual IPv4/IPv6 address (IPv4-mapped IPv6 is unwrapped)."""
     if not isinstance(value, str):
         raise InvalidField("ip", "an IPv4 or IPv6 address string", value)
     if len(value) > MAX_IP_TEXT_LEN:
         raise InvalidField("ip", "an IPv4 or IPv6 address", value)
+    text = value.strip()
+    if _CANONICAL_IPV4.fullmatch(text) or _canonical_ipv6(text):  # already the normalized form
+        return text
     try:
-        addr = ipaddress.ip_address(value.strip())
+        addr = ipaddress.ip_address(text)
     except ValueError:
         raise InvalidField("ip", "an IPv4 or IPv6 address", value) from None
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
@@ -201,14 +256,14 @@ def parse_request(raw: bytes | str | dict[str, Any]) -> CallbackRequest:
     if not isinstance(authenticated, bool):
         raise InvalidField("authenticated", "true or false", authenticated)
     assert request_id is not None and phone is not None
-    return CallbackRequest(
-        request_id=request_id,
-        ts=ts,
-        phone_number=phone,
-        ip=ip,
-        country_hint=hint,
-        user_id=_text(obj, "user_id", required=False, max_len=MAX_ID_LEN),
-        authenticated=authenticated,
-        session_id=_text(obj, "session_id", required=False, max_len=MAX_ID_LEN),
-        user_agent=_text(obj, "user_agent", required=False, max_len=MAX_TEXT_LEN),
+    return CallbackRequest(  # positional, in field order (keywords cost more than the rest)
+        request_id,
+        ts,
+        phone,  # phone_number
+        ip,
+        hint,  # country_hint
+        _text(obj, "user_id", required=False, max_len=MAX_ID_LEN),
+        authenticated,
+        _text(obj, "session_id", required=False, max_len=MAX_ID_LEN),
+        _text(obj, "user_agent", required=False, max_len=MAX_TEXT_LEN),
     )

@@ -183,14 +183,22 @@ class Detector:
     clock: EventClock = field(default_factory=EventClock)  # the sweeps' time (see core.clock)
     learned_deny_interval_s: float = DEFAULT_LEARNED_DENY_INTERVAL_S
     _last_sweep: float = 0.0
+    _sweeps: int = 0
+    # which keys of ip, number, pair and range the sweeps must look at (see state.ExpiryIndex):
+    # the stores are written only by this object's methods, which file or mark what they write
+    _expiry: tuple[state.ExpiryIndex, ...] = field(
+        default_factory=lambda: tuple(state.ExpiryIndex() for _ in range(4)), repr=False)
 
     def process(self, req: CallbackRequest, *, decided_at: float | None = None) -> Decision:
         policy = self.ctx.policy
         enr = enrich(req, self.intel, policy)
         ip_counts: IpCounts = state.ip_stage(self.ip_stores, req, enr, policy.shared_ip,
                                              key=self.ctx.pii_key)
-        upd = state.range_stage(self.range_stores, req, enr, range_routing_key(req, enr),
-                                 key=self.ctx.pii_key)
+        rkey = range_routing_key(req, enr)
+        upd = state.range_stage(self.range_stores, req, enr, rkey, key=self.ctx.pii_key)
+        b = state.counted_bucket(req.ts)
+        for index, k in zip(self._expiry, (req.ip, upd.number_key, upd.pair_key, rkey), strict=True):
+            index.bucket(b)[k] = None
         pop = count_population(self.population, req, enr, ip_counts, upd.counts, policy)
         decision = decide(
             req,
@@ -233,6 +241,9 @@ class Detector:
         key = self.ctx.pii_key
         ip_stores, range_stores, number_store = self.ip_stores, self.range_stores, self.range_stores.number
         shared = policy.shared_ip
+        filed, filed_sweeps = -1, -1  # expiry bucket of the sets below (see state.ExpiryIndex)
+        ip_due: dict[str, None] = {}
+        num_due = pair_due = rng_due = ip_due
         for req in reqs:
             if req.request_id in rids:
                 yield from self._decide(todo)
@@ -240,8 +251,17 @@ class Detector:
                 numbers.clear()
             enr = enrich(req, self.intel, policy)
             ip_counts = state.ip_stage(ip_stores, req, enr, shared, key=key)
-            upd = state.range_stage(range_stores, req, enr, range_routing_key(req, enr), key=key)
+            rkey = range_routing_key(req, enr)
+            upd = state.range_stage(range_stores, req, enr, rkey, key=key)
             number_store[upd.number_key] = upd.number_value  # staged: counts now, mark at commit
+            b = state.counted_bucket(req.ts)
+            if b != filed or self._sweeps != filed_sweeps:  # a sweep takes due buckets away
+                filed, filed_sweeps = b, self._sweeps
+                ip_due, num_due, pair_due, rng_due = (ix.bucket(b) for ix in self._expiry)
+            ip_due[req.ip] = None
+            num_due[upd.number_key] = None
+            pair_due[upd.pair_key] = None
+            rng_due[rkey] = None
             pop = count_population(self.population, req, enr, ip_counts, upd.counts, policy)
             todo.append(_Staged(req, enr, Counts(ip_counts, upd.counts, pop), upd,
                                 upd.number_key in numbers))
@@ -271,12 +291,17 @@ class Detector:
         shadows: list[ModelResult | None] = []
         flipped: dict[int, int] = {}  # todo index -> row of its other-pending variant
         maps = [s.counts.to_dict() for s in todo]
+        xs: list[list[float]] = []
         if scored:
             xs = [features(s.req, s.enr, s.counts, ctx.policy, maps[i]) for i, s in enumerate(todo)]
             for i, s in enumerate(todo):
-                if s.dependent:
+                # Only an allowed earlier request of the batch changes the mark, and its mark holds
+                # for this later one (a later or equal ts, another id): a request counted as
+                # pending stays pending, so only one counted as not pending is scored both ways.
+                # (Out of time order it may not: that rare row is scored when it is decided.)
+                if s.dependent and not s.counts.rng.pending:
                     x = list(xs[i])
-                    x[_PENDING] = 0.0 if x[_PENDING] else 1.0
+                    x[_PENDING] = 1.0
                     flipped[i] = len(xs)
                     xs.append(x)
             results, shadows = score_rows(xs, ctx)
@@ -288,13 +313,21 @@ class Detector:
             req, upd, counts = s.req, s.update, s.counts
             nkey, value = upd.number_key, upd.number_value
             mark = marks[nkey] if nkey in marks else value.pending
-            row, count_map = i, maps[i]
+            count_map = maps[i]
+            result, shadow = (results[i], shadows[i]) if scored else (None, None)
             if s.dependent and state.is_pending(mark, req.ts, req.request_id) != counts.rng.pending:
                 counts = Counts(counts.ip, replace(counts.rng, pending=not counts.rng.pending),
                                 counts.pop)
-                row, count_map = flipped.get(i, i), counts.to_dict()
-            d = decide_scored(req, s.enr, counts, ctx, req.ts, results[row] if scored else None,
-                              shadows[row] if scored else None, count_map)
+                count_map = counts.to_dict()
+                if scored:
+                    row = flipped.get(i)
+                    if row is not None:
+                        result, shadow = results[row], shadows[row]
+                    else:  # a pending mark gone within the batch: requests out of time order
+                        x = list(xs[i])
+                        x[_PENDING] = 1.0 if counts.rng.pending else 0.0
+                        (result,), (shadow,) = score_rows([x], ctx)
+            d = decide_scored(req, s.enr, counts, ctx, req.ts, result, shadow, count_map)
             d = spend.settle(d, req, s.enr, ctx, self.population)  # spend breakers, in commit order
             if d.action == Action.ALLOW:
                 mark = state.Pending(req.ts + ttl, req.request_id)
@@ -310,22 +343,25 @@ class Detector:
         nkey = enr_phone.e164 or "?" + "".join(c for c in outcome.phone_number if c.isdigit())
         entry = learn_from_outcome(self.range_stores, outcome, nkey, self.ctx.policy,
                                    deny_interval_s=self.learned_deny_interval_s)
+        self._expiry[1].mark(nkey)  # its expiry may have moved back (a cleared callback)
         if entry is not None:
             self.ctx.lists.add(entry)
         return entry
 
     def sweep(self, now: float) -> int:
-        """Drop state that can no longer count (bounded memory)."""
+        """Drop state that can no longer count (bounded memory): exactly the keys a full scan
+        (``state.sweep``) drops, looking only at those that can be dead (``state.ExpiryIndex``)."""
         self._last_sweep = now
+        self._sweeps += 1
         self.population.prune(now)
         return sum(
-            state.sweep(s, now)
-            for s in (
+            index.sweep(s, now)
+            for index, s in zip(self._expiry, (
                 self.ip_stores.ip,
                 self.range_stores.number,
                 self.range_stores.pair,
                 self.range_stores.range,
-            )
+            ), strict=True)
         )
 
     def state_sizes(self) -> dict[str, int]:

@@ -50,8 +50,9 @@ itself. Both read with the same function, so they agree exactly in replay order.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from itertools import accumulate
 from typing import Any
 
 MINUTE, HOUR = 60, 3600
@@ -112,35 +113,108 @@ class PopulationCounts:
         return {name: getattr(self, name) for name in PopulationCounts.__slots__}
 
 
-@dataclass(slots=True)
 class _Scope:
-    minutes: dict[int, list[int]] = field(default_factory=dict)  # minute -> [requests, fresh]
-    hours: dict[int, list[int]] = field(default_factory=dict)  # hour -> [requests, fresh]
-    newest_hour: int = 0
-    # Sums over buckets *before* the minute ``memo_at`` (and its hour), which no request of that
-    # minute changes; any write to an earlier minute (a late delta, an out-of-order event) drops it.
-    memo_at: int = -1
-    memo: dict[tuple[Any, ...], tuple[Any, ...]] = field(default_factory=dict)
-    block: tuple[tuple[str, str], str] | None = None  # ((region, "B5"), prefix) of a block scope
-    # Spend scopes (core/spend.py): window sums rolled forward minute by minute; any write
-    # before its minute (or an eviction) drops it.
-    roll: list[int] | None = None
+    """One scope's buckets, and what reads derived from them (rebuilt from the buckets whenever
+    a write lands where they summed: a late delta, an out-of-order event, an eviction)."""
+
+    __slots__ = ("minutes", "hours", "newest_minute", "newest_hour", "minutes_sorted", "hours_sorted",
+                 "pn", "pf", "pbase", "ptop", "hmemo_at", "hmemo", "memo_at", "memo_key", "memo",
+                 "typ_key", "typ", "watch", "block")
+
+    def __init__(self) -> None:
+        self.minutes: dict[int, list[int]] = {}  # minute -> [requests, fresh]
+        self.hours: dict[int, list[int]] = {}  # hour -> [requests, fresh]
+        # The newest bucket ever written (only the oldest is evicted, so the newest stays).
+        self.newest_minute = self.newest_hour = 0
+        # Bucket keys are kept ascending (checked on insert, re-sorted only after an out-of-order
+        # bucket), so the oldest bucket, the one evicted, is the first: no scan.
+        self.minutes_sorted = self.hours_sorted = True
+        # Running totals of the minute buckets: ``pn[i]`` / ``pf[i]`` = requests / fresh requests
+        # of every minute bucket before minute ``pbase + i`` (from an arbitrary origin), known up
+        # to minute ``ptop = pbase + len(pn) - 1`` (-1: none). A window of complete minutes is one
+        # subtraction, and reading the next minute appends one entry instead of re-summing ~130
+        # buckets. A write at minute b < ptop cuts the totals after b (a write before ``pbase``
+        # shifts every total by the same amount: differences stay exact).
+        self.pn: list[int] = []
+        self.pf: list[int] = []
+        self.pbase = 0
+        self.ptop = -1
+        # Sums of the hour buckets before the hour ``hmemo_at`` (:func:`_hour_sums`).
+        self.hmemo_at = -1
+        self.hmemo = (0, 0, 0, 0)
+        # What a surge reads from before the minute ``memo_at`` with (start minute, min
+        # baseline) ``memo_key`` (:func:`_surge_past`).
+        self.memo_at = -1
+        self.memo_key: tuple[int, float] = (0, 0.0)
+        self.memo: tuple[int, int, int, float] = (0, 0, 0, 0.0)
+        # A spend scope's typical hour (core/spend.py) at (hour, start minute) ``typ_key``.
+        self.typ_key: tuple[int, int] | None = None
+        self.typ = 0
+        # A write at a minute below ``watch`` may change something derived above (at least the
+        # largest minute any of them summed up to): one comparison per write in the usual case.
+        self.watch = -1
+        # A block scope's (its level's touched blocks, ``view.blocks[(region, "B5")]``, prefix).
+        self.block: tuple[dict[str, int], str] | None = None
+
+    def forget_derived(self) -> None:
+        """Drop every running total and memo (they are rebuilt from the buckets on the next
+        read): what a read returns must not change (tests compare)."""
+        self.pn, self.pf, self.ptop, self.hmemo_at, self.memo_at, self.typ_key = [], [], -1, -1, -1, None
+        self.watch = -1
+
+    def changed(self, b: int, *, evicted: bool = False) -> None:
+        """The minute bucket ``b`` changed (a write below ``watch``, or ``evicted``: the oldest
+        bucket went): drop what summed it. The running totals after ``b`` all moved by the same
+        amount, so the totals on one side of ``b`` stay exact: the later side when no read
+        at ``ptop`` reaches back to ``b``, else the earlier one."""
+        if self.pbase <= b < self.ptop:
+            if b < self.ptop - PAST_MINUTES:
+                cut = b - self.pbase + 1
+                del self.pn[:cut]
+                del self.pf[:cut]
+                self.pbase = b + 1
+            else:
+                keep = b - self.pbase + 1
+                del self.pn[keep:]
+                del self.pf[keep:]
+                self.ptop = b
+        if evicted:  # the hour buckets did not change; the surge memo read PAST_MINUTES minutes
+            if self.memo_at - PAST_MINUTES <= b < self.memo_at:
+                self.memo_at = -1
+            return
+        if b < self.memo_at:  # the memo read minutes and (the baseline's day) hours before it
+            self.memo_at = -1
+        h = b // 60
+        if self.hmemo_at - 24 <= h < self.hmemo_at:
+            self.hmemo_at = -1
+        if self.typ_key is not None and self.typ_key[0] - 24 <= h < self.typ_key[0]:
+            self.typ_key = None
+        self.watch = max(self.ptop, self.memo_at, 60 * self.hmemo_at,
+                         60 * self.typ_key[0] if self.typ_key is not None else -1)
+
+    def hour_evicted(self, g: int) -> None:
+        """The hour bucket ``g`` went (the oldest): drop what summed it (the sums read the 24
+        hours before their hour)."""
+        if self.hmemo_at - 24 <= g < self.hmemo_at:
+            self.hmemo_at = -1
+        self.memo_at = -1  # (its baseline may read the day's hours; a new hour's minute anyway)
+        if self.typ_key is not None and self.typ_key[0] - 24 <= g < self.typ_key[0]:
+            self.typ_key = None
 
 
-def _bump(buckets: dict[int, list[int]], b: int, n: int, fresh: int, keep: int) -> int | None:
-    """Add to bucket ``b``; returns the old bucket that had to go, if one did (bounded by count,
-    never aged against one event's time)."""
-    cell = buckets.get(b)
-    if cell is not None:
-        cell[0] += n
-        cell[1] += fresh
-        return None
-    buckets[b] = [n, fresh]
-    if len(buckets) > keep:
-        gone = min(buckets)
-        del buckets[gone]
-        return gone
-    return None
+def _evict(buckets: dict[int, list[int]], in_order: bool) -> int:
+    """Remove and return the oldest bucket (``in_order``: the keys are ascending, so it is the
+    first; else the dict is re-sorted first, so it is in order again)."""
+    if not in_order:
+        ordered = sorted(buckets.items())
+        buckets.clear()
+        buckets.update(ordered)
+    gone = next(iter(buckets))
+    del buckets[gone]
+    return gone
+
+
+_HEADS: dict[tuple[str, tuple[int, ...]], tuple[str, tuple[tuple[int, str], ...]]] = {}
 
 
 def scopes(e164: str | None, region: str | None, policy: PopulationPolicy) -> tuple[str, ...]:
@@ -152,12 +226,20 @@ def scopes(e164: str | None, region: str | None, policy: PopulationPolicy) -> tu
     """
     if not e164 or not region:
         return (GLOBAL,)
-    out = [GLOBAL, f"C:{region}"]
+    heads = _HEADS.get((region, policy.block_digits))
+    if heads is None:  # the keys' fixed parts, once per region (a few hundred at most)
+        if len(_HEADS) > 4096:
+            _HEADS.clear()
+        heads = _HEADS[(region, policy.block_digits)] = (
+            f"C:{region}", tuple((k, f"B{k}:{region}:") for k in policy.block_digits))
+    country, blocks = heads
     digits = len(e164) - 1
-    if digits >= policy.min_national_digits:
-        for k in policy.block_digits:
-            if digits - k >= 3:
-                out.append(f"B{k}:{region}:{e164[:-k]}")
+    if digits < policy.min_national_digits:
+        return (GLOBAL, country)
+    out = [GLOBAL, country]
+    for k, head in blocks:
+        if digits - k >= 3:
+            out.append(head + e164[:-k])
     return tuple(out)
 
 
@@ -183,8 +265,11 @@ class PopulationView:
         (``$...``, core/spend.py) count ``n`` units of allowed spend, and the request as "fresh"."""
         minute = int(ts) // MINUTE
         f = 1 if fresh else 0
+        if self.start_minute is None or minute < self.start_minute:
+            self.start_minute = minute
+        add = self._add
         for key in keys:
-            self._add(key, minute, n, f)
+            add(key, minute, n, f)
             if not self.deltas:
                 continue
             cell = self.pending.get((key, minute))
@@ -204,7 +289,10 @@ class PopulationView:
     def merge(self, delta: Iterable[Sequence[Any]]) -> None:
         """Add another worker's delta (rows of :meth:`take_delta`)."""
         for key, minute, n, fresh in delta:
-            self._add(str(key), int(minute), int(n), int(fresh))
+            m = int(minute)
+            if self.start_minute is None or m < self.start_minute:
+                self.start_minute = m
+            self._add(str(key), m, int(n), int(fresh))
 
     def mark_start(self, ts: float) -> None:
         """Declare that counting started at ``ts`` (history before it is unknown, not zero)."""
@@ -213,33 +301,53 @@ class PopulationView:
             self.start_minute = minute
 
     def _add(self, key: str, minute: int, n: int, fresh: int) -> None:
-        if self.start_minute is None or minute < self.start_minute:
-            self.start_minute = minute
+        """Count in one scope (the caller moved ``start_minute``)."""
         sc = self.scopes.get(key)
         if sc is None:
             sc = self.scopes[key] = _Scope()
             if key[0] == "B":
                 level, region, prefix = key.split(":", 2)
-                sc.block = ((region, level), prefix)
+                seen = self.blocks.get((region, level))
+                if seen is None:
+                    seen = self.blocks[(region, level)] = {}
+                sc.block = (seen, prefix)
+        minutes = sc.minutes
+        cell = minutes.get(minute)
+        if cell is not None:
+            cell[0] += n
+            cell[1] += fresh
+        else:
+            if minute < sc.newest_minute:
+                sc.minutes_sorted = False
+            else:
+                sc.newest_minute = minute
+            minutes[minute] = [n, fresh]
+            if len(minutes) > MINUTES_KEPT:  # bounded by count, never aged against one event's time
+                gone = _evict(minutes, sc.minutes_sorted)
+                sc.minutes_sorted = True
+                if gone < sc.watch:
+                    sc.changed(gone, evicted=True)
         hour = minute // 60
-        gone_m = _bump(sc.minutes, minute, n, fresh, MINUTES_KEPT)
-        gone_h = _bump(sc.hours, hour, n, fresh, HOURS_KEPT)
-        if gone_m is not None or gone_h is not None or minute < sc.memo_at:  # a summed bucket changed
-            sc.memo_at = -1
-            sc.memo.clear()
-        roll = sc.roll
-        if roll is not None and (minute < roll[0] or (gone_m is not None and gone_m >= roll[0] - 60)
-                                 or (gone_h is not None and gone_h >= roll[2] - 24)):
-            sc.roll = None  # a bucket inside the rolled windows changed
-        if hour > sc.newest_hour:
-            sc.newest_hour = hour
-        if sc.block is not None:
-            level_key, prefix = sc.block
-            seen = self.blocks.get(level_key)
-            if seen is None:
-                seen = self.blocks[level_key] = {}
-            if seen.get(prefix, -1) < hour:
-                seen[prefix] = hour
+        hours = sc.hours
+        cell = hours.get(hour)
+        if cell is not None:
+            cell[0] += n
+            cell[1] += fresh
+        else:
+            if hour < sc.newest_hour:
+                sc.hours_sorted = False
+            else:
+                sc.newest_hour = hour
+            hours[hour] = [n, fresh]
+            if len(hours) > HOURS_KEPT:
+                gone = _evict(hours, sc.hours_sorted)
+                sc.hours_sorted = True
+                sc.hour_evicted(gone)
+        if minute < sc.watch:  # a bucket something derived has summed
+            sc.changed(minute)
+        block = sc.block
+        if block is not None and block[0].get(block[1], -1) < hour:
+            block[0][block[1]] = hour
 
     def prune(self, now: float) -> int:
         """Forget scopes and touched blocks older than a day at ``now``: a clock the caller
@@ -254,31 +362,79 @@ class PopulationView:
         return len(dead)
 
 
-def _sum(buckets: Mapping[int, list[int]], first: int, last: int) -> tuple[int, int]:
-    n = f = 0
-    if len(buckets) <= last - first + 1:
-        for b, cell in buckets.items():
-            if first <= b <= last:
-                n += cell[0]
-                f += cell[1]
-    else:
-        for b in range(first, last + 1):
-            found = buckets.get(b)
-            if found is not None:
-                n += found[0]
-                f += found[1]
-    return n, f
+def _totals(sc: _Scope, m: int) -> int:
+    """Bring the scope's running minute totals up to minute ``m`` (see :class:`_Scope`) and return
+    the index of ``m`` in them: ``sc.pn[i] - sc.pn[i - k]`` is the requests of the ``k`` minutes
+    before ``m``, for any k <= :data:`PAST_MINUTES`. Rebuilt from the buckets when the totals
+    do not reach back that far or are far behind (a gap, a read back in time)."""
+    base, top = sc.pbase, sc.ptop
+    if top < 0 or m - PAST_MINUTES < base or m - top > PAST_MINUTES:
+        base = m - PAST_MINUTES
+        dn = [0] * PAST_MINUTES
+        df = [0] * PAST_MINUTES
+        for b, cell in sc.minutes.items():
+            if base <= b < m:
+                dn[b - base] = cell[0]
+                df[b - base] = cell[1]
+        sc.pn = list(accumulate(dn, initial=0))
+        sc.pf = list(accumulate(df, initial=0))
+        sc.pbase, sc.ptop = base, m
+        if m > sc.watch:
+            sc.watch = m
+        return PAST_MINUTES
+    if top < m:
+        pn, pf, minutes = sc.pn, sc.pf, sc.minutes
+        gap = m - top
+        if 2 * gap > len(minutes):  # a scope read now and then: place its buckets, then add up
+            dn = [0] * gap
+            df = [0] * gap
+            for b, cell in minutes.items():
+                if top <= b < m:
+                    dn[b - top] = cell[0]
+                    df[b - top] = cell[1]
+            pn.extend(accumulate(dn, initial=pn[-1]))
+            pf.extend(accumulate(df, initial=pf[-1]))
+            del pn[-gap - 1]  # the initial value, already there
+            del pf[-gap - 1]
+        else:
+            n, f = pn[-1], pf[-1]
+            for x in range(top, m):
+                got = minutes.get(x)
+                if got is not None:
+                    n += got[0]
+                    f += got[1]
+                pn.append(n)
+                pf.append(f)
+        sc.ptop = m
+        if m > sc.watch:
+            sc.watch = m
+        if len(pn) > 2 * PAST_MINUTES:  # keep the lists short (memory): drop totals no read
+            cut = len(pn) - PAST_MINUTES - 11  # reaches (a read up to 10 minutes back still does)
+            del pn[:cut]
+            del pf[:cut]
+            sc.pbase = base = base + cut
+    return m - base
 
 
-def _past_minutes(sc: _Scope, m: int) -> list[int]:
-    """Requests per minute over the :data:`PAST_MINUTES` minutes before ``m`` (index 0 is
-    ``m - PAST_MINUTES``), in one pass over the scope's (at most :data:`MINUTES_KEPT`) buckets."""
-    first = m - PAST_MINUTES
-    out = [0] * PAST_MINUTES
-    for b, cell in sc.minutes.items():
-        if first <= b < m:
-            out[b - first] = cell[0]
-    return out
+def _hour_sums(sc: _Scope, h: int) -> tuple[int, int, int, int]:
+    """(requests, fresh) of the hours h-23 .. h-1, requests of h-24 .. h-1 and of h-24 alone,
+    memoized for the hour ``h``: no request of a later minute of the hour changes them."""
+    if sc.hmemo_at != h:
+        n23 = f23 = n24 = yest = 0
+        lo = h - 24
+        for b, cell in sc.hours.items():
+            if lo <= b < h:
+                n24 += cell[0]
+                if b == lo:
+                    yest = cell[0]
+                else:
+                    n23 += cell[0]
+                    f23 += cell[1]
+        sc.hmemo = (n23, f23, n24, yest)
+        sc.hmemo_at = h
+        if 60 * h > sc.watch:
+            sc.watch = 60 * h
+    return sc.hmemo
 
 
 def _campaign_factor(campaigns: Sequence[Campaign], region: str, ts: float) -> float:
@@ -295,37 +451,36 @@ def baseline_10m(sc: _Scope, ts: float, start_minute: int, min_baseline: float) 
     hour of surge in that history does not become the baseline), the day's mean and the same
     hour yesterday once a day of history exists, never below ``min_baseline``."""
     m = int(ts) // MINUTE
-    return _baseline(sc, _past_minutes(sc, m), m, start_minute, min_baseline)
+    return _baseline(sc, _totals(sc, m), m, start_minute, min_baseline)
 
 
-def _baseline(sc: _Scope, past: list[int], m: int, start_minute: int, min_baseline: float) -> float:
-    """:func:`baseline_10m` from the minutes before ``m`` (:func:`_past_minutes`)."""
+def _baseline(sc: _Scope, i: int, m: int, start_minute: int, min_baseline: float) -> float:
+    """:func:`baseline_10m` from the running totals (``i``: the index of ``m``, :func:`_totals`)."""
+    pn = sc.pn
     blocks = []
     for k in range(1, BASELINE_BLOCKS + 1):
-        first = m - 10 * k - 9
-        if first < start_minute:
+        if m - 10 * k - 9 < start_minute:
             break  # before the deployment started: unknown, not zero
-        j = PAST_MINUTES - 10 * k - 9
-        blocks.append(sum(past[j:j + 10]))
+        blocks.append(pn[i - 10 * k + 1] - pn[i - 10 * k - 9])  # minutes m-10k-9 .. m-10k
     base = min_baseline
     if blocks:  # the (lower) median: up to an hour of surge among 12 blocks is not the baseline
         blocks.sort()
         base = max(base, float(blocks[(len(blocks) - 1) // 2]))
     if m - start_minute >= 24 * 60:  # a day of history: its mean, and the same hour yesterday
-        h = m // 60
-        day, _ = _sum(sc.hours, h - 24, h - 1)
-        yesterday, _ = _sum(sc.hours, h - 24, h - 24)
+        _, _, day, yesterday = _hour_sums(sc, m // 60)
         base = max(base, day / 144.0, yesterday / 6.0)
     return base
 
 
-def _surge(sc: _Scope | None, ts: float, start_minute: int, min_baseline: float, factor: float,
+def _surge(sc: _Scope | None, m: int, start_minute: int, min_baseline: float, factor: float,
            policy: PopulationPolicy) -> tuple[int, float, bool]:
-    """(count over the last 10 min, that / baseline, surging) of one scope at ``ts``."""
+    """(count over the last 10 min, that / baseline, surging) of one scope at the minute ``m``."""
     if sc is None:
         return 0, 0.0, False
-    m = int(ts) // MINUTE
-    c10p, c2p, earlier, base = _surge_past(sc, m, start_minute, min_baseline)
+    if sc.memo_at == m and sc.memo_key == (start_minute, min_baseline):
+        c10p, c2p, earlier, base = sc.memo
+    else:
+        c10p, c2p, earlier, base = _surge_past(sc, m, start_minute, min_baseline)
     cell = sc.minutes.get(m)
     live = cell[0] if cell is not None else 0
     c10 = c10p + live
@@ -348,50 +503,49 @@ def _surge_past(sc: _Scope, m: int, start_minute: int, min_baseline: float
     """What :func:`_surge` reads from before the minute ``m``, memoized for that minute: the
     last 10 and last 2 minutes without the current one, the 20 minutes before the last 10, and
     the baseline (before the campaign factor)."""
-    if sc.memo_at != m:
-        sc.memo_at = m
-        sc.memo.clear()
-    key = ("s", start_minute, min_baseline)
-    hit = sc.memo.get(key)
-    if hit is None:
-        past = _past_minutes(sc, m)
-        hit = sc.memo[key] = (
-            sum(past[-9:]),  # m-9 .. m-1
-            past[-1],  # m-1
-            sum(past[-29:-9]),  # m-29 .. m-10
-            _baseline(sc, past, m, start_minute, min_baseline),
-        )
-    return hit  # type: ignore[return-value]
+    if sc.memo_at == m and sc.memo_key == (start_minute, min_baseline):
+        return sc.memo
+    i = _totals(sc, m)
+    pn = sc.pn
+    sc.memo = (
+        pn[i] - pn[i - 9],  # m-9 .. m-1
+        pn[i] - pn[i - 1],  # m-1
+        pn[i - 9] - pn[i - 29],  # m-29 .. m-10
+        _baseline(sc, i, m, start_minute, min_baseline),
+    )
+    sc.memo_at, sc.memo_key = m, (start_minute, min_baseline)
+    if m > sc.watch:
+        sc.watch = m
+    return sc.memo
 
 
 def _day_hour(sc: _Scope, m: int, h: int) -> tuple[int, int, int, int]:
     """(requests, fresh) over the 24 h and (requests, fresh) over the 60 minutes ending with the
-    request's hour ``h`` and minute ``m``: the memoized part before them plus the live buckets
-    (a scope with few buckets, like most number blocks, is summed directly)."""
+    request's hour ``h`` and minute ``m``: the running totals and the hour memo plus the live
+    buckets (a scope with few buckets, like most number blocks, is summed directly)."""
     hours, minutes = sc.hours, sc.minutes
     if len(hours) + len(minutes) <= 16:
         n24 = f24 = n1h = f1h = 0
+        lo = h - 23
         for b, bucket in hours.items():
-            if h - 23 <= b <= h:
+            if lo <= b <= h:
                 n24 += bucket[0]
                 f24 += bucket[1]
+        lo = m - 59
         for b, bucket in minutes.items():
-            if m - 59 <= b <= m:
+            if lo <= b <= m:
                 n1h += bucket[0]
                 f1h += bucket[1]
         return n24, f24, n1h, f1h
-    if sc.memo_at != m:
-        sc.memo_at = m
-        sc.memo.clear()
-    hit = sc.memo.get(("d",))
-    if hit is None:
-        hit = sc.memo[("d",)] = _sum(sc.hours, h - 23, h - 1) + _sum(sc.minutes, m - 59, m - 1)
-    n24, f24, n1h, f1h = hit
-    cell = sc.hours.get(h)
+    i = _totals(sc, m)
+    n1h = sc.pn[i] - sc.pn[i - 59]
+    f1h = sc.pf[i] - sc.pf[i - 59]
+    n24, f24, _, _ = _hour_sums(sc, h)
+    cell = hours.get(h)
     if cell is not None:
         n24 += cell[0]
         f24 += cell[1]
-    cell = sc.minutes.get(m)
+    cell = minutes.get(m)
     if cell is not None:
         n1h += cell[0]
         f1h += cell[1]
@@ -405,11 +559,11 @@ def surging_scopes(view: PopulationView, ts: float, policy: PopulationPolicy
     out: dict[tuple[str, str], tuple[float, bool]] = {}
     for key, sc in view.scopes.items():
         if key == GLOBAL:
-            _, f, on = _surge(sc, ts, start, policy.global_min_baseline_10m,
+            _, f, on = _surge(sc, int(ts) // MINUTE, start, policy.global_min_baseline_10m,
                               _campaign_factor(policy.campaigns, GLOBAL, ts), policy)
             out[("global", "-")] = (f, on)
         elif key.startswith("C:") and len(key) == 4 and key[2:].isalpha():
-            _, f, on = _surge(sc, ts, start, policy.country_min_baseline_10m,
+            _, f, on = _surge(sc, int(ts) // MINUTE, start, policy.country_min_baseline_10m,
                               _campaign_factor(policy.campaigns, key[2:], ts), policy)
             out[("country", key[2:])] = (f, on)
     return out
@@ -418,52 +572,48 @@ def surging_scopes(view: PopulationView, ts: float, policy: PopulationPolicy
 def read(view: PopulationView, keys: Sequence[str], ts: float, region: str | None,
          policy: PopulationPolicy) -> PopulationCounts:
     """The population signals for a request counted in ``keys`` at ``ts`` (see the module doc)."""
-    start = view.start_minute if view.start_minute is not None else int(ts) // MINUTE
+    m = int(ts) // MINUTE
+    start = view.start_minute if view.start_minute is not None else m
     campaigns = policy.campaigns
-    g10, gf, gs = _surge(view.scopes.get(GLOBAL), ts, start, policy.global_min_baseline_10m,
+    get = view.scopes.get
+    g10, gf, gs = _surge(get(GLOBAL), m, start, policy.global_min_baseline_10m,
                          _campaign_factor(campaigns, GLOBAL, ts) if campaigns else 1.0, policy)
     if region is None:
-        return PopulationCounts(global_10m=g10, global_surge_factor=gf, global_surging=gs)
-    country = view.scopes.get(f"C:{region}")
-    c10, cf, cs = _surge(country, ts, start, policy.country_min_baseline_10m,
+        return PopulationCounts(g10, gf, gs)
+    country = get(f"C:{region}")
+    c10, cf, cs = _surge(country, m, start, policy.country_min_baseline_10m,
                          _campaign_factor(campaigns, region, ts) if campaigns else 1.0, policy)
-    m, h = int(ts) // MINUTE, int(ts) // HOUR
+    h = int(ts) // HOUR
     c24, _, c1h, _ = _day_hour(country, m, h) if country is not None else (0, 0, 0, 0)
-    best = (0, 0.0, 0.0)
+    best_n, best_conc, best_share = 0, 0.0, 0.0
     concentrated = surging_prefix = False
     child24 = child1h = -1  # the request's sub-block at the next finer level (scopes() order)
+    floor24, floor1h, factor = policy.prefix_floor_24h, policy.prefix_floor_1h, policy.concentration_factor
+    child_share, fresh_share = policy.child_share, policy.fresh_share
     for key in keys:
         if key[0] != "B":
             continue
-        sc = view.scopes.get(key)
+        sc = get(key)
         if sc is None:
             continue
-        level_key = sc.block[0] if sc.block is not None else (region, key.split(":", 1)[0])
-        touched = max(len(view.blocks.get(level_key, ())), 1)
+        touched = max(len(sc.block[0]), 1) if sc.block is not None else 1
         n24, f24, n1h, f1h = _day_hour(sc, m, h)
         # A block is this request's business only if the request's own sub-block holds a fair
         # share of it: a pump in one 100,000-number block must not condemn its 900,000 neighbours.
-        mine24 = child24 < 0 or child24 >= max(2.0, policy.child_share * n24)
-        mine1h = child1h < 0 or child1h >= max(2.0, policy.child_share * n1h)
+        mine24 = child24 < 0 or child24 >= max(2.0, child_share * n24)
+        mine1h = child1h < 0 or child1h >= max(2.0, child_share * n1h)
         child24, child1h = n24, n1h
         conc = n24 / max(c24 / touched, 1.0)
         share = f24 / n24 if n24 else 0.0
-        if conc > best[1] and mine24:
-            best = (n24, conc, share)
-        if (mine24 and n24 >= policy.prefix_floor_24h and conc >= policy.concentration_factor
-                and share >= policy.fresh_share):
+        if conc > best_conc and mine24:
+            best_n, best_conc, best_share = n24, conc, share
+        if mine24 and n24 >= floor24 and conc >= factor and share >= fresh_share:
             concentrated = True
-        if (mine1h and n1h >= policy.prefix_floor_1h
-                and n1h / max(c1h / touched, 1.0) >= policy.concentration_factor
-                and f1h / n1h >= policy.fresh_share):
+        if (mine1h and n1h >= floor1h and n1h / max(c1h / touched, 1.0) >= factor
+                and f1h / n1h >= fresh_share):
             surging_prefix = True
-    return PopulationCounts(
-        global_10m=g10, global_surge_factor=gf, global_surging=gs,
-        country_10m=c10, country_surge_factor=cf, country_surging=cs,
-        prefix_24h=best[0], prefix_concentration=round(best[1], 3),
-        prefix_fresh_share=round(best[2], 3), prefix_concentrated=concentrated,
-        prefix_surging=surging_prefix,
-    )
+    return PopulationCounts(g10, gf, gs, c10, cf, cs, best_n, round(best_conc, 3),
+                            round(best_share, 3), concentrated, surging_prefix)
 
 
 def surge_threshold_note(policy: PopulationPolicy) -> str:

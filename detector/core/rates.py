@@ -67,6 +67,8 @@ class RateDeck:
         self.source = source
         self.version = version
         self._lengths = sorted({len(p) for p in rates}, reverse=True)
+        # The last lookup: a decision prices its number, then its spend breakers look it up again.
+        self._last: tuple[str | None, Rate | None] = (None, None)
 
     def __len__(self) -> int:
         return len(self.rates)
@@ -75,14 +77,19 @@ class RateDeck:
         """The rate of the longest prefix of ``e164`` in the deck (None: no line matches)."""
         if not e164:
             return None
+        last = self._last
+        if last[0] == e164:
+            return last[1]
         rates = self.rates
         n = len(e164)
+        found = None
         for k in self._lengths:
             if k <= n:
-                hit = rates.get(e164[:k])
-                if hit is not None:
-                    return hit
-        return None
+                found = rates.get(e164[:k])
+                if found is not None:
+                    break
+        self._last = (e164, found)
+        return found
 
     def describe(self) -> str:
         return (f"{len(self)} prefixes in {self.currency} from {self.source or 'memory'} "

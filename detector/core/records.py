@@ -12,6 +12,7 @@ from enum import StrEnum
 from operator import attrgetter
 from typing import Any
 
+from detector.core.frozen import fast_new
 from detector.core.population import PopulationCounts
 
 
@@ -23,6 +24,7 @@ class Action(StrEnum):
     BLOCK = "block"  # do not dial
 
 
+@fast_new
 @dataclass(frozen=True, slots=True)
 class CallbackRequest:
     """One click-to-call form submission, as validated by :func:`detector.core.parse.parse_request`."""
@@ -49,6 +51,7 @@ class CallbackRequest:
 _REQUEST_FIELDS = tuple(f.name for f in fields(CallbackRequest))
 
 
+@fast_new
 @dataclass(frozen=True, slots=True)
 class PhoneInfo:
     """What ``phonenumbers`` says of the typed number."""
@@ -65,6 +68,7 @@ class PhoneInfo:
     time_zone: str | None = None  # IANA name of the number's (first) time zone, when phonenumbers knows it
 
 
+@fast_new
 @dataclass(frozen=True, slots=True)
 class IpInfo:
     """What the IP databases and lists say of the requester's address."""
@@ -99,6 +103,7 @@ class IpInfo:
         return [n for n in names if getattr(self, n)]
 
 
+@fast_new
 @dataclass(frozen=True, slots=True)
 class Enrichment:
     phone: PhoneInfo
@@ -106,19 +111,21 @@ class Enrichment:
 
     def to_dict(self) -> dict[str, Any]:
         """The enrichment block of a decision (no raw IP: the decision carries its hash only)."""
+        phone, ip = self.phone, self.ip
         return {
-            "e164": self.phone.e164,
-            "number_valid": self.phone.valid,
-            "number_country": self.phone.region,
-            "number_type": self.phone.number_type,
-            "range_key": self.phone.range_key,
-            "ip_country": self.ip.country,
-            "ip_scope": self.ip.scope,
-            "asn": self.ip.asn,
-            "anonymity": self.ip.flags(),
+            "e164": phone.e164,
+            "number_valid": phone.valid,
+            "number_country": phone.region,
+            "number_type": phone.number_type,
+            "range_key": phone.range_key,
+            "ip_country": ip.country,
+            "ip_scope": ip.scope,
+            "asn": ip.asn,
+            "anonymity": ip.flags() if ip.anonymous else [],
         }
 
 
+@fast_new
 @dataclass(frozen=True, slots=True)
 class IpCounts:
     """Counts owned by the IP stage (partitioned by IP). Include the current request."""
@@ -133,6 +140,7 @@ class IpCounts:
     ip_shared: int = 0  # 1: a shared IP (carrier or office NAT), so per-IP limits are relaxed
 
 
+@fast_new
 @dataclass(frozen=True, slots=True)
 class RangeCounts:
     """Counts owned by the range stage (partitioned by number range). Include the current request."""
@@ -151,6 +159,7 @@ class RangeCounts:
     pending: bool = False  # a callback to this number is still outstanding
 
 
+@fast_new
 @dataclass(frozen=True, slots=True)
 class Counts:
     ip: IpCounts = field(default_factory=IpCounts)
@@ -160,7 +169,7 @@ class Counts:
     def to_dict(self) -> dict[str, Any]:
         """Every count by name: the IP's, then the range stage's, then the population's."""
         return dict(zip(_COUNT_NAMES, _ip_values(self.ip) + _rng_values(self.rng)
-                        + _pop_values(self.pop), strict=True))
+                        + _pop_values(self.pop), strict=False))  # equal lengths by construction
 
 
 _COUNT_NAMES: tuple[str, ...] = (
@@ -171,6 +180,7 @@ _rng_values = attrgetter(*RangeCounts.__slots__)  # type: ignore[attr-defined]
 _pop_values = attrgetter(*PopulationCounts.__slots__)  # type: ignore[attr-defined]
 
 
+@fast_new
 @dataclass(frozen=True, slots=True)
 class Hit:
     """One rule or model finding. ``weight`` in [0, 1]: higher = riskier."""
@@ -182,6 +192,7 @@ class Hit:
     monitored: bool = False  # from a rule in monitor mode: reported, never acted on
 
 
+@fast_new
 @dataclass(frozen=True, slots=True)
 class ModelResult:
     """Isolation-forest output. ``anomaly`` in [0, 1], higher = more unlike normal traffic."""
@@ -194,6 +205,7 @@ class ModelResult:
     shadow_anomaly: float | None = None
 
 
+@fast_new
 @dataclass(frozen=True, slots=True)
 class Decision:
     """The detector's verdict for one request (the ``callback-decisions`` message)."""
@@ -265,6 +277,7 @@ def decision_from_dict(d: dict[str, Any]) -> Decision:
 OUTCOMES = ("completed", "no_answer", "busy", "failed", "machine", "agent_marked_spam", "cancelled")
 
 
+@fast_new
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """What the dialer reports after acting on an allowed request (``callback-outcomes``)."""

@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 import phonenumbers
 
 from detector.core.errors import ConfigError, PolicyError, _shown
-from detector.core.population import MINUTE, Campaign, PopulationView, _Scope
+from detector.core.population import MINUTE, Campaign, PopulationView, _hour_sums, _Scope, _totals
 from detector.core.records import Action
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -209,31 +209,21 @@ def _typical(sc: _Scope, h: int, start: int) -> int:
     return values[(len(values) - 1) // 2]  # the lower median: half the hours may be a pump
 
 
-def _rolled(sc: _Scope, m: int, start: int) -> list[int]:
-    """``[m, spend of minutes m-59..m-1, h, spend of hours h-23..h-1, typical hour, start]`` of a spend
-    scope, rolled forward from the last read (a few look-ups a minute instead of 80): integer
-    sums, equal to summing the buckets (a write before ``m`` drops the roll, see ``_add``)."""
+def _windows(sc: _Scope, m: int, start: int) -> tuple[int, int, int]:
+    """(spend of the minutes m-59..m-1, spend of the hours h-23..h-1, typical hour) of a spend
+    scope at minute ``m``: the scope's running minute totals and hour sums (core/population.py:
+    a few look-ups a minute instead of 80; integer sums, equal to summing the buckets whatever
+    the order of writes), the typical hour memoized per (hour, start)."""
+    i = _totals(sc, m)
+    pn = sc.pn
     h = m // 60
-    roll = sc.roll
-    minutes, hours = sc.minutes, sc.hours
-    if roll is None or not 0 <= m - roll[0] < 60 or not 0 <= h - roll[2] < 24 or roll[5] != start:
-        hour = sum(c[0] for b, c in minutes.items() if m - 59 <= b < m)
-        day = sum(c[0] for b, c in hours.items() if h - 23 <= b < h)
-        roll = sc.roll = [m, hour, h, day, _typical(sc, h, start), start]
-        return roll
-    if roll[0] != m:
-        hour = roll[1]
-        for x in range(roll[0], m):  # the window moves one minute: x comes in, x - 59 goes out
-            cin, cout = minutes.get(x), minutes.get(x - 59)
-            hour += (cin[0] if cin is not None else 0) - (cout[0] if cout is not None else 0)
-        roll[0], roll[1] = m, hour
-    if roll[2] != h:
-        day = roll[3]
-        for x in range(roll[2], h):
-            cin, cout = hours.get(x), hours.get(x - 23)
-            day += (cin[0] if cin is not None else 0) - (cout[0] if cout is not None else 0)
-        roll[2], roll[3], roll[4] = h, day, _typical(sc, h, start)
-    return roll
+    day = _hour_sums(sc, h)[0]
+    if sc.typ_key != (h, start):
+        sc.typ = _typical(sc, h, start)
+        sc.typ_key = (h, start)
+        if 60 * h > sc.watch:
+            sc.watch = 60 * h
+    return pn[i] - pn[i - 59], day, sc.typ
 
 
 def typical_hour(view: PopulationView, key: str, ts: float) -> float:
@@ -243,7 +233,7 @@ def typical_hour(view: PopulationView, key: str, ts: float) -> float:
     if sc is None:
         return 0.0
     m = int(ts) // MINUTE
-    return float(_rolled(sc, m, view.start_minute if view.start_minute is not None else m)[4])
+    return float(_windows(sc, m, view.start_minute if view.start_minute is not None else m)[2])
 
 
 def window_spend(view: PopulationView, key: str, ts: float) -> tuple[int, int]:
@@ -252,10 +242,10 @@ def window_spend(view: PopulationView, key: str, ts: float) -> tuple[int, int]:
     if sc is None:
         return 0, 0
     m = int(ts) // MINUTE
-    roll = _rolled(sc, m, view.start_minute if view.start_minute is not None else m)
+    hour, day, _ = _windows(sc, m, view.start_minute if view.start_minute is not None else m)
     now_m, now_h = sc.minutes.get(m), sc.hours.get(m // 60)
-    return (roll[1] + (now_m[0] if now_m is not None else 0),
-            roll[3] + (now_h[0] if now_h is not None else 0))
+    return (hour + (now_m[0] if now_m is not None else 0),
+            day + (now_h[0] if now_h is not None else 0))
 
 
 def campaign_boost(campaigns: Sequence[Campaign], region: str | None, ts: float, window_s: float) -> float:
@@ -279,21 +269,25 @@ def campaign_boost(campaigns: Sequence[Campaign], region: str | None, ts: float,
     return best
 
 
-def breaker(view: PopulationView, key: str, ts: float, policy: SpendPolicy,
-            campaigns: Sequence[Campaign] = (), override: tuple[str, float] | None = None) -> BreakerState:
-    """The breaker of spend scope ``key`` at ``ts`` (see the module doc); ``override`` is the
-    SOC's (:meth:`ListIndex.budget_overrides`): ("closed" | "open" | "raise", factor)."""
+def _limits(view: PopulationView, key: str, ts: float, policy: SpendPolicy,
+            campaigns: Sequence[Campaign], override: tuple[str, float] | None
+            ) -> tuple[int, float, int, float, bool, str, Budget | None]:
+    """:func:`breaker` in units, before the record: (spend 1 h, limit 1 h, spend 24 h, limit
+    24 h, open, source, the configured budget)."""
     sc = view.scopes.get(key)
     if sc is None:
         spend_h = spend_d = 0
         typ = 0.0
-    else:  # window_spend and typical_hour, from one roll
+    else:  # window_spend and typical_hour in one go
         m = int(ts) // MINUTE
-        roll = _rolled(sc, m, view.start_minute if view.start_minute is not None else m)
+        start = view.start_minute if view.start_minute is not None else m
+        spend_h, spend_d, typ_units = _windows(sc, m, start)
         now_m, now_h = sc.minutes.get(m), sc.hours.get(m // 60)
-        spend_h = roll[1] + (now_m[0] if now_m is not None else 0)
-        spend_d = roll[3] + (now_h[0] if now_h is not None else 0)
-        typ = float(roll[4])
+        if now_m is not None:
+            spend_h += now_m[0]
+        if now_h is not None:
+            spend_d += now_h[0]
+        typ = float(typ_units)
     country = key.startswith(COUNTRY)
     configured = (policy.countries if country else policy.prefixes).get(key[3:])
     lim_h = lim_d = None
@@ -302,15 +296,16 @@ def breaker(view: PopulationView, key: str, ts: float, policy: SpendPolicy,
         lim_d = None if configured.per_day is None else configured.per_day * SPEND_UNIT
     source = "policy" if configured is not None else "default"
     if lim_h is None or lim_d is None:
-        region = scope_region(key)
         floor_h, floor_d = ((policy.country_floor_hour, policy.country_floor_day) if country
                             else (policy.prefix_floor_hour, policy.prefix_floor_day))
         if lim_h is None:
-            lim_h = max(floor_h * SPEND_UNIT, policy.hour_factor * typ) * campaign_boost(
-                campaigns, region, ts, 3600.0)
+            lim_h = max(floor_h * SPEND_UNIT, policy.hour_factor * typ)
+            if campaigns:  # (a boost of 1.0 changes nothing)
+                lim_h *= campaign_boost(campaigns, scope_region(key), ts, 3600.0)
         if lim_d is None:
-            lim_d = max(floor_d * SPEND_UNIT, policy.day_factor * 24.0 * typ) * campaign_boost(
-                campaigns, region, ts, 86400.0)
+            lim_d = max(floor_d * SPEND_UNIT, policy.day_factor * 24.0 * typ)
+            if campaigns:
+                lim_d *= campaign_boost(campaigns, scope_region(key), ts, 86400.0)
     is_open = spend_h >= lim_h or spend_d >= lim_d
     if override is not None:
         what, factor = override
@@ -320,9 +315,28 @@ def breaker(view: PopulationView, key: str, ts: float, policy: SpendPolicy,
             is_open = spend_h >= lim_h or spend_d >= lim_d
         else:
             is_open = what == "open"
+    return spend_h, lim_h, spend_d, lim_d, is_open, source, configured
+
+
+def _state(key: str, v: tuple[int, float, int, float, bool, str, Budget | None]) -> BreakerState:
+    spend_h, lim_h, spend_d, lim_d, is_open, source, configured = v
     return BreakerState(key, spend_h / SPEND_UNIT, lim_h / SPEND_UNIT, spend_d / SPEND_UNIT,
                         lim_d / SPEND_UNIT, is_open, source,
                         configured.action if configured is not None else None)
+
+
+def _ratio(v: tuple[int, float, int, float, bool, str, Budget | None]) -> float:
+    """:attr:`BreakerState.ratio` of :func:`_limits`' values (the same float operations)."""
+    limit_1h, limit_24h = v[1] / SPEND_UNIT, v[3] / SPEND_UNIT
+    return max(v[0] / SPEND_UNIT / limit_1h if limit_1h > 0 else 0.0,
+               v[2] / SPEND_UNIT / limit_24h if limit_24h > 0 else 0.0)
+
+
+def breaker(view: PopulationView, key: str, ts: float, policy: SpendPolicy,
+            campaigns: Sequence[Campaign] = (), override: tuple[str, float] | None = None) -> BreakerState:
+    """The breaker of spend scope ``key`` at ``ts`` (see the module doc); ``override`` is the
+    SOC's (:meth:`ListIndex.budget_overrides`): ("closed" | "open" | "raise", factor)."""
+    return _state(key, _limits(view, key, ts, policy, campaigns, override))
 
 
 def breakers(view: PopulationView, ts: float, policy: SpendPolicy, campaigns: Sequence[Campaign] = (),
@@ -373,28 +387,33 @@ def settle(d: Decision, req: CallbackRequest, enr: Enrichment, ctx: DecisionCont
     keys = spend_scopes(ph.e164, ph.region, rate.prefix if rate is not None else None, sp)
     forced = ctx.lists.budget_overrides(keys, now=req.ts)
     campaigns = pol.population.campaigns
-    states = [breaker(view, k, req.ts, sp, campaigns, forced.get(k)) for k in keys]
-    opened = [s for s in states if s.open]
+    # Each breaker's figures; a BreakerState (a record) only for the one the decision names.
+    limits = [_limits(view, k, req.ts, sp, campaigns, forced.get(k) if forced else None) for k in keys]
     changes: dict[str, Any] = {}
-    if opened:
+    if any(v[4] for v in limits):
+        opened = [i for i, v in enumerate(limits) if v[4]]
         rule = pol.rules[CODE]
         if rule.mode == "monitor":
             changes["monitored_reasons"] = (*d.monitored_reasons, CODE)
         else:
             action = rule.action
-            for s in opened:
-                if s.action is not None and SEVERITY[s.action] > SEVERITY[action]:
-                    action = s.action
+            for i in opened:
+                configured = limits[i][6]
+                if (configured is not None and configured.action is not None
+                        and SEVERITY[configured.action] > SEVERITY[action]):
+                    action = configured.action
             if action == Action.BLOCK and req.authenticated:
                 action = Action.DEFLECT  # a customer we know is offered chat, never ignored
             if action != Action.ALLOW:
                 changes.update(action=action, silent=rule.silent and action == Action.BLOCK,
                                reasons=(CODE, *d.reasons))
-        changes["budget"] = max(opened, key=lambda s: s.ratio).to_dict()
-    elif states:
-        tightest = max(states, key=lambda s: (s.ratio, s.source == "soc"))
-        if tightest.ratio >= REPORT_RATIO or forced:
-            changes["budget"] = tightest.to_dict()
+        top = max(opened, key=lambda i: _ratio(limits[i]))  # the first of the largest
+        changes["budget"] = _state(keys[top], limits[top]).to_dict()
+    elif limits:
+        ratios = [_ratio(v) for v in limits]
+        if forced or max(ratios) >= REPORT_RATIO:  # (the tightest's ratio is the largest)
+            top = max(range(len(limits)), key=lambda i: (ratios[i], limits[i][5] == "soc"))
+            changes["budget"] = _state(keys[top], limits[top]).to_dict()
     if "action" not in changes:
         view.observe(keys, req.ts, fresh=True, n=units)
     return dataclasses.replace(d, **changes) if changes else d

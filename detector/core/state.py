@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from detector.core import windows as w
 from detector.core.pii import hash_id, hash_int
 from detector.core.records import CallbackRequest, Enrichment, IpCounts, PhoneInfo, RangeCounts
-from detector.core.windows import Distinct, Window
+from detector.core.windows import Distinct, Window, count_add_read, count_first, distinct_add_read
 
 if TYPE_CHECKING:
     from detector.core.policy import SharedIpPolicy
@@ -124,21 +124,27 @@ def ip_stage(
     shared-IP section (None: never shared)."""
     ts = req.ts
     value = stores.ip.get(req.ip)
-    if value is None:
-        value = IpState()
     phone = enr.phone
-    _, c15, c1h, c24 = w.count_add_read(value.requests, ts)
-    _, n1h, n24 = w.distinct_add_read(
-        value.numbers, member(phone_key(phone, req.phone_number), key), ts)
-    if phone.region:
-        _, _, k24 = w.distinct_add_read(value.countries, w.code_int(phone.region), ts)
+    number = member(phone.e164 or phone_key(phone, req.phone_number), key)
+    if value is None:  # a new address: its first request, each set its one member (if any)
+        value = IpState(count_first(ts), {number: ts},
+                        {w.code_int(phone.region): ts} if phone.region else {},
+                        {member(phone.range_key, key): ts} if phone.range_key else {})
+        stores.ip[req.ip] = value
+        c15 = c1h = c24 = n1h = n24 = 1
+        k24, r24 = len(value.countries), len(value.ranges)
     else:
-        _, k24 = w.distinct_read(value.countries, ts)
-    if phone.range_key:
-        _, _, r24 = w.distinct_add_read(value.ranges, member(phone.range_key, key), ts)
-    else:
-        _, r24 = w.distinct_read(value.ranges, ts)
-    stores.ip[req.ip] = value
+        _, c15, c1h, c24 = count_add_read(value.requests, ts)
+        _, n1h, n24 = distinct_add_read(value.numbers, number, ts)
+        if phone.region:
+            _, _, k24 = distinct_add_read(value.countries, w.code_int(phone.region), ts)
+        else:
+            _, k24 = w.distinct_read(value.countries, ts)
+        if phone.range_key:
+            _, _, r24 = distinct_add_read(value.ranges, member(phone.range_key, key), ts)
+        else:
+            _, r24 = w.distinct_read(value.ranges, ts)
+        stores.ip[req.ip] = value
     is_shared = shared is not None and shared_ip(enr, c15, c1h, n24, k24, shared, r24)
     return IpCounts(c15, c1h, c24, n1h, n24, k24, 1 if c24 == 1 else 0, 1 if is_shared else 0)
 
@@ -181,6 +187,7 @@ class RangeUpdate:
     counts: RangeCounts
     number_key: str
     number_value: NumberState
+    pair_key: str = ""  # the key counted in ``pair`` (see :class:`ExpiryIndex`)
 
 
 def range_stage(
@@ -188,30 +195,37 @@ def range_stage(
 ) -> RangeUpdate:
     """Count ``req`` per number, pair and range; the number's value is written by :func:`range_commit`."""
     ts = req.ts
+    ip = req.ip
     nkey = number_key(enr, req.phone_number)
-    ip_member = member(req.ip, key)
+    ip_member = member(ip, key)
 
     num = stores.number.get(nkey)
-    if num is None:
-        num = NumberState()
-    _, n15, n1h, n24 = w.count_add_read(num.requests, ts)
-    _, ni1h, ni24 = w.distinct_add_read(num.ips, ip_member, ts)
-    pending = is_pending(num.pending, ts, req.request_id)
+    if num is None:  # a new number: its first request (no outstanding callback)
+        num = NumberState(count_first(ts), {ip_member: ts})
+        n15 = n1h = n24 = ni1h = ni24 = 1
+        pending = False
+    else:
+        _, n15, n1h, n24 = count_add_read(num.requests, ts)
+        _, ni1h, ni24 = distinct_add_read(num.ips, ip_member, ts)
+        pending = is_pending(num.pending, ts, req.request_id)
 
-    pkey = pair_key(req.ip, nkey)
-    pair, _, p1h, p24 = w.count_add_read(stores.pair.get(pkey), ts)
-    stores.pair[pkey] = pair
+    pkey = pair_key(ip, nkey)
+    pairs = stores.pair
+    pair, _, p1h, p24 = count_add_read(pairs.get(pkey), ts)
+    pairs[pkey] = pair
 
     rng = stores.range.get(range_key)
-    if rng is None:
-        rng = RangeState()
-    _, _, r1h, r24 = w.count_add_read(rng.requests, ts)
-    _, _, ri24 = w.distinct_add_read(rng.ips, ip_member, ts)
-    _, _, rn24 = w.distinct_add_read(rng.numbers, member(nkey, key), ts)
+    if rng is None:  # a new range: its first request
+        rng = RangeState(count_first(ts), {ip_member: ts}, {member(nkey, key): ts})
+        r1h = r24 = ri24 = rn24 = 1
+    else:
+        _, _, r1h, r24 = count_add_read(rng.requests, ts)
+        _, _, ri24 = distinct_add_read(rng.ips, ip_member, ts)
+        _, _, rn24 = distinct_add_read(rng.numbers, member(nkey, key), ts)
     stores.range[range_key] = rng
 
     counts = RangeCounts(n15, n1h, n24, p1h, p24, r1h, r24, ni1h, ni24, ri24, rn24, pending)
-    return RangeUpdate(counts, nkey, num)
+    return RangeUpdate(counts, nkey, num, pkey)
 
 
 def is_pending(mark: Pending | None, ts: float, request_id: str) -> bool:
@@ -318,6 +332,116 @@ def sweep(store: Store, now: float) -> int:
     for k in dead:
         del store[k]
     return len(dead)
+
+
+class ExpiryIndex:
+    """Which keys of one store a sweep has to look at, so that it need not scan them all.
+
+    Every key is *filed* under an hour bucket ``b`` with ``b * HOUR <= expires_at(value)``: a
+    lower bound of when it can die. A sweep at ``now`` looks only at the keys filed under buckets
+    with ``b * HOUR <= now`` (and the *marked* ones), deletes those with ``expires_at <= now``
+    and files the others again under their own expiry; a key filed under a later bucket cannot
+    be dead yet. So it deletes exactly the keys :func:`sweep` (a full scan) deletes, as long as
+    this holds for every key of the store (the invariant):
+
+    * a key whose requests window counted an event at ``ts`` is filed with :meth:`bucket`
+      ``(counted_bucket(ts))``: the window's newest hour is at least ``ts``'s, and a window's
+      expiry never moves back (counting only adds hours; trimming drops only old ones), so the
+      bound holds for as long as the key lives, whatever else is written to its value;
+    * any other write that can move a key's expiry back (a cleared outstanding callback, a
+      learned deny's time set back, a value written from outside) is :meth:`mark`-ed: looked at
+      by the next sweep;
+    * the first sweep looks at every key (the store may have been filled before).
+
+    Keys filed twice or deleted since are harmless (looked at again, or skipped). The buckets
+    hold about one entry per key and hour it was counted in, for a day."""
+
+    __slots__ = ("buckets", "marked", "primed")
+
+    def __init__(self) -> None:
+        # bucket -> its keys (a dict used as an ordered set: a sweep visits them in about the
+        # order they were created, several times faster than a set's order on a big table)
+        self.buckets: dict[int, dict[str, None]] = {}
+        self.marked: dict[str, None] = {}
+        self.primed = False
+
+    def bucket(self, b: int) -> dict[str, None]:
+        """The keys filed under bucket ``b`` (file a key with ``bucket(b)[key] = None``; fetch it
+        again after a sweep, which takes the due buckets away)."""
+        keys = self.buckets.get(b)
+        if keys is None:
+            keys = self.buckets[b] = {}
+        return keys
+
+    def mark(self, key: str) -> None:
+        """Look at ``key`` in the next sweep (its value was written otherwise than by counting)."""
+        self.marked[key] = None
+
+    def sweep(self, store: Store, now: float) -> int:
+        """:func:`sweep` of ``store`` at ``now``, looking only at the keys that can be dead."""
+        if not self.primed:
+            self.marked.update(dict.fromkeys(store))
+            self.primed = True
+        keys = self.marked
+        self.marked = {}
+        for b in sorted(b for b in self.buckets if b * w.HOUR <= now):
+            keys.update(self.buckets.pop(b))
+        cut = int(now) // w.HOUR - w.HOUR_BUCKETS_KEPT  # as in sweep(): a count newer is live
+        kept = w.HOUR_BUCKETS_KEPT
+        dead = []
+        get, bucket = store.get, self.bucket
+        for k in keys:
+            v = get(k)
+            if v is None:
+                continue  # deleted since it was filed
+            t = type(v)
+            if t is Window:  # a pair: its count is all it holds
+                hours = v.hours
+                if hours and hours[-1] > cut:
+                    bucket(hours[-1] + kept)[k] = None
+                else:
+                    dead.append(k)  # expires_at(v) = count_expires_at(v) <= now
+                continue
+            hours = v.requests.hours if t is IpState or t is NumberState or t is RangeState else None
+            if hours and hours[-1] > cut:
+                b = hours[-1] + kept  # its count's expiry: a lower bound of its own
+            elif hours is not None and _rest_expired(v, t, now):
+                dead.append(k)  # its count and the rest expired: expires_at(v) <= now
+                continue
+            else:
+                e = expires_at(v)
+                if e <= now:
+                    dead.append(k)
+                    continue
+                b = int(e // w.HOUR)
+            bucket(b)[k] = None
+        for k in dead:
+            del store[k]
+        return len(dead)
+
+
+def _rest_expired(v: IpState | NumberState | RangeState, t: type, now: float) -> bool:
+    """Whether the parts of ``v`` (of type ``t``) other than its requests window are expired at
+    ``now``: :func:`expires_at` of them ``<= now``, the same sums and comparisons in one call (a
+    sweep asks this of every key whose count expired, most of the keys it deletes)."""
+    day = w.DAY
+    if t is IpState:
+        n, c, r = v.numbers, v.countries, v.ranges  # type: ignore[union-attr]
+        return ((not n or max(n.values()) + day <= now) and (not c or max(c.values()) + day <= now)
+                and (not r or max(r.values()) + day <= now))
+    if t is RangeState:
+        i, n = v.ips, v.numbers  # type: ignore[union-attr]
+        return (not i or max(i.values()) + day <= now) and (not n or max(n.values()) + day <= now)
+    i, p, ma, learned = v.ips, v.pending, v.machine_answers, v.learned_deny_at  # type: ignore[union-attr]
+    return ((not i or max(i.values()) + day <= now) and (p is None or p.until <= now)
+            and (ma is None or w.count_expires_at(ma) <= now)
+            and (learned is None or learned + LEARNED_MARK_KEEP_S <= now))
+
+
+def counted_bucket(ts: float) -> int:
+    """The :class:`ExpiryIndex` bucket of a key whose requests window counted an event at ``ts``
+    (the hour its count expires: ``w.count_expires_at`` of a window whose newest hour is ``ts``'s)."""
+    return int(ts) // w.HOUR + w.HOUR_BUCKETS_KEPT
 
 
 # --------------------------------------------------------------------------- binary form

@@ -35,8 +35,12 @@ True
 from __future__ import annotations
 
 import struct
+import sys
 from array import array
+from bisect import bisect_left, bisect_right
+from collections.abc import Iterable
 from functools import lru_cache
+from typing import cast
 
 MINUTE, HOUR = 60, 3600
 MINUTE_BUCKETS_KEPT = 60
@@ -47,33 +51,84 @@ DISTINCT_CAP = 5_000
 Distinct = dict[int, float]  # member -> last seen (event time, epoch seconds)
 
 
+_new_ids = array("i").__copy__  # an empty array of bucket ids (int32, as in the binary form)
+_new_counts = array("I").__copy__  # an empty array of counts (uint32)
+
+
 class Window:
     """Events counted per minute bucket and per hour bucket (bucket = epoch seconds // 60 or
-    // 3600), oldest first, as parallel lists of bucket ids and counts."""
+    // 3600), oldest first, as parallel arrays of bucket ids and counts.
+
+    Arrays rather than lists: a window is four numbers per bucket that live for a day, and the
+    garbage collector never looks into an array (it traversed each of a list-based window's four
+    lists in every collection: the replay's largest collection cost), an array holds 4 bytes per
+    number instead of a pointer to an int object, and the arrays are the binary form's bytes.
+
+    A window of one event (:func:`count_first`: a new key; about 95% of all windows, since most
+    keys are counted once) holds four one-item *tuples* instead: four arrays cost several times
+    more to create. Reads are the same on both; a write turns them into arrays first
+    (:func:`_mutable`), and the binary form is the same bytes."""
 
     __slots__ = ("minutes", "minute_counts", "hours", "hour_counts")
 
-    def __init__(self, minutes: list[int] | None = None, minute_counts: list[int] | None = None,
-                 hours: list[int] | None = None, hour_counts: list[int] | None = None) -> None:
-        self.minutes = minutes if minutes is not None else []
-        self.minute_counts = minute_counts if minute_counts is not None else []
-        self.hours = hours if hours is not None else []
-        self.hour_counts = hour_counts if hour_counts is not None else []
+    minutes: Ids
+    minute_counts: Ids
+    hours: Ids
+    hour_counts: Ids
+
+    def __init__(self, minutes: Iterable[int] | None = None,
+                 minute_counts: Iterable[int] | None = None,
+                 hours: Iterable[int] | None = None, hour_counts: Iterable[int] | None = None) -> None:
+        self.minutes = _new_ids() if minutes is None else array("i", minutes)
+        self.minute_counts = _new_counts() if minute_counts is None else array("I", minute_counts)
+        self.hours = _new_ids() if hours is None else array("i", hours)
+        self.hour_counts = _new_counts() if hour_counts is None else array("I", hour_counts)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Window) and (
-            self.minutes, self.minute_counts, self.hours, self.hour_counts
-        ) == (other.minutes, other.minute_counts, other.hours, other.hour_counts)
+        return isinstance(other, Window) and all(
+            tuple(a) == tuple(b) for a, b in zip(
+                (self.minutes, self.minute_counts, self.hours, self.hour_counts),
+                (other.minutes, other.minute_counts, other.hours, other.hour_counts), strict=True))
 
     def __repr__(self) -> str:
         return (f"Window(minutes={list(zip(self.minutes, self.minute_counts, strict=True))}, "
                 f"hours={list(zip(self.hours, self.hour_counts, strict=True))})")
 
     def copy(self) -> Window:
-        return Window(self.minutes[:], self.minute_counts[:], self.hours[:], self.hour_counts[:])
+        return Window(self.minutes, self.minute_counts, self.hours, self.hour_counts)
 
 
-def _bump(ids: list[int], counts: list[int], b: int, keep: int) -> None:
+# bucket ids (ascending) or their counts: array("i") / array("I"), or a one-event window's tuples
+Ids = array | tuple[int, ...]
+_ONE = (1,)  # the counts of a one-event window (shared: tuples are never written to)
+_new_window = Window.__new__
+
+
+def count_first(ts: float) -> Window:
+    """A new window holding one event at ``ts`` (``count_add(None, ts)``, in its tuple form)."""
+    t = int(ts)
+    value = _new_window(Window)
+    value.minutes = (t // MINUTE,)
+    value.minute_counts = _ONE
+    value.hours = (t // HOUR,)
+    value.hour_counts = _ONE
+    return value
+
+
+def _mutable(value: Window) -> tuple[array, array, array, array]:
+    """``value``'s four sequences as arrays (a one-event window's tuples turned into arrays)."""
+    ids, counts, hids, hcounts = value.minutes, value.minute_counts, value.hours, value.hour_counts
+    if type(counts) is tuple:
+        ids = value.minutes = array("i", ids)
+        counts = value.minute_counts = array("I", counts)
+        hids = value.hours = array("i", hids)
+        hcounts = value.hour_counts = array("I", hcounts)
+    return ids, counts, hids, hcounts  # type: ignore[return-value]
+
+
+
+
+def _bump(ids: array, counts: array, b: int, keep: int) -> None:
     if ids and ids[-1] == b:
         counts[-1] += 1
     elif not ids or ids[-1] < b:
@@ -92,10 +147,8 @@ def _bump(ids: list[int], counts: list[int], b: int, keep: int) -> None:
             ids.insert(0, b)
             counts.insert(0, 1)
     oldest_kept = ids[-1] - keep
-    cut = 0
-    while cut < len(ids) and ids[cut] <= oldest_kept:
-        cut += 1
-    if cut:
+    if ids[0] <= oldest_kept:
+        cut = bisect_right(ids, oldest_kept)  # ids ascending: the buckets <= oldest_kept
         del ids[:cut]
         del counts[:cut]
 
@@ -103,14 +156,15 @@ def _bump(ids: list[int], counts: list[int], b: int, keep: int) -> None:
 def count_add(value: Window | None, ts: float) -> Window:
     """Count one event at ``ts`` (epoch seconds). Returns the (possibly new) value to store."""
     if value is None:
-        value = Window()
+        return count_first(ts)
     t = int(ts)
-    _bump(value.minutes, value.minute_counts, t // MINUTE, MINUTE_BUCKETS_KEPT)
-    _bump(value.hours, value.hour_counts, t // HOUR, HOUR_BUCKETS_KEPT)
+    ids, counts, hids, hcounts = _mutable(value)
+    _bump(ids, counts, t // MINUTE, MINUTE_BUCKETS_KEPT)
+    _bump(hids, hcounts, t // HOUR, HOUR_BUCKETS_KEPT)
     return value
 
 
-def _sum_since(ids: list[int], counts: list[int], first: int, last: int) -> int:
+def _sum_since(ids: Ids, counts: Ids, first: int, last: int) -> int:
     total = 0
     for i in range(len(ids) - 1, -1, -1):
         b = ids[i]
@@ -121,50 +175,63 @@ def _sum_since(ids: list[int], counts: list[int], first: int, last: int) -> int:
     return total
 
 
+def _minutes_read(ids: Ids, counts: Ids, m: int) -> tuple[int, int]:
+    """(15 min, 1 h) counts at minute ``m``: one backward pass over the ascending buckets."""
+    c15 = c60 = 0
+    f15, f60 = m - 14, m - 59
+    for i in range(len(ids) - 1, -1, -1):
+        b = ids[i]
+        if b < f60:
+            break
+        if b <= m:
+            n = counts[i]
+            c60 += n
+            if b >= f15:
+                c15 += n
+    return c15, c60
+
+
 def count_read(value: Window | None, ts: float) -> tuple[int, int, int]:
     """(15 min, 1 h, 24 h) counts at ``ts``."""
     if value is None or not value.hours:
         return 0, 0, 0
     t = int(ts)
     m, h = t // MINUTE, t // HOUR
-    # one backward pass over the (ascending) minute buckets for both 15 min and 1 h
-    c15 = c60 = 0
-    f15, f60 = m - 14, m - 59
-    ids, counts = value.minutes, value.minute_counts
-    for i in range(len(ids) - 1, -1, -1):
-        b = ids[i]
-        if b < f60:
-            break
-        if b <= m:
-            n = counts[i]
-            c60 += n
-            if b >= f15:
-                c15 += n
+    c15, c60 = _minutes_read(value.minutes, value.minute_counts, m)
     return c15, c60, _sum_since(value.hours, value.hour_counts, h - 23, h)
 
 
 def count_add_read(value: Window | None, ts: float) -> tuple[Window, int, int, int]:
     """:func:`count_add` then :func:`count_read` at the same ``ts``, in one call: (the value to
-    store, 15 min, 1 h, 24 h)."""
-    if value is None:
-        value = Window()
+    store, 15 min, 1 h, 24 h).
+
+    When the event's buckets are the newest (events in order, the common case), every kept bucket
+    is inside the window that ends there (older ones were dropped on the way), so the 1 h and
+    24 h counts are the sums of all the counts, and the 15 min count that of a tail."""
+    if value is None:  # a new key: its first event
+        return count_first(ts), 1, 1, 1
     t = int(ts)
     m, h = t // MINUTE, t // HOUR
-    ids, counts = value.minutes, value.minute_counts
-    _bump(ids, counts, m, MINUTE_BUCKETS_KEPT)
-    _bump(value.hours, value.hour_counts, h, HOUR_BUCKETS_KEPT)
-    c15 = c60 = 0
-    f15, f60 = m - 14, m - 59
-    for i in range(len(ids) - 1, -1, -1):
-        b = ids[i]
-        if b < f60:
-            break
-        if b <= m:
-            n = counts[i]
-            c60 += n
-            if b >= f15:
-                c15 += n
-    return value, c15, c60, _sum_since(value.hours, value.hour_counts, h - 23, h)
+    if not (value.hours or value.minutes):  # an empty window: its first event
+        value.minutes, value.minute_counts, value.hours, value.hour_counts = (m,), _ONE, (h,), _ONE
+        return value, 1, 1, 1
+    ids, counts, hids, hcounts = _mutable(value)
+    if ids and ids[-1] == m and ids[0] > m - MINUTE_BUCKETS_KEPT:
+        counts[-1] += 1  # the last event's minute: _bump with nothing to insert or drop
+    else:
+        _bump(ids, counts, m, MINUTE_BUCKETS_KEPT)
+    if hids and hids[-1] == h and hids[0] > h - HOUR_BUCKETS_KEPT:
+        hcounts[-1] += 1
+    else:
+        _bump(hids, hcounts, h, HOUR_BUCKETS_KEPT)
+    if ids[-1] == m and ids[0] > m - 60:
+        c60 = sum(counts)
+        c15 = c60 if ids[0] > m - 15 else sum(counts[bisect_left(ids, m - 14):])
+    else:
+        c15, c60 = _minutes_read(ids, counts, m)
+    if hids[-1] == h and hids[0] > h - 24:
+        return value, c15, c60, sum(hcounts)
+    return value, c15, c60, _sum_since(hids, hcounts, h - 23, h)
 
 
 def count_expires_at(value: Window | None) -> float:
@@ -195,9 +262,9 @@ def distinct_add(
         value[member] = ts
     if len(value) > 64 or len(value) > cap:
         cutoff = ts - horizon
-        stale = [k for k, seen in value.items() if seen <= cutoff]
-        for k in stale:
-            del value[k]
+        if min(value.values()) <= cutoff:  # (a C-level pass; members rarely go stale)
+            for k in [k for k, seen in value.items() if seen <= cutoff]:
+                del value[k]
         if len(value) > cap:
             for k, _ in sorted(value.items(), key=lambda kv: kv[1])[: len(value) - cap]:
                 del value[k]
@@ -222,8 +289,20 @@ def distinct_read(
 
 def distinct_add_read(value: Distinct | None, member: int, ts: float) -> tuple[Distinct, int, int]:
     """:func:`distinct_add` (default horizon and cap) then :func:`distinct_read` (1 h, 24 h) at
-    the same ``ts``, in one call: (the value to store, distinct over 1 h, over 24 h)."""
-    value = distinct_add(value, member, ts)
+    the same ``ts``, in one call: (the value to store, distinct over 1 h, over 24 h).
+
+    Most sets hold one member (a number asked for from one address): that case is answered
+    without a pass."""
+    if value is None:
+        value = {}
+    prev = value.get(member)
+    if prev is None or prev < ts:
+        value[member] = ts
+    n = len(value)
+    if n == 1:  # only ``member``, seen at ``ts`` (counted) or after it (not yet)
+        return (value, 1, 1) if prev is None or prev <= ts else (value, 0, 0)
+    if n > 64:
+        value = distinct_add(value, member, ts)  # drops stale members, keeps the cap
     s = lo = 0
     t_short, t_long = ts - HOUR, ts - DAY
     for seen in value.values():
@@ -243,6 +322,7 @@ def distinct_expired(value: Distinct | None, now: float, horizon: float = DAY) -
     return distinct_expires_at(value, horizon) <= now
 
 
+@lru_cache(maxsize=1024)  # region codes: a few hundred
 def code_int(code: str) -> int:
     """A short ASCII code (a region such as ``GB`` or ``001``) as a distinct-set member.
 
@@ -264,6 +344,12 @@ def _window_struct(nm: int, nh: int) -> struct.Struct:
 
 _U8X2 = struct.Struct("<BB")
 _U16 = struct.Struct("<H")
+_ONE_EVENT = _window_struct(1, 1)
+
+
+# the arrays' memory is the binary form's bytes (little-endian int32 / uint32)
+_ARRAYS_ARE_THE_FORM = (sys.byteorder == "little" and array("i").itemsize == 4
+                        and array("I").itemsize == 4)
 
 
 def pack_window(w: Window | None, out: bytearray) -> None:
@@ -272,17 +358,43 @@ def pack_window(w: Window | None, out: bytearray) -> None:
         out += b"\0\0"
         return
     nm, nh = len(w.minutes), len(w.hours)
+    if type(w.minutes) is tuple:  # one event (count_first)
+        out += _ONE_EVENT.pack(1, 1, w.minutes[0], w.minute_counts[0], w.hours[0], w.hour_counts[0])
+        return
+    if _ARRAYS_ARE_THE_FORM:  # (not a tuple: arrays)
+        out += _U8X2.pack(nm, nh)
+        out += cast(array, w.minutes)
+        out += cast(array, w.minute_counts)
+        out += cast(array, w.hours)
+        out += cast(array, w.hour_counts)
+        return
     out += _window_struct(nm, nh).pack(nm, nh, *w.minutes, *w.minute_counts, *w.hours,
                                         *w.hour_counts)
+
+
+def _array(typecode: str, buf: bytes | memoryview, start: int, n: int) -> array:
+    a = array(typecode)
+    a.frombytes(buf[start:start + 4 * n])
+    return a
 
 
 def unpack_window(buf: bytes | memoryview, pos: int) -> tuple[Window, int]:
     """The window packed at ``pos`` and the position after it."""
     nm, nh = _U8X2.unpack_from(buf, pos)
-    st = _window_struct(nm, nh)
-    v = st.unpack_from(buf, pos)
+    end = pos + 2 + 8 * (nm + nh)
+    w = Window.__new__(Window)
+    if _ARRAYS_ARE_THE_FORM:
+        p = pos + 2
+        w.minutes = _array("i", buf, p, nm)
+        w.minute_counts = _array("I", buf, p + 4 * nm, nm)
+        w.hours = _array("i", buf, p + 8 * nm, nh)
+        w.hour_counts = _array("I", buf, p + 8 * nm + 4 * nh, nh)
+        return w, end
+    v = _window_struct(nm, nh).unpack_from(buf, pos)
     a, b, c = 2 + nm, 2 + 2 * nm, 2 + 2 * nm + nh
-    return Window(list(v[2:a]), list(v[a:b]), list(v[b:c]), list(v[c:])), pos + st.size
+    w.minutes, w.minute_counts = array("i", v[2:a]), array("I", v[a:b])
+    w.hours, w.hour_counts = array("i", v[b:c]), array("I", v[c:])
+    return w, end
 
 
 def pack_distinct(d: Distinct | None, out: bytearray) -> None:

@@ -243,6 +243,26 @@ def test_one_keyed_hash_for_every_identifier_and_long_keys_count():
     assert hash_id("x", long_a) == hmac.new(long_a, b"x", hashlib.sha256).hexdigest()[:16]
 
 
+KEYS = [b"", b"k", b"x" * 16, b"y" * 63, b"z" * 64, b"w" * 65, b"k" * 200, bytes(range(256))]
+
+
+@settings(max_examples=200)
+@given(st.sampled_from(KEYS), st.text(max_size=40))
+def test_the_memoized_hash_is_hmac_sha256(key, text):
+    """hash_int / hash_id (prepared SHA-256 pad states, memoized per key) are the first 8 bytes of
+    hmac's HMAC-SHA256, for keys shorter, equal to and longer than the block, and any text (lone
+    surrogates too), on a miss and on a hit."""
+    import hashlib
+    import hmac
+
+    from detector.core.pii import hash_int
+
+    want = hmac.new(key, text.encode("utf-8", "surrogatepass"), hashlib.sha256).digest()[:8]
+    for _ in range(2):
+        assert hash_id(text, key) == want.hex()
+        assert hash_int(text, key) == int.from_bytes(want, "big")
+
+
 def test_decision_context_has_no_known_default_key():
     ctx = DecisionContext(POLICY)
     assert ctx.pii_key not in (b"detector-default-key", b"change-me-in-production")

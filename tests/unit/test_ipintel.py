@@ -94,3 +94,34 @@ def test_connection_type_and_mobile_asns_mark_carrier_addresses(tmp_path):
     by_asn = IpIntel.from_paths(asn_db=paths["asn"], mobile_asn_file=tmp_path / "mobile_asns.txt")
     assert by_asn.lookup(home).cellular
     assert any("DISABLED" in line for line in IpIntel().describe() if line.startswith("connection-type"))
+
+
+def test_scope_tables_agree_with_ipaddress():
+    """scope_of answers IPv4 and canonical IPv6 text from interval tables: it must say what
+    ipaddress says (the definition, ipintel._scope_of) at every interval edge, on random
+    addresses, IPv4-mapped IPv6, zone indexes, other spellings and malformed strings."""
+    import ipaddress
+    import random
+
+    from detector.core import ipintel
+
+    assert ipintel._V4_STARTS and ipintel._V6_STARTS  # the tables are in use on this Python
+    rnd = random.Random(7)
+    texts = []
+    for starts, bits, cls in ((ipintel._V4_STARTS, 32, ipaddress.IPv4Address),
+                              (ipintel._V6_STARTS, 128, ipaddress.IPv6Address)):
+        for start in starts:
+            for n in (start - 1, start, start + 1):
+                if 0 <= n < 1 << bits:
+                    texts.append(str(cls(n)))
+        texts += [str(cls(rnd.getrandbits(bits))) for _ in range(3000)]
+        # addresses near the start of each interval, where special networks sit
+        texts += [str(cls(min(s + rnd.getrandbits(rnd.randint(1, bits // 2)), (1 << bits) - 1)))
+                  for s in starts for _ in range(50)]
+    texts += [str(ipaddress.IPv6Address(0xFFFF << 32 | rnd.getrandbits(32))) for _ in range(500)]
+    texts += ["::ffff:10.0.0.1", "::ffff:8.8.8.8", "::ffff:127.0.0.1", "::10.0.0.1", "::1",
+              "::", "fe80::1%eth0", "FE80::1", "2001:DB8::1", "2001:0db8::1", "2001:db8:0:0::1",
+              "1::2:3:4:5:6:7:8", "::ffff:1.2.3.04", "2001:db8::1/64", "", "nope", "1.2.3",
+              "01.2.3.4", "1.2.3.4 ", " ::1", "2a0a:1000:a941:d54:a272:44f4:e233:eaa0"]
+    for text in texts:
+        assert scope_of(text) == ipintel._scope_of(text), text

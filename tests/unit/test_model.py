@@ -336,3 +336,23 @@ def test_decide_reports_anomalous_pattern(sim_items, sim_features, fitted):
     flagged = [d for d in decisions if d.model and d.model["is_anomalous"]]
     assert flagged and all("anomalous_pattern" in d.reasons and d.action != "allow" for d in flagged)
     assert all(d.model_version == "t" and d.model["top_features"] for d in flagged)
+
+
+def test_a_node_no_split_reaches_is_refused():
+    """The walk renumbers the nodes from the roots down: an artefact with an orphan node (here
+    node 1, while both children of the root are node 2) is refused with a clear error."""
+
+    arrays = {
+        "children_left": np.array([2, -1, -1], dtype=np.int32),
+        "children_right": np.array([2, -1, -1], dtype=np.int32),
+        "feature": np.array([0, -2, -2], dtype=np.int32),
+        "threshold": np.array([0.5, -2.0, -2.0]),
+        "n_node_samples": np.array([2, 1, 1], dtype=np.int64),
+        "missing_go_to_left": np.array([1, 1, 1], dtype=np.uint8),
+        "tree_offsets": np.array([0, 3], dtype=np.int64),
+        "estimators_features": np.array([[0]], dtype=np.int32),
+        "max_samples": np.asarray(2, dtype=np.int64),
+        "n_features": np.asarray(1, dtype=np.int64),
+    }
+    with pytest.raises(ModelError, match="not reachable"):
+        PackedForest(arrays)

@@ -80,3 +80,55 @@ def test_round_trip_of_valid_requests(rid, ts, ip):
     r = parse_request({"request_id": rid, "ts": ts, "phone_number": "+33 1 23 45 67 89", "ip": ip})
     again = parse_request(json.dumps(r.to_dict()))
     assert again == r
+
+
+_PARTS = st.sampled_from(["0", "00", "1", "09", "010", "99", "100", "199", "200", "249", "250",
+                          "255", "256", "300", "1000", "", "2a", "٣"])
+
+
+@given(st.lists(_PARTS, min_size=3, max_size=5), st.sampled_from(["", " ", "\n"]))
+def test_parse_ip_fast_path_is_ipaddress(parts, pad):
+    """The canonical-IPv4 shortcut gives exactly what ``ipaddress`` gives, errors included."""
+    import ipaddress
+
+    text = pad + ".".join(parts) + pad
+    try:
+        expected: str | None = str(ipaddress.ip_address(text.strip()))
+    except ValueError:
+        expected = None
+    _assert_parse_ip(text, expected)
+
+
+_HEXTETS = st.lists(st.sampled_from([0, 0, 0, 1, 0x10, 0xABC, 0xFFFF, 0x2001, 0xDB8]), min_size=8,
+                    max_size=8)
+
+
+@given(_HEXTETS, st.integers(0, 7), st.text(alphabet="0123456789abcdef:", max_size=24))
+def test_parse_ip_ipv6_shortcut_is_ipaddress(hextets, variant, noise):
+    """The canonical-IPv6 shortcut gives exactly what ``ipaddress`` gives (IPv4-mapped
+    addresses unwrapped), for canonical texts, other spellings of them, and noise."""
+    import ipaddress
+
+    addr = ipaddress.IPv6Address(int("".join(f"{h:04x}" for h in hextets), 16))
+    canonical = str(addr)
+    text = [canonical, addr.exploded, canonical.upper(), canonical.replace("::", ":0:", 1),
+            "::" + canonical, canonical.replace(":", "::", 1), canonical + "%eth0", noise][variant]
+    try:
+        found = ipaddress.ip_address(text)
+        if isinstance(found, ipaddress.IPv6Address) and found.ipv4_mapped is not None:
+            found = found.ipv4_mapped
+        expected: str | None = str(found)
+    except ValueError:
+        expected = None
+    _assert_parse_ip(text, expected)
+
+
+def _assert_parse_ip(text: str, expected: str | None) -> None:
+    """``parse_ip(text)`` gives ``expected``, or refuses the text when ``expected`` is None."""
+    from detector.core.parse import parse_ip
+
+    if expected is None:
+        with pytest.raises(InvalidField):
+            parse_ip(text)
+    else:
+        assert parse_ip(text) == expected

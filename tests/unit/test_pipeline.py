@@ -150,6 +150,39 @@ def test_process_many_equals_process_one_by_one(items, batch):
     assert max(many_model.batches) <= 2 * batch
 
 
+@settings(max_examples=40, deadline=None)
+@given(requests_strategy, st.integers(1, 8))
+def test_process_many_equals_process_one_by_one_out_of_time_order(items, batch):
+    """The same out of time order (an allowed request's mark may then not hold for a later one
+    with an earlier ts: that request is scored when it is decided)."""
+    reqs = [req(i, n, ip, dt, authenticated=a) for i, (n, ip, dt, a) in enumerate(items)]
+    one = Detector(DecisionContext(POLICY, model=_CountingModel()), IpIntel(), sweep_every_s=3600.0)
+    many = Detector(DecisionContext(POLICY, model=_CountingModel()), IpIntel(), sweep_every_s=3600.0)
+    expected = [one.process(r) for r in reqs]
+    assert list(many.process_many(reqs, batch=batch)) == expected
+    assert one.range_stores == many.range_stores and one.ip_stores == many.ip_stores
+
+
+def test_process_many_a_pending_mark_that_goes_away_within_a_batch():
+    """Out of time order a request counted as pending can find the mark gone when it is decided:
+    a redelivery (its own mark does not hold for it) with an earlier ts is allowed, and its
+    mark expires before the next request's ts. That request is scored then, as not pending."""
+    ttl = POLICY.pending_ttl
+    first = req(0, "+447400123456", "81.2.69.142", 500.0, authenticated=True)
+    again = req(0, "+447400123456", "81.2.69.142", 0.0, authenticated=True)  # same id, earlier
+    later = req(1, "+447400123456", "81.2.69.142", ttl + 100.0, authenticated=True)
+    one = Detector(DecisionContext(POLICY, model=_CountingModel()), IpIntel())
+    model = _CountingModel()
+    many = Detector(DecisionContext(POLICY, model=model), IpIntel())
+    expected = [one.process(r) for r in (first, again, later)]
+    got = list(many.process_many([first])) + list(many.process_many([again, later]))
+    assert got == expected
+    assert [d.action for d in expected[:2]] == ["allow", "allow"]
+    assert expected[2].counts["pending"] is False
+    assert model.batches[-1] == 1  # the third request, scored again as it was decided
+    assert one.range_stores == many.range_stores
+
+
 def test_process_many_batches_independent_requests():
     model = _CountingModel()
     det = Detector(DecisionContext(POLICY, model=model), IpIntel())
@@ -184,3 +217,111 @@ def test_replay_serializes_the_dataclass_as_its_wire_dict():
             for i in range(30)]
     for d in det.process_many(reqs):
         assert orjson.dumps(d) == orjson.dumps(d.to_dict())
+
+
+def _checked_sweeps(monkeypatch):
+    """Make every ExpiryIndex sweep assert that it deletes exactly what a full scan deletes."""
+    from detector.core import state
+
+    orig = state.ExpiryIndex.sweep
+    calls = []
+
+    def sweep(self, store, now):
+        want_dead = {k for k, v in store.items() if state.expires_at(v) <= now}
+        before = set(store)
+        n = orig(self, store, now)
+        assert before - set(store) == want_dead and n == len(want_dead)
+        calls.append(n)
+        return n
+
+    monkeypatch.setattr(state.ExpiryIndex, "sweep", sweep)
+    return calls
+
+
+OUTCOME_KINDS = ["completed", "machine", "agent_marked_spam", "no_answer"]
+MANY_NUMBERS = [*NUMBERS, *(f"+4474001{i:05d}" for i in range(12))]
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(MANY_NUMBERS), st.sampled_from(IPS), st.floats(0, 4 * 86400),
+                          st.sampled_from([None, None, None, *OUTCOME_KINDS]), st.booleans(),
+                          st.floats(-2 * 86400, 0), st.sampled_from(MANY_NUMBERS)),
+                min_size=1, max_size=80),
+       st.sampled_from([1800.0, 7200.0, 6 * 3600.0]))
+def test_incremental_sweeps_delete_exactly_what_full_scans_delete(items, every):
+    """The replay Detector's sweeps look only at keys that can be dead (state.ExpiryIndex) and
+    delete exactly the keys a full scan would: with requests in and out of order (the clock moves
+    back), dialer outcomes that clear callbacks, count machines and set learned denies (also late
+    ones), and sweeps between batches."""
+    import pytest
+
+    from detector.core.records import Outcome
+
+    items = sorted(items, key=lambda it: it[2])
+    with pytest.MonkeyPatch.context() as mp:
+        calls = _checked_sweeps(mp)
+        det = Detector(DecisionContext(POLICY), IpIntel(), sweep_every_s=every)
+        batch = []
+        for i, (n, ip, dt, outcome, one, late, other) in enumerate(items):
+            if i % 7 == 3:
+                dt += late  # out of order
+            r = req(i, n, ip, dt, authenticated=one)
+            if outcome is not None:
+                list(det.process_many(batch, batch=5))
+                batch = []
+                det.apply_outcome(Outcome(f"r{i // 2}", n if i % 2 else other, outcome,
+                                          T0 + dt + (late if one else 60.0)))
+            if one and i % 3 == 0:
+                list(det.process_many(batch, batch=5))
+                batch = []
+                det.process(r)
+            else:
+                batch.append(r)
+        list(det.process_many(batch, batch=5))
+        for now in (T0 + 2 * 86400, T0 + 6 * 86400):
+            det.sweep(now)
+        assert sum(calls) > 0 or len(items) < 2
+
+
+def test_a_sweep_between_batches_does_not_lose_keys_to_file(monkeypatch):
+    """process_many files keys in the expiry index's current bucket; a sweep run by the caller
+    between two of its yields takes due buckets away, and the keys counted after it are still
+    found by later sweeps."""
+    calls = _checked_sweeps(monkeypatch)
+    det = Detector(DecisionContext(POLICY), IpIntel())
+    reqs = [req(i, f"+4474001234{i:02d}", "81.2.69.142", dt=i) for i in range(4)]
+    gen = det.process_many(reqs, batch=1)
+    next(gen)
+    next(gen)
+    det.sweep(T0 + 2 * 86400)  # takes the bucket the generator was filing into
+    list(gen)
+    det.sweep(T0 + 3 * 86400)
+    assert det.state_sizes() == {"ip": 0, "number": 0, "pair": 0, "range": 0} and calls
+
+
+_T0 = 1.8e9
+_seen = st.dictionaries(st.integers(0, 9), st.floats(_T0 - 3 * 86400, _T0), max_size=3)
+
+
+@settings(max_examples=300)
+@given(st.sampled_from(["ip", "number", "range"]), _seen, _seen, _seen,
+       st.one_of(st.none(), st.floats(_T0 - 86400, _T0 + 7200)),
+       st.lists(st.floats(_T0 - 3 * 86400, _T0), max_size=3),
+       st.one_of(st.none(), st.floats(_T0 - 3 * 86400, _T0)), st.floats(_T0 - 3600, _T0 + 2 * 86400))
+def test_a_sweeps_one_call_judgement_is_expires_at(kind, a, b, c, until, machine, learned, now):
+    """state._rest_expired (what an ExpiryIndex sweep asks of a key whose count expired) is
+    expires_at(v) <= now for the value without its requests window."""
+    from detector.core import state
+    from detector.core import windows as w
+
+    if kind == "ip":
+        v = state.IpState(w.Window(), a, b, c)
+    elif kind == "range":
+        v = state.RangeState(w.Window(), a, b)
+    else:
+        ma = None
+        for t in machine:
+            ma = w.count_add(ma, t)
+        v = state.NumberState(w.Window(), a, None if until is None else state.Pending(until, "r"),
+                              ma, learned)
+    assert state._rest_expired(v, type(v), now) == (state.expires_at(v) <= now)

@@ -132,3 +132,82 @@ def test_sweep_keeps_exactly_the_keys_expires_at_keeps(times, now):
     want = {k for k, v in store.items() if state.expires_at(v) > now}
     state.sweep(store, now)
     assert set(store) == want
+
+
+def _reference_bump(ids, counts, b, keep):
+    """The list-based bucket update the array-based windows replaced (kept as the reference)."""
+    if ids and ids[-1] == b:
+        counts[-1] += 1
+    elif not ids or ids[-1] < b:
+        ids.append(b)
+        counts.append(1)
+    else:
+        for i in range(len(ids) - 1, -1, -1):
+            if ids[i] == b:
+                counts[i] += 1
+                break
+            if ids[i] < b:
+                ids.insert(i + 1, b)
+                counts.insert(i + 1, 1)
+                break
+        else:
+            ids.insert(0, b)
+            counts.insert(0, 1)
+    oldest_kept = ids[-1] - keep
+    cut = 0
+    while cut < len(ids) and ids[cut] <= oldest_kept:
+        cut += 1
+    del ids[:cut]
+    del counts[:cut]
+
+
+@settings(max_examples=200)
+@given(st.lists(st.tuples(st.floats(min_value=0, max_value=4 * 86400), st.integers(0, 300),
+                          st.booleans()), min_size=1, max_size=300))
+def test_windows_and_sets_hold_what_the_list_based_code_held(events):
+    """Mostly in order, sometimes late; sets beyond 64 members (stale members dropped): the
+    array-based windows hold the buckets and counts the list-based ones held (so the binary form
+    is unchanged), and the one-call reads equal the separate calls."""
+    events = sorted(events, key=lambda e: e[0])
+    events = [(t - 7200.0 * late * (i % 5 == 0), m, late) for i, (t, m, late) in enumerate(events)]
+    v, ref, d = None, ([], [], [], []), None
+    for t, m, _ in events:
+        v, *got = w.count_add_read(v, t)
+        _reference_bump(ref[0], ref[1], int(t) // 60, w.MINUTE_BUCKETS_KEPT)
+        _reference_bump(ref[2], ref[3], int(t) // 3600, w.HOUR_BUCKETS_KEPT)
+        assert (list(v.minutes), list(v.minute_counts), list(v.hours), list(v.hour_counts)) == ref
+        assert tuple(got) == w.count_read(v, t)
+        before = dict(d or {})
+        d, *got = w.distinct_add_read(d, m, t)
+        assert d == w.distinct_add(before, m, t) and tuple(got) == w.distinct_read(d, t)
+    buf = bytearray()
+    w.pack_window(v, buf)
+    assert bytes(buf) == w._window_struct(len(ref[0]), len(ref[2])).pack(
+        len(ref[0]), len(ref[2]), *ref[0], *ref[1], *ref[2], *ref[3])
+
+
+@given(st.floats(min_value=0, max_value=4e9), st.lists(st.floats(min_value=-7200, max_value=7200),
+                                                        max_size=5))
+def test_a_one_event_window_reads_and_packs_as_an_array_window(t0, later):
+    """count_first's tuple form: the same reads, equality and bytes as the arrays it becomes
+    on the next write (and the arrays' bytes are those of Window(...) built from lists)."""
+    first = w.count_first(t0)
+    arrays = w.Window([int(t0) // 60], [1], [int(t0) // 3600], [1])
+    assert type(first.minutes) is tuple and first == arrays and arrays == first
+    for t in (t0, t0 + 60, t0 + 7200, t0 - 60):
+        assert w.count_read(first, t) == w.count_read(arrays, t)
+    assert w.count_expires_at(first) == w.count_expires_at(arrays)
+    a, b = bytearray(), bytearray()
+    w.pack_window(first, a)
+    w.pack_window(arrays, b)
+    assert a == b and w.unpack_window(bytes(a), 0)[0] == first
+    for dt in later:
+        t = max(0.0, t0 + dt)
+        first, *got = w.count_add_read(first, t)
+        arrays, *want = w.count_add_read(arrays, t)
+        assert got == want and first == arrays
+        a, b = bytearray(), bytearray()
+        w.pack_window(first, a)
+        w.pack_window(arrays, b)
+        assert a == b
+    assert w.count_add(w.count_first(t0), t0) == w.count_add(w.count_add(None, t0), t0)
