@@ -20,7 +20,9 @@ once with four rules, each kept by one piece of this module:
 3. **Decided once** (:class:`DecisionStore`, table ``seen``). The range stage stores each
    decision under its request id, waits until Kafka has acknowledged the stored copies and the
    counts, then sends the decisions, then acks its input. A request that arrives again (same or
-   new message) gets its stored decision: never a second, different one.
+   new message) gets its stored decision: never a second, different one. Once the stored
+   decision is swept (:data:`SEEN_TTL_S` of event time), a late copy whose id is still in
+   ``sent`` is neither counted nor decided (a backlog runs through an hour of event time fast).
 4. **Sent once** (:class:`DecisionStore` ``sent``). A decision is sent only if this worker has
    not sent it and it is not on ``callback-decisions`` already: at each assignment the worker
    first fences the previous owners of its new ``by-range`` partitions (rule 5), then reads the
@@ -119,9 +121,6 @@ class DecisionStore:
     def busy(self, key: bytes) -> bool:
         return key.decode("utf-8", "surrogatepass") in self.pending
 
-    def _recently_sent(self, key: bytes) -> bool:
-        return self.was_sent(key.decode("utf-8", "surrogatepass"))
-
     # -- sent
 
     def mark_sent(self, request_id: str, now: float | None = None) -> None:
@@ -202,26 +201,11 @@ class DecisionStore:
         return 0
 
     def sweep(self, keys: Keys | None, now: float, owned: set[int]) -> list[Write]:
-        """Drop decisions past their TTL (tombstones) and those of partitions not owned, and
-        their ids from ``sent``: without a stored decision there is nothing to re-send.
-
-        A decision whose id is still in ``sent`` (sent, or loaded from the topic at the last
-        assignment, less than :data:`SENT_LOOKBACK_S` of wall clock ago) is kept even past its
-        event-time TTL: redeliveries come within minutes of *processing* time, whatever the
-        event times. A worker catching up on a backlog moves its event-time clock through an
-        hour in seconds; without this, a copy of a request re-sent by an upstream stage after a
-        crash arrived once the sweep had dropped the request's stored decision and its sent id,
-        and was counted and decided a second time (1 run in 4 of the RocksDB/SIGKILL test)."""
-        writes = sweep_keys(self.table, self.backend, keys, now, owned, self.busy,
-                            keep=self._recently_sent)
-        for w in writes:
-            self.forget(w.key.decode("utf-8", "surrogatepass"))
-        return writes
-
-    def forget(self, request_id: str) -> None:
-        h = hash(request_id)
-        for bucket in self._sent.values():
-            bucket.discard(h)
+        """Drop decisions past their TTL (tombstones) and those of partitions not owned. Their
+        ids stay in ``sent`` until :meth:`forget_sent` (wall clock): a copy of such a request that
+        arrives later (see :func:`~detector.stream.range_stage.range_one`) is then known to be
+        decided and counted already."""
+        return sweep_keys(self.table, self.backend, keys, now, owned, self.busy)
 
 
 # --------------------------------------------------------------------------- in order, no holes

@@ -93,6 +93,13 @@ def range_one(rt: Any, env: dict[str, Any], *, partition: int, offset: int,
     req = codec.request_from_wire(wire)
     rt.max_ts = max(rt.max_ts, req.ts)
     seen = rt.decisions.stored(req.request_id, partition)
+    if seen is None and rt.decisions.was_sent(req.request_id):
+        # Decided and on the decisions topic, its stored decision swept since (past its hour of
+        # event time: a worker catching up on a backlog runs through an hour in seconds, while
+        # copies re-sent by upstream stages after a crash are still on their way). Its counts
+        # were durable before its decision was sent: count nothing, decide nothing.
+        metrics.DUPLICATES.labels("range").inc()
+        return RangeResult(kts=env.get("kts"))
     if seen is not None and seen[0] != offset:
         # The same request arrived again in another message (an upstream stage was redelivered):
         # its state was counted when its first message was processed. Re-send the stored decision.

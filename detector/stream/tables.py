@@ -249,13 +249,12 @@ Keys = list[tuple[bytes, int | None]]  # keys to sweep, with their partition whe
 
 
 def sweep_keys(table: Any, store: TableStore, keys: Keys | None, now: float, owned: set[int],
-               busy: Callable[[bytes], bool] = lambda k: False,
-               keep: Callable[[bytes], bool] | None = None) -> list[Write]:
+               busy: Callable[[bytes], bool] = lambda k: False) -> list[Write]:
     """Delete from ``table`` the values that expired at ``now`` (event time) with a tombstone on
     their changelog partition, and the values of partitions this worker no longer owns (no
     tombstone: they belong to another worker now; a RocksDB store has only the owned
     partitions open). ``keys`` None: every key. ``busy``: keys a batch is working on (left
-    alone). ``keep``: expired keys of owned partitions kept a while longer."""
+    alone)."""
     out: list[Write] = []
     for key, where in store.scan() if keys is None else keys:
         raw = store.get(key, where)
@@ -267,8 +266,6 @@ def sweep_keys(table: Any, store: TableStore, keys: Keys | None, now: float, own
         if busy(key):
             continue
         if partition in owned:  # expired; otherwise a partition this worker no longer owns
-            if keep is not None and keep(key):
-                continue
             store.delete(key, partition)
             out.append(Write(table, key, None, partition, store))
         elif not store.persistent:

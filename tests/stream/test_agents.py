@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import time
 import uuid
 import zlib
 from collections import defaultdict
@@ -32,7 +31,7 @@ from detector.core.signing import Signer, Verifier
 from detector.runtime import build_context, build_model_watcher
 from detector.stream import codec
 from detector.stream.app import StreamRuntime, Sweeper, make_app, sweep_tables
-from detector.stream.ledger import DIRECT, SENT_LOOKBACK_S
+from detector.stream.ledger import DIRECT, SEEN_TTL_S
 from detector.stream.tables import read_head, unpack_value
 
 pytestmark = pytest.mark.asyncio
@@ -359,18 +358,11 @@ async def test_signed_list_messages_and_signed_removals_update_the_index() -> No
     assert len(h.rt.ctx.lists) == 0
 
 
-def forget_recently_sent(h: Harness) -> None:
-    """What a worker's sent ids are SENT_LOOKBACK_S (wall clock) after it sent them."""
-    h.rt.decisions.forget_sent(now=time.time() + SENT_LOOKBACK_S + 120)
-    assert h.rt.decisions.sent_count() == 0
-
-
 async def test_sweep_deletes_dead_keys_with_tombstones_in_their_own_partition() -> None:
     async with running(make_harness()) as h:
         await h.decide(request("r1", T0), partition=1)
         h.rt.active = {"by_ip": set(range(PARTITIONS)), "by_range": set(range(PARTITIONS))}
         assert sweep_tables(h.rt, T0 + 600) == []  # nothing is dead yet
-        forget_recently_sent(h)
         writes = sweep_tables(h.rt, T0 + 3 * 86400)
         assert {(w.table.name, w.key, w.value) for w in writes} == {
             ("ip", b"81.2.69.160", None), ("number", b"+442079460018", None),
@@ -381,27 +373,24 @@ async def test_sweep_deletes_dead_keys_with_tombstones_in_their_own_partition() 
         assert all(len(t.data) == 0 for t in h.rt.tables.values())
 
 
-async def test_a_stored_decision_outlives_its_event_time_ttl_while_its_id_counts_as_sent() -> None:
+async def test_a_late_copy_of_a_request_sent_and_swept_is_neither_counted_nor_decided() -> None:
     """A worker catching up on a backlog moves its event-time clock an hour in seconds, while
-    copies of requests re-sent by upstream stages after a crash are still on their way: the
-    stored decision stays until its sent id is forgotten (wall clock), so a late copy gets it
-    (same decision, no second count, not sent again)."""
+    copies of requests re-sent by upstream stages after a crash are still on their way. A copy
+    that arrives after the sweep dropped its request's stored decision is known by its sent id
+    (kept SENT_LOOKBACK_S of wall clock): not counted again, not decided, not sent."""
     async with running(make_harness()) as h:
         first = await h.decide(request("r1", T0))
         assert first is not None
         h.rt.active = {"by_ip": set(range(PARTITIONS)), "by_range": set(range(PARTITIONS))}
         n = len(h.sent[h.topic("decisions")])
-        late = T0 + 3 * 86400  # event time: far past the stored decision's TTL
-        seen = {(w.table.name, w.key) for w in sweep_tables(h.rt, late)}
-        assert ("number", b"+442079460018") in seen and ("seen", b"r1") not in seen
+        after_ttl = T0 + SEEN_TTL_S + 1  # the number's and the pair's windows are still live
+        assert {(w.table.name, w.key) for w in sweep_tables(h.rt, after_ttl)} == {("seen", b"r1")}
         env = h.sent[h.topic("by_range")][-1]  # r1 again in a new by-range message
         await h.put("range", env.key, env.value, partition_of(env.key))
         await asyncio.sleep(0.1)
         assert len(h.sent[h.topic("decisions")]) == n  # already on the topic: not sent again
-        assert h.rt.decisions.stored("r1") is not None
-        forget_recently_sent(h)  # SENT_LOOKBACK_S later (wall clock): now it goes
-        assert {(w.table.name, w.key) for w in sweep_tables(h.rt, late)} == {("seen", b"r1")}
-        assert h.rt.decisions.stored("r1") is None
+        nxt = await h.decide(request("r2", T0 + SEEN_TTL_S + 2))
+        assert nxt is not None and nxt["counts"]["pair_24h"] == 2  # r1 counted once
 
 
 async def test_sweeper_works_through_the_tables_a_slice_per_tick() -> None:
@@ -409,7 +398,6 @@ async def test_sweeper_works_through_the_tables_a_slice_per_tick() -> None:
         for i in range(3):
             await h.decide(request(f"r{i}", T0 + i, phone=f"+4420794600{10 + i}", ip=f"81.2.69.{i}"))
         h.rt.active = {"by_ip": set(range(PARTITIONS)), "by_range": set(range(PARTITIONS))}
-        forget_recently_sent(h)
         sweeper = Sweeper(h.rt, slice_size=2)
         deleted = []
         for _ in range(20):
@@ -678,6 +666,7 @@ async def test_a_request_counted_but_not_decided_before_a_crash_is_not_counted_t
         assert first is not None
         env = h.sent[h.topic("by_range")][-1]
         seen = unpack_value(h.rt.tables["seen"].data.pop(b"c2"))  # its decision was not stored
+        h.rt.decisions.clear_sent()  # ... so not sent either (a send waits for the stored copy)
         undecided: list[Any] = []
         result = range_one(h.rt, env.json(), partition=seen[0], offset=seen[1][0],
                            undecided=undecided)
