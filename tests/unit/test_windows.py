@@ -134,31 +134,18 @@ def test_sweep_keeps_exactly_the_keys_expires_at_keeps(times, now):
     assert set(store) == want
 
 
-def _reference_bump(ids, counts, b, keep):
-    """The list-based bucket update the array-based windows replaced (kept as the reference)."""
-    if ids and ids[-1] == b:
-        counts[-1] += 1
-    elif not ids or ids[-1] < b:
-        ids.append(b)
-        counts.append(1)
-    else:
-        for i in range(len(ids) - 1, -1, -1):
-            if ids[i] == b:
-                counts[i] += 1
-                break
-            if ids[i] < b:
-                ids.insert(i + 1, b)
-                counts.insert(i + 1, 1)
-                break
-        else:
-            ids.insert(0, b)
-            counts.insert(0, 1)
-    oldest_kept = ids[-1] - keep
-    cut = 0
-    while cut < len(ids) and ids[cut] <= oldest_kept:
-        cut += 1
-    del ids[:cut]
-    del counts[:cut]
+def _reference_bump(buckets: dict[int, int], b: int, keep: int) -> None:
+    """What a window must hold, stated plainly: events per bucket, only the buckets newer than
+    the newest one minus ``keep`` (a late event older than that is dropped at once)."""
+    buckets[b] = buckets.get(b, 0) + 1
+    oldest_kept = max(buckets) - keep
+    for old in [k for k in buckets if k <= oldest_kept]:
+        del buckets[old]
+
+
+def _listed(buckets: dict[int, int]) -> tuple[list[int], list[int]]:
+    ids = sorted(buckets)
+    return ids, [buckets[k] for k in ids]
 
 
 @settings(max_examples=200)
@@ -170,11 +157,12 @@ def test_windows_and_sets_hold_what_the_list_based_code_held(events):
     is unchanged), and the one-call reads equal the separate calls."""
     events = sorted(events, key=lambda e: e[0])
     events = [(t - 7200.0 * late * (i % 5 == 0), m, late) for i, (t, m, late) in enumerate(events)]
-    v, ref, d = None, ([], [], [], []), None
+    v, by_minute, by_hour, d = None, {}, {}, None
     for t, m, _ in events:
         v, *got = w.count_add_read(v, t)
-        _reference_bump(ref[0], ref[1], int(t) // 60, w.MINUTE_BUCKETS_KEPT)
-        _reference_bump(ref[2], ref[3], int(t) // 3600, w.HOUR_BUCKETS_KEPT)
+        _reference_bump(by_minute, int(t) // 60, w.MINUTE_BUCKETS_KEPT)
+        _reference_bump(by_hour, int(t) // 3600, w.HOUR_BUCKETS_KEPT)
+        ref = (*_listed(by_minute), *_listed(by_hour))
         assert (list(v.minutes), list(v.minute_counts), list(v.hours), list(v.hour_counts)) == ref
         assert tuple(got) == w.count_read(v, t)
         before = dict(d or {})
