@@ -12,12 +12,10 @@ replay has no queue state and decides as if the queue were normal.
 
 from __future__ import annotations
 
-import gc
 import json
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import IO
 
@@ -98,37 +96,6 @@ def parse_lines(
     return good, bad
 
 
-COLLECT_EVERY = 100_000  # decisions between full garbage collections while replaying
-
-
-@contextmanager
-def collect_every(n: int = COLLECT_EVERY) -> Iterator[Callable[[int], None]]:
-    """The garbage collector off while replaying, and one full collection every ``n`` decisions
-    (the caller calls the yielded function with its decision count).
-
-    Replay keeps millions of small long-lived containers (the window state), and the automatic
-    collector traverses each of them in its young generations, and the whole set again at each
-    full collection as it grows: 7-15% of a replay's CPU (``bench_replay_floor.py``, same
-    run). What replay leaves for the collector (reference cycles) is small (the exceptions of
-    unparsable numbers, about 35 objects per 1,000 requests), so a full collection every ``n``
-    decisions bounds it for a fraction of that cost. Restores the collector's state on exit."""
-    was = gc.isenabled()
-    gc.disable()
-    due = n
-
-    def tick(decisions: int) -> None:
-        nonlocal due
-        if decisions >= due:
-            due = decisions + n
-            gc.collect()
-
-    try:
-        yield tick
-    finally:
-        if was:
-            gc.enable()
-
-
 def replay(
     lines: Iterable[str | bytes],
     detector: Detector,
@@ -142,16 +109,6 @@ def replay(
 ) -> ReplaySummary:
     """Decide every valid request in ``lines`` (JSONL); write decisions and rejects as JSONL.
     ``queue_states``: dialer queue states applied in time order between the requests."""
-    with collect_every() as tick:
-        return _replay(lines, detector, out, rejects, on_decision, progress, event_time,
-                       queue_states, tick)
-
-
-def _replay(lines: Iterable[str | bytes], detector: Detector, out: IO[str] | None,
-            rejects: IO[str] | None,
-            on_decision: Callable[[CallbackRequest, Decision], None] | None, progress: bool,
-            event_time: tuple[float, float, float] | None, queue_states: Iterable[QueueState],
-            tick: Callable[[int], None]) -> ReplaySummary:
     summary = ReplaySummary()
     t0 = time.perf_counter()
     good, bad = parse_lines(lines, event_time)
@@ -201,7 +158,6 @@ def _replay(lines: Iterable[str | bytes], detector: Detector, out: IO[str] | Non
             out.write(dumps(decision, option=newline).decode())
         if on_decision is not None and by_id is not None:
             on_decision(by_id.pop(decision.request_id), decision)
-        tick(summary.decisions)
     summary.seconds = time.perf_counter() - t0
     return summary
 

@@ -219,34 +219,6 @@ def test_replay_serializes_the_dataclass_as_its_wire_dict():
         assert orjson.dumps(d) == orjson.dumps(d.to_dict())
 
 
-def test_replay_turns_the_collector_off_collects_every_n_decisions_and_restores_it(monkeypatch):
-    """collect_every: no automatic collection while replaying, one full collection each
-    ``n`` decisions (what reference cycles replay makes stay bounded), the state restored."""
-    import gc
-
-    from detector import replay as replay_module
-
-    collections = []
-    monkeypatch.setattr(replay_module.gc, "collect", lambda *a: collections.append(gc.isenabled()))
-    det = Detector(DecisionContext(POLICY, model=_CountingModel()), IpIntel())
-    lines = [json.dumps(req(i, NUMBERS[i % len(NUMBERS)], IPS[i % len(IPS)], i * 60.0).to_dict())
-             for i in range(35)]
-    assert gc.isenabled()
-    with replay_module.collect_every(10) as tick:
-        assert not gc.isenabled()
-        for n in range(1, 36):
-            tick(n)
-    assert gc.isenabled() and collections == [False, False, False]  # at 10, 20 and 30
-    summary = replay_module.replay(lines, det, out=io.StringIO())
-    assert summary.decisions == 35 and gc.isenabled()
-    gc.disable()
-    try:  # a caller that had it off gets it back off
-        replay_module.replay(lines[:3], Detector(DecisionContext(POLICY), IpIntel()))
-        assert not gc.isenabled()
-    finally:
-        gc.enable()
-
-
 def _checked_sweeps(monkeypatch):
     """Make every ExpiryIndex sweep assert that it deletes exactly what a full scan deletes."""
     from detector.core import state
