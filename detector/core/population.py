@@ -202,6 +202,21 @@ class _Scope:
             self.typ_key = None
 
 
+def _new_bucket(buckets: dict[int, list[int]], b: int, cell: list[int], newest: int,
+                in_order: bool, kept: int) -> tuple[int, bool, int | None]:
+    """Add bucket ``b`` (not in ``buckets``) holding ``cell``; beyond ``kept`` buckets, evict
+    the oldest. Returns the newest bucket, whether the keys are in ascending order, and the
+    bucket evicted (or None)."""
+    if b < newest:
+        in_order = False
+    else:
+        newest = b
+    buckets[b] = cell
+    if len(buckets) <= kept:
+        return newest, in_order, None
+    return newest, True, _evict(buckets, in_order)
+
+
 def _evict(buckets: dict[int, list[int]], in_order: bool) -> int:
     """Remove and return the oldest bucket (``in_order``: the keys are ascending, so it is the
     first; else the dict is re-sorted first, so it is in order again)."""
@@ -311,37 +326,24 @@ class PopulationView:
                 if seen is None:
                     seen = self.blocks[(region, level)] = {}
                 sc.block = (seen, prefix)
-        minutes = sc.minutes
-        cell = minutes.get(minute)
-        if cell is not None:
+        cell = sc.minutes.get(minute)
+        if cell is not None:  # (the common case inline: a scope's minute holds many requests)
             cell[0] += n
             cell[1] += fresh
-        else:
-            if minute < sc.newest_minute:
-                sc.minutes_sorted = False
-            else:
-                sc.newest_minute = minute
-            minutes[minute] = [n, fresh]
-            if len(minutes) > MINUTES_KEPT:  # bounded by count, never aged against one event's time
-                gone = _evict(minutes, sc.minutes_sorted)
-                sc.minutes_sorted = True
-                if gone < sc.watch:
-                    sc.changed(gone, evicted=True)
+        else:  # bounded by count, never aged against one event's time
+            sc.newest_minute, sc.minutes_sorted, gone = _new_bucket(
+                sc.minutes, minute, [n, fresh], sc.newest_minute, sc.minutes_sorted, MINUTES_KEPT)
+            if gone is not None and gone < sc.watch:
+                sc.changed(gone, evicted=True)
         hour = minute // 60
-        hours = sc.hours
-        cell = hours.get(hour)
+        cell = sc.hours.get(hour)
         if cell is not None:
             cell[0] += n
             cell[1] += fresh
         else:
-            if hour < sc.newest_hour:
-                sc.hours_sorted = False
-            else:
-                sc.newest_hour = hour
-            hours[hour] = [n, fresh]
-            if len(hours) > HOURS_KEPT:
-                gone = _evict(hours, sc.hours_sorted)
-                sc.hours_sorted = True
+            sc.newest_hour, sc.hours_sorted, gone = _new_bucket(
+                sc.hours, hour, [n, fresh], sc.newest_hour, sc.hours_sorted, HOURS_KEPT)
+            if gone is not None:
                 sc.hour_evicted(gone)
         if minute < sc.watch:  # a bucket something derived has summed
             sc.changed(minute)
