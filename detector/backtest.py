@@ -44,6 +44,7 @@ from detector.core.records import (
     PhoneInfo,
     RangeCounts,
 )
+from detector.replay import decide_all
 
 STOPPED = ("deflect", "block")
 SAMPLES_PER_KIND = 8
@@ -232,8 +233,8 @@ def replay_both(
 ) -> list[tuple[Decision, Decision]]:
     """Both runs through the same detector code, each with fresh state, paired in request order."""
     reqs = sorted(requests, key=lambda r: r.ts)
-    a = list(Detector(base, intel).process_many(reqs))
-    b = list(Detector(cand, intel).process_many(reqs))
+    a = decide_all(Detector(base, intel), reqs)
+    b = decide_all(Detector(cand, intel), reqs)
     return list(zip(a, b, strict=True))
 
 

@@ -12,10 +12,12 @@ replay has no queue state and decides as if the queue were normal.
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import IO
 
@@ -96,6 +98,60 @@ def parse_lines(
     return good, bad
 
 
+COLLECT_FLOOR = 1_000_000  # net new tracked objects before the first full collection
+
+
+@contextmanager
+def collector_paused(floor: int = COLLECT_FLOOR) -> Iterator[Callable[[], None]]:
+    """The automatic garbage collector off while replaying; the yielded function runs a full
+    collection once the objects created since the last one (net of those freed) exceed the
+    larger of ``floor`` and the objects that survived it (the heap doubled: amortized, each
+    live object is traversed about once per doubling). Restores the collector's state on exit.
+
+    Why: replay keeps millions of small long-lived containers (the window state). The automatic
+    collector traverses each of them in its young generations, and then again as they age: ~10%
+    of a replay's CPU (``bench/bench_replay_floor.py``). Replay itself makes no reference
+    cycles (tested; the library's exception cycle on an unparsable number is broken where it is
+    caught, ``core/phone.py``), so refcounting frees what it drops; the check bounds what an
+    unforeseen cycle could hold. A collection every fixed number of requests instead (tried
+    and reverted, 3765c9e) traversed the whole state each time and measured no gain."""
+    was = gc.isenabled()
+    gc.disable()
+    limit = floor
+
+    def check() -> None:
+        nonlocal limit
+        if gc.get_count()[0] > limit:
+            gc.collect()
+            limit = max(floor, len(gc.get_objects()))
+
+    try:
+        yield check
+    finally:
+        if gc.get_freeze_count() == 0:
+            # Everything made while paused is in the youngest generation: the next automatic
+            # collection would traverse all of it (~0.35 s per simulated day). Move it to the
+            # oldest, as the collector would have promoted it, without traversing it (freeze
+            # then unfreeze: what is frozen goes to the oldest generation); a full collection
+            # later still finds any cycle in it. (Not when someone froze objects: they stay so.)
+            gc.freeze()
+            gc.unfreeze()
+        if was:
+            gc.enable()
+
+
+def decide_all(detector: Detector, reqs: Iterable[CallbackRequest]) -> list[Decision]:
+    """``list(detector.process_many(reqs))`` with the collector paused (:func:`collector_paused`):
+    what a backtest runs, twice."""
+    out: list[Decision] = []
+    with collector_paused() as check:
+        for decision in detector.process_many(reqs):
+            out.append(decision)
+            if not len(out) & 1023:
+                check()
+    return out
+
+
 def replay(
     lines: Iterable[str | bytes],
     detector: Detector,
@@ -109,6 +165,16 @@ def replay(
 ) -> ReplaySummary:
     """Decide every valid request in ``lines`` (JSONL); write decisions and rejects as JSONL.
     ``queue_states``: dialer queue states applied in time order between the requests."""
+    with collector_paused() as check:
+        return _replay(lines, detector, out, rejects, on_decision, progress, event_time,
+                       queue_states, check)
+
+
+def _replay(lines: Iterable[str | bytes], detector: Detector, out: IO[str] | None,
+            rejects: IO[str] | None,
+            on_decision: Callable[[CallbackRequest, Decision], None] | None, progress: bool,
+            event_time: tuple[float, float, float] | None, queue_states: Iterable[QueueState],
+            check_collector: Callable[[], None]) -> ReplaySummary:
     summary = ReplaySummary()
     t0 = time.perf_counter()
     good, bad = parse_lines(lines, event_time)
@@ -158,6 +224,8 @@ def replay(
             out.write(dumps(decision, option=newline).decode())
         if on_decision is not None and by_id is not None:
             on_decision(by_id.pop(decision.request_id), decision)
+        if not summary.decisions & 1023:
+            check_collector()
     summary.seconds = time.perf_counter() - t0
     return summary
 

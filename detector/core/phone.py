@@ -13,6 +13,7 @@ time zone, from one parse of the number as typed (cached by the raw string).
 from __future__ import annotations
 
 import re
+import traceback
 from functools import lru_cache
 from typing import Any
 
@@ -79,6 +80,10 @@ def _enrich_phone(raw: str, country_hint: str | None, range_digits: int) -> Phon
         if num is None:
             num = phonenumbers.parse(text, region)
     except NumberParseException as exc:
+        # The library keeps the exception it caught in a local of its own frame (a reference
+        # cycle through the traceback, whose frames reach this one and its callers: every
+        # caller's locals, e.g. the whole replay state, would wait for the cyclic collector).
+        traceback.clear_frames(exc.__traceback__)
         return _unparsed(f"not a phone number: {exc._msg}")
     e164 = phonenumbers.format_number(num, phonenumbers.PhoneNumberFormat.E164)
     # is_valid_number() is "region known and number_type() != UNKNOWN": region and type at once

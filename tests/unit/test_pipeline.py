@@ -219,6 +219,68 @@ def test_replay_serializes_the_dataclass_as_its_wire_dict():
         assert orjson.dumps(d) == orjson.dumps(d.to_dict())
 
 
+def test_replay_pauses_the_collector_collects_as_the_heap_doubles_and_restores_it():
+    """collector_paused: no automatic collection while replaying; a full collection once the
+    objects made since the last one exceed max(floor, the survivors of the last one); on exit
+    what was made is in the oldest generation (not traversed again by the next young
+    collection) and the collector's state is as before."""
+    import gc
+
+    from detector import replay as replay_module
+
+    assert gc.isenabled()
+    collected = []
+    gc.callbacks.append(cb := lambda phase, info: phase == "stop" and collected.append(info))
+    try:
+        with replay_module.collector_paused(floor=20_000) as check:
+            assert not gc.isenabled()
+            keep = [[i] for i in range(30_000)]  # 30,000 new lists: over the floor
+            check()
+            assert [c["generation"] for c in collected] == [2]
+            check()  # nothing new since: no second collection
+            more = [[i] for i in range(10_000)]
+            check()  # 10,000 new, fewer than the 30,000+ that survived: still one
+            assert len(collected) == 1
+        assert gc.isenabled() and gc.get_count()[0] < 1_000  # moved on, not left young
+    finally:
+        gc.callbacks.remove(cb)
+    assert len(keep) + len(more) == 40_000
+    det = Detector(DecisionContext(POLICY, model=_CountingModel()), IpIntel())
+    lines = [json.dumps(req(i, NUMBERS[i % len(NUMBERS)], IPS[i % len(IPS)], i * 60.0).to_dict())
+             for i in range(35)]
+    assert replay_module.replay(lines, det, out=io.StringIO()).decisions == 35 and gc.isenabled()
+    gc.disable()
+    try:  # a caller that had it off gets it back off
+        replay_module.replay(lines[:3], Detector(DecisionContext(POLICY), IpIntel()))
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def test_replay_makes_no_reference_cycles_even_on_unparsable_numbers():
+    """With the collector paused, replay relies on reference counting: what it drops must not
+    be held by a cycle. phonenumbers keeps the exception it catches in a local of its own frame
+    (exception -> traceback -> frame -> exception), and that frame reaches its callers, i.e.
+    the replay's whole state; the cycle is broken where the exception is caught."""
+    import gc
+
+    from detector.core import phone
+
+    lines = [json.dumps(req(i, ("+999 1234567", "+1 abc", NUMBERS[i % len(NUMBERS)])[i % 3],
+                            IPS[i % len(IPS)], i * 60.0).to_dict()) for i in range(60)]
+    phone._cached.cache_clear()
+    gc.collect()
+    gc.disable()
+    try:
+        det = Detector(DecisionContext(POLICY, model=_CountingModel()), IpIntel())
+        summary = replay(lines, det, out=io.StringIO())
+        assert summary.decisions == 60 and summary.by_reason["invalid_number"] >= 40
+        del det
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
+
+
 def _checked_sweeps(monkeypatch):
     """Make every ExpiryIndex sweep assert that it deletes exactly what a full scan deletes."""
     from detector.core import state
