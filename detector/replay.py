@@ -130,7 +130,7 @@ def collector_paused(floor: int = COLLECT_FLOOR) -> Iterator[Callable[[], None]]
     finally:
         if gc.get_freeze_count() == 0:
             # Everything made while paused is in the youngest generation: the next automatic
-            # collection would traverse all of it (~0.35 s per simulated day). Move it to the
+            # collection would traverse all of it (~0.7 s after 3 simulated days). Move it to the
             # oldest, as the collector would have promoted it, without traversing it (freeze
             # then unfreeze: what is frozen goes to the oldest generation); a full collection
             # later still finds any cycle in it. (Not when someone froze objects: they stay so.)
