@@ -99,6 +99,7 @@ def parse_lines(
 
 
 COLLECT_FLOOR = 1_000_000  # net new tracked objects before the first full collection
+CHECK_MASK = 1023  # the collector check runs every 1,024 decisions
 
 
 @contextmanager
@@ -109,12 +110,12 @@ def collector_paused(floor: int = COLLECT_FLOOR) -> Iterator[Callable[[], None]]
     live object is traversed about once per doubling). Restores the collector's state on exit.
 
     Why: replay keeps millions of small long-lived containers (the window state). The automatic
-    collector traverses each of them in its young generations, and then again as they age: ~10%
-    of a replay's CPU (``bench/bench_replay_floor.py``). Replay itself makes no reference
+    collector traverses each of them in its young generations, and then again as they age: 8%
+    of a replay's CPU (gc callbacks on a 2-day replay). Replay itself makes no reference
     cycles (tested; the library's exception cycle on an unparsable number is broken where it is
     caught, ``core/phone.py``), so refcounting frees what it drops; the check bounds what an
-    unforeseen cycle could hold. A collection every fixed number of requests instead (tried
-    and reverted, 3765c9e) traversed the whole state each time and measured no gain."""
+    unforeseen cycle could hold. A collection every fixed number of requests instead (6c5a663,
+    reverted by 3765c9e) traversed the whole state each time and measured no gain."""
     was = gc.isenabled()
     gc.disable()
     limit = floor
@@ -147,7 +148,7 @@ def decide_all(detector: Detector, reqs: Iterable[CallbackRequest]) -> list[Deci
     with collector_paused() as check:
         for decision in detector.process_many(reqs):
             out.append(decision)
-            if not len(out) & 1023:
+            if not len(out) & CHECK_MASK:
                 check()
     return out
 
@@ -224,7 +225,7 @@ def _replay(lines: Iterable[str | bytes], detector: Detector, out: IO[str] | Non
             out.write(dumps(decision, option=newline).decode())
         if on_decision is not None and by_id is not None:
             on_decision(by_id.pop(decision.request_id), decision)
-        if not summary.decisions & 1023:
+        if not summary.decisions & CHECK_MASK:
             check_collector()
     summary.seconds = time.perf_counter() - t0
     return summary
