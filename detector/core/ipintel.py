@@ -84,24 +84,37 @@ def _scope_of(ip: str) -> tuple[int, str]:
     return addr.version, "global"
 
 
+def _constant_cuts(
+    constants: str, network: type[ipaddress.IPv4Network] | type[ipaddress.IPv6Network],
+    address: type[ipaddress.IPv4Address] | type[ipaddress.IPv6Address],
+) -> set[int] | None:
+    """The interval bounds of every network and address in ``ipaddress``'s (private) class of
+    constants ``constants`` of one IP version (what it classifies addresses by); None if this
+    Python's ``ipaddress`` has no such class (the tables are then not used)."""
+    try:
+        values = list(vars(getattr(ipaddress, constants)).values())
+    except AttributeError:  # pragma: no cover - another Python's ipaddress
+        return None
+    cuts: set[int] = set()
+    for v in values:
+        for x in v if isinstance(v, list | tuple) else [v]:
+            if isinstance(x, network):
+                cuts.update((int(x.network_address), int(x.broadcast_address) + 1))
+            elif isinstance(x, address):
+                cuts.update((int(x), int(x) + 1))
+    return cuts
+
+
 def _v4_table() -> tuple[list[int], list[str]]:
     """IPv4 scopes as sorted interval starts and the scope of each interval: ~4 us of
     ``ipaddress`` properties per address become a bisection. The intervals are cut at every
     network and address :mod:`ipaddress` classifies IPv4 by (``_IPv4Constants``), so the scope
     is constant inside each; both ends of every interval are checked against :func:`_scope_of`
     here, and the table is not used (empty) if any disagrees or the constants are not found."""
-    try:
-        values = list(vars(ipaddress._IPv4Constants).values())  # type: ignore[attr-defined]
-    except AttributeError:  # pragma: no cover - another Python's ipaddress
+    cuts = _constant_cuts("_IPv4Constants", ipaddress.IPv4Network, ipaddress.IPv4Address)
+    if cuts is None:  # pragma: no cover - another Python's ipaddress
         return [], []
-    cuts = {0, 1 << 32}
-    for v in values:
-        for x in v if isinstance(v, list | tuple) else [v]:
-            if isinstance(x, ipaddress.IPv4Network):
-                cuts.update((int(x.network_address), int(x.broadcast_address) + 1))
-            elif isinstance(x, ipaddress.IPv4Address):
-                cuts.update((int(x), int(x) + 1))
-    bounds = sorted(cuts)
+    bounds = sorted(cuts | {0, 1 << 32})
     starts: list[int] = []
     scopes: list[str] = []
     for lo, hi in zip(bounds, bounds[1:], strict=False):
@@ -126,18 +139,11 @@ def _v6_table() -> tuple[list[int], list[str | None]]:
     :mod:`ipaddress`), built and checked as :func:`_v4_table` is: ~12 us of ``ipaddress``
     per IPv6 address (its ``is_private`` tests the networks one by one) become a bisection.
     The IPv4-mapped block is cut out and left to ``ipaddress``."""
-    try:
-        values = list(vars(ipaddress._IPv6Constants).values())  # type: ignore[attr-defined]
-    except AttributeError:  # pragma: no cover - another Python's ipaddress
+    cuts = _constant_cuts("_IPv6Constants", ipaddress.IPv6Network, ipaddress.IPv6Address)
+    if cuts is None:  # pragma: no cover - another Python's ipaddress
         return [], []
     mapped = (int(_V6_MAPPED.network_address), int(_V6_MAPPED.broadcast_address) + 1)
-    cuts = {0, 1 << 128, *mapped}
-    for v in values:
-        for x in v if isinstance(v, list | tuple) else [v]:
-            if isinstance(x, ipaddress.IPv6Network):
-                cuts.update((int(x.network_address), int(x.broadcast_address) + 1))
-            elif isinstance(x, ipaddress.IPv6Address):
-                cuts.update((int(x), int(x) + 1))
+    cuts.update((0, 1 << 128, *mapped))
     for special in (0, 1):  # is_unspecified and is_loopback compare the integer itself
         cuts.update((special, special + 1))
     bounds = sorted(cuts)
