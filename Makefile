@@ -46,6 +46,7 @@ soak: setup setup-services
 bench: setup setup-services
 	$(BIN)/python bench/bench_replay.py
 	$(BIN)/python bench/bench_replay_floor.py
+	$(BIN)/python bench/bench_backtest.py
 	$(BIN)/python bench/bench_sink.py
 	$(BIN)/python bench/bench_parse.py
 	$(BIN)/python bench/bench_scoring.py

@@ -1,9 +1,13 @@
 """`detector backtest`: the same decide function twice, changes paired and counted right."""
 
 import json
+import os
 from dataclasses import replace
 
-from detector.backtest import BacktestReport, compare, redecide_rows, replay_both
+import pytest
+
+from detector import backtest
+from detector.backtest import BacktestReport, compare, redecide_rows, replay_both, side_of
 from detector.cli import main
 from detector.core.decide import DecisionContext
 from detector.core.ipintel import IpIntel
@@ -88,6 +92,11 @@ def test_cli_backtest_writes_html_and_json(tmp_path, capsys):
     assert "newly stopped" in out and str(html_path) in out
     assert html_path.read_text().count('<svg class="chart"') == 3
     assert json.loads(json_path.read_text())["candidate"]["policy"] == "cand"
+    # the same report with the two replays one after the other (the default forks on 2 CPUs)
+    seq_json = tmp_path / "seq.json"
+    assert main(["backtest", "--candidate", str(cand), str(req_file), "--no-model", "--jobs", "1",
+                 "--json", str(seq_json)]) == 0
+    assert json.loads(seq_json.read_text()) == json.loads(json_path.read_text())
 
 
 def test_monitor_candidate_changes_no_action():
@@ -97,3 +106,32 @@ def test_monitor_candidate_changes_no_action():
     pairs = replay_both(reqs, DecisionContext(replace(BASE)), DecisionContext(mon), IpIntel())
     assert any("velocity_ip" in b.monitored_reasons for _, b in pairs)
     assert all("velocity_ip" not in b.reasons for _, b in pairs)
+
+
+def test_candidate_in_a_second_process_reports_the_same():
+    items, reqs = _day()
+    one = replay_both(reqs, DecisionContext(BASE), DecisionContext(CAND), IpIntel())
+    two = replay_both(reqs, DecisionContext(BASE), DecisionContext(CAND), IpIntel(), jobs=2)
+    assert [a for a, _ in two] == [a for a, _ in one]
+    assert [b for _, b in two] == [side_of(b) for _, b in one]
+    assert any(b.action != "allow" for _, b in two) and any(b.reasons for _, b in two)
+    labels = {it.request["request_id"]: it.scenario for it in items}
+    reports = [compare(p, BacktestReport("x", {"policy": "a", "model": None}, {"policy": "b", "model": None}),
+                       None, labels).to_dict() for p in (one, two)]
+    assert reports[0] == reports[1] and reports[0]["newly_stopped"] > 0
+
+
+def test_second_process_errors_are_raised_not_lost(monkeypatch):
+    _, reqs = _day()
+    real = backtest.decide_all
+
+    def failing(detector, rs):
+        if detector.ctx.policy is CAND:
+            raise ValueError("candidate broke")
+        return real(detector, rs)
+
+    monkeypatch.setattr(backtest, "decide_all", failing)
+    with pytest.raises(RuntimeError, match="candidate broke"):
+        replay_both(reqs[:50], DecisionContext(BASE), DecisionContext(CAND), IpIntel(), jobs=2)
+    with pytest.raises(RuntimeError, match="exited with code 3"), backtest._Forked(lambda: os._exit(3)) as child:
+        child.result()
