@@ -277,10 +277,9 @@ def default_jobs() -> int:
 
 class _Forked:
     """Run ``fn`` (returning what ``marshal`` sends: exact tuples, lists, strings, numbers) in a
-    forked child process;
-    :meth:`result` waits for its value. An error in the child is raised here with its
-    traceback's text; a child that dies is an error too. Leaving the block early (an error
-    here) stops the child."""
+    forked child process; :meth:`result` waits for its value. An error in the child is raised
+    here with its traceback's text; a child that dies is an error too. Leaving the block early
+    (an error here) stops the child."""
 
     def __init__(self, fn: Callable[[], Any]) -> None:
         self._fn = fn
@@ -443,7 +442,7 @@ def backtest_cli(settings: Any, args: Any) -> BacktestReport:
             if outcomes is None:
                 outcomes = {r["request_id"]: {"outcome": r["outcome"], "duration_s": r["outcome_duration_s"]}
                             for r in rows if r.get("outcome")}
-        pairs: list[tuple[Decision, Decision | Side]] = list(redecide_rows(rows, base, cand))
+        pairs: Sequence[tuple[Decision, Decision | Side]] = redecide_rows(rows, base, cand)
         source = f"decision log {args.from_log[0]} .. {args.from_log[1]}"
     else:
         if args.requests is None:
