@@ -17,8 +17,14 @@ COPY pyproject.toml README.md ./
 RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\\n'.join(p['dependencies'] + p['optional-dependencies']['rocksdb']))" \
       > /tmp/requirements.txt \
  && pip install -r /tmp/requirements.txt
+COPY setup.py ./
 COPY detector ./detector
-RUN pip install --no-deps . \
+# The C extensions (setup.py) need a compiler at build time only; the import check fails the build
+# rather than ship an image that runs the slower Python fallback unnoticed.
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && pip install --no-deps . \
+ && apt-get purge -y gcc libc6-dev && apt-get autoremove -y && rm -rf /var/lib/apt/lists/* \
+ && cd / && python -c "import detector.core._popcount" \
  && useradd --system --uid 10001 --home-dir /var/lib/detector --create-home detector
 COPY models ./models
 

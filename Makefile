@@ -9,7 +9,8 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test setup setup-services lint unit integration soak bench clean
 
-$(STAMP): pyproject.toml
+# (setup.py builds the C extensions: an edited .c file is rebuilt by the next make)
+$(STAMP): pyproject.toml setup.py $(wildcard detector/core/*.c)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e ".[dev]"

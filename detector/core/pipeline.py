@@ -62,9 +62,8 @@ def count_population(
     ip = enr.ip
     quiet = rng.number_1h == 1 and not (ip.hosting or ip.tor_exit or ip.public_proxy)
     counted = (keys[:2] if quiet else ()) + (keys[2:] if rng.number_24h == 1 else ())
-    if counted:
-        view.observe(counted, req.ts, fresh=bool(ip_counts.ip_fresh))
-    return population.read(view, keys, req.ts, ph.region, policy.population)
+    return view.count_read(counted, keys, req.ts, bool(ip_counts.ip_fresh), ph.region,
+                           policy.population)
 
 
 def range_routing_key(req: CallbackRequest, enr: Enrichment) -> str:

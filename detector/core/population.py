@@ -38,6 +38,13 @@ In the stream every worker counts its own requests at once and merges the other 
 published every second (:class:`PopulationView` ``merge``); the replay path counts every request
 itself. Both read with the same function, so they agree exactly in replay order.
 
+Where the C extension ``detector.core._popcount`` is built (``pip install`` with a C compiler;
+the README's setup does it), every scope's buckets live in it and each request is counted and
+read in one call: the same buckets and the same arithmetic, summed directly instead of through
+the running totals and memos below (~30% of a replay's CPU in Python). The Python code here is
+the reference, and the fallback where the extension is absent (``PopulationView(native=False)``):
+tests/unit/test_population_native.py drives both with the same writes and compares every read.
+
 >>> from detector.core.policy import load_policy
 >>> pol = load_policy().population
 >>> view = PopulationView()
@@ -61,6 +68,12 @@ BASELINE_BLOCKS = 12  # 10-minute blocks of history whose median is the baseline
 PAST_MINUTES = 10 * BASELINE_BLOCKS + 9  # minutes before the current one that a surge reads
 HOURS_KEPT = 26
 GLOBAL = "*"
+
+try:  # the request scopes in C (core/_popcount.c); this module's Python code is the reference
+    from detector.core import _popcount
+except ImportError:  # not built (no C compiler at install): the Python code below, same results
+    _popcount = None  # type: ignore[assignment]
+NATIVE = _popcount is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,15 +278,47 @@ class PopulationView:
     denominator of concentration), and the first minute it saw (so that a baseline is computed
     from the history there is, from the first minutes of a deployment)."""
 
-    def __init__(self, *, deltas: bool = True) -> None:
+    def __init__(self, *, deltas: bool = True, native: bool | None = None) -> None:
         self.scopes: dict[str, _Scope] = {}
         self.blocks: dict[tuple[str, str], dict[str, int]] = {}  # (region, "B5") -> prefix -> hour
         self.pending: dict[tuple[str, int], list[int]] = {}  # unpublished (scope, minute) deltas
         self.start_minute: int | None = None
         self.deltas = deltas  # False: nobody takes deltas (one process counts everything, replay)
+        # The scopes in C (core/_popcount.c) when it is built (``native`` None) or asked for;
+        # ``scopes`` (the Python reference's) then stays empty.
+        if native is None:
+            native = NATIVE
+        elif native and _popcount is None:
+            raise RuntimeError("detector.core._popcount is not built (pip install -e . with a C compiler)")
+        self.native: Any = _popcount.Store(self.blocks) if native else None
 
     def __len__(self) -> int:
-        return len(self.scopes)
+        return len(self.scopes) + (len(self.native) if self.native is not None else 0)
+
+    def scope(self, key: str) -> Any:
+        """The scope of ``key`` (a :class:`_Scope`, or the C store's read-only one), or None."""
+        if self.native is not None:
+            return self.native.get(key)
+        return self.scopes.get(key)
+
+    def scope_keys(self) -> list[str]:
+        """Every scope's key."""
+        return list(self.scopes) + (self.native.keys() if self.native is not None else [])
+
+    def count_read(self, counted: tuple[str, ...], keys: tuple[str, ...], ts: float, fresh: bool,
+                   region: str | None, policy: PopulationPolicy) -> PopulationCounts:
+        """``observe(counted, ts, fresh=fresh)`` (when ``counted``), then ``read(self, keys, ts,
+        region, policy)``: one call into C where the request scopes are there."""
+        store = self.native
+        if store is None or self.deltas:
+            if counted:
+                self.observe(counted, ts, fresh=fresh)
+            return read(self, keys, ts, region, policy)
+        if counted:
+            minute = int(ts) // MINUTE
+            if self.start_minute is None or minute < self.start_minute:
+                self.start_minute = minute
+        return _read_native(self, store, counted, keys, ts, region, policy, 1 if fresh else 0)
 
     def observe(self, keys: Sequence[str], ts: float, *, fresh: bool, n: int = 1) -> None:
         """Count one request (and record it as a delta for :meth:`take_delta`). Spend scopes
@@ -317,6 +362,9 @@ class PopulationView:
 
     def _add(self, key: str, minute: int, n: int, fresh: int) -> None:
         """Count in one scope (the caller moved ``start_minute``)."""
+        if self.native is not None:
+            self.native.add(key, minute, n, fresh)
+            return
         sc = self.scopes.get(key)
         if sc is None:
             sc = self.scopes[key] = _Scope()
@@ -361,7 +409,7 @@ class PopulationView:
         for seen in self.blocks.values():
             for prefix in [p for p, h in seen.items() if h <= hour - 24]:
                 del seen[prefix]
-        return len(dead)
+        return len(dead) + (self.native.prune(hour) if self.native is not None else 0)
 
 
 def _totals(sc: _Scope, m: int) -> int:
@@ -559,6 +607,21 @@ def surging_scopes(view: PopulationView, ts: float, policy: PopulationPolicy
     """``{("global", "-") | ("country", "GB"): (surge factor, surging)}`` at ``ts``, for gauges."""
     start = view.start_minute if view.start_minute is not None else int(ts) // MINUTE
     out: dict[tuple[str, str], tuple[float, bool]] = {}
+    store = view.native
+    if store is not None:
+        m = int(ts) // MINUTE
+        for key in store.keys():
+            if key == GLOBAL:
+                _, f, on = store.surge(key, m, start, policy.global_min_baseline_10m,
+                                       _campaign_factor(policy.campaigns, GLOBAL, ts),
+                                       policy.surge_enter, policy.surge_exit, policy.surge_short_min)
+                out[("global", "-")] = (round(f, 3), on)
+            elif key.startswith("C:") and len(key) == 4 and key[2:].isalpha():
+                _, f, on = store.surge(key, m, start, policy.country_min_baseline_10m,
+                                       _campaign_factor(policy.campaigns, key[2:], ts),
+                                       policy.surge_enter, policy.surge_exit, policy.surge_short_min)
+                out[("country", key[2:])] = (round(f, 3), on)
+        return out
     for key, sc in view.scopes.items():
         if key == GLOBAL:
             _, f, on = _surge(sc, int(ts) // MINUTE, start, policy.global_min_baseline_10m,
@@ -574,6 +637,8 @@ def surging_scopes(view: PopulationView, ts: float, policy: PopulationPolicy
 def read(view: PopulationView, keys: Sequence[str], ts: float, region: str | None,
          policy: PopulationPolicy) -> PopulationCounts:
     """The population signals for a request counted in ``keys`` at ``ts`` (see the module doc)."""
+    if view.native is not None:
+        return _read_native(view, view.native, (), keys, ts, region, policy, 0)
     m = int(ts) // MINUTE
     start = view.start_minute if view.start_minute is not None else m
     campaigns = policy.campaigns
@@ -616,6 +681,35 @@ def read(view: PopulationView, keys: Sequence[str], ts: float, region: str | Non
             surging_prefix = True
     return PopulationCounts(g10, gf, gs, c10, cf, cs, best_n, round(best_conc, 3),
                             round(best_share, 3), concentrated, surging_prefix)
+
+
+def _read_native(view: PopulationView, store: Any, counted: Sequence[str], keys: Sequence[str],
+                 ts: float, region: str | None, policy: PopulationPolicy, fresh: int
+                 ) -> PopulationCounts:
+    """:func:`read` (after counting the request in ``counted``) from the C store: the same
+    operations on the same counts (core/_popcount.c), the ratios rounded here as there."""
+    m = int(ts) // MINUTE
+    start = view.start_minute if view.start_minute is not None else m
+    campaigns = policy.campaigns
+    if region is None:
+        g10, gf, gs = store.count_read(
+            tuple(counted), tuple(keys), m, int(ts) // HOUR, fresh, start, None,
+            policy.global_min_baseline_10m,
+            _campaign_factor(campaigns, GLOBAL, ts) if campaigns else 1.0, 0.0, 1.0,
+            policy.surge_enter, policy.surge_exit, policy.surge_short_min, 0, 0, 0.0, 0.0, 0.0)
+        return PopulationCounts(g10, round(gf, 3), gs)
+    g10, gf, gs, c10, cf, cs, best_n, best_conc, best_share, concentrated, surging_prefix = \
+        store.count_read(
+            tuple(counted), tuple(keys), m, int(ts) // HOUR, fresh, start, f"C:{region}",
+            policy.global_min_baseline_10m,
+            _campaign_factor(campaigns, GLOBAL, ts) if campaigns else 1.0,
+            policy.country_min_baseline_10m,
+            _campaign_factor(campaigns, region, ts) if campaigns else 1.0,
+            policy.surge_enter, policy.surge_exit, policy.surge_short_min,
+            policy.prefix_floor_24h, policy.prefix_floor_1h, policy.concentration_factor,
+            policy.child_share, policy.fresh_share)
+    return PopulationCounts(g10, round(gf, 3), gs, c10, round(cf, 3), cs, best_n,
+                            round(best_conc, 3), round(best_share, 3), concentrated, surging_prefix)
 
 
 def surge_threshold_note(policy: PopulationPolicy) -> str:

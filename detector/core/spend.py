@@ -226,26 +226,39 @@ def _windows(sc: _Scope, m: int, start: int) -> tuple[int, int, int]:
     return pn[i] - pn[i - 59], day, sc.typ
 
 
+def _figures(view: PopulationView, key: str, ts: float) -> tuple[int, int, int] | None:
+    """(allowed spend in the last 60 minutes, in the last 24 hours, typical hour) of a spend
+    scope in units, or None when it has none: from the C store (core/_popcount.c) where the
+    view has it, else from the scope's running totals (:func:`_windows`), the same figures."""
+    m = int(ts) // MINUTE
+    start = view.start_minute if view.start_minute is not None else m
+    store = view.native
+    if store is not None:
+        got: tuple[int, int, int] | None = store.spend(key, m, start)
+        return got
+    sc = view.scopes.get(key)
+    if sc is None:
+        return None
+    spend_h, spend_d, typ = _windows(sc, m, start)
+    now_m, now_h = sc.minutes.get(m), sc.hours.get(m // 60)
+    if now_m is not None:
+        spend_h += now_m[0]
+    if now_h is not None:
+        spend_d += now_h[0]
+    return spend_h, spend_d, typ
+
+
 def typical_hour(view: PopulationView, key: str, ts: float) -> float:
     """Median allowed spend per hour (units) over the complete hours of the last 24 that the
     view has seen from their start (0 when there is none yet)."""
-    sc = view.scopes.get(key)
-    if sc is None:
-        return 0.0
-    m = int(ts) // MINUTE
-    return float(_windows(sc, m, view.start_minute if view.start_minute is not None else m)[2])
+    got = _figures(view, key, ts)
+    return 0.0 if got is None else float(got[2])
 
 
 def window_spend(view: PopulationView, key: str, ts: float) -> tuple[int, int]:
     """(allowed spend in the last 60 minutes, in the last 24 hours) of a spend scope, in units."""
-    sc = view.scopes.get(key)
-    if sc is None:
-        return 0, 0
-    m = int(ts) // MINUTE
-    hour, day, _ = _windows(sc, m, view.start_minute if view.start_minute is not None else m)
-    now_m, now_h = sc.minutes.get(m), sc.hours.get(m // 60)
-    return (hour + (now_m[0] if now_m is not None else 0),
-            day + (now_h[0] if now_h is not None else 0))
+    got = _figures(view, key, ts)
+    return (0, 0) if got is None else (got[0], got[1])
 
 
 def campaign_boost(campaigns: Sequence[Campaign], region: str | None, ts: float, window_s: float) -> float:
@@ -274,19 +287,12 @@ def _limits(view: PopulationView, key: str, ts: float, policy: SpendPolicy,
             ) -> tuple[int, float, int, float, bool, str, Budget | None]:
     """:func:`breaker` in units, before the record: (spend 1 h, limit 1 h, spend 24 h, limit
     24 h, open, source, the configured budget)."""
-    sc = view.scopes.get(key)
-    if sc is None:
+    got = _figures(view, key, ts)  # window_spend and typical_hour in one go
+    if got is None:
         spend_h = spend_d = 0
         typ = 0.0
-    else:  # window_spend and typical_hour in one go
-        m = int(ts) // MINUTE
-        start = view.start_minute if view.start_minute is not None else m
-        spend_h, spend_d, typ_units = _windows(sc, m, start)
-        now_m, now_h = sc.minutes.get(m), sc.hours.get(m // 60)
-        if now_m is not None:
-            spend_h += now_m[0]
-        if now_h is not None:
-            spend_d += now_h[0]
+    else:
+        spend_h, spend_d, typ_units = got
         typ = float(typ_units)
     country = key.startswith(COUNTRY)
     configured = (policy.countries if country else policy.prefixes).get(key[3:])
@@ -342,7 +348,7 @@ def breaker(view: PopulationView, key: str, ts: float, policy: SpendPolicy,
 def breakers(view: PopulationView, ts: float, policy: SpendPolicy, campaigns: Sequence[Campaign] = (),
              lists: ListIndex | None = None) -> list[BreakerState]:
     """Every spend scope's breaker at ``ts`` (for gauges and logs), with the SOC's overrides."""
-    keys = [k for k in view.scopes if k[0] == "$"]
+    keys = [k for k in view.scope_keys() if k[0] == "$"]
     forced = lists.budget_overrides(keys, now=ts) if lists is not None else {}
     return [breaker(view, k, ts, policy, campaigns, forced.get(k)) for k in keys]
 

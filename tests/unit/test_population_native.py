@@ -1,0 +1,165 @@
+"""The request scopes in C (detector/core/_popcount.c) against the Python reference
+(detector/core/population.py, ``PopulationView(native=False)``): the same writes in the same
+order (in order, late, far-past, far-future and evicting, merged deltas, a declared start, a
+day of history, campaigns, prunes) give the same reads, gauges, buckets and state, and a replay
+gives the same decisions."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+import pytest
+
+from detector.core import population
+from detector.core.policy import load_policy
+from detector.core.population import (
+    Campaign,
+    PopulationView,
+    read,
+    scopes,
+    surging_scopes,
+)
+from detector.core.spend import typical_hour, window_spend
+
+POLICY = load_policy()
+POP = POLICY.population
+T0 = 1795341600.0  # 2026-11-24 06:00 UTC
+
+def test_the_extension_is_built():
+    """``make setup`` (``pip install -e .``) builds it; without it the detector runs the Python
+    reference, slower: a test environment must not fall back unnoticed."""
+    assert population._popcount is not None, \
+        "detector.core._popcount is not built: pip install -e . with a C compiler"
+    assert population.NATIVE
+    assert PopulationView().native is not None
+    assert population._popcount.MINUTES_KEPT == population.MINUTES_KEPT
+    assert population._popcount.HOURS_KEPT == population.HOURS_KEPT
+
+
+def _number(rng: random.Random) -> tuple[str, str]:
+    r = rng.random()
+    if r < 0.5:  # GB numbers over a few hundred 100,000-blocks
+        return f"+447{rng.randrange(40):03d}{rng.randrange(10**6):06d}", "GB"
+    if r < 0.8:  # one pumped block
+        return f"+44771234{rng.randrange(60):04d}", "GB"
+    if r < 0.95:
+        return f"+3361{rng.randrange(10**7):07d}", "FR"
+    return f"+88{rng.randrange(100):02d}", "XX"  # too short for blocks
+
+
+def _state(view: PopulationView) -> dict:
+    out = {}
+    for key in sorted(view.scope_keys()):
+        sc = view.scope(key)
+        out[key] = (dict(sorted(sc.minutes.items())), dict(sorted(sc.hours.items())),
+                    sc.newest_minute, sc.newest_hour)
+    return out
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+def test_the_c_store_reads_what_the_python_reference_reads(seed):
+    rng = random.Random(seed)
+    policy = POP
+    if seed == 4:  # declared campaigns: the factors are the caller's, the same in both
+        policy = replace(POP, campaigns=(Campaign("GB", T0 + 3600, T0 + 86400, 3.0),
+                                         Campaign("*", T0 + 7200, T0 + 9000, 2.0)))
+    c, py = PopulationView(native=True), PopulationView(native=False)
+    c_other, py_other = PopulationView(native=True), PopulationView(native=False)
+    assert c.native is not None and py.native is None
+    t = T0
+    for step in range(6000):
+        # bursts, quiet stretches and steps back in time; some writes late, far past or future
+        quiet = step % 1500 < 1100  # quiet stretches, then floods: surges enter and end
+        t += rng.choice((20.0, 61.0, 90.0, 600.0) if quiet else (0.1, 0.5, 2.0)) \
+            if rng.random() < 0.97 else -rng.choice((60.0, 4000.0))
+        r = rng.random()
+        ts = t if r < 0.8 else t - rng.choice((30, 120, 600, 3700, 8000, 30 * 3600)) if r < 0.97 \
+            else t + rng.choice((600, 86400 * 400)) + 60 * rng.randrange(200)
+        e164, region = _number(rng)
+        keys = scopes(e164, region, policy)
+        fresh = rng.random() < 0.6
+        counted = keys if rng.random() < 0.7 else keys[:2] if rng.random() < 0.5 else keys[2:]
+        if rng.random() < 0.15:  # another worker's request, merged below as a delta
+            c_other.observe(counted, ts, fresh=fresh)
+            py_other.observe(counted, ts, fresh=fresh)
+        elif rng.random() < 0.05:  # invalid number: no scope counted, everything read
+            assert read(c, (), ts, None, policy) == read(py, (), ts, None, policy), step
+        else:
+            assert (c.count_read(counted, keys, ts, fresh, region, policy)
+                    == py.count_read(counted, keys, ts, fresh, region, policy)), step
+        if rng.random() < 0.05:  # spend scopes stay in Python on both
+            units = rng.randrange(1, 900)
+            for v in (c, py):
+                v.observe(("$C:" + region,), ts, fresh=True, n=units)
+            assert window_spend(c, "$C:" + region, t) == window_spend(py, "$C:" + region, t)
+            assert typical_hour(c, "$C:" + region, t) == typical_hour(py, "$C:" + region, t)
+        if step % 41 == 0:
+            da, db = c_other.take_delta(), py_other.take_delta()
+            assert sorted(da) == sorted(db)
+            c.merge(da)
+            py.merge(db)
+        if step == 3000:
+            c.mark_start(t - 3 * 86400)
+            py.mark_start(t - 3 * 86400)
+        if step % 7 == 0:
+            at_t = t - rng.choice((0, 0, 0, 90, 7200))
+            assert read(c, keys, at_t, region, policy) == read(py, keys, at_t, region, policy), step
+            assert surging_scopes(c, at_t, policy) == surging_scopes(py, at_t, policy), step
+        if step % 500 == 499:
+            now = t - rng.choice((0, 86400))
+            assert c.prune(now) == py.prune(now), step
+            assert c.blocks == py.blocks, step
+            assert len(c) == len(py), step
+            assert _state(c) == _state(py), step
+    assert c.start_minute == py.start_minute
+    assert _state(c) == _state(py)
+    assert c.blocks == py.blocks
+
+
+def test_deltas_are_recorded_for_the_other_workers_on_both():
+    """A stream worker's view (``deltas=True``) counts through ``observe`` and records each
+    (scope, minute) delta, whichever backend holds the buckets."""
+    c, py = PopulationView(native=True), PopulationView(native=False)
+    for i in range(50):
+        e164 = f"+4477123400{i:02d}"
+        for v in (c, py):
+            got = v.count_read(scopes(e164, "GB", POP), scopes(e164, "GB", POP), T0 + 7 * i,
+                               i % 3 == 0, "GB", POP)
+        assert got == py.count_read((), scopes(e164, "GB", POP), T0 + 7 * i, False, "GB", POP)
+    assert sorted(c.take_delta()) == sorted(py.take_delta())
+    assert c.take_delta() == [] == py.take_delta()
+
+
+def test_bad_scope_keys_are_errors_not_crashes():
+    view = PopulationView(native=True)
+    with pytest.raises(ValueError, match="not a block scope"):
+        view.merge([["B5-no-colons", 29921700, 1, 0]])
+    with pytest.raises(TypeError):
+        view.native.add(5, 29921700, 1, 0)
+    view.merge([["C:GB", 29921700, 1, 0]])
+    assert len(view) == 1
+
+
+def test_a_replay_decides_the_same_with_either_backend():
+    """The whole detector on a simulated day: every decision equal, C store or Python."""
+    import io
+    import json
+
+    from detector.config import load_settings
+    from detector.core.pipeline import Detector
+    from detector.replay import replay
+    from detector.runtime import build_context
+    from detector.sim import SimConfig, simulate
+
+    lines = [json.dumps(it.request).encode()
+             for it in simulate(SimConfig(seed=4242, start=1795305600.0, duration_s=6 * 3600.0))]
+    outs = []
+    for native in (True, False):
+        det = Detector(build_context(load_settings()))
+        det.population = PopulationView(deltas=False, native=native)
+        out = io.StringIO()
+        replay(lines, det, out=out)
+        outs.append(out.getvalue())
+    assert outs[0] == outs[1]
+    assert outs[0].count("\n") == len(lines)
