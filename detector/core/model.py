@@ -52,6 +52,11 @@ from detector.core.errors import ModelError
 from detector.core.features import FEATURE_NAMES
 from detector.core.records import ModelResult
 
+try:  # the walk and the credits in C (core/_forest.c); the numpy code below is the reference
+    from detector.core import _forest
+except ImportError:  # not built (no C compiler at install): numpy, the same results
+    _forest = None  # type: ignore[assignment]
+
 log = logging.getLogger(__name__)
 
 ARTEFACT_FORMAT = "packed-isolation-forest/1"
@@ -116,7 +121,14 @@ class PackedForest:
     across all trees, the two children of a split side by side, so one step is
     ``first_child[n] + go_right`` and a level's nodes sit together in memory. A leaf's child is
     itself, so walking ``max_depth`` steps parks every path on its leaf.
+
+    Where the C extension ``detector.core._forest`` is built, :meth:`leaves` and
+    :meth:`contributions` run there on the same arrays (each path walked to its leaf, the
+    credits summed in the same order: the same leaves and bit-identical sums); ``native =
+    False`` on an instance keeps it on the numpy code (the reference; tests compare the two).
     """
+
+    native: bool = _forest is not None
 
     def __init__(self, arrays: Mapping[str, NDArray[Any]]) -> None:
         _check_arrays(arrays)
@@ -231,6 +243,12 @@ class PackedForest:
         """Global leaf index per (tree, row): shape (n_trees, n_rows)."""
         X32 = self._prepare(X)
         n = X32.shape[0]
+        if self.native and self.n_trees:
+            out = np.empty((self.n_trees, n), dtype=np.intp)
+            _forest.walk(self._walk_code, self._walk_thr, self._walk_nan_right,
+                         self._walk_to_global, self.n_trees, self._feat_bits, self.max_depth,
+                         X32, self.n_features, out)
+            return out
         flat = X32.ravel()
         nodes = np.repeat(self._walk_roots[:, None], n, axis=1)  # (trees, rows), walk order
         row_off = np.arange(n, dtype=np.intp) * self.n_features
@@ -264,6 +282,11 @@ class PackedForest:
         Summed tree by tree in order, whatever the batch size, so one row always gets the same
         numbers (and the same ``top_features``) alone or in a batch.
         """
+        if self.native and self.n_trees:
+            total = np.empty((leaves.shape[1], self.n_features))
+            _forest.credits(self._leaf_slot, self._leaf_credit, self.n_features,
+                            np.ascontiguousarray(leaves, dtype=np.intp), self.n_trees, total)
+            return total / self.n_trees
         slots = self._leaf_slot.take(leaves)  # (trees, rows)
         n = slots.shape[1]
         # One (trees, rows, features) gather per chunk of rows (bounded memory for big batches),

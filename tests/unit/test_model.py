@@ -3,6 +3,7 @@ feature-name checks, hot reload, thresholding and explanations."""
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from pathlib import Path
@@ -356,3 +357,85 @@ def test_a_node_no_split_reaches_is_refused():
     }
     with pytest.raises(ModelError, match="not reachable"):
         PackedForest(arrays)
+
+
+def _numpy_twin(packed: PackedForest) -> PackedForest:
+    twin = copy.copy(packed)
+    twin.native = False
+    return twin
+
+
+def test_the_forest_extension_is_built():
+    """``make setup`` builds it; a test environment must not fall back to numpy unnoticed."""
+    from detector.core import model
+
+    assert model._forest is not None, \
+        "detector.core._forest is not built: pip install -e . with a C compiler"
+    assert PackedForest.native
+
+
+@pytest.mark.parametrize("max_features", [1.0, 0.5, 7, 1])
+def test_the_c_walk_and_credits_equal_numpys(max_features):
+    """core/_forest.c against the numpy reference: the same leaves, bit-identical credits and
+    scores, on rows inside and far outside the training range, NaN in places, any batch size."""
+    X = random_data(0, 1500)
+    forest = IsolationForest(n_estimators=40, max_features=max_features, random_state=1).fit(X)
+    packed = PackedForest.from_sklearn(forest)
+    assert packed.native
+    ref = _numpy_twin(packed)
+    Y = random_data(1, 800) * 2.0
+    Y[::7, 5] = np.nan
+    Y[::11] = np.nan
+    Y[3] = np.inf
+    Y[4] = -np.inf
+    for rows in (Y, Y[:1], Y[:257], X[:300]):
+        leaves = packed.leaves(rows)
+        assert np.array_equal(leaves, ref.leaves(rows))
+        assert np.array_equal(packed.contributions(leaves), ref.contributions(leaves))
+        assert np.array_equal(packed.score_samples(rows), ref.score_samples(rows))
+    assert packed.leaves(Y[:0]).shape == (40, 0)
+
+
+def test_the_c_walk_equals_numpys_on_the_shipped_model_and_simulator_traffic(sim_features):
+    from detector.config import load_settings
+
+    settings = load_settings()
+    scorer = load_model(settings.models_dir, settings.model_name)
+    packed = scorer.forest
+    ref = _numpy_twin(packed)
+    X, _ = sim_features
+    leaves = packed.leaves(X)
+    assert np.array_equal(leaves, ref.leaves(X))
+    assert np.array_equal(packed.contributions(leaves), ref.contributions(leaves))
+    rows = [list(map(float, x)) for x in X[:300]]
+    ref_scorer = copy.copy(scorer)
+    ref_scorer.forest = ref
+    assert scorer.score_batch(rows) == ref_scorer.score_batch(rows)
+
+
+def test_a_malformed_walk_raises_instead_of_reading_out_of_bounds(fitted):
+    from detector.core import model
+
+    packed = PackedForest.from_sklearn(fitted)
+    X = np.zeros((2, packed.n_features), dtype=np.float32)
+    out = np.empty((packed.n_trees, 2), dtype=np.intp)
+    bad = packed._walk_code.copy()
+    bad[0] = (len(bad) + 5) << packed._feat_bits  # a child past the end
+    with pytest.raises(ValueError, match="out of range"):
+        model._forest.walk(bad, packed._walk_thr, packed._walk_nan_right, packed._walk_to_global,
+                           packed.n_trees, packed._feat_bits, packed.max_depth, X,
+                           packed.n_features, out)
+    with pytest.raises(ValueError, match="lengths disagree"):
+        model._forest.walk(packed._walk_code, packed._walk_thr[:-1], packed._walk_nan_right,
+                           packed._walk_to_global, packed.n_trees, packed._feat_bits,
+                           packed.max_depth, X, packed.n_features, out)
+    with pytest.raises(TypeError, match="bytes"):
+        model._forest.walk(packed._walk_code.astype(np.int32), packed._walk_thr,
+                           packed._walk_nan_right, packed._walk_to_global, packed.n_trees,
+                           packed._feat_bits, packed.max_depth, X, packed.n_features, out)
+    slots = packed._leaf_slot.copy()
+    slots[:] = 10**9
+    total = np.empty((2, packed.n_features))
+    with pytest.raises(ValueError, match="out of range"):
+        model._forest.credits(slots, packed._leaf_credit, packed.n_features,
+                              packed.leaves(X), packed.n_trees, total)

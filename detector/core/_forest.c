@@ -1,0 +1,243 @@
+/* The isolation forest's walk and explanation credits in C (detector/core/model.py's
+ * PackedForest is the reference: its numpy code is the fallback and what the tests compare).
+ *
+ * Why: numpy walks the forest level by level for a whole batch, ~8 array operations a level
+ * whatever the batch (14 levels), and gathers a (trees, rows, features) block for the credits:
+ * ~11% of a replay's CPU. One row's path through one tree is ~10 dependent steps; here each
+ * (tree, row) is walked to its leaf in a loop, tree by tree (a tree's nodes stay in cache), and
+ * the credits are summed row by row.
+ *
+ * Exactness: the walk takes the same comparisons on the same float32 values and thresholds
+ * (``x > thr``, NaN going where ``nan_right`` says), so it ends on the same leaf; the credits
+ * are added in float64 tree after tree from the first tree's value, the order of numpy's
+ * reduction along the trees' axis, so the sums are bit-identical (tests/unit/test_model.py).
+ *
+ * Arrays come in through the buffer protocol (no numpy headers at build time); their lengths
+ * are checked, and every index read from them is checked against the array it indexes, so a
+ * malformed model raises instead of reading out of bounds.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef long long i64;
+
+static int get(PyObject *o, Py_buffer *b, Py_ssize_t itemsize, int writable, const char *what)
+{
+    if (PyObject_GetBuffer(o, b, PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0)) < 0)
+        return -1;
+    if (b->itemsize != itemsize) {
+        PyErr_Format(PyExc_TypeError, "%s: expected items of %zd bytes, got %zd", what, itemsize,
+                     b->itemsize);
+        PyBuffer_Release(b);
+        return -1;
+    }
+    return 0;
+}
+
+#define NITEMS(b) ((b).len / (b).itemsize)
+
+/* walk(code int64[N], thr float32[N], nan_right bool[N], to_global int64[N], n_trees,
+ *      feat_bits, max_depth, X float32[rows * n_features], n_features, out int64[n_trees * rows])
+ *
+ * PackedForest.leaves: for tree t and row r, out[t * rows + r] = the global index of the leaf
+ * row r reaches from the tree's root (walk index t). */
+static PyObject *walk(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 10) {
+        PyErr_SetString(PyExc_TypeError, "walk takes 10 arguments");
+        return NULL;
+    }
+    i64 n_trees = PyLong_AsLongLong(args[4]), bits = PyLong_AsLongLong(args[5]);
+    i64 max_depth = PyLong_AsLongLong(args[6]), nf = PyLong_AsLongLong(args[8]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (bits < 1 || bits > 32 || nf < 1 || n_trees < 0 || max_depth < 0) {
+        PyErr_SetString(PyExc_ValueError, "walk: bad forest shape");
+        return NULL;
+    }
+    Py_buffer code, thr, nan_right, to_global, x, out;
+    if (get(args[0], &code, 8, 0, "code") < 0)
+        return NULL;
+    if (get(args[1], &thr, 4, 0, "thr") < 0)
+        goto e1;
+    if (get(args[2], &nan_right, 1, 0, "nan_right") < 0)
+        goto e2;
+    if (get(args[3], &to_global, 8, 0, "to_global") < 0)
+        goto e3;
+    if (get(args[7], &x, 4, 0, "X") < 0)
+        goto e4;
+    if (get(args[9], &out, 8, 1, "out") < 0)
+        goto e5;
+    Py_ssize_t n = NITEMS(code);
+    Py_ssize_t rows = NITEMS(x) / nf;
+    if (NITEMS(thr) != n || NITEMS(nan_right) != n || NITEMS(to_global) != n || n_trees > n ||
+        NITEMS(x) != rows * nf || NITEMS(out) != n_trees * rows) {
+        PyErr_SetString(PyExc_ValueError, "walk: array lengths disagree");
+        goto e6;
+    }
+    {
+        const int64_t *cd = code.buf, *tg = to_global.buf;
+        const float *th = thr.buf, *xs = x.buf;
+        const unsigned char *nr = nan_right.buf;
+        int64_t *o = out.buf;
+        const int64_t mask = ((int64_t)1 << bits) - 1;
+        int bad = 0;
+        Py_BEGIN_ALLOW_THREADS
+        for (i64 t = 0; t < n_trees && !bad; t++) {
+            for (Py_ssize_t r = 0; r < rows; r++) {
+                const float *row = xs + r * nf;
+                int64_t node = t;
+                for (i64 d = 0; d < max_depth; d++) {
+                    int64_t c = cd[node];
+                    int64_t child = c >> bits;
+                    if (child == node)
+                        break; /* a leaf */
+                    int64_t f = c & mask;
+                    if (child < 0 || child + 1 >= n || f >= nf) {
+                        bad = 1;
+                        break;
+                    }
+                    float v = row[f];
+                    node = child + ((v > th[node]) || (v != v && nr[node]));
+                }
+                if (bad)
+                    break;
+                int64_t g = tg[node];
+                if (g < 0 || g >= n) {
+                    bad = 1;
+                    break;
+                }
+                o[t * rows + r] = g;
+            }
+        }
+        Py_END_ALLOW_THREADS
+        if (bad) {
+            PyErr_SetString(PyExc_ValueError, "walk: a node or feature index out of range");
+            goto e6;
+        }
+    }
+    PyBuffer_Release(&out);
+    PyBuffer_Release(&x);
+    PyBuffer_Release(&to_global);
+    PyBuffer_Release(&nan_right);
+    PyBuffer_Release(&thr);
+    PyBuffer_Release(&code);
+    Py_RETURN_NONE;
+e6:
+    PyBuffer_Release(&out);
+e5:
+    PyBuffer_Release(&x);
+e4:
+    PyBuffer_Release(&to_global);
+e3:
+    PyBuffer_Release(&nan_right);
+e2:
+    PyBuffer_Release(&thr);
+e1:
+    PyBuffer_Release(&code);
+    return NULL;
+}
+
+/* credits(leaf_slot int64[N], leaf_credit float32[L * n_features], n_features,
+ *         leaves int64[n_trees * rows], n_trees, out float64[rows * n_features])
+ *
+ * PackedForest.contributions before the division by the number of trees: per row, the sum over
+ * the trees (in order, in float64, from the first tree's value) of the credits of its leaf. */
+static PyObject *credits(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "credits takes 6 arguments");
+        return NULL;
+    }
+    i64 nf = PyLong_AsLongLong(args[2]), n_trees = PyLong_AsLongLong(args[4]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (nf < 1 || n_trees < 1) {
+        PyErr_SetString(PyExc_ValueError, "credits: bad forest shape");
+        return NULL;
+    }
+    Py_buffer slot, credit, leaves, out;
+    if (get(args[0], &slot, 8, 0, "leaf_slot") < 0)
+        return NULL;
+    if (get(args[1], &credit, 4, 0, "leaf_credit") < 0)
+        goto e1;
+    if (get(args[3], &leaves, 8, 0, "leaves") < 0)
+        goto e2;
+    if (get(args[5], &out, 8, 1, "out") < 0)
+        goto e3;
+    Py_ssize_t n = NITEMS(slot), n_leaves = NITEMS(credit) / nf;
+    Py_ssize_t rows = NITEMS(leaves) / n_trees;
+    if (NITEMS(credit) != n_leaves * nf || NITEMS(leaves) != n_trees * rows ||
+        NITEMS(out) != rows * nf) {
+        PyErr_SetString(PyExc_ValueError, "credits: array lengths disagree");
+        goto e4;
+    }
+    {
+        const int64_t *sl = slot.buf, *lv = leaves.buf;
+        const float *cr = credit.buf;
+        double *o = out.buf;
+        int bad = 0;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t r = 0; r < rows && !bad; r++) {
+            double *acc = o + r * nf;
+            for (i64 t = 0; t < n_trees; t++) {
+                int64_t leaf = lv[t * rows + r];
+                if (leaf < 0 || leaf >= n || sl[leaf] < 0 || sl[leaf] >= n_leaves) {
+                    bad = 1;
+                    break;
+                }
+                const float *c = cr + sl[leaf] * nf;
+                if (t == 0) {
+                    for (i64 f = 0; f < nf; f++)
+                        acc[f] = (double)c[f];
+                }
+                else {
+                    for (i64 f = 0; f < nf; f++)
+                        acc[f] += (double)c[f];
+                }
+            }
+        }
+        Py_END_ALLOW_THREADS
+        if (bad) {
+            PyErr_SetString(PyExc_ValueError, "credits: a leaf index out of range");
+            goto e4;
+        }
+    }
+    PyBuffer_Release(&out);
+    PyBuffer_Release(&leaves);
+    PyBuffer_Release(&credit);
+    PyBuffer_Release(&slot);
+    Py_RETURN_NONE;
+e4:
+    PyBuffer_Release(&out);
+e3:
+    PyBuffer_Release(&leaves);
+e2:
+    PyBuffer_Release(&credit);
+e1:
+    PyBuffer_Release(&slot);
+    return NULL;
+}
+
+static PyMethodDef forest_methods[] = {
+    {"walk", (PyCFunction)(void (*)(void))walk, METH_FASTCALL,
+     "walk(code, thr, nan_right, to_global, n_trees, feat_bits, max_depth, X, n_features, out)"},
+    {"credits", (PyCFunction)(void (*)(void))credits, METH_FASTCALL,
+     "credits(leaf_slot, leaf_credit, n_features, leaves, n_trees, out)"},
+    {NULL},
+};
+
+static struct PyModuleDef forest_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "detector.core._forest",
+    .m_doc = "The isolation forest's walk and credits in C (core/model.py is the reference).",
+    .m_size = -1,
+    .m_methods = forest_methods,
+};
+
+PyMODINIT_FUNC PyInit__forest(void)
+{
+    return PyModule_Create(&forest_module);
+}
