@@ -4,8 +4,8 @@
  * Why: numpy walks the forest level by level for a whole batch, ~8 array operations a level
  * whatever the batch (14 levels), and gathers a (trees, rows, features) block for the credits:
  * ~11% of a replay's CPU. One row's path through one tree is ~10 dependent steps; here each
- * (tree, row) is walked to its leaf in a loop, tree by tree (a tree's nodes stay in cache), and
- * the credits are summed row by row.
+ * (tree, row) is walked to its leaf, tree by tree (a tree's nodes stay in cache) and 8 rows side
+ * by side (independent chains of loads overlap), and the credits are summed tree by tree.
  *
  * Exactness: the walk takes the same comparisons on the same float32 values and thresholds
  * (``x > thr``, NaN going where ``nan_right`` says), so it ends on the same leaf; the credits
@@ -22,6 +22,8 @@
 #include <string.h>
 
 typedef long long i64;
+
+#define GROUP 8 /* rows walked side by side */
 
 static int get(PyObject *o, Py_buffer *b, Py_ssize_t itemsize, int writable, const char *what)
 {
@@ -85,31 +87,38 @@ static PyObject *walk(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         const int64_t mask = ((int64_t)1 << bits) - 1;
         int bad = 0;
         Py_BEGIN_ALLOW_THREADS
+        /* Tree by tree (its nodes stay in cache), GROUP rows at a time: their paths are
+         * independent chains of loads, which the processor overlaps. */
         for (i64 t = 0; t < n_trees && !bad; t++) {
-            for (Py_ssize_t r = 0; r < rows; r++) {
-                const float *row = xs + r * nf;
-                int64_t node = t;
+            for (Py_ssize_t r0 = 0; r0 < rows && !bad; r0 += GROUP) {
+                int g = rows - r0 < GROUP ? (int)(rows - r0) : GROUP;
+                int64_t node[GROUP];
+                const float *row[GROUP];
+                for (int i = 0; i < g; i++) {
+                    node[i] = t;
+                    row[i] = xs + (r0 + i) * nf;
+                }
+                /* max_depth steps for every path, without a branch on the data: a leaf is its
+                 * own child and never goes right (threshold +inf, NaN left), so a path that
+                 * reached its leaf stays there, as in the numpy walk. */
                 for (i64 d = 0; d < max_depth; d++) {
-                    int64_t c = cd[node];
-                    int64_t child = c >> bits;
-                    if (child == node)
-                        break; /* a leaf */
-                    int64_t f = c & mask;
-                    if (child < 0 || child + 1 >= n || f >= nf) {
-                        bad = 1;
-                        break;
+                    for (int i = 0; i < g; i++) {
+                        int64_t at = node[i], c = cd[at], child = c >> bits, f = c & mask;
+                        if (child < 0 || child >= n || (child != at && child + 1 >= n) || f >= nf)
+                            bad = 1;
+                        float v = row[i][bad ? 0 : f];
+                        node[i] = bad ? at : child + ((v > th[at]) | ((v != v) & nr[at]));
                     }
-                    float v = row[f];
-                    node = child + ((v > th[node]) || (v != v && nr[node]));
+                    if (bad)
+                        break;
                 }
-                if (bad)
-                    break;
-                int64_t g = tg[node];
-                if (g < 0 || g >= n) {
-                    bad = 1;
-                    break;
+                for (int i = 0; i < g && !bad; i++) {
+                    int64_t gl = tg[node[i]];
+                    if (gl < 0 || gl >= n)
+                        bad = 1;
+                    else
+                        o[t * rows + r0 + i] = gl;
                 }
-                o[t * rows + r] = g;
             }
         }
         Py_END_ALLOW_THREADS
@@ -180,15 +189,18 @@ static PyObject *credits(PyObject *self, PyObject *const *args, Py_ssize_t nargs
         double *o = out.buf;
         int bad = 0;
         Py_BEGIN_ALLOW_THREADS
-        for (Py_ssize_t r = 0; r < rows && !bad; r++) {
-            double *acc = o + r * nf;
-            for (i64 t = 0; t < n_trees; t++) {
-                int64_t leaf = lv[t * rows + r];
+        /* Tree by tree (its leaves' credits are adjacent and stay in cache), each row's sums
+         * in ``out``: per (row, feature) the same additions in the same order as row by row. */
+        for (i64 t = 0; t < n_trees && !bad; t++) {
+            const int64_t *lt = lv + t * rows;
+            for (Py_ssize_t r = 0; r < rows; r++) {
+                int64_t leaf = lt[r];
                 if (leaf < 0 || leaf >= n || sl[leaf] < 0 || sl[leaf] >= n_leaves) {
                     bad = 1;
                     break;
                 }
                 const float *c = cr + sl[leaf] * nf;
+                double *acc = o + r * nf;
                 if (t == 0) {
                     for (i64 f = 0; f < nf; f++)
                         acc[f] = (double)c[f];

@@ -413,6 +413,30 @@ def test_the_c_walk_equals_numpys_on_the_shipped_model_and_simulator_traffic(sim
     assert scorer.score_batch(rows) == ref_scorer.score_batch(rows)
 
 
+def test_the_c_walk_reaches_every_leaf_of_a_hand_made_forest():
+    """Two trees of one split each (the last node of the walk order is a leaf): rows on either
+    side of the thresholds, on them, and NaN (left in the first tree, right in the second)."""
+    arrays = {
+        "children_left": np.array([1, -1, -1, 1, -1, -1], dtype=np.int32),
+        "children_right": np.array([2, -1, -1, 2, -1, -1], dtype=np.int32),
+        "feature": np.array([0, -2, -2, 1, -2, -2], dtype=np.int32),
+        "threshold": np.array([0.5, -2.0, -2.0, -1.25, -2.0, -2.0]),
+        "n_node_samples": np.array([4, 1, 3, 4, 2, 2], dtype=np.int64),
+        "missing_go_to_left": np.array([1, 1, 1, 0, 1, 1], dtype=np.uint8),
+        "tree_offsets": np.array([0, 3, 6], dtype=np.int64),
+        "estimators_features": np.array([[0, 1], [0, 1]], dtype=np.int32),
+        "max_samples": np.asarray(4, dtype=np.int64),
+        "n_features": np.asarray(2, dtype=np.int64),
+    }
+    packed = PackedForest(arrays)
+    ref = _numpy_twin(packed)
+    X = np.array([[0.0, -2.0], [1.0, 0.0], [0.5, -1.25], [np.nan, np.nan], [np.inf, -np.inf]])
+    leaves = packed.leaves(X)
+    assert np.array_equal(leaves, ref.leaves(X))
+    assert leaves.tolist() == [[1, 2, 1, 1, 2], [4, 5, 4, 5, 4]]
+    assert np.array_equal(packed.contributions(leaves), ref.contributions(leaves))
+
+
 def test_a_malformed_walk_raises_instead_of_reading_out_of_bounds(fitted):
     from detector.core import model
 
