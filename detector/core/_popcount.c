@@ -18,13 +18,14 @@
  *   ``blocks[(region, "B<k>")]`` dict with the newest hour it was counted in;
  * - reads are the sums the reference's running totals and memos stand for (its own tests check
  *   those against sums of the buckets), in the same floating-point operations in the same order;
- *   ratios come back unrounded (Python's round() does that, as the reference does).
+ *   ratios are rounded to 3 places exactly as Python's round(x, 3) (round3).
  *
  * The objects hold no references that can form a cycle (str keys, int values, these scopes), so
  * none of them is tracked by the garbage collector.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -240,49 +241,50 @@ static ScopeObject *scope_new(StoreObject *store, PyObject *key)
     return sc;
 }
 
-/* Count n requests (f of them fresh) at ``minute`` in the scope ``key`` (created if new). */
-static int store_add(StoreObject *self, PyObject *key, i64 minute, i64 n, i64 f)
+/* Count n requests (f of them fresh) at ``minute`` in the scope ``key`` (created if new).
+ * Returns the scope (a borrowed reference: the store's dict holds it), NULL on an error. */
+static ScopeObject *store_add(StoreObject *self, PyObject *key, i64 minute, i64 n, i64 f)
 {
     ScopeObject *sc = (ScopeObject *)PyDict_GetItemWithError(self->scopes, key);
     if (sc == NULL) {
         if (PyErr_Occurred())
-            return -1;
+            return NULL;
         sc = scope_new(self, key);
         if (sc == NULL)
-            return -1;
+            return NULL;
         if (PyDict_SetItem(self->scopes, key, (PyObject *)sc) < 0) {
             Py_DECREF(sc);
-            return -1;
+            return NULL;
         }
         Py_DECREF(sc); /* the dict holds it */
     }
     /* hour = minute // 60 (floor) */
     i64 hour = minute >= 0 ? minute / 60 : -((-minute + 59) / 60);
     if (buckets_add(&sc->mins, minute, n, f, MINUTES_KEPT) < 0)
-        return -1;
+        return NULL;
     if (buckets_add(&sc->hrs, hour, n, f, HOURS_KEPT) < 0)
-        return -1;
+        return NULL;
     if (sc->seen != NULL) { /* if seen.get(prefix, -1) < hour: seen[prefix] = hour */
         PyObject *was = PyDict_GetItemWithError(sc->seen, sc->prefix);
         if (was == NULL && PyErr_Occurred())
-            return -1;
+            return NULL;
         int older = 1;
         if (was != NULL) {
             i64 w = PyLong_AsLongLong(was);
             if (w == -1 && PyErr_Occurred())
-                return -1;
+                return NULL;
             older = w < hour;
         }
         if (older) {
             PyObject *h = PyLong_FromLongLong(hour);
             if (h == NULL || PyDict_SetItem(sc->seen, sc->prefix, h) < 0) {
                 Py_XDECREF(h);
-                return -1;
+                return NULL;
             }
             Py_DECREF(h);
         }
     }
-    return 0;
+    return sc;
 }
 
 /* ---- reads -------------------------------------------------------------------------------- */
@@ -296,10 +298,40 @@ static i64 floordiv60(i64 m)
     return m >= 0 ? m / 60 : -((-m + 59) / 60);
 }
 
-static int cmp_i64(const void *a, const void *b)
+/* ascending, in place (a dozen or two values: no qsort and its allocation) */
+static void sort_i64(i64 *v, int n)
 {
-    i64 x = *(const i64 *)a, y = *(const i64 *)b;
-    return (x > y) - (x < y);
+    for (int i = 1; i < n; i++) {
+        i64 x = v[i];
+        int j = i - 1;
+        while (j >= 0 && v[j] > x) {
+            v[j + 1] = v[j];
+            j--;
+        }
+        v[j + 1] = x;
+    }
+}
+
+/* Python's round(x, 3), exactly: the double nearest to the decimal x rounded to 3 places (half
+ * to even on x's exact binary value). Where x * 1000 is not within 1e-6 of a half integer, the
+ * integer k nearest to the exact product is the one nearest to the computed one (its error is
+ * below |x * 1000| * 2^-53), and k / 1000.0 is the double nearest to k/1000 (one correctly
+ * rounded division of exact operands). Anything else (near a tie, huge, not finite) asks
+ * Python's round. Returns a new reference. */
+static PyObject *round3(double x)
+{
+    double y = x * 1000.0;
+    if (isfinite(y) && fabs(y) < 1e9) {
+        double fl = floor(y), frac = y - fl;
+        if (fabs(frac - 0.5) > 1e-6)
+            return PyFloat_FromDouble((frac < 0.5 ? fl : fl + 1.0) / 1000.0);
+    }
+    PyObject *f = PyFloat_FromDouble(x);
+    if (f == NULL)
+        return NULL;
+    PyObject *r = PyObject_CallMethod(f, "__round__", "i", 3);
+    Py_DECREF(f);
+    return r;
 }
 
 /* population._surge: (count over the last 10 min, raw ratio to the baseline, surging) */
@@ -345,7 +377,7 @@ static void surge(ScopeObject *sc, i64 m, i64 start, double min_baseline, double
     }
     double base = min_baseline;
     if (kmax > 0) { /* the lower median of the blocks there is history for */
-        qsort(&blocks[1], (size_t)kmax, sizeof(i64), cmp_i64);
+        sort_i64(&blocks[1], kmax);
         double med = (double)blocks[1 + (kmax - 1) / 2];
         if (med > base)
             base = med;
@@ -450,7 +482,7 @@ static PyObject *store_add_py(StoreObject *self, PyObject *const *args, Py_ssize
     }
     if (as_i64(args[1], &minute) < 0 || as_i64(args[2], &n) < 0 || as_i64(args[3], &f) < 0)
         return NULL;
-    if (store_add(self, args[0], minute, n, f) < 0)
+    if (store_add(self, args[0], minute, n, f) == NULL)
         return NULL;
     Py_RETURN_NONE;
 }
@@ -463,7 +495,7 @@ static ScopeObject *lookup(StoreObject *self, PyObject *key, int *err)
 }
 
 /* surge(key, m, start, min_baseline, factor, enter, exit, short_min)
- *   -> (count 10 min, raw ratio, surging), or None without the scope */
+ *   -> (count 10 min, ratio rounded to 3 places, surging), or None without the scope */
 static PyObject *store_surge(StoreObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     i64 m, start, c10;
@@ -485,50 +517,68 @@ static PyObject *store_surge(StoreObject *self, PyObject *const *args, Py_ssize_
     if (sc == NULL)
         Py_RETURN_NONE;
     surge(sc, m, start, minb, factor, &p, &c10, &ratio, &on);
-    return Py_BuildValue("LdO", c10, ratio, on ? Py_True : Py_False);
+    PyObject *r = round3(ratio);
+    if (r == NULL)
+        return NULL;
+    return Py_BuildValue("LNO", c10, r, on ? Py_True : Py_False);
 }
 
-/* count_read(counted, keys, m, h, fresh, start, country_key, g_min, g_factor, c_min, c_factor,
- *            enter, exit, short_min, floor24, floor1h, concentration, child_share, fresh_share)
+/* count_read(keys, mask, m, h, fresh, start, country_key, g_factor, c_factor, params)
  *
- * Count one request in each scope of ``counted`` (a tuple of keys) at minute m, then read
- * population.read's signals for ``keys`` (its scopes, in scopes() order). ``country_key`` None:
- * no region, (global 10 min, raw global ratio, global surging); else the 11 fields of
- * PopulationCounts with the ratios unrounded. */
+ * Count one request (``fresh`` 1 or 0) at minute m in each scope keys[i] whose bit i is set in
+ * ``mask``, then read population.read's signals for ``keys`` (scopes() order; each key looked up
+ * once). ``params``: the policy's (global min baseline, country min baseline, surge enter, surge
+ * exit, surge short min, prefix floor 24 h, prefix floor 1 h, concentration factor, child share,
+ * fresh share). ``country_key`` None (no region): (global 10 min, global ratio, global surging);
+ * else the 11 fields of PopulationCounts. Ratios rounded as population.read rounds them. */
+#define MAX_KEYS 16
+#define N_PARAMS 10
+
 static PyObject *store_count_read(StoreObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    i64 m, h, fresh, start;
-    double g_min, g_factor, c_min, c_factor, floor24, floor1h, conc_factor, child_share,
-        fresh_share;
-    SurgePolicy p;
+    i64 mask, m, h, fresh, start;
+    double g_factor, c_factor, pr[N_PARAMS];
     int err;
-    if (nargs != 19) {
-        PyErr_SetString(PyExc_TypeError, "count_read takes 19 arguments");
+    if (nargs != 10) {
+        PyErr_SetString(PyExc_TypeError, "count_read takes 10 arguments");
         return NULL;
     }
-    PyObject *counted = args[0], *keys = args[1], *country_key = args[6];
-    if (!PyTuple_Check(counted) || !PyTuple_Check(keys)) {
-        PyErr_SetString(PyExc_TypeError, "counted and keys are tuples");
+    PyObject *keys = args[0], *country_key = args[6], *params = args[9];
+    if (!PyTuple_Check(keys) || PyTuple_GET_SIZE(keys) > MAX_KEYS) {
+        PyErr_SetString(PyExc_TypeError, "keys: a tuple of at most 16 scope keys");
         return NULL;
     }
-    if (as_i64(args[2], &m) < 0 || as_i64(args[3], &h) < 0 || as_i64(args[4], &fresh) < 0 ||
-        as_i64(args[5], &start) < 0 || as_double(args[7], &g_min) < 0 ||
-        as_double(args[8], &g_factor) < 0 || as_double(args[9], &c_min) < 0 ||
-        as_double(args[10], &c_factor) < 0 || as_double(args[11], &p.enter) < 0 ||
-        as_double(args[12], &p.exit_) < 0 || as_double(args[13], &p.short_min) < 0 ||
-        as_double(args[14], &floor24) < 0 || as_double(args[15], &floor1h) < 0 ||
-        as_double(args[16], &conc_factor) < 0 || as_double(args[17], &child_share) < 0 ||
-        as_double(args[18], &fresh_share) < 0)
+    if (!PyTuple_Check(params) || PyTuple_GET_SIZE(params) != N_PARAMS) {
+        PyErr_SetString(PyExc_TypeError, "params: a tuple of 10 numbers");
         return NULL;
-    Py_ssize_t nc = PyTuple_GET_SIZE(counted);
-    for (Py_ssize_t i = 0; i < nc; i++) {
-        PyObject *key = PyTuple_GET_ITEM(counted, i);
+    }
+    if (as_i64(args[1], &mask) < 0 || as_i64(args[2], &m) < 0 || as_i64(args[3], &h) < 0 ||
+        as_i64(args[4], &fresh) < 0 || as_i64(args[5], &start) < 0 ||
+        as_double(args[7], &g_factor) < 0 || as_double(args[8], &c_factor) < 0)
+        return NULL;
+    for (int i = 0; i < N_PARAMS; i++)
+        if (as_double(PyTuple_GET_ITEM(params, i), &pr[i]) < 0)
+            return NULL;
+    const double g_min = pr[0], c_min = pr[1], floor24 = pr[5], floor1h = pr[6];
+    const double conc_factor = pr[7], child_share = pr[8], fresh_share = pr[9];
+    SurgePolicy p = {pr[2], pr[3], pr[4]};
+    Py_ssize_t nk = PyTuple_GET_SIZE(keys);
+    ScopeObject *found[MAX_KEYS];
+    for (Py_ssize_t i = 0; i < nk; i++) {
+        PyObject *key = PyTuple_GET_ITEM(keys, i);
         if (!PyUnicode_Check(key)) {
             PyErr_SetString(PyExc_TypeError, "a scope key is a str");
             return NULL;
         }
-        if (store_add(self, key, m, 1, fresh) < 0)
-            return NULL;
+        if (mask >> i & 1) {
+            if ((found[i] = store_add(self, key, m, 1, fresh)) == NULL)
+                return NULL;
+        }
+        else {
+            found[i] = lookup(self, key, &err);
+            if (err)
+                return NULL;
+        }
     }
     static PyObject *global_key = NULL;
     if (global_key == NULL && (global_key = PyUnicode_InternFromString("*")) == NULL)
@@ -540,8 +590,12 @@ static PyObject *store_count_read(StoreObject *self, PyObject *const *args, Py_s
     if (err)
         return NULL;
     surge(sc, m, start, g_min, g_factor, &p, &g10, &gf, &gs);
-    if (country_key == Py_None)
-        return Py_BuildValue("LdO", g10, gf, gs ? Py_True : Py_False);
+    if (country_key == Py_None) {
+        PyObject *r = round3(gf);
+        if (r == NULL)
+            return NULL;
+        return Py_BuildValue("LNO", g10, r, gs ? Py_True : Py_False);
+    }
     ScopeObject *country = lookup(self, country_key, &err);
     if (err)
         return NULL;
@@ -552,15 +606,11 @@ static PyObject *store_count_read(StoreObject *self, PyObject *const *args, Py_s
     i64 best_n = 0, child24 = -1, child1h = -1;
     double best_conc = 0.0, best_share = 0.0;
     int concentrated = 0, surging_prefix = 0;
-    Py_ssize_t nk = PyTuple_GET_SIZE(keys);
     for (Py_ssize_t i = 0; i < nk; i++) {
         PyObject *key = PyTuple_GET_ITEM(keys, i);
-        if (!PyUnicode_Check(key) || PyUnicode_GET_LENGTH(key) == 0 ||
-            PyUnicode_READ_CHAR(key, 0) != 'B')
+        if (PyUnicode_GET_LENGTH(key) == 0 || PyUnicode_READ_CHAR(key, 0) != 'B')
             continue;
-        ScopeObject *b = lookup(self, key, &err);
-        if (err)
-            return NULL;
+        ScopeObject *b = found[i];
         if (b == NULL)
             continue;
         Py_ssize_t touched = b->seen != NULL ? PyDict_GET_SIZE(b->seen) : 1;
@@ -596,8 +646,16 @@ static PyObject *store_count_read(StoreObject *self, PyObject *const *args, Py_s
             }
         }
     }
-    return Py_BuildValue("LdOLdOLddOO", g10, gf, gs ? Py_True : Py_False, c10, cf,
-                         cs ? Py_True : Py_False, best_n, best_conc, best_share,
+    PyObject *rg = round3(gf), *rc = rg ? round3(cf) : NULL;
+    PyObject *rb = rc ? round3(best_conc) : NULL, *rs = rb ? round3(best_share) : NULL;
+    if (rs == NULL) {
+        Py_XDECREF(rg);
+        Py_XDECREF(rc);
+        Py_XDECREF(rb);
+        return NULL;
+    }
+    return Py_BuildValue("LNOLNOLNNOO", g10, rg, gs ? Py_True : Py_False, c10, rc,
+                         cs ? Py_True : Py_False, best_n, rb, rs,
                          concentrated ? Py_True : Py_False, surging_prefix ? Py_True : Py_False);
 }
 
@@ -634,7 +692,7 @@ static PyObject *store_spend(StoreObject *self, PyObject *const *args, Py_ssize_
     }
     i64 typ = 0;
     if (nv > 0) {
-        qsort(values, (size_t)nv, sizeof(i64), cmp_i64);
+        sort_i64(values, nv);
         typ = values[(nv - 1) / 2];
     }
     return Py_BuildValue("LLL", sh, sd, typ);

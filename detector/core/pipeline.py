@@ -61,8 +61,9 @@ def count_population(
     keys = population.scopes(ph.e164, ph.region, policy.population)
     ip = enr.ip
     quiet = rng.number_1h == 1 and not (ip.hosting or ip.tor_exit or ip.public_proxy)
-    counted = (keys[:2] if quiet else ()) + (keys[2:] if rng.number_24h == 1 else ())
-    return view.count_read(counted, keys, req.ts, bool(ip_counts.ip_fresh), ph.region,
+    # counted in keys[:2] (everything, its country) if quiet, in keys[2:] (its blocks) if new
+    mask = (3 if quiet else 0) | ((1 << len(keys)) - 4 if rng.number_24h == 1 else 0)
+    return view.count_read(keys, mask, req.ts, bool(ip_counts.ip_fresh), ph.region,
                            policy.population)
 
 

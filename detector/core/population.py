@@ -62,6 +62,8 @@ from dataclasses import dataclass
 from itertools import accumulate
 from typing import Any
 
+from detector.core.frozen import fast_new
+
 MINUTE, HOUR = 60, 3600
 MINUTES_KEPT = 136  # > 130: the baseline reads the two hours before the last 10 minutes
 BASELINE_BLOCKS = 12  # 10-minute blocks of history whose median is the baseline
@@ -106,6 +108,7 @@ class PopulationPolicy:
     campaigns: tuple[Campaign, ...] = ()
 
 
+@fast_new
 @dataclass(frozen=True, slots=True)
 class PopulationCounts:
     """What the population said of one request (counts include the request). Higher = riskier."""
@@ -291,6 +294,7 @@ class PopulationView:
         elif native and _popcount is None:
             raise RuntimeError("detector.core._popcount is not built (pip install -e . with a C compiler)")
         self.native: Any = _popcount.Store(self.blocks) if native else None
+        self._params: tuple[PopulationPolicy | None, tuple[float, ...]] = (None, ())
 
     def __len__(self) -> int:
         return len(self.scopes) + (len(self.native) if self.native is not None else 0)
@@ -305,20 +309,21 @@ class PopulationView:
         """Every scope's key."""
         return list(self.scopes) + (self.native.keys() if self.native is not None else [])
 
-    def count_read(self, counted: tuple[str, ...], keys: tuple[str, ...], ts: float, fresh: bool,
+    def count_read(self, keys: tuple[str, ...], mask: int, ts: float, fresh: bool,
                    region: str | None, policy: PopulationPolicy) -> PopulationCounts:
-        """``observe(counted, ts, fresh=fresh)`` (when ``counted``), then ``read(self, keys, ts,
-        region, policy)``: one call into C where the request scopes are there."""
+        """Count the request in the scopes ``keys[i]`` whose bit ``i`` is set in ``mask``
+        (:meth:`observe`), then ``read(self, keys, ts, region, policy)``: one call into C where
+        the scopes are there."""
         store = self.native
         if store is None or self.deltas:
-            if counted:
-                self.observe(counted, ts, fresh=fresh)
+            if mask:
+                self.observe(tuple(k for i, k in enumerate(keys) if mask >> i & 1), ts, fresh=fresh)
             return read(self, keys, ts, region, policy)
-        if counted:
+        if mask:
             minute = int(ts) // MINUTE
             if self.start_minute is None or minute < self.start_minute:
                 self.start_minute = minute
-        return _read_native(self, store, counted, keys, ts, region, policy, 1 if fresh else 0)
+        return _read_native(self, store, keys, mask, ts, region, policy, 1 if fresh else 0)
 
     def observe(self, keys: Sequence[str], ts: float, *, fresh: bool, n: int = 1) -> None:
         """Count one request (and record it as a delta for :meth:`take_delta`). Spend scopes
@@ -615,12 +620,12 @@ def surging_scopes(view: PopulationView, ts: float, policy: PopulationPolicy
                 _, f, on = store.surge(key, m, start, policy.global_min_baseline_10m,
                                        _campaign_factor(policy.campaigns, GLOBAL, ts),
                                        policy.surge_enter, policy.surge_exit, policy.surge_short_min)
-                out[("global", "-")] = (round(f, 3), on)
+                out[("global", "-")] = (f, on)
             elif key.startswith("C:") and len(key) == 4 and key[2:].isalpha():
                 _, f, on = store.surge(key, m, start, policy.country_min_baseline_10m,
                                        _campaign_factor(policy.campaigns, key[2:], ts),
                                        policy.surge_enter, policy.surge_exit, policy.surge_short_min)
-                out[("country", key[2:])] = (round(f, 3), on)
+                out[("country", key[2:])] = (f, on)
         return out
     for key, sc in view.scopes.items():
         if key == GLOBAL:
@@ -638,7 +643,7 @@ def read(view: PopulationView, keys: Sequence[str], ts: float, region: str | Non
          policy: PopulationPolicy) -> PopulationCounts:
     """The population signals for a request counted in ``keys`` at ``ts`` (see the module doc)."""
     if view.native is not None:
-        return _read_native(view, view.native, (), keys, ts, region, policy, 0)
+        return _read_native(view, view.native, tuple(keys), 0, ts, region, policy, 0)
     m = int(ts) // MINUTE
     start = view.start_minute if view.start_minute is not None else m
     campaigns = policy.campaigns
@@ -683,33 +688,29 @@ def read(view: PopulationView, keys: Sequence[str], ts: float, region: str | Non
                             round(best_share, 3), concentrated, surging_prefix)
 
 
-def _read_native(view: PopulationView, store: Any, counted: Sequence[str], keys: Sequence[str],
-                 ts: float, region: str | None, policy: PopulationPolicy, fresh: int
-                 ) -> PopulationCounts:
-    """:func:`read` (after counting the request in ``counted``) from the C store: the same
-    operations on the same counts (core/_popcount.c), the ratios rounded here as there."""
+def _read_native(view: PopulationView, store: Any, keys: tuple[str, ...], mask: int, ts: float,
+                 region: str | None, policy: PopulationPolicy, fresh: int) -> PopulationCounts:
+    """:func:`read` (after counting the request in the ``keys`` of ``mask``) from the C store:
+    the same operations on the same counts, the ratios rounded as here (core/_popcount.c)."""
     m = int(ts) // MINUTE
     start = view.start_minute if view.start_minute is not None else m
     campaigns = policy.campaigns
+    cached, params = view._params
+    if cached is not policy:
+        params = (float(policy.global_min_baseline_10m), float(policy.country_min_baseline_10m),
+                  float(policy.surge_enter), float(policy.surge_exit), float(policy.surge_short_min),
+                  float(policy.prefix_floor_24h), float(policy.prefix_floor_1h),
+                  float(policy.concentration_factor), float(policy.child_share),
+                  float(policy.fresh_share))
+        view._params = (policy, params)
     if region is None:
-        g10, gf, gs = store.count_read(
-            tuple(counted), tuple(keys), m, int(ts) // HOUR, fresh, start, None,
-            policy.global_min_baseline_10m,
-            _campaign_factor(campaigns, GLOBAL, ts) if campaigns else 1.0, 0.0, 1.0,
-            policy.surge_enter, policy.surge_exit, policy.surge_short_min, 0, 0, 0.0, 0.0, 0.0)
-        return PopulationCounts(g10, round(gf, 3), gs)
-    g10, gf, gs, c10, cf, cs, best_n, best_conc, best_share, concentrated, surging_prefix = \
-        store.count_read(
-            tuple(counted), tuple(keys), m, int(ts) // HOUR, fresh, start, f"C:{region}",
-            policy.global_min_baseline_10m,
-            _campaign_factor(campaigns, GLOBAL, ts) if campaigns else 1.0,
-            policy.country_min_baseline_10m,
-            _campaign_factor(campaigns, region, ts) if campaigns else 1.0,
-            policy.surge_enter, policy.surge_exit, policy.surge_short_min,
-            policy.prefix_floor_24h, policy.prefix_floor_1h, policy.concentration_factor,
-            policy.child_share, policy.fresh_share)
-    return PopulationCounts(g10, round(gf, 3), gs, c10, round(cf, 3), cs, best_n,
-                            round(best_conc, 3), round(best_share, 3), concentrated, surging_prefix)
+        return PopulationCounts(*store.count_read(
+            keys, mask, m, int(ts) // HOUR, fresh, start, None,
+            _campaign_factor(campaigns, GLOBAL, ts) if campaigns else 1.0, 1.0, params))
+    return PopulationCounts(*store.count_read(
+        keys, mask, m, int(ts) // HOUR, fresh, start, f"C:{region}",
+        _campaign_factor(campaigns, GLOBAL, ts) if campaigns else 1.0,
+        _campaign_factor(campaigns, region, ts) if campaigns else 1.0, params))
 
 
 def surge_threshold_note(policy: PopulationPolicy) -> str:

@@ -79,15 +79,17 @@ def test_the_c_store_reads_what_the_python_reference_reads(seed):
         e164, region = _number(rng)
         keys = scopes(e164, region, policy)
         fresh = rng.random() < 0.6
-        counted = keys if rng.random() < 0.7 else keys[:2] if rng.random() < 0.5 else keys[2:]
+        full = (1 << len(keys)) - 1  # every scope; or the pipeline's halves; or any subset
+        mask = full if rng.random() < 0.6 else rng.choice((3 & full, full & ~3, rng.randrange(full + 1)))
         if rng.random() < 0.15:  # another worker's request, merged below as a delta
+            counted = tuple(k for i, k in enumerate(keys) if mask >> i & 1)
             c_other.observe(counted, ts, fresh=fresh)
             py_other.observe(counted, ts, fresh=fresh)
         elif rng.random() < 0.05:  # invalid number: no scope counted, everything read
             assert read(c, (), ts, None, policy) == read(py, (), ts, None, policy), step
         else:
-            assert (c.count_read(counted, keys, ts, fresh, region, policy)
-                    == py.count_read(counted, keys, ts, fresh, region, policy)), step
+            assert (c.count_read(keys, mask, ts, fresh, region, policy)
+                    == py.count_read(keys, mask, ts, fresh, region, policy)), step
         if rng.random() < 0.05:  # spend scopes stay in Python on both
             units = rng.randrange(1, 900)
             for v in (c, py):
@@ -124,11 +126,32 @@ def test_deltas_are_recorded_for_the_other_workers_on_both():
     for i in range(50):
         e164 = f"+4477123400{i:02d}"
         for v in (c, py):
-            got = v.count_read(scopes(e164, "GB", POP), scopes(e164, "GB", POP), T0 + 7 * i,
-                               i % 3 == 0, "GB", POP)
-        assert got == py.count_read((), scopes(e164, "GB", POP), T0 + 7 * i, False, "GB", POP)
+            got = v.count_read(scopes(e164, "GB", POP), 0b1111, T0 + 7 * i, i % 3 == 0, "GB", POP)
+        assert got == py.count_read(scopes(e164, "GB", POP), 0, T0 + 7 * i, False, "GB", POP)
     assert sorted(c.take_delta()) == sorted(py.take_delta())
     assert c.take_delta() == [] == py.take_delta()
+
+
+def test_ratios_are_rounded_as_pythons_round_even_at_ties():
+    """The C store rounds the ratios to 3 places itself (core/_popcount.c, round3): exactly
+    Python's round(x, 3), ties and near-ties included (those it hands to Python)."""
+    view = PopulationView(native=True)
+    never = {"surge_enter": 1e12, "surge_exit": 1e12, "surge_short_min": 10**9}  # ratio = 10 min / base
+    policy = replace(POP, global_min_baseline_10m=16.0, **never)  # k/16: exact ties (0.0625)
+    ties = 0
+    for i in range(1, 200):
+        view.observe(("*",), T0 + i * 3, fresh=False)
+        got = read(view, (), T0 + i * 3, None, policy)
+        assert got.global_surge_factor == round(got.global_10m / 16.0, 3), i
+        ties += got.global_10m % 2 == 1  # odd k: k/16 ends in 5 at the 4th place
+    assert ties > 50
+    rng = random.Random(9)
+    for _ in range(2000):
+        n, base = rng.randrange(1, 5000), rng.choice((3.0, 7.0, 12.0, 0.001, 1e-7, 6e7))
+        policy = replace(POP, global_min_baseline_10m=base, **never)
+        v = PopulationView(native=True)
+        v.native.add("*", int(T0) // 60, n, 0)
+        assert read(v, (), T0, None, policy).global_surge_factor == round(n / base, 3), (n, base)
 
 
 def test_bad_scope_keys_are_errors_not_crashes():
