@@ -41,14 +41,16 @@ static int get(PyObject *o, Py_buffer *b, Py_ssize_t itemsize, int writable, con
 #define NITEMS(b) ((b).len / (b).itemsize)
 
 /* walk(code int64[N], thr float32[N], nan_right bool[N], to_global int64[N], n_trees,
- *      feat_bits, max_depth, X float32[rows * n_features], n_features, out int64[n_trees * rows])
+ *      feat_bits, max_depth, X float32[rows * n_features], n_features, out int64[n_trees * rows],
+ *      leaf_value float64[N], depths float64[rows])
  *
  * PackedForest.leaves: for tree t and row r, out[t * rows + r] = the global index of the leaf
- * row r reaches from the tree's root (walk index t). */
+ * row r reaches from the tree's root (walk index t); depths[r] = the sum over the trees, in
+ * order, of leaf_value at those leaves (numpy's cumsum along the trees: the same additions). */
 static PyObject *walk(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 10) {
-        PyErr_SetString(PyExc_TypeError, "walk takes 10 arguments");
+    if (nargs != 12) {
+        PyErr_SetString(PyExc_TypeError, "walk takes 12 arguments");
         return NULL;
     }
     i64 n_trees = PyLong_AsLongLong(args[4]), bits = PyLong_AsLongLong(args[5]);
@@ -59,7 +61,7 @@ static PyObject *walk(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_ValueError, "walk: bad forest shape");
         return NULL;
     }
-    Py_buffer code, thr, nan_right, to_global, x, out;
+    Py_buffer code, thr, nan_right, to_global, x, out, lval, dep;
     if (get(args[0], &code, 8, 0, "code") < 0)
         return NULL;
     if (get(args[1], &thr, 4, 0, "thr") < 0)
@@ -72,18 +74,25 @@ static PyObject *walk(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         goto e4;
     if (get(args[9], &out, 8, 1, "out") < 0)
         goto e5;
+    if (get(args[10], &lval, 8, 0, "leaf_value") < 0)
+        goto e6;
+    if (get(args[11], &dep, 8, 1, "depths") < 0)
+        goto e7;
     Py_ssize_t n = NITEMS(code);
     Py_ssize_t rows = NITEMS(x) / nf;
     if (NITEMS(thr) != n || NITEMS(nan_right) != n || NITEMS(to_global) != n || n_trees > n ||
-        NITEMS(x) != rows * nf || NITEMS(out) != n_trees * rows) {
+        NITEMS(x) != rows * nf || NITEMS(out) != n_trees * rows || NITEMS(lval) != n ||
+        NITEMS(dep) != rows) {
         PyErr_SetString(PyExc_ValueError, "walk: array lengths disagree");
-        goto e6;
+        goto e8;
     }
     {
         const int64_t *cd = code.buf, *tg = to_global.buf;
         const float *th = thr.buf, *xs = x.buf;
         const unsigned char *nr = nan_right.buf;
+        const double *lv = lval.buf;
         int64_t *o = out.buf;
+        double *dp = dep.buf;
         const int64_t mask = ((int64_t)1 << bits) - 1;
         int bad = 0;
         Py_BEGIN_ALLOW_THREADS
@@ -116,17 +125,24 @@ static PyObject *walk(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
                     int64_t gl = tg[node[i]];
                     if (gl < 0 || gl >= n)
                         bad = 1;
-                    else
+                    else {
                         o[t * rows + r0 + i] = gl;
+                        if (t == 0)
+                            dp[r0 + i] = lv[gl];
+                        else
+                            dp[r0 + i] += lv[gl];
+                    }
                 }
             }
         }
         Py_END_ALLOW_THREADS
         if (bad) {
             PyErr_SetString(PyExc_ValueError, "walk: a node or feature index out of range");
-            goto e6;
+            goto e8;
         }
     }
+    PyBuffer_Release(&dep);
+    PyBuffer_Release(&lval);
     PyBuffer_Release(&out);
     PyBuffer_Release(&x);
     PyBuffer_Release(&to_global);
@@ -134,6 +150,10 @@ static PyObject *walk(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     PyBuffer_Release(&thr);
     PyBuffer_Release(&code);
     Py_RETURN_NONE;
+e8:
+    PyBuffer_Release(&dep);
+e7:
+    PyBuffer_Release(&lval);
 e6:
     PyBuffer_Release(&out);
 e5:
@@ -233,9 +253,69 @@ e1:
     return NULL;
 }
 
+/* rows(X list of lists, n_features, out float32[len(X) * n_features]): numpy's
+ * np.ascontiguousarray(np.asarray(X), dtype=np.float32) for a list of equal-length lists of
+ * Python floats or ints (each number to a double, then to the nearest float32, as numpy
+ * converts); anything else raises TypeError or ValueError (the caller then asks numpy). */
+static PyObject *rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "rows takes 3 arguments");
+        return NULL;
+    }
+    PyObject *X = args[0];
+    i64 nf = PyLong_AsLongLong(args[1]);
+    if (nf == -1 && PyErr_Occurred())
+        return NULL;
+    if (!PyList_Check(X)) {
+        PyErr_SetString(PyExc_TypeError, "rows: a list of rows");
+        return NULL;
+    }
+    Py_buffer out;
+    if (get(args[2], &out, 4, 1, "out") < 0)
+        return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(X);
+    if (NITEMS(out) != n * nf) {
+        PyErr_SetString(PyExc_ValueError, "rows: out has the wrong length");
+        goto fail;
+    }
+    float *o = out.buf;
+    for (Py_ssize_t r = 0; r < n; r++) {
+        PyObject *row = PyList_GET_ITEM(X, r);
+        if (!PyList_Check(row) || PyList_GET_SIZE(row) != nf) {
+            PyErr_SetString(PyExc_ValueError, "rows: a row is not a list of n_features numbers");
+            goto fail;
+        }
+        for (i64 f = 0; f < nf; f++) {
+            PyObject *v = PyList_GET_ITEM(row, f);
+            double d;
+            if (PyFloat_CheckExact(v))
+                d = PyFloat_AS_DOUBLE(v);
+            else if (PyLong_CheckExact(v)) {
+                d = PyLong_AsDouble(v);
+                if (d == -1.0 && PyErr_Occurred())
+                    goto fail;
+            }
+            else {
+                PyErr_SetString(PyExc_TypeError, "rows: a value is not a float or an int");
+                goto fail;
+            }
+            o[r * nf + f] = (float)d;
+        }
+    }
+    PyBuffer_Release(&out);
+    Py_RETURN_NONE;
+fail:
+    PyBuffer_Release(&out);
+    return NULL;
+}
+
 static PyMethodDef forest_methods[] = {
+    {"rows", (PyCFunction)(void (*)(void))rows, METH_FASTCALL,
+     "rows(X, n_features, out): a list of rows to float32, as numpy converts it"},
     {"walk", (PyCFunction)(void (*)(void))walk, METH_FASTCALL,
-     "walk(code, thr, nan_right, to_global, n_trees, feat_bits, max_depth, X, n_features, out)"},
+     "walk(code, thr, nan_right, to_global, n_trees, feat_bits, max_depth, X, n_features, out, "
+     "leaf_value, depths)"},
     {"credits", (PyCFunction)(void (*)(void))credits, METH_FASTCALL,
      "credits(leaf_slot, leaf_credit, n_features, leaves, n_trees, out)"},
     {NULL},

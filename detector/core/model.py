@@ -241,14 +241,33 @@ class PackedForest:
 
     def leaves(self, X: ArrayLike) -> NDArray[np.intp]:
         """Global leaf index per (tree, row): shape (n_trees, n_rows)."""
-        X32 = self._prepare(X)
+        return self.leaves_and_depths(X)[0]
+
+    def leaves_and_depths(self, X: ArrayLike) -> tuple[NDArray[np.intp], NDArray[np.float64] | None]:
+        """:meth:`leaves`, and where the C walk ran, each row's summed leaf values (what
+        :meth:`_scores_from_leaves` sums, in the same order), else None."""
+        if not (self.native and self.n_trees):
+            return self._leaves(self._prepare(X)), None
+        X32: NDArray[np.float32] | None = None
+        if isinstance(X, list):  # the scorers' rows: converted in C (numpy's float32 values)
+            X32 = np.empty((len(X), self.n_features), dtype=np.float32)
+            try:
+                _forest.rows(X, self.n_features, X32)
+            except (TypeError, ValueError):
+                X32 = None
+        if X32 is None:
+            X32 = self._prepare(X)
         n = X32.shape[0]
-        if self.native and self.n_trees:
-            out = np.empty((self.n_trees, n), dtype=np.intp)
-            _forest.walk(self._walk_code, self._walk_thr, self._walk_nan_right,
-                         self._walk_to_global, self.n_trees, self._feat_bits, self.max_depth,
-                         X32, self.n_features, out)
-            return out
+        out = np.empty((self.n_trees, n), dtype=np.intp)
+        depths = np.empty(n)
+        _forest.walk(self._walk_code, self._walk_thr, self._walk_nan_right, self._walk_to_global,
+                     self.n_trees, self._feat_bits, self.max_depth, X32, self.n_features, out,
+                     self._leaf_value, depths)
+        return out, depths
+
+    def _leaves(self, X32: NDArray[np.float32]) -> NDArray[np.intp]:
+        """:meth:`leaves` in numpy (the reference)."""
+        n = X32.shape[0]
         flat = X32.ravel()
         nodes = np.repeat(self._walk_roots[:, None], n, axis=1)  # (trees, rows), walk order
         row_off = np.arange(n, dtype=np.intp) * self.n_features
@@ -265,9 +284,11 @@ class PackedForest:
             nodes = (c >> bits) + go_right
         return self._walk_to_global.take(nodes)
 
-    def _scores_from_leaves(self, leaves: NDArray[np.intp]) -> NDArray[np.float64]:
+    def _scores_from_leaves(self, leaves: NDArray[np.intp],
+                            depths: NDArray[np.float64] | None = None) -> NDArray[np.float64]:
         # tree by tree, in order, as scikit-learn accumulates: bit-identical for any batch size
-        depths = self._leaf_value.take(leaves).cumsum(axis=0)[-1]
+        if depths is None:
+            depths = self._leaf_value.take(leaves).cumsum(axis=0)[-1]
         if self._denominator == 0:  # a forest fitted on one sample: scikit-learn says 1
             return -np.ones_like(depths)
         return -(2.0 ** (-(depths / self._denominator)))
@@ -411,8 +432,8 @@ class ForestScorer:
 
     def score_batch(self, X: ArrayLike) -> list[ModelResult]:
         """Score many feature vectors at once (cheaper per row than :meth:`score`)."""
-        leaves = self.forest.leaves(X)
-        anomaly = -self.forest._scores_from_leaves(leaves)
+        leaves, depths = self.forest.leaves_and_depths(X)
+        anomaly = -self.forest._scores_from_leaves(leaves, depths)
         contrib = self.forest.contributions(leaves)
         order = np.argsort(-contrib, axis=1, kind="stable")[:, :TOP_K]  # ties: feature order
         # the credits are sorted largest first, so the positive ones are a prefix of ``order``

@@ -393,7 +393,42 @@ def test_the_c_walk_and_credits_equal_numpys(max_features):
         assert np.array_equal(leaves, ref.leaves(rows))
         assert np.array_equal(packed.contributions(leaves), ref.contributions(leaves))
         assert np.array_equal(packed.score_samples(rows), ref.score_samples(rows))
+        for form in (rows, rows.tolist()):  # (a list: converted in C)
+            got, depths = packed.leaves_and_depths(form)
+            assert np.array_equal(got, leaves)
+            assert np.array_equal(packed._scores_from_leaves(got, depths), ref.score_samples(rows))
     assert packed.leaves(Y[:0]).shape == (40, 0)
+
+
+def test_rows_are_converted_to_float32_as_numpy_converts_them(fitted):
+    """The scorers' rows (lists of floats) go to the C walk without numpy's conversion: the same
+    float32 values (rounding to nearest, ints, NaN, infinities, -0.0, subnormals, values past
+    float32's range), and anything else (bools, numpy scalars, ragged rows) through numpy."""
+    from detector.core import model
+
+    packed = PackedForest.from_sklearn(fitted)
+    nf = packed.n_features
+    rng = np.random.RandomState(3)
+    rows = [list(map(float, rng.standard_cauchy(nf) * 10.0 ** rng.randint(-40, 40))) for _ in range(300)]
+    rows[0][:6] = [np.nan, np.inf, -np.inf, -0.0, 1e-45, 3.5e38]
+    rows[1][:4] = [7, -(2**60) + 1, 2**70, 16777217]  # ints, some not exact in float32
+    rows[2][:3] = [1.0000000596046448, 1.0000001788139343, 0.1]  # ties and near-ties at float32
+    out = np.empty((len(rows), nf), dtype=np.float32)
+    model._forest.rows(rows, nf, out)
+    with np.errstate(over="ignore"):  # (3.5e38 and 2**70 are past float32: inf in both)
+        want = np.ascontiguousarray(np.asarray(rows), dtype=np.float32)
+    assert np.array_equal(out.view(np.uint32), want.view(np.uint32))
+    ref = _numpy_twin(packed)
+    for odd in ([[True] * nf], [[np.float64(0.5)] * nf], [[0.5] * (nf - 1)], [(0.5,) * nf]):
+        if len(odd[0]) == nf:
+            assert np.array_equal(packed.leaves(odd), ref.leaves(odd))
+        else:
+            with pytest.raises(ModelError, match="expected feature rows"):
+                packed.leaves(odd)
+    with np.errstate(over="ignore"):
+        leaves, depths = packed.leaves_and_depths(rows)
+        assert np.array_equal(leaves, ref.leaves(rows))
+        assert np.array_equal(packed._scores_from_leaves(leaves, depths), ref.score_samples(rows))
 
 
 def test_the_c_walk_equals_numpys_on_the_shipped_model_and_simulator_traffic(sim_features):
@@ -445,18 +480,25 @@ def test_a_malformed_walk_raises_instead_of_reading_out_of_bounds(fitted):
     out = np.empty((packed.n_trees, 2), dtype=np.intp)
     bad = packed._walk_code.copy()
     bad[0] = (len(bad) + 5) << packed._feat_bits  # a child past the end
+    depths = np.empty(2)
+    lv = packed._leaf_value
     with pytest.raises(ValueError, match="out of range"):
         model._forest.walk(bad, packed._walk_thr, packed._walk_nan_right, packed._walk_to_global,
                            packed.n_trees, packed._feat_bits, packed.max_depth, X,
-                           packed.n_features, out)
+                           packed.n_features, out, lv, depths)
     with pytest.raises(ValueError, match="lengths disagree"):
         model._forest.walk(packed._walk_code, packed._walk_thr[:-1], packed._walk_nan_right,
                            packed._walk_to_global, packed.n_trees, packed._feat_bits,
-                           packed.max_depth, X, packed.n_features, out)
+                           packed.max_depth, X, packed.n_features, out, lv, depths)
+    with pytest.raises(ValueError, match="lengths disagree"):
+        model._forest.walk(packed._walk_code, packed._walk_thr, packed._walk_nan_right,
+                           packed._walk_to_global, packed.n_trees, packed._feat_bits,
+                           packed.max_depth, X, packed.n_features, out, lv, np.empty(3))
     with pytest.raises(TypeError, match="bytes"):
         model._forest.walk(packed._walk_code.astype(np.int32), packed._walk_thr,
                            packed._walk_nan_right, packed._walk_to_global, packed.n_trees,
-                           packed._feat_bits, packed.max_depth, X, packed.n_features, out)
+                           packed._feat_bits, packed.max_depth, X, packed.n_features, out, lv,
+                           depths)
     slots = packed._leaf_slot.copy()
     slots[:] = 10**9
     total = np.empty((2, packed.n_features))
