@@ -21,10 +21,11 @@ COPY setup.py ./
 COPY detector ./detector
 # The C extensions (setup.py) need a compiler at build time only; the import check fails the build
 # rather than ship an image that runs the slower Python fallback unnoticed.
-RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev libssl-dev \
  && pip install --no-deps . \
- && apt-get purge -y gcc libc6-dev && apt-get autoremove -y && rm -rf /var/lib/apt/lists/* \
- && cd / && python -c "import detector.core._popcount" \
+ && apt-get purge -y gcc libc6-dev libssl-dev && apt-get autoremove -y \
+ && rm -rf /var/lib/apt/lists/* \
+ && cd / && python -c "import detector.core._popcount, detector.core._forest, detector.core._keyed" \
  && useradd --system --uid 10001 --home-dir /var/lib/detector --create-home detector
 COPY models ./models
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 
 DEV_DEFAULT_KEY = "change-me-in-production"  # the development default: known, so never in production
 MIN_KEY_BYTES = 16
@@ -31,7 +32,8 @@ def hash_id(text: str, key: bytes) -> str:
 class _Keyed:
     """One key's HMAC-SHA256 state after the key (RFC 2104: SHA-256 of the key XOR the inner and
     outer pads, a key longer than the 64-byte block hashed first, as :mod:`hmac` does) and its
-    memo of hashed identifiers."""
+    memo of hashed identifiers: the reference, and the fallback where the C extension
+    ``detector.core._keyed`` (the same, with OpenSSL's SHA-256) is not built."""
 
     __slots__ = ("inner", "outer", "memo")
 
@@ -43,10 +45,30 @@ class _Keyed:
         self.outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
         self.memo: dict[str, int] = {}
 
+    def hash(self, text: str) -> int:
+        memo = self.memo
+        h = memo.get(text)
+        if h is None:
+            inner = self.inner.copy()
+            inner.update(text.encode("utf-8", "surrogatepass"))
+            outer = self.outer.copy()
+            outer.update(inner.digest())
+            h = int.from_bytes(outer.digest()[:8], "big")
+            if len(memo) >= _MEMO_MAX:
+                memo.clear()
+            memo[text] = h
+        return h
+
+
+try:  # the same in C (core/_keyed.c); the class above is the reference
+    from detector.core import _keyed as _native
+except ImportError:  # not built (no C compiler or OpenSSL headers at install)
+    _native = None  # type: ignore[assignment]
+NATIVE = _native is not None
 
 _BLOCK = 64  # SHA-256's block size
 _MEMO_MAX = 1 << 17  # identifiers remembered per key; the memo is emptied when full
-_keyed: dict[bytes, _Keyed] = {}
+_keyed: dict[bytes, Callable[[str], int]] = {}  # key -> its memoized hash
 
 
 def hash_int(text: str, key: bytes) -> int:
@@ -56,28 +78,17 @@ def hash_int(text: str, key: bytes) -> int:
     The same IPs and numbers recur, so hashes are memoized per key (a dict emptied when full:
     a hit costs a lookup, where an LRU cache cost more per call than the miss it saved on a day's
     traffic); a miss copies the key's prepared SHA-256 states (2 copies, 2 updates, 2 digests)
-    instead of :mod:`hmac`'s Python-level copy of its object.
+    instead of :mod:`hmac`'s Python-level copy of its object, in C where it is built.
 
     >>> hash_int("203.0.113.9", b"k") == int(hash_id("203.0.113.9", b"k"), 16)
     True
     """
-    k = _keyed.get(key)
-    if k is None:
+    fn = _keyed.get(key)
+    if fn is None:
         if len(_keyed) >= 8:  # keys seen by this process (one in production): bounded
             _keyed.clear()
-        k = _keyed[key] = _Keyed(key)
-    memo = k.memo
-    h = memo.get(text)
-    if h is None:
-        inner = k.inner.copy()
-        inner.update(text.encode("utf-8", "surrogatepass"))
-        outer = k.outer.copy()
-        outer.update(inner.digest())
-        h = int.from_bytes(outer.digest()[:8], "big")
-        if len(memo) >= _MEMO_MAX:
-            memo.clear()
-        memo[text] = h
-    return h
+        fn = _keyed[key] = (_native.Keyed(key, _MEMO_MAX) if NATIVE else _Keyed(key)).hash
+    return fn(text)
 
 
 def _forget() -> None:

@@ -263,6 +263,25 @@ def test_the_memoized_hash_is_hmac_sha256(key, text):
         assert hash_int(text, key) == int.from_bytes(want, "big")
 
 
+@settings(max_examples=200)
+@given(st.sampled_from(KEYS), st.lists(st.text(max_size=40), max_size=8))
+def test_the_c_keyed_hash_and_the_python_reference_are_both_hmac_sha256(key, texts):
+    """core/_keyed.c (OpenSSL's SHA-256, the default where built) and pii._Keyed (hashlib, the
+    fallback) give hmac's first 8 bytes, on misses and hits, with a memo emptied when full."""
+    import hashlib
+    import hmac
+
+    from detector.core import pii
+
+    assert pii.NATIVE, "detector.core._keyed is not built: pip install -e . (C compiler, libssl-dev)"
+    both = (pii._native.Keyed(key, 3), pii._Keyed(key))
+    for text in texts * 2:
+        want = int.from_bytes(hmac.new(key, text.encode("utf-8", "surrogatepass"),
+                                       hashlib.sha256).digest()[:8], "big")
+        assert [k.hash(text) for k in both] == [want, want]
+    assert len(both[0]) <= 3
+
+
 def test_decision_context_has_no_known_default_key():
     ctx = DecisionContext(POLICY)
     assert ctx.pii_key not in (b"detector-default-key", b"change-me-in-production")
