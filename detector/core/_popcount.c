@@ -28,6 +28,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <structmember.h>
 
 #define MINUTES_KEPT 136
 #define HOURS_KEPT 26
@@ -523,14 +524,72 @@ static PyObject *store_surge(StoreObject *self, PyObject *const *args, Py_ssize_
     return Py_BuildValue("LNO", c10, r, on ? Py_True : Py_False);
 }
 
+/* ---- the PopulationCounts record ----------------------------------------------------------
+ *
+ * count_read returns a core.population.PopulationCounts (registered once by set_counts_type):
+ * its 11 slots filled as its constructor fills them (a frozen slotted dataclass: object.__new__,
+ * then each slot's value stored through the slot's member descriptor; here straight at the
+ * descriptor's offset), without a call into Python per request. */
+#define N_COUNTS 11
+static PyTypeObject *counts_type = NULL;
+static Py_ssize_t counts_offset[N_COUNTS];
+
+/* set_counts_type(cls, names): ``names`` = the 11 field names in order, each a slot of cls */
+static PyObject *set_counts_type(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyType_Check(args[0]) || !PyTuple_Check(args[1]) ||
+        PyTuple_GET_SIZE(args[1]) != N_COUNTS) {
+        PyErr_SetString(PyExc_TypeError, "set_counts_type(cls, the 11 field names)");
+        return NULL;
+    }
+    PyTypeObject *cls = (PyTypeObject *)args[0];
+    Py_ssize_t offsets[N_COUNTS];
+    for (int i = 0; i < N_COUNTS; i++) {
+        PyObject *d = PyObject_GetAttr((PyObject *)cls, PyTuple_GET_ITEM(args[1], i));
+        if (d == NULL)
+            return NULL;
+        if (!Py_IS_TYPE(d, &PyMemberDescr_Type) ||
+            ((PyMemberDescrObject *)d)->d_member->type != T_OBJECT_EX ||
+            ((PyMemberDescrObject *)d)->d_member->flags != 0) {
+            Py_DECREF(d);
+            PyErr_Format(PyExc_TypeError, "%R is not a writable object slot of %R",
+                         PyTuple_GET_ITEM(args[1], i), cls);
+            return NULL;
+        }
+        offsets[i] = ((PyMemberDescrObject *)d)->d_member->offset;
+        Py_DECREF(d);
+    }
+    Py_INCREF(cls);
+    Py_XSETREF(counts_type, cls);
+    memcpy(counts_offset, offsets, sizeof(offsets));
+    Py_RETURN_NONE;
+}
+
+/* A new counts record holding the 11 values (references stolen, all non-NULL); NULL on error
+ * (the values are released). */
+static PyObject *new_counts(PyObject **values)
+{
+    PyObject *obj = counts_type != NULL ? counts_type->tp_alloc(counts_type, 0) : NULL;
+    if (obj == NULL) {
+        if (counts_type == NULL)
+            PyErr_SetString(PyExc_RuntimeError, "set_counts_type was not called");
+        for (int i = 0; i < N_COUNTS; i++)
+            Py_DECREF(values[i]);
+        return NULL;
+    }
+    for (int i = 0; i < N_COUNTS; i++)
+        *(PyObject **)((char *)obj + counts_offset[i]) = values[i];
+    return obj;
+}
+
 /* count_read(keys, mask, m, h, fresh, start, country_key, g_factor, c_factor, params)
  *
  * Count one request (``fresh`` 1 or 0) at minute m in each scope keys[i] whose bit i is set in
  * ``mask``, then read population.read's signals for ``keys`` (scopes() order; each key looked up
  * once). ``params``: the policy's (global min baseline, country min baseline, surge enter, surge
  * exit, surge short min, prefix floor 24 h, prefix floor 1 h, concentration factor, child share,
- * fresh share). ``country_key`` None (no region): (global 10 min, global ratio, global surging);
- * else the 11 fields of PopulationCounts. Ratios rounded as population.read rounds them. */
+ * fresh share). Returns a PopulationCounts (``country_key`` None, no region: the global fields
+ * only, the others at their defaults), the ratios rounded as population.read rounds them. */
 #define MAX_KEYS 16
 #define N_PARAMS 10
 
@@ -590,11 +649,28 @@ static PyObject *store_count_read(StoreObject *self, PyObject *const *args, Py_s
     if (err)
         return NULL;
     surge(sc, m, start, g_min, g_factor, &p, &g10, &gf, &gs);
-    if (country_key == Py_None) {
-        PyObject *r = round3(gf);
-        if (r == NULL)
+    if (country_key == Py_None) { /* the other fields at their defaults: 0, 0.0, False */
+        PyObject *v[N_COUNTS];
+        v[1] = round3(gf);
+        if (v[1] == NULL)
             return NULL;
-        return Py_BuildValue("LNO", g10, r, gs ? Py_True : Py_False);
+        v[0] = PyLong_FromLongLong(g10);
+        v[3] = PyLong_FromLong(0);
+        v[6] = PyLong_FromLong(0);
+        v[4] = PyFloat_FromDouble(0.0);
+        v[7] = PyFloat_FromDouble(0.0);
+        v[8] = PyFloat_FromDouble(0.0);
+        if (!v[0] || !v[3] || !v[6] || !v[4] || !v[7] || !v[8]) {
+            for (int i = 0; i < 9; i++)
+                if (i != 2 && i != 5)
+                    Py_XDECREF(v[i]);
+            return NULL;
+        }
+        v[2] = Py_NewRef(gs ? Py_True : Py_False);
+        v[5] = Py_NewRef(Py_False);
+        v[9] = Py_NewRef(Py_False);
+        v[10] = Py_NewRef(Py_False);
+        return new_counts(v);
     }
     ScopeObject *country = lookup(self, country_key, &err);
     if (err)
@@ -646,17 +722,19 @@ static PyObject *store_count_read(StoreObject *self, PyObject *const *args, Py_s
             }
         }
     }
-    PyObject *rg = round3(gf), *rc = rg ? round3(cf) : NULL;
-    PyObject *rb = rc ? round3(best_conc) : NULL, *rs = rb ? round3(best_share) : NULL;
-    if (rs == NULL) {
-        Py_XDECREF(rg);
-        Py_XDECREF(rc);
-        Py_XDECREF(rb);
-        return NULL;
+    PyObject *v[N_COUNTS] = {
+        PyLong_FromLongLong(g10), round3(gf), Py_NewRef(gs ? Py_True : Py_False),
+        PyLong_FromLongLong(c10), round3(cf), Py_NewRef(cs ? Py_True : Py_False),
+        PyLong_FromLongLong(best_n), round3(best_conc), round3(best_share),
+        Py_NewRef(concentrated ? Py_True : Py_False), Py_NewRef(surging_prefix ? Py_True : Py_False)};
+    for (int i = 0; i < N_COUNTS; i++) {
+        if (v[i] == NULL) {
+            for (int j = 0; j < N_COUNTS; j++)
+                Py_XDECREF(v[j]);
+            return NULL;
+        }
     }
-    return Py_BuildValue("LNOLNOLNNOO", g10, rg, gs ? Py_True : Py_False, c10, rc,
-                         cs ? Py_True : Py_False, best_n, rb, rs,
-                         concentrated ? Py_True : Py_False, surging_prefix ? Py_True : Py_False);
+    return new_counts(v);
 }
 
 /* spend(key, m, start) -> (units of the minutes m-59 .. m, units of the hours h-23 .. h, typical
@@ -779,11 +857,18 @@ static PyTypeObject StoreType = {
     .tp_new = store_new,
 };
 
+static PyMethodDef module_methods[] = {
+    {"set_counts_type", (PyCFunction)(void (*)(void))set_counts_type, METH_FASTCALL,
+     "set_counts_type(cls, names): the record count_read returns (PopulationCounts)"},
+    {NULL},
+};
+
 static struct PyModuleDef popcount_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "detector.core._popcount",
     .m_doc = "The population counters' request scopes in C (core/population.py is the reference).",
     .m_size = -1,
+    .m_methods = module_methods,
 };
 
 PyMODINIT_FUNC PyInit__popcount(void)

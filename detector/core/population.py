@@ -129,6 +129,10 @@ class PopulationCounts:
         return {name: getattr(self, name) for name in PopulationCounts.__slots__}
 
 
+if _popcount is not None:  # count_read builds these records itself (their slots, in order)
+    _popcount.set_counts_type(PopulationCounts, PopulationCounts.__slots__)  # type: ignore[attr-defined]
+
+
 class _Scope:
     """One scope's buckets, and what reads derived from them (rebuilt from the buckets whenever
     a write lands where they summed: a late delta, an out-of-order event, an eviction)."""
@@ -313,17 +317,13 @@ class PopulationView:
                    region: str | None, policy: PopulationPolicy) -> PopulationCounts:
         """Count the request in the scopes ``keys[i]`` whose bit ``i`` is set in ``mask``
         (:meth:`observe`), then ``read(self, keys, ts, region, policy)``: one call into C where
-        the scopes are there."""
+        the scopes are there (the same operations on the same counts, core/_popcount.c)."""
         store = self.native
         if store is None or self.deltas:
             if mask:
                 self.observe(tuple(k for i, k in enumerate(keys) if mask >> i & 1), ts, fresh=fresh)
             return read(self, keys, ts, region, policy)
-        if mask:
-            minute = int(ts) // MINUTE
-            if self.start_minute is None or minute < self.start_minute:
-                self.start_minute = minute
-        return _read_native(self, store, keys, mask, ts, region, policy, 1 if fresh else 0)
+        return _count_read_native(self, store, keys, mask, ts, fresh, region, policy)
 
     def observe(self, keys: Sequence[str], ts: float, *, fresh: bool, n: int = 1) -> None:
         """Count one request (and record it as a delta for :meth:`take_delta`). Spend scopes
@@ -642,8 +642,8 @@ def surging_scopes(view: PopulationView, ts: float, policy: PopulationPolicy
 def read(view: PopulationView, keys: Sequence[str], ts: float, region: str | None,
          policy: PopulationPolicy) -> PopulationCounts:
     """The population signals for a request counted in ``keys`` at ``ts`` (see the module doc)."""
-    if view.native is not None:
-        return _read_native(view, view.native, tuple(keys), 0, ts, region, policy, 0)
+    if view.native is not None:  # the C store's count_read, counting nothing
+        return _count_read_native(view, view.native, tuple(keys), 0, ts, False, region, policy)
     m = int(ts) // MINUTE
     start = view.start_minute if view.start_minute is not None else m
     campaigns = policy.campaigns
@@ -688,29 +688,37 @@ def read(view: PopulationView, keys: Sequence[str], ts: float, region: str | Non
                             round(best_share, 3), concentrated, surging_prefix)
 
 
-def _read_native(view: PopulationView, store: Any, keys: tuple[str, ...], mask: int, ts: float,
-                 region: str | None, policy: PopulationPolicy, fresh: int) -> PopulationCounts:
-    """:func:`read` (after counting the request in the ``keys`` of ``mask``) from the C store:
-    the same operations on the same counts, the ratios rounded as here (core/_popcount.c)."""
+def _count_read_native(view: PopulationView, store: Any, keys: tuple[str, ...], mask: int,
+                       ts: float, fresh: bool, region: str | None, policy: PopulationPolicy
+                       ) -> PopulationCounts:
+    """:meth:`PopulationView.count_read` in C (core/_popcount.c): it counts the scopes of
+    ``mask`` and returns the PopulationCounts :func:`read` would (``mask`` 0: a read)."""
     m = int(ts) // MINUTE
-    start = view.start_minute if view.start_minute is not None else m
-    campaigns = policy.campaigns
+    start = view.start_minute
+    if mask and (start is None or m < start):
+        view.start_minute = start = m
     cached, params = view._params
     if cached is not policy:
-        params = (float(policy.global_min_baseline_10m), float(policy.country_min_baseline_10m),
-                  float(policy.surge_enter), float(policy.surge_exit), float(policy.surge_short_min),
-                  float(policy.prefix_floor_24h), float(policy.prefix_floor_1h),
-                  float(policy.concentration_factor), float(policy.child_share),
-                  float(policy.fresh_share))
-        view._params = (policy, params)
-    if region is None:
-        return PopulationCounts(*store.count_read(
-            keys, mask, m, int(ts) // HOUR, fresh, start, None,
-            _campaign_factor(campaigns, GLOBAL, ts) if campaigns else 1.0, 1.0, params))
-    return PopulationCounts(*store.count_read(
-        keys, mask, m, int(ts) // HOUR, fresh, start, f"C:{region}",
+        params = _native_params(view, policy)
+    campaigns = policy.campaigns
+    counts: PopulationCounts = store.count_read(
+        keys, mask, m, m // 60, 1 if fresh else 0, m if start is None else start,
+        f"C:{region}" if region is not None else None,
         _campaign_factor(campaigns, GLOBAL, ts) if campaigns else 1.0,
-        _campaign_factor(campaigns, region, ts) if campaigns else 1.0, params))
+        _campaign_factor(campaigns, region, ts) if campaigns and region is not None else 1.0,
+        params)
+    return counts
+
+
+def _native_params(view: PopulationView, policy: PopulationPolicy) -> tuple[float, ...]:
+    """The policy's figures the C store reads, as a tuple (cached in the view per policy)."""
+    params = (float(policy.global_min_baseline_10m), float(policy.country_min_baseline_10m),
+              float(policy.surge_enter), float(policy.surge_exit), float(policy.surge_short_min),
+              float(policy.prefix_floor_24h), float(policy.prefix_floor_1h),
+              float(policy.concentration_factor), float(policy.child_share),
+              float(policy.fresh_share))
+    view._params = (policy, params)
+    return params
 
 
 def surge_threshold_note(policy: PopulationPolicy) -> str:

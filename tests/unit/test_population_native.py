@@ -154,6 +154,39 @@ def test_ratios_are_rounded_as_pythons_round_even_at_ties():
         assert read(v, (), T0, None, policy).global_surge_factor == round(n / base, 3), (n, base)
 
 
+def test_the_records_the_c_store_builds_are_the_records_python_builds():
+    """count_read returns PopulationCounts filled in C (their slots, in order): equal to the
+    Python-built ones, the same field types, frozen, and copied and pickled like them."""
+    import copy
+    import pickle
+    from dataclasses import FrozenInstanceError, fields
+
+    from detector.core.population import PopulationCounts
+
+    c, py = PopulationView(native=True), PopulationView(native=False)
+    for i in range(300):
+        e164 = f"+4477123400{i % 40:02d}"
+        keys = scopes(e164, "GB", POP)
+        for region in ("GB", None):
+            got = c.count_read(keys, 0b1111 if region else 0, T0 + 5 * i, i % 2 == 0, region, POP)
+            want = py.count_read(keys, 0b1111 if region else 0, T0 + 5 * i, i % 2 == 0, region, POP)
+            assert type(got) is PopulationCounts and got == want
+            assert [type(getattr(got, f.name)) for f in fields(got)] == \
+                [type(getattr(want, f.name)) for f in fields(want)]
+            if region:
+                assert got.prefix_24h > 0 and got.country_10m > 0
+    assert read(PopulationView(native=True), (), T0, None, POP) == PopulationCounts(0, 0.0, False)
+    with pytest.raises(FrozenInstanceError):
+        got.global_10m = 5  # type: ignore[misc]
+    assert copy.copy(got) == got == pickle.loads(pickle.dumps(got)) and hash(got) == hash(want)
+    names = PopulationCounts.__slots__  # type: ignore[attr-defined]
+    with pytest.raises(TypeError, match="slot"):  # (refused: the registered type is unchanged)
+        population._popcount.set_counts_type(PopulationCounts, names[:10] + ("to_dict",))
+    with pytest.raises(AttributeError):
+        population._popcount.set_counts_type(PopulationCounts, names[:10] + ("nope",))
+    assert c.count_read(keys, 0, T0, False, "GB", POP) == py.count_read(keys, 0, T0, False, "GB", POP)
+
+
 def test_bad_scope_keys_are_errors_not_crashes():
     view = PopulationView(native=True)
     with pytest.raises(ValueError, match="not a block scope"):
