@@ -11,6 +11,7 @@ STAMP  := $(VENV)/.installed
 
 # (setup.py builds the C extensions: an edited .c file is rebuilt by the next make)
 $(STAMP): pyproject.toml setup.py $(wildcard detector/core/*.c)
+	bash tools/build/install.sh $(PYTHON)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e ".[dev]"

@@ -217,7 +217,7 @@ async def run_inprocess(n: int, hours: float) -> dict[str, Any]:
     total = sum(v["bytes"] for v in per_table.values())
     return {"requests": n, "hours": hours, "live_unique_requests": live, "tables": per_table,
             "table_bytes_per_live_request": round(total / live) if live else None,
-            "population_scopes": len(rt.population.scopes),
+            "population_scopes": len(rt.population),
             "rss_growth_bytes_per_live_request": round((rss1 - rss0) * 1024 / live) if live else None}
 
 

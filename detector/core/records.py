@@ -7,9 +7,9 @@ replay path serialize identically.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
-from operator import attrgetter
 from typing import Any
 
 from detector.core.frozen import fast_new
@@ -167,17 +167,37 @@ class Counts:
     pop: PopulationCounts = field(default_factory=PopulationCounts)
 
     def to_dict(self) -> dict[str, Any]:
-        """Every count by name: the IP's, then the range stage's, then the population's."""
-        return dict(zip(_COUNT_NAMES, _ip_values(self.ip) + _rng_values(self.rng)
-                        + _pop_values(self.pop), strict=False))  # equal lengths by construction
+        """Every count by name: the IP's, then the range stage's, then the population's
+        (replaced below by the same as one generated dict display: :func:`_make_counts_dict`)."""
+        return dict(zip(_COUNT_NAMES, [getattr(part, name) for part in (self.ip, self.rng, self.pop)
+                                       for name in part.__slots__], strict=True))
 
 
 _COUNT_NAMES: tuple[str, ...] = (
     IpCounts.__slots__ + RangeCounts.__slots__ + PopulationCounts.__slots__  # type: ignore[attr-defined]
 )
-_ip_values = attrgetter(*IpCounts.__slots__)  # type: ignore[attr-defined]
-_rng_values = attrgetter(*RangeCounts.__slots__)  # type: ignore[attr-defined]
-_pop_values = attrgetter(*PopulationCounts.__slots__)  # type: ignore[attr-defined]
+
+
+def _make_counts_dict() -> Callable[[Counts], dict[str, Any]]:
+    """:meth:`Counts.to_dict` as one dict display of the 31 counts (``{"ip_15m": i.ip_15m, ...}``):
+    built per request (every decision carries it), this is 1.3 us where zipping the names with
+    the three records' values was 2.3. Generated, as dataclasses builds ``__init__``: every name
+    in it is a field of the three count records."""
+    items = [f"{name!r}: {var}.{name}" for var, cls in (("i", IpCounts), ("r", RangeCounts),
+                                                        ("p", PopulationCounts))
+             for name in cls.__slots__]  # type: ignore[attr-defined]
+    env: dict[str, Any] = {}
+    exec("def to_dict(counts):\n"  # noqa: S102
+         "    i, r, p = counts.ip, counts.rng, counts.pop\n"
+         f"    return {{{', '.join(items)}}}\n", env)
+    fn: Callable[[Counts], dict[str, Any]] = env["to_dict"]
+    fn.__doc__ = Counts.to_dict.__doc__
+    fn.__qualname__ = "Counts.to_dict"
+    return fn
+
+
+_reference_to_dict = Counts.to_dict  # (the tests compare the two)
+type.__setattr__(Counts, "to_dict", _make_counts_dict())
 
 
 @fast_new

@@ -387,3 +387,21 @@ def test_a_sweeps_one_call_judgement_is_expires_at(kind, a, b, c, until, machine
         v = state.NumberState(w.Window(), a, None if until is None else state.Pending(until, "r"),
                               ma, learned)
     assert state._rest_expired(v, type(v), now) == (state.expires_at(v) <= now)
+
+
+@settings(max_examples=100)
+@given(st.lists(st.integers(0, 10**6), min_size=19, max_size=19),
+       st.lists(st.floats(allow_nan=False), min_size=4, max_size=4),
+       st.lists(st.booleans(), min_size=6, max_size=6))
+def test_the_generated_count_map_is_the_records_fields_in_order(ints, floats, bools):
+    """Counts.to_dict (one generated dict display) equals the reference (the records' fields by
+    name, IP's, then range's, then population's), keys in the same order."""
+    from detector.core import records
+    from detector.core.population import PopulationCounts
+    from detector.core.records import Counts, IpCounts, RangeCounts
+
+    counts = Counts(IpCounts(*ints[:8]), RangeCounts(*ints[8:19], bools[0]),
+                    PopulationCounts(ints[0], floats[0], bools[1], ints[1], floats[1], bools[2],
+                                     ints[2], floats[2], floats[3], bools[3], bools[4]))
+    got, want = counts.to_dict(), records._reference_to_dict(counts)
+    assert got == want and list(got) == list(want) == list(records._COUNT_NAMES)
