@@ -40,6 +40,31 @@ static int get(PyObject *o, Py_buffer *b, Py_ssize_t itemsize, int writable, con
 
 #define NITEMS(b) ((b).len / (b).itemsize)
 
+typedef struct {
+    int arg;              /* which argument */
+    Py_ssize_t itemsize;  /* its items' size in bytes */
+    int writable;
+    const char *name;
+} Spec;
+
+static void release_all(Py_buffer *b, int n)
+{
+    while (n-- > 0)
+        PyBuffer_Release(&b[n]);
+}
+
+/* The buffers of the arguments ``spec`` names, into b[0 .. n-1]; on an error none is held. */
+static int get_all(PyObject *const *args, const Spec *spec, Py_buffer *b, int n)
+{
+    for (int i = 0; i < n; i++) {
+        if (get(args[spec[i].arg], &b[i], spec[i].itemsize, spec[i].writable, spec[i].name) < 0) {
+            release_all(b, i);
+            return -1;
+        }
+    }
+    return 0;
+}
+
 /* walk(code int64[N], thr float32[N], nan_right bool[N], to_global int64[N], n_trees,
  *      feat_bits, max_depth, X float32[rows * n_features], n_features, out int64[n_trees * rows],
  *      leaf_value float64[N], depths float64[rows])
@@ -61,38 +86,29 @@ static PyObject *walk(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_ValueError, "walk: bad forest shape");
         return NULL;
     }
-    Py_buffer code, thr, nan_right, to_global, x, out, lval, dep;
-    if (get(args[0], &code, 8, 0, "code") < 0)
+    enum { CODE, THR, NAN_RIGHT, TO_GLOBAL, X, OUT, LVAL, DEP, NB };
+    static const Spec spec[NB] = {
+        {0, 8, 0, "code"}, {1, 4, 0, "thr"}, {2, 1, 0, "nan_right"}, {3, 8, 0, "to_global"},
+        {7, 4, 0, "X"}, {9, 8, 1, "out"}, {10, 8, 0, "leaf_value"}, {11, 8, 1, "depths"}};
+    Py_buffer b[NB];
+    if (get_all(args, spec, b, NB) < 0)
         return NULL;
-    if (get(args[1], &thr, 4, 0, "thr") < 0)
-        goto e1;
-    if (get(args[2], &nan_right, 1, 0, "nan_right") < 0)
-        goto e2;
-    if (get(args[3], &to_global, 8, 0, "to_global") < 0)
-        goto e3;
-    if (get(args[7], &x, 4, 0, "X") < 0)
-        goto e4;
-    if (get(args[9], &out, 8, 1, "out") < 0)
-        goto e5;
-    if (get(args[10], &lval, 8, 0, "leaf_value") < 0)
-        goto e6;
-    if (get(args[11], &dep, 8, 1, "depths") < 0)
-        goto e7;
-    Py_ssize_t n = NITEMS(code);
-    Py_ssize_t rows = NITEMS(x) / nf;
-    if (NITEMS(thr) != n || NITEMS(nan_right) != n || NITEMS(to_global) != n || n_trees > n ||
-        NITEMS(x) != rows * nf || NITEMS(out) != n_trees * rows || NITEMS(lval) != n ||
-        NITEMS(dep) != rows) {
+    PyObject *result = NULL;
+    Py_ssize_t n = NITEMS(b[CODE]);
+    Py_ssize_t rows = NITEMS(b[X]) / nf;
+    if (NITEMS(b[THR]) != n || NITEMS(b[NAN_RIGHT]) != n || NITEMS(b[TO_GLOBAL]) != n ||
+        n_trees > n || NITEMS(b[X]) != rows * nf || NITEMS(b[OUT]) != n_trees * rows ||
+        NITEMS(b[LVAL]) != n || NITEMS(b[DEP]) != rows) {
         PyErr_SetString(PyExc_ValueError, "walk: array lengths disagree");
-        goto e8;
+        goto done;
     }
     {
-        const int64_t *cd = code.buf, *tg = to_global.buf;
-        const float *th = thr.buf, *xs = x.buf;
-        const unsigned char *nr = nan_right.buf;
-        const double *lv = lval.buf;
-        int64_t *o = out.buf;
-        double *dp = dep.buf;
+        const int64_t *cd = b[CODE].buf, *tg = b[TO_GLOBAL].buf;
+        const float *th = b[THR].buf, *xs = b[X].buf;
+        const unsigned char *nr = b[NAN_RIGHT].buf;
+        const double *lv = b[LVAL].buf;
+        int64_t *o = b[OUT].buf;
+        double *dp = b[DEP].buf;
         const int64_t mask = ((int64_t)1 << bits) - 1;
         int bad = 0;
         Py_BEGIN_ALLOW_THREADS
@@ -138,35 +154,13 @@ static PyObject *walk(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         Py_END_ALLOW_THREADS
         if (bad) {
             PyErr_SetString(PyExc_ValueError, "walk: a node or feature index out of range");
-            goto e8;
+            goto done;
         }
     }
-    PyBuffer_Release(&dep);
-    PyBuffer_Release(&lval);
-    PyBuffer_Release(&out);
-    PyBuffer_Release(&x);
-    PyBuffer_Release(&to_global);
-    PyBuffer_Release(&nan_right);
-    PyBuffer_Release(&thr);
-    PyBuffer_Release(&code);
-    Py_RETURN_NONE;
-e8:
-    PyBuffer_Release(&dep);
-e7:
-    PyBuffer_Release(&lval);
-e6:
-    PyBuffer_Release(&out);
-e5:
-    PyBuffer_Release(&x);
-e4:
-    PyBuffer_Release(&to_global);
-e3:
-    PyBuffer_Release(&nan_right);
-e2:
-    PyBuffer_Release(&thr);
-e1:
-    PyBuffer_Release(&code);
-    return NULL;
+    result = Py_NewRef(Py_None);
+done:
+    release_all(b, NB);
+    return result;
 }
 
 /* credits(leaf_slot int64[N], leaf_credit float32[L * n_features], n_features,
@@ -187,26 +181,24 @@ static PyObject *credits(PyObject *self, PyObject *const *args, Py_ssize_t nargs
         PyErr_SetString(PyExc_ValueError, "credits: bad forest shape");
         return NULL;
     }
-    Py_buffer slot, credit, leaves, out;
-    if (get(args[0], &slot, 8, 0, "leaf_slot") < 0)
+    enum { SLOT, CREDIT, LEAVES, OUT, NB };
+    static const Spec spec[NB] = {
+        {0, 8, 0, "leaf_slot"}, {1, 4, 0, "leaf_credit"}, {3, 8, 0, "leaves"}, {5, 8, 1, "out"}};
+    Py_buffer b[NB];
+    if (get_all(args, spec, b, NB) < 0)
         return NULL;
-    if (get(args[1], &credit, 4, 0, "leaf_credit") < 0)
-        goto e1;
-    if (get(args[3], &leaves, 8, 0, "leaves") < 0)
-        goto e2;
-    if (get(args[5], &out, 8, 1, "out") < 0)
-        goto e3;
-    Py_ssize_t n = NITEMS(slot), n_leaves = NITEMS(credit) / nf;
-    Py_ssize_t rows = NITEMS(leaves) / n_trees;
-    if (NITEMS(credit) != n_leaves * nf || NITEMS(leaves) != n_trees * rows ||
-        NITEMS(out) != rows * nf) {
+    PyObject *result = NULL;
+    Py_ssize_t n = NITEMS(b[SLOT]), n_leaves = NITEMS(b[CREDIT]) / nf;
+    Py_ssize_t rows = NITEMS(b[LEAVES]) / n_trees;
+    if (NITEMS(b[CREDIT]) != n_leaves * nf || NITEMS(b[LEAVES]) != n_trees * rows ||
+        NITEMS(b[OUT]) != rows * nf) {
         PyErr_SetString(PyExc_ValueError, "credits: array lengths disagree");
-        goto e4;
+        goto done;
     }
     {
-        const int64_t *sl = slot.buf, *lv = leaves.buf;
-        const float *cr = credit.buf;
-        double *o = out.buf;
+        const int64_t *sl = b[SLOT].buf, *lv = b[LEAVES].buf;
+        const float *cr = b[CREDIT].buf;
+        double *o = b[OUT].buf;
         int bad = 0;
         Py_BEGIN_ALLOW_THREADS
         /* Tree by tree (its leaves' credits are adjacent and stay in cache), each row's sums
@@ -234,23 +226,13 @@ static PyObject *credits(PyObject *self, PyObject *const *args, Py_ssize_t nargs
         Py_END_ALLOW_THREADS
         if (bad) {
             PyErr_SetString(PyExc_ValueError, "credits: a leaf index out of range");
-            goto e4;
+            goto done;
         }
     }
-    PyBuffer_Release(&out);
-    PyBuffer_Release(&leaves);
-    PyBuffer_Release(&credit);
-    PyBuffer_Release(&slot);
-    Py_RETURN_NONE;
-e4:
-    PyBuffer_Release(&out);
-e3:
-    PyBuffer_Release(&leaves);
-e2:
-    PyBuffer_Release(&credit);
-e1:
-    PyBuffer_Release(&slot);
-    return NULL;
+    result = Py_NewRef(Py_None);
+done:
+    release_all(b, NB);
+    return result;
 }
 
 /* rows(X list of lists, n_features, out float32[len(X) * n_features]): numpy's
