@@ -205,7 +205,8 @@ static ScopeObject *scope_new(StoreObject *store, PyObject *key)
             return NULL;
         }
         if (i1 < 0 || i2 < 0) {
-            PyErr_Format(PyExc_ValueError, "not a block scope: %R", key);
+            /* (the key is not quoted: it may hold part of a number) */
+            PyErr_SetString(PyExc_ValueError, "not a block scope: expected B<k>:<region>:<prefix>");
             Py_DECREF(sc);
             return NULL;
         }
